@@ -1,0 +1,1 @@
+"""Analyses over the IR: row statistics and passes, tile plans, symbolic derivatives."""

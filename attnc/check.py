@@ -1,0 +1,604 @@
+"""Check an AST and lower it to the IR.
+
+One walk over the statements, in order: names must be defined before they are used (so there are no
+cycles), every expression gets a type (bool, int, real), tensors must be indexed with the indices their
+declaration names, the mask may not depend on the score or on row statistics, and nothing is defined
+twice. Problems are collected and raised together as one `SpecError`.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass, field
+
+import sympy
+
+from . import ast, ir
+from .errors import Diagnostic, Span, SpecError, did_you_mean
+
+# ---- what the language predefines ----
+_INDEX_DOC = {"b": "the batch index", "h": "the query head", "q": "the query index", "kv": "the key index"}
+_SIZE_DOC = {
+    "B": "the batch size",
+    "Hq": "the number of query heads",
+    "Hk": "the number of key heads",
+    "Hv": "the number of value heads",
+    "Lq": "the query length",
+    "Lk": "the key length",
+}
+# Axis names a tensor input may declare, and the index that must subscript each.
+_AXIS_INDEX = {"B": ("b",), "Hq": ("h",), "H": ("h",), "Lq": ("q",), "Lk": ("kv",), "L": ("q", "kv")}
+
+_REAL_FUNCS = {
+    "exp": sympy.exp,
+    "log": sympy.log,
+    "sqrt": sympy.sqrt,
+    "tanh": sympy.tanh,
+    "sigmoid": ir.Sigmoid,
+    "softplus": ir.Softplus,
+    "relu": ir.Relu,
+    "log2": ir.Log2,
+}
+_OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel"}
+FUNCTIONS = frozenset(_REAL_FUNCS) | _OTHER_FUNCS
+
+# Names a user may not define: the language's own, Python's keywords, and the generated function's
+# own arguments (params and inputs become keyword arguments of it).
+_GENERATED_ARGS = {"k", "v", "scale", "return_lse", "torch", "triton", "tl", "math", "attnc"}
+RESERVED = (
+    set(_INDEX_DOC) | set(_SIZE_DOC) | {"s", "score", "visible", "true", "false"} | FUNCTIONS | _GENERATED_ARGS
+)
+
+BOOL, INT, REAL = "bool", "int", "real"
+_DTYPE_TYPE = {"int": INT, "float": REAL, "bool": BOOL}
+
+
+@dataclass
+class _Value:
+    """A lowered expression: its sympy form, type, and where it first touches the score / row stats."""
+
+    expr: object
+    type: str
+    uses_score: Span | None = None
+    uses_rowstat: Span | None = None
+
+
+@dataclass
+class _Entry:
+    kind: str  # index | size | score | visible | param | const | tensor | let | head
+    span: Span | None
+    value: _Value | None = None
+    tensor: ir.TensorInput | None = None
+
+
+@dataclass
+class _State:
+    env: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+
+
+class _Abort(Exception):
+    """Stop lowering one statement after its first error (the error is already recorded)."""
+
+
+class Checker:
+    def __init__(self, spec: ast.Spec):
+        self.spec = spec
+        self.errors: list[Diagnostic] = []
+        self.env: dict[str, _Entry] = {}
+        for name in _INDEX_DOC:
+            self.env[name] = _Entry("index", None, _Value(ir.INDICES[name], INT))
+        for name, sym in ir.SIZES.items():
+            self.env[name] = _Entry("size", None, _Value(sym, INT))
+        self.env["s"] = _Entry("score", None, _Value(ir.s, REAL))
+        self.env["visible"] = _Entry("visible", None, _Value(ir.visible, INT))
+        self.score_stmt = next((st for st in spec.statements if isinstance(st, ast.Score)), None)
+        self.score_value = _Value(ir.s, REAL)
+        self.heads = {"q": "Hq", "k": "Hk", "v": "Hv"}
+        self.consts: dict = {}
+        self.params: list[ir.Param] = []
+        self.tensors: list[ir.TensorInput] = []
+        self.lets: list = []
+        self.layouts: list[ir.Layout] = []
+        self.mask = self.score = self.probs = None
+        self.seen: dict[type, Span] = {}
+
+    # ---- reporting ----
+    def error(self, message: str, span: Span | None, hint: str | None = None):
+        self.errors.append(Diagnostic(message, span, hint))
+        raise _Abort
+
+    # ---- driver ----
+    def run(self) -> ir.Variant:
+        self.check_identifier(self.spec.name, self.spec.name_span, what="variant name", soft=True)
+        for stmt in self.spec.statements:
+            try:
+                self.statement(stmt)
+            except _Abort:
+                pass
+        if self.errors:
+            raise SpecError(self.errors, self.spec.path, self.spec.source)
+        mask = self.mask if self.mask is not None else sympy.true
+        score = self.score_value.expr
+        probs_written = self.probs is not None
+        probs = self.probs if probs_written else softmax_expr(score)
+        return ir.Variant(
+            name=self.spec.name,
+            path=self.spec.path,
+            source=self.spec.source,
+            heads=dict(self.heads),
+            consts=dict(self.consts),
+            params=tuple(self.params),
+            tensors=tuple(self.tensors),
+            lets=tuple(self.lets),
+            layouts=tuple(self.layouts),
+            mask=mask,
+            score=sympy.sympify(score),
+            probs=probs,
+            probs_written=probs_written,
+        )
+
+    def statement(self, stmt):
+        handler = getattr(self, "stmt_" + type(stmt).__name__.lower())
+        handler(stmt)
+
+    def once(self, stmt, keyword_: str):
+        if type(stmt) in self.seen:
+            first = self.seen[type(stmt)]
+            self.error(f"duplicate '{keyword_}' statement (the first is at line {first.line})", stmt.span,
+                       f"a spec has at most one '{keyword_}'; combine them with 'and' or a 'let'")
+        self.seen[type(stmt)] = stmt.span
+
+    # ---- names ----
+    def check_identifier(self, name: str, span: Span, what: str = "name", soft: bool = False):
+        if name.startswith("_"):
+            self.errors.append(Diagnostic(f"{what} '{name}' starts with '_', which is reserved", span))
+            if not soft:
+                raise _Abort
+        elif keyword.iskeyword(name):
+            self.errors.append(Diagnostic(f"{what} '{name}' is a Python keyword and cannot be used", span))
+            if not soft:
+                raise _Abort
+
+    def define(self, name: str, span: Span, entry: _Entry):
+        self.check_identifier(name, span)
+        if name in self.env and self.env[name].span is not None:
+            first = self.env[name].span
+            self.error(f"'{name}' is already defined at line {first.line}", span)
+        if name in RESERVED or name in self.env:
+            self.error(f"'{name}' is a built-in name ({_describe_builtin(name)}) and cannot be redefined", span,
+                       f"pick another name, e.g. '{name}_'" if not name.startswith("_") else None)
+        self.env[name] = entry
+
+    # ---- statements ----
+    def stmt_heads(self, stmt: ast.Heads):
+        self.once(stmt, "heads")
+        seen = set()
+        for entry in stmt.entries:
+            if entry.role not in ("q", "k", "v"):
+                self.error(f"unknown head role '{entry.role}'", entry.span, "roles are q, k and v")
+            if entry.role in seen:
+                self.error(f"head role '{entry.role}' is given twice", entry.span)
+            seen.add(entry.role)
+            if isinstance(entry.value, int):
+                if entry.value < 1:
+                    self.error("a head count must be at least 1", entry.span)
+                self.heads[entry.role] = entry.value
+                continue
+            default = {"q": "Hq", "k": "Hk", "v": "Hv"}[entry.role]
+            name = entry.value
+            self.heads[entry.role] = name
+            if name == default:
+                continue
+            if name in _SIZE_DOC:
+                self.error(f"'{name}' is {_SIZE_DOC[name]}; it cannot name the {entry.role} heads", entry.span,
+                           f"use '{default}' or a new name such as 'H'")
+            if name in self.env and self.env[name].kind == "head":
+                continue  # the same name for several roles: those head counts must be equal
+            self.define(name, entry.span, _Entry("head", entry.span, _Value(ir.SIZES[default], INT)))
+
+    def stmt_binding(self, stmt: ast.Binding):
+        value = self.lower(stmt.value)
+        if stmt.kind == "const":
+            number = self.const_number(stmt, value)
+            declared = stmt.type or ("int" if isinstance(number, int) else "float")
+            self.check_declared_type(stmt, declared, INT if isinstance(number, int) else REAL)
+            number = float(number) if declared == "float" else number
+            sym_value = _Value(sympy.Integer(number) if declared == "int" else sympy.Float(number), _DTYPE_TYPE[declared])
+            self.define(stmt.name, stmt.span, _Entry("const", stmt.span, sym_value))
+            self.consts[stmt.name] = number
+            return
+        if value.uses_score or value.uses_rowstat:
+            self.error("a parameter's default cannot depend on the score or on row statistics", stmt.value.span)
+        bad = value.expr.free_symbols - set(ir.SIZES.values())
+        if bad:
+            self.error("a parameter's default may use numbers, constants and sizes (Lq, Lk, B, Hq, ...) only",
+                       stmt.value.span)
+        declared = stmt.type or ("int" if value.type == INT else "float")
+        self.check_declared_type(stmt, declared, value.type)
+        assumptions = {"integer": True} if declared == "int" else {"real": True}
+        symbol = sympy.Symbol(stmt.name, **assumptions)
+        default = sympy.Float(value.expr) if declared == "float" and value.expr.is_Integer else value.expr
+        self.define(stmt.name, stmt.span, _Entry("param", stmt.span, _Value(symbol, _DTYPE_TYPE[declared])))
+        self.params.append(ir.Param(stmt.name, declared, default, symbol))
+
+    def check_declared_type(self, stmt: ast.Binding, declared: str, actual: str):
+        if declared == "bool":
+            self.error(f"{stmt.kind} '{stmt.name}' cannot be bool", stmt.span, "use int (0 or 1) or a mask expression")
+        if actual == BOOL:
+            self.error(f"{stmt.kind} '{stmt.name}' must be a number, not a condition", stmt.value.span)
+        if declared == "int" and actual != INT:
+            self.error(f"{stmt.kind} '{stmt.name}' is declared int but its value is real", stmt.value.span,
+                       "write an integer, or declare it ': float'")
+
+    def const_number(self, stmt: ast.Binding, value: _Value):
+        expr = value.expr
+        if not (isinstance(expr, sympy.Basic) and expr.is_number) or value.type == BOOL:
+            self.error(f"const '{stmt.name}' must be a number known at build time", stmt.value.span,
+                       "use numbers and earlier consts only; use 'param' for values given at run time")
+        if expr.is_Integer:
+            return int(expr)
+        result = complex(sympy.N(expr))
+        if result.imag != 0 or result.real != result.real or abs(result.real) == float("inf"):
+            self.error(f"const '{stmt.name}' is not a finite real number", stmt.value.span)
+        return result.real
+
+    def stmt_input(self, stmt: ast.Input):
+        if stmt.learnable and stmt.dtype != "float":
+            self.error(f"only float inputs can be learnable ('{stmt.name}' is {stmt.dtype})", stmt.span)
+        seen = set()
+        for axis in stmt.axes:
+            if axis not in _AXIS_INDEX:
+                self.error(f"unknown axis '{axis}' in the shape of '{stmt.name}'", stmt.span,
+                           "axes are B (batch), Hq (query heads), Lq (queries), Lk (keys), L (queries = keys)")
+            if axis in seen or (axis in ("L", "Lq", "Lk") and seen & {"L"}) or (axis == "L" and seen & {"Lq", "Lk"}):
+                self.error(f"axis '{axis}' appears twice in the shape of '{stmt.name}'", stmt.span)
+            seen.add(axis)
+        tensor = ir.TensorInput(stmt.name, stmt.dtype, stmt.axes, stmt.learnable,
+                                ir.tensor_function(stmt.name, stmt.dtype))
+        self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
+        self.tensors.append(tensor)
+
+    def stmt_let(self, stmt: ast.Let):
+        if len(stmt.names) == 1:
+            value = self.lower(stmt.value)
+            self.define(stmt.names[0], stmt.span, _Entry("let", stmt.span, value))
+            self.lets.append((stmt.names, value.expr))
+            return
+        call = stmt.value
+        if not (isinstance(call, ast.Call) and call.func == "unravel"):
+            self.error("only unravel(...) can be unpacked into several names", stmt.value.span,
+                       f"write 'let ({', '.join(stmt.names)}) = unravel(index, ...)'")
+        coords, extents, index_text = self.unravel(call, len(stmt.names))
+        for name, coord in zip(stmt.names, coords):
+            self.define(name, stmt.span, _Entry("let", stmt.span, _Value(coord, INT)))
+        self.lets.append((stmt.names, sympy.Tuple(*coords)))
+        self.layouts.append(ir.Layout(index_text, stmt.names, tuple(extents), tuple(coords)))
+
+    def unravel(self, call: ast.Call, n_names: int):
+        if call.kwargs:
+            self.error("unravel takes no keyword arguments", call.span)
+        if len(call.args) != n_names + 1:
+            self.error(f"unravel into {n_names} names needs an index and {n_names} extents, "
+                       f"got {len(call.args)} argument(s)", call.span)
+        index = self.lower_int(call.args[0], "the index of unravel")
+        extents = [self.lower_int(a, "an extent of unravel") for a in call.args[1:]]
+        for arg, ext in zip(call.args[1:], extents):
+            if ext.expr.free_symbols & {ir.q, ir.kv, ir.b, ir.h}:
+                self.error("an extent of unravel cannot depend on an index", arg.span)
+            if ext.expr.is_number and ext.expr < 1:
+                self.error("an extent of unravel must be at least 1", arg.span)
+        coords = []
+        stride = sympy.Integer(1)
+        for ext in reversed(extents):
+            coords.append(ir.FloorDiv(index.expr, stride) if stride != 1 else index.expr)
+            stride = stride * ext.expr
+        # row-major: the last coordinate varies fastest; the first is not wrapped (it absorbs the rest)
+        coords = [sympy.Mod(c, ext.expr) for c, ext in zip(coords, reversed(extents))][:-1] + [coords[-1]]
+        coords.reverse()
+        index_text = call.args[0].id if isinstance(call.args[0], ast.Name) else str(index.expr)
+        return coords, [e.expr for e in extents], index_text
+
+    def stmt_mask(self, stmt: ast.Mask):
+        self.once(stmt, "mask")
+        value = self.lower(stmt.value)
+        if value.type != BOOL:
+            self.error(f"the mask must be a condition (bool), not {value.type}", stmt.value.span,
+                       "compare with <, <=, ==, ... and combine with and, or, not")
+        if value.uses_score:
+            self.error("the mask cannot depend on the score", value.uses_score,
+                       "put score-dependent terms in 'score' or 'probs'")
+        if value.uses_rowstat:
+            self.error("the mask cannot depend on row statistics", value.uses_rowstat)
+        self.mask = value.expr
+
+    def stmt_score(self, stmt: ast.Score):
+        self.once(stmt, "score")
+        value = self.lower(stmt.value)
+        if value.type == BOOL:
+            self.error("the score must be a number, not a condition", stmt.value.span,
+                       "use 'x if cond else y' to choose between numbers")
+        if value.uses_rowstat:
+            self.error("the score cannot use row statistics; use them in 'probs'", value.uses_rowstat)
+        self.score_value = _Value(value.expr, REAL, value.uses_score, None)
+        self.score = value.expr
+
+    def stmt_probs(self, stmt: ast.Probs):
+        self.once(stmt, "probs")
+        value = self.lower(stmt.value)
+        if value.type == BOOL:
+            self.error("probs must be a number, not a condition", stmt.value.span)
+        if not value.uses_score:
+            self.error("probs does not depend on the score", stmt.value.span,
+                       "write the weights as a function of 'score', e.g. softmax(score)")
+        self.probs = value.expr
+
+    # ---- expressions ----
+    def lower_int(self, node, what: str) -> _Value:
+        value = self.lower(node)
+        if value.type != INT:
+            self.error(f"{what} must be an integer, not {value.type}", node.span)
+        return value
+
+    def lower(self, node) -> _Value:
+        return getattr(self, "expr_" + type(node).__name__.lower())(node)
+
+    def expr_number(self, node: ast.Number) -> _Value:
+        text = node.text
+        if text.isdigit():
+            return _Value(sympy.Integer(int(text)), INT)
+        number = float(text)
+        if number == float("inf"):
+            self.error(f"number {text} is too large", node.span)
+        return _Value(sympy.Float(text), REAL)
+
+    def expr_boollit(self, node: ast.BoolLit) -> _Value:
+        return _Value(sympy.true if node.value else sympy.false, BOOL)
+
+    def expr_name(self, node: ast.Name) -> _Value:
+        name = node.id
+        if name == "score":
+            if self.score_stmt is not None and self.score is None:
+                self.error(f"'score' is used before the score statement at line {self.score_stmt.span.line}",
+                           node.span, "move the 'score' statement above this line")
+            v = self.score_value
+            return _Value(v.expr, REAL, node.span, None)
+        entry = self.env.get(name)
+        if entry is None:
+            later = self.defined_later(name)
+            if later is not None:
+                self.error(f"'{name}' is used before its definition at line {later.line}", node.span,
+                           "move the definition above this line")
+            if name in FUNCTIONS:
+                self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
+            self.error(f"unknown name '{name}'", node.span, did_you_mean(name, self.all_names()))
+        if entry.kind == "tensor":
+            axes = ", ".join(entry.tensor.axes)
+            self.error(f"tensor '{name}' must be indexed", node.span, f"write {name}[...] with indices for [{axes}]")
+        value = entry.value
+        uses_score = node.span if (entry.kind == "score" or value.uses_score) else None
+        uses_rowstat = node.span if (entry.kind == "visible" or value.uses_rowstat) else None
+        return _Value(value.expr, value.type, uses_score, uses_rowstat)
+
+    def all_names(self) -> list[str]:
+        """Every name the spec could mean: defined so far, defined anywhere in the file, and built in."""
+        names = list(self.env) + ["score"]
+        for stmt in self.spec.statements:
+            if isinstance(stmt, ast.Let):
+                names.extend(stmt.names)
+            elif isinstance(stmt, (ast.Binding, ast.Input)):
+                names.append(stmt.name)
+        return names
+
+    def defined_later(self, name: str) -> Span | None:
+        for stmt in self.spec.statements:
+            names = ()
+            if isinstance(stmt, ast.Let):
+                names = stmt.names
+            elif isinstance(stmt, (ast.Binding, ast.Input)):
+                names = (stmt.name,)
+            if name in names:
+                return stmt.span
+        return None
+
+    def expr_index(self, node: ast.Index) -> _Value:
+        entry = self.env.get(node.tensor)
+        if entry is None or entry.kind != "tensor":
+            if entry is None and self.defined_later(node.tensor):
+                self.error(f"'{node.tensor}' is used before its definition", node.span)
+            if entry is None:
+                tensors = [n for n, e in self.env.items() if e.kind == "tensor"]
+                self.error(f"unknown tensor '{node.tensor}'", node.span,
+                           did_you_mean(node.tensor, tensors) or "declare it with 'input name: float[...]'")
+            self.error(f"'{node.tensor}' is not a tensor input and cannot be indexed", node.span)
+        tensor = entry.tensor
+        if len(node.indices) != len(tensor.axes):
+            self.error(f"'{tensor.name}' has {len(tensor.axes)} axes [{', '.join(tensor.axes)}] but is indexed "
+                       f"with {len(node.indices)}", node.span)
+        indices = []
+        for axis, idx in zip(tensor.axes, node.indices):
+            allowed = _AXIS_INDEX[axis]
+            if not (isinstance(idx, ast.Name) and idx.id in allowed):
+                want = " or ".join(f"'{a}'" for a in allowed)
+                self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span)
+            indices.append(ir.INDICES[idx.id])
+        return _Value(tensor.load(*indices), _DTYPE_TYPE[tensor.dtype])
+
+    def expr_neg(self, node: ast.Neg) -> _Value:
+        v = self.lower(node.operand)
+        self.need_number(v, node.operand, "'-'")
+        return _Value(-v.expr, v.type, v.uses_score, v.uses_rowstat)
+
+    def expr_not(self, node: ast.Not) -> _Value:
+        v = self.lower(node.operand)
+        if v.type != BOOL:
+            self.error(f"'not' needs a condition, not {v.type}", node.operand.span)
+        return _Value(sympy.Not(v.expr), BOOL, v.uses_score, v.uses_rowstat)
+
+    def expr_boolop(self, node: ast.BoolOp) -> _Value:
+        left, right = self.lower(node.left), self.lower(node.right)
+        for side, v in ((node.left, left), (node.right, right)):
+            if v.type != BOOL:
+                self.error(f"'{node.op}' needs conditions on both sides, not {v.type}", side.span)
+        fn = sympy.And if node.op == "and" else sympy.Or
+        return _merge(fn(left.expr, right.expr), BOOL, left, right)
+
+    def expr_compare(self, node: ast.Compare) -> _Value:
+        values = [self.lower(o) for o in node.operands]
+        parts = []
+        for (a, av), op, (b, bv) in zip(zip(node.operands, values), node.ops, zip(node.operands[1:], values[1:])):
+            if op in ("==", "!=") and av.type == BOOL and bv.type == BOOL:
+                eq = sympy.Equivalent(av.expr, bv.expr)
+                parts.append(eq if op == "==" else sympy.Not(eq))
+                continue
+            self.need_number(av, a, f"'{op}'")
+            self.need_number(bv, b, f"'{op}'")
+            rel = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "==": sympy.Eq, "!=": sympy.Ne}[op]
+            parts.append(rel(av.expr, bv.expr))
+        return _merge(sympy.And(*parts), BOOL, *values)
+
+    def expr_ternary(self, node: ast.Ternary) -> _Value:
+        cond, then, orelse = self.lower(node.cond), self.lower(node.then), self.lower(node.orelse)
+        if cond.type != BOOL:
+            self.error(f"the condition of 'if' must be a condition, not {cond.type}", node.cond.span)
+        if (then.type == BOOL) != (orelse.type == BOOL):
+            self.error("both branches of 'if ... else' must be numbers, or both conditions", node.span)
+        rtype = BOOL if then.type == BOOL else (INT if then.type == orelse.type == INT else REAL)
+        if rtype == BOOL:
+            expr = sympy.Or(sympy.And(cond.expr, then.expr), sympy.And(sympy.Not(cond.expr), orelse.expr))
+        else:
+            expr = sympy.Piecewise((then.expr, cond.expr), (orelse.expr, True))
+        return _merge(expr, rtype, cond, then, orelse)
+
+    def need_number(self, v: _Value, node, what: str):
+        if v.type == BOOL:
+            self.error(f"{what} needs a number, but this is a condition", node.span,
+                       "use 'x if cond else y' to turn a condition into a number")
+
+    def expr_binop(self, node: ast.BinOp) -> _Value:
+        left, right = self.lower(node.left), self.lower(node.right)
+        op = node.op
+        self.need_number(left, node.left, f"'{op}'")
+        self.need_number(right, node.right, f"'{op}'")
+        both_int = left.type == INT and right.type == INT
+        a, c = left.expr, right.expr
+        if op in ("//", "%", ">>"):
+            for side, v in ((node.left, left), (node.right, right)):
+                if v.type != INT:
+                    alt = {"//": "floor(a / b)", "%": "a - floor(a / b) * b", ">>": "floor(a / 2 ** n)"}[op]
+                    self.error(f"'{op}' needs integers, but this is real", side.span, f"for reals write {alt}")
+            if c.is_number and c == 0 and op != ">>":
+                self.error(f"division by zero in '{op}'", node.right.span)
+            expr = {"//": lambda: ir.FloorDiv(a, c), "%": lambda: sympy.Mod(a, c), ">>": lambda: ir.RShift(a, c)}[op]()
+            return _merge(expr, INT, left, right)
+        if op == "/":
+            if c.is_number and c == 0:
+                self.error("division by zero", node.right.span)
+            return _merge(a / c, REAL, left, right)
+        if op == "**":
+            int_result = both_int and c.is_Integer and c >= 0
+            if a.is_number and a == 0 and c.is_number and c < 0:
+                self.error("0 raised to a negative power", node.span)
+            return _merge(sympy.Pow(a, c), INT if int_result else REAL, left, right)
+        expr = {"+": a + c, "-": a - c, "*": a * c}[op]
+        return _merge(expr, INT if both_int else REAL, left, right)
+
+    def expr_call(self, node: ast.Call) -> _Value:
+        func = node.func
+        if func not in FUNCTIONS:
+            entry = self.env.get(func)
+            if entry is not None and entry.kind == "tensor":
+                self.error(f"tensor '{func}' is indexed with [...], not called", node.span, f"write {func}[...]")
+            self.error(f"unknown function '{func}'", node.span,
+                       did_you_mean(func, FUNCTIONS) or "functions: " + ", ".join(sorted(FUNCTIONS)))
+        if func == "unravel":
+            self.error("unravel(...) gives several coordinates", node.span,
+                       "unpack it: let (y, x) = unravel(q, Y, X)")
+        if func == "softmax":
+            return self.call_softmax(node)
+        if node.kwargs:
+            self.error(f"{func}() takes no keyword arguments", node.span)
+        args = [self.lower(a) for a in node.args]
+        for arg_node, v in zip(node.args, args):
+            self.need_number(v, arg_node, f"{func}()")
+        arity = {"min": None, "max": None, "clamp": 3}.get(func, 1)
+        if arity is None and len(args) < 2:
+            self.error(f"{func}() needs at least 2 arguments, got {len(args)}", node.span)
+        if arity is not None and len(args) != arity:
+            self.error(f"{func}() takes {arity} argument{'s' * (arity > 1)}, got {len(args)}", node.span)
+        exprs = [a.expr for a in args]
+        all_int = all(a.type == INT for a in args)
+        if func in _REAL_FUNCS:
+            if func == "log2":
+                return _merge(ir.Log2(exprs[0]), REAL, *args)
+            return _merge(_REAL_FUNCS[func](exprs[0]), REAL, *args)
+        if func == "abs":
+            return _merge(sympy.Abs(exprs[0]), args[0].type, *args)
+        if func in ("min", "max"):
+            return _merge((sympy.Min if func == "min" else sympy.Max)(*exprs), INT if all_int else REAL, *args)
+        if func == "clamp":
+            return _merge(sympy.Min(sympy.Max(exprs[0], exprs[1]), exprs[2]), INT if all_int else REAL, *args)
+        if func in ("floor", "ceil"):
+            inner = node.args[0]
+            if func == "floor" and isinstance(inner, ast.Call) and inner.func == "log2" and len(inner.args) == 1:
+                x = self.lower(inner.args[0])
+                if x.type == INT:  # exact integer log: no float rounding near powers of two
+                    return _merge(ir.FloorLog2(x.expr), INT, x)
+            return _merge((sympy.floor if func == "floor" else sympy.ceiling)(exprs[0]), INT, *args)
+        # rowmax / rowsum
+        value = args[0]
+        if not value.uses_score and not (value.expr.free_symbols & {ir.kv}) and not value.expr.atoms(sympy.core.function.AppliedUndef):
+            pass  # a row-constant argument is legal (rowsum(1) counts keys), just unusual
+        stat = (ir.RowMax if func == "rowmax" else ir.RowSum)(value.expr)
+        return _Value(stat, REAL if func == "rowmax" or value.type == REAL else INT, value.uses_score, node.span)
+
+    def call_softmax(self, node: ast.Call) -> _Value:
+        if len(node.args) != 1:
+            self.error(f"softmax() takes 1 argument (the logits), got {len(node.args)}", node.span)
+        sink = None
+        for name, kw in node.kwargs:
+            if name != "sink":
+                self.error(f"softmax() has no argument '{name}'", kw.span, "its only keyword is sink=<logit>")
+            sink = self.lower(kw)
+            self.need_number(sink, kw, "sink=")
+            if sink.uses_score or sink.uses_rowstat or ir.kv in sink.expr.free_symbols:
+                self.error("a sink logit must be constant along the row (no score, no 'kv')", kw.span)
+        logits = self.lower(node.args[0])
+        self.need_number(logits, node.args[0], "softmax()")
+        if logits.uses_rowstat:
+            self.error("softmax() logits cannot use row statistics", logits.uses_rowstat)
+        return _Value(softmax_expr(logits.expr, None if sink is None else sink.expr), REAL,
+                      logits.uses_score or node.span, node.span)
+
+
+def softmax_expr(logits, sink=None):
+    """softmax as row statistics: exp(x - rowmax(x)) / (rowsum(exp(x - rowmax(x))) [+ exp(sink - rowmax(x))])."""
+    m = ir.RowMax(logits)
+    denominator = ir.RowSum(sympy.exp(logits - m))
+    if sink is not None:
+        denominator = denominator + sympy.exp(sink - m)
+    return sympy.exp(logits - m) / denominator
+
+
+def _merge(expr, type_, *values: _Value) -> _Value:
+    uses_score = next((v.uses_score for v in values if v.uses_score), None)
+    uses_rowstat = next((v.uses_rowstat for v in values if v.uses_rowstat), None)
+    return _Value(expr, type_, uses_score, uses_rowstat)
+
+
+def _describe_builtin(name: str) -> str:
+    if name in _INDEX_DOC:
+        return _INDEX_DOC[name]
+    if name in _SIZE_DOC:
+        return _SIZE_DOC[name]
+    if name in FUNCTIONS:
+        return "a function"
+    if name in _GENERATED_ARGS:
+        return "an argument of the generated function"
+    return {"s": "the raw score", "score": "the transformed score", "visible": "the number of visible keys"}.get(
+        name, "reserved")
+
+
+def check(spec: ast.Spec) -> ir.Variant:
+    """Check a parsed spec and lower it to the IR; raise `SpecError` listing every problem found."""
+    return Checker(spec).run()

@@ -1,0 +1,208 @@
+"""The IR: what a variant computes, as sympy expressions plus a small vocabulary of its own.
+
+A `Variant` is the checked, lowered form of a spec (see ../shared/design.md, "The semantic model"):
+
+- indices `b, h, q, kv` and sizes `B, Hq, Hk, Hv, Lq, Lk` are integer symbols;
+- scalar parameters are symbols (runtime) or already substituted numbers (`const`);
+- a tensor input `doc_ids[b, q]` is an applied sympy function `doc_ids(b, q)`;
+- `s` is the raw, already scaled score `scale * dot(q, k)`;
+- row statistics are `RowSum(e)`, `RowMax(e)` (reductions over the row's unmasked keys) and the symbol
+  `visible` (the number of unmasked keys in the row).
+
+Lets are inlined into `mask`, `score` and `probs`; they are kept in `lets` only for display.
+The functions below that sympy lacks (`FloorDiv`, `Sigmoid`, ...) carry their derivatives (`fdiff`)
+so that attnc/analysis can differentiate through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+from sympy import Function, Integer, S, Symbol
+
+# ---- symbols ----
+b = Symbol("b", integer=True, nonnegative=True)
+h = Symbol("h", integer=True, nonnegative=True)
+q = Symbol("q", integer=True, nonnegative=True)
+kv = Symbol("kv", integer=True, nonnegative=True)
+INDICES = {"b": b, "h": h, "q": q, "kv": kv}
+
+SIZES = {name: Symbol(name, integer=True, positive=True) for name in ("B", "Hq", "Hk", "Hv", "Lq", "Lk")}
+
+s = Symbol("s", real=True)  # the raw score, scale * dot(q, k)
+visible = Symbol("visible", integer=True, nonnegative=True)  # unmasked keys in the row
+
+
+# ---- integer functions ----
+class FloorDiv(Function):
+    """Python's `a // b`: division rounding towards minus infinity."""
+
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a, d):
+        if a.is_Integer and d.is_Integer and d != 0:
+            return Integer(int(a) // int(d))
+        if d == 1:
+            return a
+
+
+class RShift(Function):
+    """`a >> n` = `a // 2**n` for integers."""
+
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a, n):
+        if a.is_Integer and n.is_Integer and n >= 0:
+            return Integer(int(a) >> int(n))
+
+
+class FloorLog2(Function):
+    """`floor(log2(x))` for a positive integer x, computed exactly (no float rounding)."""
+
+    is_integer = True
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Integer and x > 0:
+            return Integer(int(x).bit_length() - 1)
+
+
+# ---- real functions sympy lacks ----
+class Sigmoid(Function):
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return Sigmoid(x) * (1 - Sigmoid(x))
+
+
+class Softplus(Function):
+    """log(1 + exp(x)), evaluated stably by the printers."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return Sigmoid(self.args[0])
+
+
+class Relu(Function):
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return Step(self.args[0])
+
+
+class Step(Function):
+    """1 where x > 0, else 0: the derivative of relu (taken as 0 at 0, as torch does)."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return S.Zero
+
+
+class Log2(Function):
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return 1 / (self.args[0] * sympy.log(2))
+
+
+# ---- row statistics ----
+class RowStat(Function):
+    """A reduction over the unmasked keys of a query row."""
+
+    is_real = True
+
+
+class RowSum(RowStat):
+    pass
+
+
+class RowMax(RowStat):
+    pass
+
+
+def tensor_function(name: str, dtype: str):
+    """The sympy function standing for a tensor input: `doc_ids(b, q)` is `doc_ids[b, q]`."""
+    assumptions = {"int": {"integer": True}, "float": {"real": True}, "bool": {}}[dtype]
+    return Function(name, **assumptions)
+
+
+def is_tensor_load(expr) -> bool:
+    return isinstance(expr, sympy.core.function.AppliedUndef)
+
+
+def row_stats(expr) -> set:
+    """Row statistics appearing in `expr`: RowSum/RowMax applications and `visible`."""
+    found = set(expr.atoms(RowStat)) if isinstance(expr, sympy.Basic) else set()
+    if isinstance(expr, sympy.Basic) and visible in expr.free_symbols:
+        found.add(visible)
+    return found
+
+
+# ---- the variant ----
+@dataclass(frozen=True)
+class Param:
+    """A runtime scalar parameter: a keyword argument with a default."""
+
+    name: str
+    dtype: str  # int | float
+    default: sympy.Expr  # a number, or an expression of the sizes (e.g. -log(Lk))
+    symbol: Symbol
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    name: str
+    dtype: str  # int | float | bool
+    axes: tuple[str, ...]  # shape symbols: B, Hq, Lq, Lk, L
+    learnable: bool
+    function: object  # the sympy function of its loads
+
+    def load(self, *indices):
+        return self.function(*indices)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """`let (t, y, x) = unravel(index, T, Y, X)`: the index is a row-major multi-dimensional position."""
+
+    index: str  # q | kv | another int expression printed
+    names: tuple[str, ...]
+    extents: tuple[sympy.Expr, ...]
+    coords: tuple[sympy.Expr, ...]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    path: str
+    source: str
+    heads: dict  # role (q|k|v) -> symbol name (str) or fixed count (int)
+    consts: dict  # name -> int | float, substituted at build time
+    params: tuple[Param, ...]
+    tensors: tuple[TensorInput, ...]
+    lets: tuple[tuple[tuple[str, ...], sympy.Expr], ...]
+    layouts: tuple[Layout, ...]
+    mask: sympy.Basic  # boolean
+    score: sympy.Expr  # of s
+    probs: sympy.Expr  # of score, row statistics
+    probs_written: bool = field(default=False)  # False when probs defaulted to softmax(score)
+
+    @property
+    def learnable(self) -> tuple[TensorInput, ...]:
+        return tuple(t for t in self.tensors if t.learnable)
+
+    def tensor(self, name: str) -> TensorInput:
+        return next(t for t in self.tensors if t.name == name)
+
+    @property
+    def needs_equal_lengths(self) -> bool:
+        """True when a tensor is indexed by one length axis `L` shared by queries and keys."""
+        return any("L" in t.axes for t in self.tensors) or any(
+            lay.index in ("q", "kv") for lay in self.layouts
+        )

@@ -1,0 +1,47 @@
+"""The compiler's passes, in order. Each line is one module with one job; data flows one way.
+
+    text   --parse-->    ast.Spec      attnc/parse.py    (grammar/attn.lark, Lark, positions kept)
+    ast    --check-->    ir.Variant    attnc/check.py    (names, types, indices; SpecError)
+    IR     --analyse-->  facts         attnc/analysis/   (row statistics and passes, tile plans, derivatives)
+    IR     --generate--> Python source attnc/codegen/    (templates/*.j2, sympy printers)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import check as _check
+from . import ir
+from . import parse as _parse
+from .errors import SpecError
+
+MAX_SPEC_BYTES = 1 << 20  # a spec is a few lines; refuse megabytes of junk before parsing it
+
+
+def read_spec(path: str | Path) -> tuple[str, str]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SpecError.at(f"cannot read spec: {err.strerror}", None, path=str(path)) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError.at(f"spec is {len(data)} bytes; the limit is {MAX_SPEC_BYTES}", None, path=str(path))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        from .errors import Span
+
+        raise SpecError.at("spec is not valid UTF-8", Span(line, col), path=str(path)) from None
+    return str(path), text
+
+
+def compile_text(source: str, path: str = "<spec>") -> ir.Variant:
+    """Spec text -> checked IR."""
+    spec = _parse.parse(source, path)  # 1. text -> AST
+    return _check.check(spec)  # 2. AST -> IR
+
+
+def compile_file(path: str | Path) -> ir.Variant:
+    return compile_text(*reversed(read_spec(path)))

@@ -1,0 +1,1 @@
+"""Package data: the Jinja2 templates of generated modules."""
