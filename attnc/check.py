@@ -145,8 +145,9 @@ class Checker:
     def once(self, stmt, keyword_: str):
         if type(stmt) in self.seen:
             first = self.seen[type(stmt)]
+            how = "combine the conditions with 'and'" if keyword_ == "mask" else "name intermediate values with 'let'"
             self.error(f"duplicate '{keyword_}' statement (the first is at line {first.line})", stmt.span,
-                       f"a spec has at most one '{keyword_}'; combine them with 'and' or a 'let'")
+                       f"a spec has at most one '{keyword_}'; {how}")
         self.seen[type(stmt)] = stmt.span
 
     # ---- names ----
@@ -496,7 +497,7 @@ class Checker:
                 self.error("division by zero", node.right.span)
             return _merge(a / c, REAL, left, right)
         if op == "**":
-            int_result = both_int and c.is_Integer and c >= 0
+            int_result = both_int and c.is_nonnegative is True
             if a.is_number and a == 0 and c.is_number and c < 0:
                 self.error("0 raised to a negative power", node.span)
             return _merge(sympy.Pow(a, c), INT if int_result else REAL, left, right)

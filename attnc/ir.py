@@ -63,6 +63,7 @@ class FloorLog2(Function):
     """`floor(log2(x))` for a positive integer x, computed exactly (no float rounding)."""
 
     is_integer = True
+    is_nonnegative = True
 
     @classmethod
     def eval(cls, x):

@@ -32,18 +32,18 @@ class SpecPrinter(StrPrinter):
 
     def _print_FloorDiv(self, expr):
         a, d = expr.args
-        return f"{self.parenthesize(a, 50)} // {self.parenthesize(d, 51)}"
+        return f"({self.parenthesize(a, 50)} // {self.parenthesize(d, 51)})"
 
     def _print_RShift(self, expr):
         a, n = expr.args
-        return f"{self.parenthesize(a, 40)} >> {self.parenthesize(n, 41)}"
+        return f"({self.parenthesize(a, 40)} >> {self.parenthesize(n, 41)})"
 
     def _print_FloorLog2(self, expr):
         return f"floor(log2({self._print(expr.args[0])}))"
 
     def _print_Mod(self, expr):
         a, d = expr.args
-        return f"{self.parenthesize(a, 50)} % {self.parenthesize(d, 51)}"
+        return f"({self.parenthesize(a, 50)} % {self.parenthesize(d, 51)})"
 
     def _print_And(self, expr):
         return " and ".join(self.parenthesize(a, 36) for a in sorted(expr.args, key=sympy.default_sort_key))

@@ -42,6 +42,11 @@ _TERMINAL_WORDS = {
 
 _STATEMENT_KEYWORDS = ("heads", "param", "const", "input", "let", "mask", "score", "probs")
 
+# How deeply expressions may nest (parentheses alone do not count). Real specs need a handful of levels;
+# the limit keeps the recursive passes after parsing (AST builder, checker, sympy) far from Python's
+# recursion limit, so absurd input gets a diagnostic instead of a RecursionError.
+MAX_NESTING = 100
+
 
 @functools.cache
 def _parser() -> Lark:
@@ -96,7 +101,7 @@ class _ToAst(Transformer):
         return ast.BinOp(_span(meta), "**", children[0], children[1])
 
     def rshift(self, meta, children):
-        return ast.BinOp(_span(meta), ">>", children[0], children[1])
+        return ast.BinOp(_span(meta), ">>", children[0], children[2])
 
     def neg(self, meta, children):
         return ast.Neg(_span(meta), children[0])
@@ -176,8 +181,24 @@ def parse(source: str, path: str = "<spec>") -> ast.Spec:
         tree = _parser().parse(source)
     except lark.exceptions.UnexpectedInput as err:
         raise SpecError([_syntax_diagnostic(err, source)], path, source) from None
+    deep = _too_deep(tree)
+    if deep is not None:
+        span = None if deep.meta.empty else _span(deep.meta)
+        raise SpecError.at(f"expression nested too deeply (more than {MAX_NESTING} levels)", span,
+                           "split it into several 'let' statements", path=path, source=source)
     header, statements = _ToAst().transform(tree)
     return ast.Spec(str(header), _tok_span(header), statements, path, source)
+
+
+def _too_deep(tree: lark.Tree) -> lark.Tree | None:
+    """The first node nested more than MAX_NESTING levels below a statement, or None. Iterative."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING + 2:  # start -> statement -> expression levels
+            return node
+        stack.extend((child, depth + 1) for child in reversed(node.children) if isinstance(child, lark.Tree))
+    return None
 
 
 def _expected_words(expected) -> str:
