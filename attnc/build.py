@@ -1,0 +1,77 @@
+"""Build generated modules and load them: `attnc build` and `attnc.load`.
+
+`load(path)` compiles a spec into a content-addressed cache (keyed by the spec text and the attnc,
+torch and triton versions) and imports the result. Files are written to a temporary name and renamed,
+so concurrent builds of one spec never see a half-written module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .codegen.generate import generate_module
+from .pipeline import compile_file, compile_text, read_spec
+
+
+def build_source(path: str | Path) -> str:
+    return generate_module(compile_file(path))
+
+
+def write_module(source: str, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    os.replace(tmp, target)  # atomic: readers see the old file or the new one, never a mix
+    return target
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNC_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnc"
+
+
+def cache_key(source_text: str) -> str:
+    import torch
+    import triton
+
+    material = "\0".join([source_text, __version__, torch.__version__, triton.__version__])
+    return hashlib.sha256(material.encode()).hexdigest()[:24]
+
+
+def import_module_from(path: Path, module_name: str):
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # Triton's jit looks functions up through their module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def load(path: str | Path):
+    """Compile `path` (cached by content hash) and return its attention function.
+
+    The function is called as `attn(q, k, v, scale=None, return_lse=False, **inputs)` and carries
+    `attn.reference`, `attn.Module` and `attn.signature`.
+    """
+    name, text = read_spec(path)
+    variant = compile_text(text, name)
+    key = cache_key(text)
+    target = cache_dir() / f"{variant.name}_{key}.py"
+    if not target.exists():
+        write_module(generate_module(variant), target)
+    module = import_module_from(target, f"attnc_generated.{variant.name}_{key}")
+    return getattr(module, variant.name)

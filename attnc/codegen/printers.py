@@ -1,0 +1,231 @@
+"""sympy -> source code. One base printer; the Triton and torch printers differ only in spelling.
+
+Following sympy's own printers: one `_print_<Node>` method per node type, function spellings in a
+table, parentheses around every compound sub-expression (generated code favours certainty over
+elegance), and strict failure on anything unsupported, so no spec can reach the generated module
+except through these methods.
+
+Symbols (indices, parameters, the score) and tensor loads print as the names the caller maps them to.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.core.function import AppliedUndef
+from sympy.printing.str import StrPrinter
+
+from .. import ir
+
+
+class UnsupportedExpression(Exception):
+    pass
+
+
+class _BasePrinter(StrPrinter):
+    # spellings, overridden per target
+    functions: dict = {}
+    where = minimum = maximum = floordiv = floormod = powf = ""
+
+    def __init__(self, names: dict):
+        super().__init__({"order": "none"})
+        self.names = names  # sympy atom (Symbol, tensor load, row statistic) -> code
+
+    def doprint(self, expr):
+        return self._print(sympy.sympify(expr))
+
+    def emptyPrinter(self, expr):
+        raise UnsupportedExpression(f"cannot generate code for {expr!r} ({type(expr).__name__})")
+
+    _print_Basic = emptyPrinter
+
+    def _named(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        raise UnsupportedExpression(f"no value bound for {expr}")
+
+    def _print_Symbol(self, expr):
+        return self._named(expr)
+
+    def _print_AppliedUndef(self, expr):
+        return self._named(expr)
+
+    def _print_RowSum(self, expr):
+        return self._named(expr)
+
+    _print_RowMax = _print_RowSum
+
+    # ---- numbers and logic ----
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Rational(self, expr):
+        return repr(float(expr))
+
+    _print_Half = _print_Rational
+
+    def _print_NegativeOne(self, expr):
+        return "-1"
+
+    def _print_Zero(self, expr):
+        return "0"
+
+    def _print_One(self, expr):
+        return "1"
+
+    def _print_Pi(self, expr):
+        return repr(float(sympy.pi))
+
+    def _print_Exp1(self, expr):
+        return repr(float(sympy.E))
+
+    def _print_Infinity(self, expr):
+        return 'float("inf")'
+
+    def _print_NegativeInfinity(self, expr):
+        return 'float("-inf")'
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    def _print_And(self, expr):
+        return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " | ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Relational(self, expr):
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    def _print_Piecewise(self, expr):
+        *branches, (last, cond) = expr.args
+        out = self._print(last)
+        for value, c in reversed(branches):
+            out = f"{self.where}({self._print(c)}, {self._print(value)}, {out})"
+        return out
+
+    # ---- arithmetic ----
+    def _print_Add(self, expr):
+        terms = [self._print(a) for a in sympy.Add.make_args(expr)]
+        out = terms[0]
+        for t in terms[1:]:
+            out += f" - {t[1:]}" if t.startswith("-") and not t.startswith("-(") else f" + {t}"
+        return f"({out})"
+
+    def _print_Mul(self, expr):
+        numer, denom = [], []
+        for factor in sympy.Mul.make_args(expr):
+            if factor.is_Pow and factor.exp.is_number and factor.exp < 0:
+                denom.append(sympy.Pow(factor.base, -factor.exp))
+            elif factor.is_Rational and factor.q != 1 and not factor.is_Integer:
+                numer.append(sympy.Float(factor))
+            else:
+                numer.append(factor)
+        if numer and numer[0] == -1:
+            numer = numer[1:]
+            sign = "-"
+        else:
+            sign = ""
+        top = " * ".join(self._print(f) for f in numer) or "1.0"
+        if not denom:
+            return f"{sign}({top})" if sign else f"({top})"
+        bottom = " * ".join(self._print(f) for f in denom)
+        return f"{sign}({top} / ({bottom}))"
+
+    def _print_Pow(self, expr):
+        base, exp = expr.args
+        if exp == sympy.Rational(1, 2):
+            return f"{self.functions['sqrt']}({self._print(base)})"
+        if exp.is_Integer and 0 < exp <= 4:
+            return "(" + " * ".join([self._print(base)] * int(exp)) + ")"
+        if exp.is_Integer and -4 <= exp < 0:
+            return "(1.0 / (" + " * ".join([self._print(base)] * int(-exp)) + "))"
+        if base == 2 and exp.is_integer:
+            return f"(1 << {self._print(exp)})"
+        return f"{self.powf}({self._print(base)}, {self._print(exp)})"
+
+    def _print_FloorDiv(self, expr):
+        a, d = expr.args
+        if a.is_nonnegative and d.is_positive:
+            return f"({self._print(a)} // {self._print(d)})"
+        return f"{self.floordiv}({self._print(a)}, {self._print(d)})"
+
+    def _print_Mod(self, expr):
+        a, d = expr.args
+        if a.is_nonnegative and d.is_positive:
+            return f"({self._print(a)} % {self._print(d)})"
+        return f"{self.floormod}({self._print(a)}, {self._print(d)})"
+
+    def _print_RShift(self, expr):
+        return f"({self._print(expr.args[0])} >> {self._print(expr.args[1])})"
+
+    def _print_Min(self, expr):
+        return self._fold(self.minimum, expr.args)
+
+    def _print_Max(self, expr):
+        return self._fold(self.maximum, expr.args)
+
+    def _fold(self, fn, args):
+        out = self._print(args[0])
+        for a in args[1:]:
+            out = f"{fn}({out}, {self._print(a)})"
+        return out
+
+    # ---- functions ----
+    def _print_Function(self, expr):
+        name = type(expr).__name__
+        if name not in self.functions:
+            raise UnsupportedExpression(f"function {name} has no {type(self).__name__} spelling")
+        return f"{self.functions[name]}({', '.join(self._print(a) for a in expr.args)})"
+
+    _print_exp = _print_log = _print_tanh = _print_Abs = _print_floor = _print_ceiling = _print_Function
+
+    def _print_Heaviside(self, expr):
+        return f"{self.functions['Step']}({self._print(expr.args[0])})"
+
+
+class TritonPrinter(_BasePrinter):
+    """Expressions inside a @triton.jit kernel; helpers come from attnc.runtime.tl_helpers as `rt`."""
+
+    functions = {
+        "exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "Abs": "tl.abs", "floor": "tl.floor",
+        "ceiling": "tl.ceil", "tanh": "rt.tanh", "Sigmoid": "rt.sigmoid", "Softplus": "rt.softplus",
+        "Relu": "rt.relu", "Step": "rt.step", "Log2": "tl.log2", "FloorLog2": "rt.ilog2",
+    }
+    where, minimum, maximum = "tl.where", "tl.minimum", "tl.maximum"
+    floordiv, floormod, powf = "rt.floordiv", "rt.floormod", "rt.powf"
+
+    def _print_Not(self, expr):
+        return f"({self._print(expr.args[0])} == 0)"
+
+
+class TorchPrinter(_BasePrinter):
+    """Expressions in eager PyTorch; helpers come from attnc.runtime.ref_helpers as `R`."""
+
+    functions = {
+        "exp": "torch.exp", "log": "R.safe_log", "sqrt": "torch.sqrt", "Abs": "abs", "floor": "torch.floor",
+        "ceiling": "torch.ceil", "tanh": "torch.tanh", "Sigmoid": "torch.sigmoid",
+        "Softplus": "torch.nn.functional.softplus", "Relu": "torch.relu", "Step": "R.step", "Log2": "torch.log2",
+        "FloorLog2": "R.ilog2",
+    }
+    where, minimum, maximum = "R.where", "R.minimum", "R.maximum"
+    floordiv, floormod, powf = "R.floordiv", "R.floormod", "R.powf"
+
+    def _print_Not(self, expr):
+        return f"(~{self._print(expr.args[0])})"
+
+    def _print_RShift(self, expr):
+        return f"R.rshift({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+
+def triton_code(expr, names: dict) -> str:
+    return TritonPrinter(names).doprint(expr)
+
+
+def torch_code(expr, names: dict) -> str:
+    return TorchPrinter(names).doprint(expr)

@@ -1,0 +1,148 @@
+"""Argument checking for generated functions: every mistake becomes a ValueError naming the spec,
+the argument, and what was expected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # int | float | bool
+    axes: tuple  # B, Hq, Lq, Lk, L
+    learnable: bool
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a generated function accepts besides q, k, v."""
+
+    spec: str
+    params: tuple  # (name, "int" | "float")
+    tensors: tuple  # TensorSpec
+    heads: dict  # role -> symbol name or fixed count
+    equal_lengths: bool  # Lq must equal Lk
+
+
+@dataclass(frozen=True)
+class Shapes:
+    B: int
+    Hq: int
+    Hk: int
+    Hv: int
+    Lq: int
+    Lk: int
+    Dqk: int
+    Dv: int
+
+
+def _fail(sig: Signature, arg: str, message: str):
+    raise ValueError(f"{sig.spec}: argument '{arg}': {message}")
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def check_qkv(sig: Signature, q, k, v) -> Shapes:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            _fail(sig, name, f"expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = {"q": "[B, Hq, Lq, Dqk]", "k": "[B, Hk, Lk, Dqk]", "v": "[B, Hv, Lk, Dv]"}[name]
+            _fail(sig, name, f"expected a 4-D tensor {layout}, got shape {_shape(t)}")
+        if t.dtype not in FLOAT_DTYPES:
+            _fail(sig, name, f"expected float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != q.dtype:
+            _fail(sig, name, f"dtype {t.dtype} differs from q's {q.dtype}; q, k and v must share a dtype")
+        if t.device != q.device:
+            _fail(sig, name, f"is on {t.device} but q is on {q.device}")
+        if 0 in t.shape:
+            _fail(sig, name, f"has an empty dimension: shape {_shape(t)}")
+    B, Hq, Lq, Dqk = q.shape
+    _, Hk, Lk, Dk = k.shape
+    _, Hv, Lv, Dv = v.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        _fail(sig, "k" if k.shape[0] != B else "v", f"batch size {k.shape[0] if k.shape[0] != B else v.shape[0]} differs from q's {B}")
+    if Dk != Dqk:
+        _fail(sig, "k", f"head dim {Dk} differs from q's {Dqk} (k: [B, Hk, Lk, Dqk])")
+    if Lv != Lk:
+        _fail(sig, "v", f"length {Lv} differs from k's {Lk} (v: [B, Hv, Lk, Dv])")
+    shapes = Shapes(B, Hq, Hk, Hv, Lq, Lk, Dqk, Dv)
+    counts = {"q": Hq, "k": Hk, "v": Hv}
+    named: dict = {}
+    for role, want in sig.heads.items():
+        got = counts[role]
+        if isinstance(want, int) and got != want:
+            _fail(sig, role, f"the spec fixes {want} {role} heads, got {got}")
+        if isinstance(want, str):
+            if want in named and named[want][1] != got:
+                other = named[want][0]
+                _fail(sig, role, f"the spec names both {other} and {role} heads '{want}', so they must be equal; "
+                      f"got {named[want][1]} and {got}")
+            named.setdefault(want, (role, got))
+    if sig.equal_lengths and Lq != Lk:
+        _fail(sig, "k", f"this variant needs Lq == Lk, got Lq = {Lq}, Lk = {Lk}")
+    return shapes
+
+
+def check_inputs(sig: Signature, shapes: Shapes, q: torch.Tensor, inputs: dict, defaults: dict) -> dict:
+    known = {name for name, _ in sig.params} | {t.name for t in sig.tensors}
+    unknown = sorted(set(inputs) - known)
+    if unknown:
+        hint = f"; it accepts: {', '.join(sorted(known))}" if known else "; it takes no extra inputs"
+        _fail(sig, unknown[0], f"unknown keyword argument{hint}")
+    values = {}
+    for name, dtype in sig.params:
+        value = inputs.get(name, defaults[name])
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                _fail(sig, name, f"is a scalar parameter; got a tensor of shape {_shape(value)}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(sig, name, f"expected a {dtype} number, got {type(value).__name__}")
+        if dtype == "int":
+            if float(value) != int(value):
+                _fail(sig, name, f"expected an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+            if value != value:
+                _fail(sig, name, "is NaN")
+        values[name] = value
+    sizes = {"B": shapes.B, "Hq": shapes.Hq, "Lq": shapes.Lq, "Lk": shapes.Lk, "L": shapes.Lq}
+    for t in sig.tensors:
+        if t.name not in inputs:
+            _fail(sig, t.name, f"missing required tensor input {t.name}: {t.dtype}[{', '.join(t.axes)}]")
+        x = inputs[t.name]
+        if not isinstance(x, torch.Tensor):
+            _fail(sig, t.name, f"expected a torch.Tensor, got {type(x).__name__}")
+        want = tuple(sizes[a] for a in t.axes)
+        if tuple(x.shape) != want:
+            named = ", ".join(f"{a}={sizes[a]}" for a in t.axes)
+            _fail(sig, t.name, f"expected shape [{', '.join(t.axes)}] = {list(want)} ({named}), got {_shape(x)}")
+        if x.device != q.device:
+            _fail(sig, t.name, f"is on {x.device} but q is on {q.device}")
+        if t.dtype == "float" and not x.dtype.is_floating_point:
+            _fail(sig, t.name, f"expected a floating-point tensor, got {x.dtype}")
+        if t.dtype == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+            _fail(sig, t.name, f"expected an integer tensor, got {x.dtype}")
+        if t.dtype == "float" and not torch.isfinite(x).all():
+            _fail(sig, t.name, "contains NaN or infinite values")
+        values[t.name] = x
+    return values
+
+
+def resolve_scale(sig: Signature, scale, dqk: int) -> float:
+    if scale is None:
+        return dqk ** -0.5
+    if isinstance(scale, torch.Tensor):
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+        _fail(sig, "scale", f"expected a float, got {scale!r}")
+    return float(scale)

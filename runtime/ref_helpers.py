@@ -1,0 +1,130 @@
+"""Eager (torch) helpers for generated reference implementations.
+
+The reference evaluates a variant on full score matrices, chunked over query blocks. Masked entries
+are evaluated on safe values (score 0, `visible` >= 1, division by 0 giving 0) and zeroed at the end,
+so no NaN ever reaches a value or a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def floordiv(a, b):
+    return torch.div(a, b, rounding_mode="floor") if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a // b
+
+
+def floormod(a, b):
+    return torch.remainder(a, b) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a % b
+
+
+def _t(x, like):
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=like.device)
+
+
+def _first_tensor(*xs):
+    return next((x for x in xs if isinstance(x, torch.Tensor)), None)
+
+
+def minimum(*xs):
+    like = _first_tensor(*xs)
+    if like is None:
+        return min(xs)
+    out = _t(xs[0], like)
+    for x in xs[1:]:
+        out = torch.minimum(out, _t(x, like))
+    return out
+
+
+def maximum(*xs):
+    like = _first_tensor(*xs)
+    if like is None:
+        return max(xs)
+    out = _t(xs[0], like)
+    for x in xs[1:]:
+        out = torch.maximum(out, _t(x, like))
+    return out
+
+
+def where(cond, a, b):
+    like = _first_tensor(cond, a, b)
+    if like is None:
+        return a if cond else b
+    return torch.where(_t(cond, like), _t(a, like), _t(b, like))
+
+
+def ilog2(x):
+    x = torch.as_tensor(x)
+    return torch.floor(torch.log2(x.double().clamp(min=1))).long()
+
+
+def rshift(a, n):
+    return floordiv(a, 2 ** n) if not isinstance(n, torch.Tensor) else torch.div(a, torch.pow(2, n), rounding_mode="floor")
+
+
+def safe_div(a, b):
+    b = _t(b, _first_tensor(a, b) if _first_tensor(a, b) is not None else torch.zeros(()))
+    zero = b == 0
+    return torch.where(zero, torch.zeros_like(b), a / torch.where(zero, torch.ones_like(b), b))
+
+
+def safe_log(x):
+    x = torch.as_tensor(x)
+    return torch.log(torch.where(x > 0, x, torch.ones_like(x)))
+
+
+def powf(x, p):
+    x = torch.as_tensor(x)
+    safe = torch.where(x > 0, x, torch.ones_like(x))
+    y = torch.exp(p * torch.log(safe))
+    return torch.where(x > 0, y, torch.where(x == 0, torch.zeros_like(y) if not (isinstance(p, (int, float)) and p == 0) else torch.ones_like(y), y * float("nan")))
+
+
+def step(x):
+    return (torch.as_tensor(x) > 0).to(torch.get_default_dtype() if not isinstance(x, torch.Tensor) else x.dtype)
+
+
+def rowsum(x, mask):
+    x = torch.as_tensor(x)
+    return torch.where(mask, x, torch.zeros_like(x)).sum(-1, keepdim=True)
+
+
+def rowmax(x, mask):
+    x = torch.as_tensor(x)
+    m = torch.where(mask, x, torch.full_like(x, float("-inf"))).amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # safe on empty rows
+
+
+def visible(mask):
+    return mask.sum(-1, keepdim=True)
+
+
+def softmax_rows(logits, mask, sink=None):
+    """P = exp(x) / (sum_j exp(x) [+ exp(sink)]) over unmasked keys, and the row's log-sum-exp.
+
+    [Note] Fully masked rows (and no sink): P = 0, lse = -inf, gradients 0 (not NaN): the max is
+    taken as 0 there, so nothing below divides by zero.
+    """
+    neg_inf = torch.full_like(logits, float("-inf"))
+    x = torch.where(mask, logits, neg_inf)
+    m = x.amax(-1, keepdim=True)
+    if sink is not None:
+        m = torch.maximum(m, sink)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.where(mask, torch.exp(torch.where(mask, logits, torch.zeros_like(logits)) - m), torch.zeros_like(logits))
+    denom = e.sum(-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - m)
+    empty = denom == 0
+    p = e / torch.where(empty, torch.ones_like(denom), denom)
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), m + torch.log(torch.where(empty, torch.ones_like(denom), denom)))
+    return p, lse.squeeze(-1)
+
+
+def expand_heads(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, Hq, L, D] with query head h reading head floor(h * H / Hq)."""
+    h = x.shape[1]
+    if h == hq:
+        return x
+    index = torch.div(torch.arange(hq, device=x.device) * h, hq, rounding_mode="floor")
+    return x.index_select(1, index)

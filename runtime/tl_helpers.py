@@ -1,0 +1,74 @@
+"""Triton device functions that generated kernels call for the language's integer and real functions.
+
+Triton's `//` and `%` truncate towards zero (C semantics); the language, like Python, floors. The
+printer emits plain `//` and `%` when both operands are provably non-negative and these helpers
+otherwise.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def floordiv(a, b):
+    quotient = a // b
+    inexact = (a % b) != 0
+    return tl.where(inexact & ((a < 0) != (b < 0)), quotient - 1, quotient)
+
+
+@triton.jit
+def floormod(a, b):
+    remainder = a % b
+    return tl.where((remainder != 0) & ((remainder < 0) != (b < 0)), remainder + b, remainder)
+
+
+@triton.jit
+def ilog2(x):
+    """floor(log2(x)) for integers x >= 1, exact: the float estimate is corrected by one step each way."""
+    e = tl.floor(tl.log2(x.to(tl.float32))).to(tl.int32)
+    e = tl.where((1 << e) > x, e - 1, e)
+    e = tl.where((1 << (e + 1)) <= x, e + 1, e)
+    return e
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def softplus(x):
+    # [Note] log(1 + exp(x)) overflows for large x; max(x, 0) + log(1 + exp(-|x|)) never does.
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def tanh(x):
+    # [Note] exp(-2|x|) is in (0, 1]: no overflow for any x.
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def relu(x):
+    return tl.maximum(x, 0.0)
+
+
+@triton.jit
+def step(x):
+    return tl.where(x > 0, 1.0, 0.0)
+
+
+@triton.jit
+def powf(x, p):
+    """x ** p for real p: exp(p log x) for x > 0, 0 ** p = 0 for p > 0 (1 for p == 0)."""
+    safe = tl.where(x > 0, x, 1.0)
+    y = tl.exp(p * tl.log(safe))
+    return tl.where(x > 0, y, tl.where(p == 0, 1.0, tl.where(x == 0, 0.0, float("nan"))))
+
+
+@triton.jit
+def safe_div(a, b):
+    """a / b, and 0 where b == 0 (only ever reached on masked or unselected values)."""
+    return tl.where(b == 0, 0.0, a / tl.where(b == 0, 1.0, b))
