@@ -133,6 +133,8 @@ class _BasePrinter(StrPrinter):
             sign = ""
         top = " * ".join(self._print(f) for f in numer) or "1.0"
         if not denom:
+            if len(numer) == 1 and (numer[0].is_Atom or top.startswith("(")):
+                return f"{sign}{top}"
             return f"{sign}({top})" if sign else f"({top})"
         bottom = " * ".join(self._print(f) for f in denom)
         return f"{sign}({top} / ({bottom}))"

@@ -1,0 +1,171 @@
+"""`attnc verify`: the kernels against the reference on randomized shapes, forward and backward.
+
+For each spec: odd lengths, grouped heads, cross attention (where the variant allows Lq != Lk), every
+scalar parameter at its default and at one other value. The kernels run in the inputs' dtype; the
+reference runs in float64 on the same inputs. Errors are max|got - ref| / max|ref| per tensor, judged
+with the tolerances of the design (fp32: 2e-3 forward, 5e-3 backward; fp16: 1e-2; bf16: 2e-2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from . import ir
+from .pipeline import compile_file
+
+TOLERANCE = {torch.float32: (2e-3, 5e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@dataclass
+class Case:
+    label: str
+    B: int
+    Hq: int
+    Hk: int
+    Hv: int
+    Lq: int
+    Lk: int
+    Dqk: int
+    Dv: int
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    case: str
+    tensor: str
+    error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.error) and self.error <= self.tolerance
+
+
+def _fixed_length(variant: ir.Variant):
+    """Sequence length forced by an unravel layout on q or kv, with parameters at their defaults."""
+    defaults = {p.symbol: p.default for p in variant.params}
+    for lay in variant.layouts:
+        if lay.index in ("q", "kv"):
+            return int(sympy.prod([sympy.sympify(e).subs(defaults) for e in lay.extents]))
+    return None
+
+
+def _heads(variant: ir.Variant, hq, hk, hv):
+    fixed = {role: val for role, val in variant.heads.items() if isinstance(val, int)}
+    counts = {"q": fixed.get("q", hq), "k": fixed.get("k", hk), "v": fixed.get("v", hv)}
+    names = {}
+    for role in ("q", "k", "v"):
+        name = variant.heads[role]
+        if isinstance(name, str):
+            counts[role] = names.setdefault(name, counts[role])
+    return counts["q"], counts["k"], counts["v"]
+
+
+def _other_value(param: ir.Param, length: int):
+    default = param.default
+    if default.free_symbols:
+        return None
+    value = float(default)
+    if param.dtype == "int":
+        other = max(1, min(int(value), length) // 3)
+        return other if other != int(value) else int(value) + 1
+    return value * 0.5 if value != 0 else 1.0
+
+
+def cases(variant: ir.Variant, length: int = 45) -> list[Case]:
+    fixed = _fixed_length(variant)
+    L = fixed or length
+    equal = variant.needs_equal_lengths or fixed is not None
+    out = []
+    hq, hk, hv = _heads(variant, 2, 2, 2)
+    out.append(Case("base", 1, hq, hk, hv, L, L, 40, 40))
+    hq, hk, hv = _heads(variant, 4, 2, 1)
+    out.append(Case("gqa", 2, hq, hk, hv, L, L, 24, 40))
+    if not equal:
+        hq, hk, hv = _heads(variant, 3, 1, 3)
+        out.append(Case("cross", 1, hq, hk, hv, max(3, L // 2 - 3), L, 32, 20))
+    for p in variant.params:
+        other = _other_value(p, L)
+        if other is not None:
+            hq, hk, hv = _heads(variant, 2, 1, 2)
+            out.append(Case(f"{p.name}={other}", 1, hq, hk, hv, L, L, 16, 16, {p.name: other}))
+    return out
+
+
+def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -> dict:
+    sizes = {"B": case.B, "Hq": case.Hq, "Lq": case.Lq, "Lk": case.Lk, "L": case.Lq}
+    inputs = {}
+    for t in variant.tensors:
+        shape = [sizes[a] for a in t.axes]
+        if t.dtype == "int":
+            span = max(2, (case.Lk if any(a in ("L", "Lq", "Lk") for a in t.axes) else case.Lk) // 4 + 2)
+            x = torch.randint(0, span, shape, generator=generator)
+            if t.axes and t.axes[-1] in ("L", "Lq", "Lk"):
+                x = x.sort(dim=-1).values  # like document ids: contiguous runs
+            if not any(a in ("L", "Lq", "Lk") for a in t.axes):
+                x = torch.randint(1, case.Lk + 1, shape, generator=generator)  # per-head sizes, e.g. bands
+        elif t.dtype == "bool":
+            x = torch.rand(shape, generator=generator) < 0.5
+        else:
+            # positive values: some specs take logs of their inputs (e.g. zerotuning's gamma)
+            x = 0.5 + torch.rand(shape, generator=generator, dtype=torch.float64)
+        inputs[t.name] = x
+    return inputs
+
+
+def _rel(got, ref) -> float:
+    got, ref = got.double(), ref.double()
+    if not torch.isfinite(got[torch.isfinite(ref)]).all():
+        return float("nan")
+    finite = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(got), finite):
+        return float("nan")
+    scale = ref[finite].abs().max().item() if finite.any() else 0.0
+    diff = (got[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu") -> list[Row]:
+    variant = compile_file(path)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    fwd_tol, bwd_tol = TOLERANCE[dtype]
+    has_lse = attn.has_lse
+    for case in cases(variant):
+        q = torch.randn(case.B, case.Hq, case.Lq, case.Dqk, generator=generator, dtype=torch.float64)
+        k = torch.randn(case.B, case.Hk, case.Lk, case.Dqk, generator=generator, dtype=torch.float64)
+        v = torch.randn(case.B, case.Hv, case.Lk, case.Dv, generator=generator, dtype=torch.float64)
+        extra = random_inputs(variant, case, generator)
+        learnable = [t.name for t in variant.tensors if t.learnable]
+        do = torch.randn(case.B, case.Hq, case.Lq, case.Dv, generator=generator, dtype=torch.float64)
+
+        def run(fn, cast):
+            leaves = [x.to(device=device, dtype=cast).requires_grad_() for x in (q, k, v)]
+            kw = {n: (x.to(device=device, dtype=cast if x.is_floating_point() else x.dtype)) for n, x in extra.items()}
+            for n in learnable:
+                kw[n] = kw[n].detach().requires_grad_()
+            out = fn(*leaves, return_lse=has_lse, **kw, **case.params)
+            o, lse = out if has_lse else (out, None)
+            grads = torch.autograd.grad(o, leaves + [kw[n] for n in learnable], do.to(device=device, dtype=cast))
+            return o, lse, grads
+
+        o, lse, grads = run(attn, dtype)
+        ro, rlse, rgrads = run(attn.reference, torch.float64)
+        rows.append(Row(case.label, "o", _rel(o, ro), fwd_tol))
+        if has_lse:
+            rows.append(Row(case.label, "lse", _rel(lse, rlse), fwd_tol))
+        for name, g, rg in zip(["dq", "dk", "dv"] + [f"d{n}" for n in learnable], grads, rgrads):
+            rows.append(Row(case.label, name, _rel(g, rg), bwd_tol))
+    return rows
+
+
+def format_table(name: str, rows: list[Row]) -> str:
+    lines = [f"{name}", f"  {'case':<16} {'tensor':<10} {'max rel err':>12} {'tol':>8}  ok"]
+    for r in rows:
+        lines.append(f"  {r.case:<16} {r.tensor:<10} {r.error:>12.2e} {r.tolerance:>8.0e}  {'yes' if r.ok else 'NO'}")
+    return "\n".join(lines)
