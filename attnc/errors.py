@@ -62,9 +62,9 @@ def render_diagnostic(diag: Diagnostic, path: str, source: str) -> str:
     else:
         span = diag.span
         out = [f"{path}:{span.line}:{span.column}: error: {diag.message}"]
-        lines = source.splitlines()
+        lines = source.split("\n")  # as the parser counts lines: '\f' or '\u2028' do not end one
         if 1 <= span.line <= len(lines):
-            text = lines[span.line - 1].expandtabs(1)
+            text = lines[span.line - 1].rstrip("\r").expandtabs(1)
             width = 1
             if span.end_line == span.line and span.end_column and span.end_column > span.column:
                 width = span.end_column - span.column
