@@ -228,7 +228,7 @@ def _syntax_diagnostic(err: lark.exceptions.UnexpectedInput, source: str) -> Dia
     if isinstance(err, lark.exceptions.UnexpectedEOF) or getattr(err.token, "type", None) == "$END":
         line, col = _end_position(source)
         expected = _expected_words(err.expected)
-        if not source.strip():
+        if not source.strip() or "ATTENTION" in err.expected:
             return Diagnostic("empty spec", Span(1, 1), "a spec starts with 'attention <name>'")
         return Diagnostic("unexpected end of file", Span(line, col), f"expected {expected}")
 
@@ -237,6 +237,12 @@ def _syntax_diagnostic(err: lark.exceptions.UnexpectedInput, source: str) -> Dia
     expected = set(err.expected)
     text = str(token)
     keyword = _keyword_read_as_name(source, token)
+    header = keyword and re.fullmatch(r"((?:\s|#[^\n]*)*)attention(?:\s|#[^\n]*)*", source[: _offset(source, keyword[1])])
+    if header:  # `attention` without a name: the parser took the first statement's keyword for the name
+        start = len(header.group(1))
+        line, column = source.count("\n", 0, start) + 1, start - (source.rfind("\n", 0, start) + 1) + 1
+        return Diagnostic("the spec has no name", Span(line, column, line, column + len("attention")),
+                          "write 'attention <name>' on the first line")
     if keyword is not None:
         word, kw_span = keyword
         return Diagnostic(f"the expression before '{word}' is incomplete", kw_span,
@@ -269,6 +275,12 @@ def _keyword_read_as_name(source: str, token: Token):
     column = start - (before.rfind("\n", 0, start) + 1) + 1
     word = match.group(3)
     return word, Span(line, column, line, column + len(word))
+
+
+def _offset(source: str, span: Span) -> int:
+    """The index in `source` of a span's start."""
+    lines = source.split("\n")
+    return sum(len(line) + 1 for line in lines[: span.line - 1]) + span.column - 1
 
 
 def _end_position(source: str) -> tuple[int, int]:
