@@ -27,7 +27,7 @@ def read_spec(path: str | Path) -> tuple[str, str]:
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError.at(f"spec is {len(data)} bytes; the limit is {MAX_SPEC_BYTES}", None, path=str(path))
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the text
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
@@ -39,8 +39,12 @@ def read_spec(path: str | Path) -> tuple[str, str]:
 
 def compile_text(source: str, path: str = "<spec>") -> ir.Variant:
     """Spec text -> checked IR."""
-    spec = _parse.parse(source, path)  # 1. text -> AST
-    return _check.check(spec)  # 2. AST -> IR
+    try:
+        spec = _parse.parse(source, path)  # 1. text -> AST
+        return _check.check(spec)  # 2. AST -> IR
+    except RecursionError:  # a backstop: parse.MAX_NESTING should stop deep input before this
+        raise SpecError.at("expression nested too deeply", None, "split it into several 'let' statements",
+                           path=path, source=source) from None
 
 
 def compile_file(path: str | Path) -> ir.Variant:
