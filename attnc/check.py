@@ -102,6 +102,7 @@ class Checker:
         self.layouts: list[ir.Layout] = []
         self.mask = self.score = self.probs = None
         self.seen: dict[type, Span] = {}
+        self.lowering = None  # the statement being checked
 
     # ---- reporting ----
     def error(self, message: str, span: Span | None, hint: str | None = None):
@@ -139,6 +140,7 @@ class Checker:
         )
 
     def statement(self, stmt):
+        self.lowering = stmt
         handler = getattr(self, "stmt_" + type(stmt).__name__.lower())
         handler(stmt)
 
@@ -359,6 +361,9 @@ class Checker:
     def expr_name(self, node: ast.Name) -> _Value:
         name = node.id
         if name == "score":
+            if self.score_stmt is not None and self.score is None and self.lowering is self.score_stmt:
+                self.error("the score statement cannot use 'score', which it defines", node.span,
+                           "write the score in terms of 's', the raw score")
             if self.score_stmt is not None and self.score is None:
                 self.error(f"'score' is used before the score statement at line {self.score_stmt.span.line}",
                            node.span, "move the 'score' statement above this line")
@@ -560,6 +565,8 @@ class Checker:
         for name, kw in node.kwargs:
             if name != "sink":
                 self.error(f"softmax() has no argument '{name}'", kw.span, "its only keyword is sink=<logit>")
+            if sink is not None:
+                self.error("softmax() is given sink= twice", kw.span)
             sink = self.lower(kw)
             self.need_number(sink, kw, "sink=")
             if sink.uses_score or sink.uses_rowstat or ir.kv in sink.expr.free_symbols:
