@@ -284,5 +284,5 @@ def _offset(source: str, span: Span) -> int:
 
 
 def _end_position(source: str) -> tuple[int, int]:
-    lines = source.rstrip().splitlines() or [""]
+    lines = source.rstrip().split("\n")  # as the parser counts lines (splitlines also breaks at '\f')
     return len(lines), len(lines[-1]) + 1
