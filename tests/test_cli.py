@@ -1,0 +1,138 @@
+"""The `attnc` command line: summaries, diagnostics as file:line:col, and never a traceback."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from attnc.cli import main
+
+CAUSAL = "attention causal\nmask kv <= q\n"
+SOFTPLUS_REWEIGHT = """\
+attention softplus_reweight
+param p = 3.0, tau = 1.0
+mask kv <= q
+let A = softplus(log(visible) * score) / rowsum(softplus(log(visible) * score))
+let R = relu(visible * A - tau) ** p
+probs R / rowsum(R) if rowsum(R) > 0 else A
+"""
+ALIBI = "attention alibi\ninput slopes: float[Hq] learnable\nmask kv <= q\nscore s - slopes[h] * (q - kv)\n"
+BAD = "attention bad\nparam window = 3\nmask kv <= q and q - kv < windw\n"
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args))
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "Traceback" not in output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, output
+
+
+@pytest.fixture
+def specs(tmp_path):
+    files = {}
+    for name, text in {"causal": CAUSAL, "softplus_reweight": SOFTPLUS_REWEIGHT, "alibi": ALIBI, "bad": BAD}.items():
+        files[name] = tmp_path / f"{name}.attn"
+        files[name].write_text(text)
+    return files
+
+
+def test_check_ok_one_line_summary_per_spec(specs):
+    code, out = run("check", str(specs["causal"]), str(specs["softplus_reweight"]), str(specs["alibi"]))
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0] == f"{specs['causal']}: ok: attention causal (softmax, 1 pass; inputs: none)"
+    assert lines[1] == f"{specs['softplus_reweight']}: ok: attention softplus_reweight (general, 2 passes; inputs: p, tau)"
+    assert lines[2] == f"{specs['alibi']}: ok: attention alibi (softmax, 1 pass; inputs: slopes*)"
+
+
+def test_check_bad_spec_exit_1_with_location(specs):
+    code, out = run("check", str(specs["bad"]))
+    assert code == 1
+    assert f"{specs['bad']}:3:27: error: unknown name 'windw'" in out
+    assert "^^^^^" in out
+    assert "hint: did you mean 'window'?" in out
+
+
+def test_check_mixed_good_and_bad_exit_1_but_reports_both(specs):
+    code, out = run("check", str(specs["causal"]), str(specs["bad"]))
+    assert code == 1
+    assert "ok: attention causal" in out
+    assert ":3:27: error:" in out
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "binary", "empty", "bad_utf8", "nul", "huge"])
+def test_check_junk_never_tracebacks(tmp_path, kind):
+    path = tmp_path / "junk.attn"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "bad_utf8":
+        path.write_bytes(b"attention t\nmask kv <= q and \xff\xfe > 1\n")
+    elif kind == "nul":
+        path.write_bytes(b"attention t\nmask kv <= q\x00\n")
+    elif kind == "huge":
+        path.write_bytes(b"attention t\n" + b"#" * (2 << 20))
+    code, out = run("check", str(path))
+    assert code == 1
+    assert str(path) in out and "error:" in out
+    if kind == "bad_utf8":
+        assert f"{path}:2:18: error: spec is not valid UTF-8" in out
+    if kind == "empty":
+        assert f"{path}:1:1: error: empty spec" in out
+    if kind == "nul":
+        assert f"{path}:2:13: error: unexpected character '\\x00'" in out
+
+
+def test_check_requires_an_argument():
+    code, out = run("check")
+    assert code == 2 and "Usage" in out
+
+
+def test_ir_prints_the_dump(specs):
+    code, out = run("ir", str(specs["softplus_reweight"]))
+    assert code == 0
+    assert out.startswith(f"attention softplus_reweight    # {specs['softplus_reweight']}\n")
+    assert "passes     2 over the keys" in out
+    assert re.search(r"^  pass 2 +r2 = rowsum\(", out, re.M)
+
+
+def test_ir_bad_spec(specs, tmp_path):
+    code, out = run("ir", str(specs["bad"]))
+    assert code == 1 and ":3:27: error:" in out
+    code, out = run("ir", str(tmp_path / "nope.attn"))
+    assert code == 1 and "cannot read spec" in out
+
+
+def test_version_and_help():
+    code, out = run("--version")
+    assert code == 0 and "attnc" in out
+    code, out = run("--help")
+    assert code == 0 and "check" in out
+
+
+def _attnc_command():
+    script = shutil.which("attnc")
+    return [script] if script else [sys.executable, "-m", "attnc.cli"]
+
+
+def test_real_subprocess(specs, tmp_path):
+    good = subprocess.run([*_attnc_command(), "check", str(specs["causal"])], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert good.returncode == 0, good.stderr
+    assert "ok: attention causal" in good.stdout
+    bad = subprocess.run([*_attnc_command(), "check", str(specs["bad"]), str(tmp_path / "missing.attn")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 1
+    assert f"{specs['bad']}:3:27: error: unknown name 'windw'" in bad.stderr
+    assert "cannot read spec" in bad.stderr
+    assert "Traceback" not in bad.stderr + bad.stdout
