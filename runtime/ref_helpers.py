@@ -74,10 +74,13 @@ def safe_log(x):
 
 
 def powf(x, p):
+    """x ** p for real p, with 0 ** p = 0 (p > 0) and finite gradients everywhere."""
     x = torch.as_tensor(x)
-    safe = torch.where(x > 0, x, torch.ones_like(x))
-    y = torch.exp(p * torch.log(safe))
-    return torch.where(x > 0, y, torch.where(x == 0, torch.zeros_like(y) if not (isinstance(p, (int, float)) and p == 0) else torch.ones_like(y), y * float("nan")))
+    positive = x > 0
+    y = torch.exp(p * torch.log(torch.where(positive, x, torch.ones_like(x))))
+    at_zero = torch.ones_like(y) if (isinstance(p, (int, float)) and p == 0) else torch.zeros_like(y)
+    nan = torch.full_like(y, float("nan")).detach()  # negative base, real power: no gradient path
+    return torch.where(positive, y, torch.where(x == 0, at_zero, nan))
 
 
 def step(x):

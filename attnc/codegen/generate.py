@@ -63,6 +63,38 @@ def _loads(exprs, index_code: dict, prefix: str) -> tuple[dict, list[_Load]]:
     return names, loads
 
 
+def _common_subexpressions(expr, names: dict, prefix: str, width: int = 72) -> tuple[list[str], str]:
+    """Long expressions (multi-dimensional masks) as a few named steps instead of one huge line:
+    bottom-up, every sub-expression whose code is longer than `width` gets its own variable."""
+    names = dict(names)
+    lines: list[str] = []
+    counter = iter(range(10**6))
+
+    def bind(e):
+        if not isinstance(e, sympy.Basic) or e.is_Atom or e in names or isinstance(e, AppliedUndef):
+            return e
+        if isinstance(e, (sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair)):
+            return e  # kept whole: its conditions must stay boolean expressions
+        e = e.func(*[bind(a) for a in e.args])
+        code = triton_code(e, names)
+        if len(code) > width or (e.is_Pow and not e.base.is_Atom):
+            if e.is_Pow and not e.base.is_Atom and len(code) <= width:
+                base = sympy.Symbol(f"{prefix}{next(counter)}")
+                lines.append(f"{base} = {triton_code(e.base, names)}")
+                names[base] = str(base)
+                return sympy.Pow(base, e.exp, evaluate=False)
+            sym = sympy.Symbol(f"{prefix}{next(counter)}")
+            lines.append(f"{sym} = {code}")
+            names[sym] = str(sym)
+            return sym
+        return e
+
+    if len(triton_code(expr, names)) <= width:
+        return [], triton_code(expr, names)
+    reduced = expr.func(*[bind(a) for a in expr.args])
+    return lines, triton_code(reduced, names)
+
+
 def _base_names(variant: ir.Variant, q_code: str, kv_code: str | None) -> dict:
     names = {ir.q: q_code, ir.b: "off_b", ir.h: "off_h", ir.s: "s"}
     if kv_code is not None:
@@ -127,8 +159,10 @@ class ModuleGenerator:
             for e in (c.lo, c.hi):
                 if e is not None:
                     scalar_loads.update(self._scalar_loads(e, "m_first", collect=True))
+        mask_lines, mask_code = _common_subexpressions(v.mask, names, "mask_")
         return dict(
-            mask=triton_code(v.mask, names),
+            mask=mask_code,
+            mask_lines=mask_lines,
             score=triton_code(logits, names),
             dscore=triton_code(derivatives.score_derivative(logits), names),
             tile_loads=tile_loads,

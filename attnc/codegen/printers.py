@@ -25,6 +25,7 @@ class _BasePrinter(StrPrinter):
     # spellings, overridden per target
     functions: dict = {}
     where = minimum = maximum = floordiv = floormod = powf = ""
+    safe_div = None
 
     def __init__(self, names: dict):
         super().__init__({"order": "none"})
@@ -137,6 +138,9 @@ class _BasePrinter(StrPrinter):
                 return f"{sign}{top}"
             return f"{sign}({top})" if sign else f"({top})"
         bottom = " * ".join(self._print(f) for f in denom)
+        if self.safe_div and any(ir.row_stats(f) for f in denom):
+            # a row statistic may be 0 in a branch that is not taken; see R.safe_div
+            return f"{sign}{self.safe_div}({top}, {bottom})"
         return f"{sign}({top} / ({bottom}))"
 
     def _print_Pow(self, expr):
@@ -217,6 +221,7 @@ class TorchPrinter(_BasePrinter):
     }
     where, minimum, maximum = "R.where", "R.minimum", "R.maximum"
     floordiv, floormod, powf = "R.floordiv", "R.floormod", "R.powf"
+    safe_div = "R.safe_div"
 
     def _print_Not(self, expr):
         return f"(~{self._print(expr.args[0])})"

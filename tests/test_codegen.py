@@ -1,0 +1,132 @@
+"""Generated modules: what they import, how they are cached, how they dispatch, and the reference's
+own gradients (float64 gradcheck)."""
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnc
+from attnc.build import build_source, cache_key
+from attnc.codegen.generate import BuildError, generate_module
+from attnc.pipeline import compile_text
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.attn")), ids=lambda p: p.stem)
+def test_generated_module_imports_only_torch_triton_and_runtime(path):
+    source = build_source(path)
+    tree = ast.parse(source)
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    allowed = {"math", "os", "torch", "triton", "triton.language"}
+    assert {m for m in imported if not m.startswith("attnc.runtime")} <= allowed, imported
+    assert "attnc.runtime" in imported
+
+
+def test_spec_text_cannot_inject_code():
+    # a name that is valid in the language but would shadow generated names is prefixed in kernels
+    variant = compile_text("attention inject\nparam o = 3\ninput lse: float[Hq] learnable\n"
+                           "mask kv <= q and q - kv < o\nscore s + lse[h]\n")
+    source = generate_module(variant)
+    compile(source, "<test>", "exec")
+    assert "o_," in source and "lse_ptr" in source
+
+
+def _qkv(B=1, Hq=2, Hk=2, Hv=2, Lq=11, Lk=11, D=8, Dv=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hk, Lk, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hv, Lk, Dv, generator=g, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("name,inputs", [
+    ("alibi", {"slopes": torch.rand(2, dtype=torch.float64) + 0.1}),
+    ("softcap", {"cap": 2.0}),
+    ("sink_logit", {"sink": torch.randn(2, dtype=torch.float64)}),
+    ("softplus", {}),
+    ("softplus_reweight", {"tau": 0.5}),
+    ("sigmoid", {}),
+])
+def test_reference_gradcheck_float64(name, inputs):
+    attn = attnc.load(EXAMPLES / f"{name}.attn")
+    q, k, v = (x.requires_grad_() for x in _qkv(Lq=7, Lk=7, D=4, Dv=3))
+    learn = {n: x.clone().requires_grad_() for n, x in inputs.items() if isinstance(x, torch.Tensor)}
+    fixed = {n: x for n, x in inputs.items() if not isinstance(x, torch.Tensor)}
+    names = list(learn)
+
+    def fn(q, k, v, *tensors):
+        return attn.reference(q, k, v, **fixed, **dict(zip(names, tensors)))
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, *learn.values()), eps=1e-6, atol=1e-5)
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    attn = attnc.load(EXAMPLES / "causal.attn")
+    q, k, v = _qkv(dtype=torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from attnc.runtime import launch
+
+    assert not launch.use_kernels(q)
+    torch.testing.assert_close(attn(q, k, v), attn.reference(q, k, v))
+
+
+def test_float64_inputs_use_the_reference_even_when_interpreting():
+    from attnc.runtime import launch
+
+    assert not launch.use_kernels(torch.zeros(1, dtype=torch.float64))
+
+
+def test_return_lse_on_a_variant_without_one_is_a_clear_error():
+    attn = attnc.load(EXAMPLES / "sigmoid.attn")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="sigmoid: argument 'return_lse'.*no log-sum-exp"):
+        attn(q, k, v, return_lse=True)
+
+
+def test_cache_key_depends_on_the_spec_text():
+    assert cache_key("attention a\n") != cache_key("attention a\n# changed\n")
+    assert cache_key("attention a\n") == cache_key("attention a\n")
+
+
+def test_two_processes_building_the_same_spec_at_once(tmp_path):
+    spec = tmp_path / "window7.attn"
+    spec.write_text("attention window7\nmask kv <= q and q - kv < 7\n")
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import os, torch
+        os.environ["ATTNC_CACHE_DIR"] = {str(cache)!r}
+        import attnc
+        attn = attnc.load({str(spec)!r})
+        q = torch.randn(1, 1, 9, 4, dtype=torch.float64)
+        o = attn(q, q, q)
+        print(float(o.sum()))
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    modules = list(cache.glob("window7_*.py"))
+    assert len(modules) == 1
+    assert not list(cache.glob(".*.tmp"))
+    compile(modules[0].read_text(), str(modules[0]), "exec")
+
+
+def test_learnable_input_read_per_key_is_a_build_error():
+    variant = compile_text("attention keybias\ninput bias: float[Lk] learnable\nscore s + bias[kv]\n")
+    with pytest.raises(BuildError, match="'bias' is read per key"):
+        generate_module(variant)
