@@ -164,7 +164,8 @@ def test_reference_matches_formula(name):
         assert isinstance(r2, tuple) and len(r2) == 2
         fin = torch.isfinite(rlse)
         assert torch.equal(torch.isfinite(r2[1]), fin)
-        check_close("reference lse", r2[1][fin], rlse[fin], 1e-9)
+        # the lse may be kept in float32 (as kernels keep it) even for float64 inputs
+        check_close("reference lse", r2[1][fin], rlse[fin], 1e-9 if r2[1].dtype == torch.float64 else 1e-6)
         do = torch.randn(o.shape, generator=_gen(5), dtype=torch.float64)
         for n, g_, w in zip(["dq", "dk", "dv", *learn], torch.autograd.grad(o, (q, k, v, *learn.values()), do),
                             rgrads(do)):
