@@ -241,7 +241,10 @@ class Checker:
                        "use numbers and earlier consts only; use 'param' for values given at run time")
         if expr.is_Integer:
             return int(expr)
-        result = complex(sympy.N(expr))
+        try:
+            result = complex(sympy.N(expr))
+        except (OverflowError, ValueError, TypeError):  # e.g. exp(exp(exp(10))): too large for a float
+            result = complex(float("inf"))
         if result.imag != 0 or result.real != result.real or abs(result.real) == float("inf"):
             self.error(f"const '{stmt.name}' is not a finite real number", stmt.value.span)
         return result.real
