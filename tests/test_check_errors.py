@@ -52,6 +52,7 @@ TYPES = {
     "const_from_param": (H + "param w = 1\nconst C = w\n", 3, 11, "const 'C' must be a number known at build time"),
     "const_log_zero": (H + "const C = log(0)\n", 2, 11, "const 'C' is not a finite real number"),
     "const_complex": (H + "const C = sqrt(-1)\n", 2, 11, "const 'C' is not a finite real number"),
+    "const_overflow": (H + "const C = exp(exp(exp(exp(10))))\n", 2, 11, "const 'C' is not a finite real number"),
     "int_param_real_default": (H + "param w: int = 2.5\n", 2, 16, "param 'w' is declared int but its value is real"),
     "bool_param": (H + "param w: bool = 1\n", 2, 7, "param 'w' cannot be bool"),
     "param_bool_default": (H + "param w = true\n", 2, 11, "param 'w' must be a number, not a condition"),
