@@ -85,7 +85,7 @@ def cases(variant: ir.Variant, length: int = 45) -> list[Case]:
     hq, hk, hv = _heads(variant, 2, 2, 2)
     out.append(Case("base", 1, hq, hk, hv, L, L, 40, 40))
     hq, hk, hv = _heads(variant, 4, 2, 1)
-    out.append(Case("gqa", 2, hq, hk, hv, L, L, 24, 40))
+    out.append(Case("gqa", 1 if fixed else 2, hq, hk, hv, L, L, 24, 40))  # fixed layouts are long: one batch
     if not equal:
         hq, hk, hv = _heads(variant, 3, 1, 3)
         out.append(Case("cross", 1, hq, hk, hv, max(3, L // 2 - 3), L, 32, 20))
