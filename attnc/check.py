@@ -554,10 +554,8 @@ class Checker:
                 if x.type == INT:  # exact integer log: no float rounding near powers of two
                     return _merge(ir.FloorLog2(x.expr), INT, x)
             return _merge((sympy.floor if func == "floor" else sympy.ceiling)(exprs[0]), INT, *args)
-        # rowmax / rowsum
+        # rowmax / rowsum (a row-constant argument is legal: rowsum(1) counts keys)
         value = args[0]
-        if not value.uses_score and not (value.expr.free_symbols & {ir.kv}) and not value.expr.atoms(sympy.core.function.AppliedUndef):
-            pass  # a row-constant argument is legal (rowsum(1) counts keys), just unusual
         stat = (ir.RowMax if func == "rowmax" else ir.RowSum)(value.expr)
         return _Value(stat, REAL if func == "rowmax" or value.type == REAL else INT, value.uses_score, node.span)
 

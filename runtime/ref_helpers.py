@@ -26,24 +26,22 @@ def _first_tensor(*xs):
     return next((x for x in xs if isinstance(x, torch.Tensor)), None)
 
 
-def minimum(*xs):
+def _fold(torch_fn, python_fn, xs):
     like = _first_tensor(*xs)
     if like is None:
-        return min(xs)
+        return python_fn(xs)
     out = _t(xs[0], like)
     for x in xs[1:]:
-        out = torch.minimum(out, _t(x, like))
+        out = torch_fn(out, _t(x, like))
     return out
+
+
+def minimum(*xs):
+    return _fold(torch.minimum, min, xs)
 
 
 def maximum(*xs):
-    like = _first_tensor(*xs)
-    if like is None:
-        return max(xs)
-    out = _t(xs[0], like)
-    for x in xs[1:]:
-        out = torch.maximum(out, _t(x, like))
-    return out
+    return _fold(torch.maximum, max, xs)
 
 
 def where(cond, a, b):

@@ -204,7 +204,7 @@ class ModuleGenerator:
                    score=torch_code(v.score, names))
         sm = self.rows.softmax
         if sm is not None:
-            ctx["softmax_logits"] = torch_code(sm.logits.xreplace({ir.s: sympy.Symbol("score_")}) if False else sm.logits, names)
+            ctx["softmax_logits"] = torch_code(sm.logits, names)
             ctx["sink"] = None if sm.sink is None else torch_code(sm.sink, names)
             return ctx
         # general probabilities: row statistics computed innermost first, as masked torch reductions
