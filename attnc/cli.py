@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -137,6 +138,181 @@ def _verify_all(specs, dtype_name, seed) -> bool:
 def verify(specs, dtype, seed):
     """Check the kernels of SPECS against the reference, forward and backward, on random shapes."""
     sys.exit(0 if _verify_all(specs, dtype, seed) else 1)
+
+
+# -- attnc mask ---------------------------------------------------------------------------------------
+
+DEFAULT_LENGTH = 64  # short enough to print every element
+ELEMENT_LIMIT = 1 << 24  # elements of the largest mask evaluated densely (16 MiB of bools)
+
+
+def _ints(text: str, option: str, counts: tuple[int, ...]) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts or min(values, default=0) < 1:
+        raise click.BadParameter(f"expected {' or '.join(str(c) for c in counts)} positive integers separated "
+                                 f"by commas, got {text!r}", param_hint=option)
+    return values
+
+
+def _sizes(variant, length, shape):
+    """(B, Hq, Lq, Lk) from --L or --shape; by default the length a grid layout fixes, or DEFAULT_LENGTH."""
+    from .verify import _fixed_length
+
+    if length is not None and shape is not None:
+        raise click.UsageError("give --L or --shape, not both")
+    fixed_heads = variant.heads.get("q")
+    B, Hq = 1, fixed_heads if isinstance(fixed_heads, int) else 1
+    if shape is not None:
+        values = _ints(shape, "--shape", (2, 4))
+        if len(values) == 4:
+            B, Hq = values[:2]
+        Lq, Lk = values[-2:]
+    else:
+        Lq = Lk = length or _fixed_length(variant) or DEFAULT_LENGTH
+    return B, Hq, Lq, Lk
+
+
+def _parse_value(text: str, dtype: str, name: str):
+    kinds = {"int": int, "float": float, "bool": lambda t: {"true": True, "1": True, "false": False,
+                                                             "0": False}[t.strip().lower()]}
+    try:
+        return kinds[dtype](text)
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{name}: expected {'an' if dtype == 'int' else 'a'} {dtype}, got {text!r}",
+                                 param_hint="--param") from None
+
+
+def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
+    """Keyword inputs for the spec: --param NAME=VALUE (a tensor as comma-separated values in its shape's
+    order), and seeded random tensors, as `attnc verify` makes them, for the tensors not given."""
+    import torch
+
+    from .errors import did_you_mean
+    from .verify import Case, random_inputs
+
+    params = {p.name: p for p in variant.params}
+    tensors = {t.name: t for t in variant.tensors}
+    given = {}
+    for pair in pairs:
+        name, eq, text = pair.partition("=")
+        name = name.strip()
+        if not eq:
+            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--param")
+        if name in params:
+            given[name] = _parse_value(text, params[name].dtype, name)
+        elif name in tensors:
+            t = tensors[name]
+            sizes = {"B": B, "Hq": Hq, "Lq": Lq, "Lk": Lk, "L": Lq}
+            shape = [sizes[a] for a in t.axes]
+            values = [_parse_value(v, t.dtype, name) for v in text.split(",")]
+            if len(values) != math.prod(shape):
+                raise click.BadParameter(f"{name}: expected {math.prod(shape)} values for its shape "
+                                         f"[{', '.join(t.axes)}] = {shape}, got {len(values)}", param_hint="--param")
+            given[name] = torch.tensor(values).reshape(shape)
+        else:
+            known = list(params) + list(tensors)
+            hint = did_you_mean(name, known)
+            message = f"the spec has no input {name!r}"
+            if hint:
+                message += f"; {hint}"
+            else:
+                message += f" (its inputs: {', '.join(known)})" if known else " (it has no inputs)"
+            raise click.BadParameter(message, param_hint="--param")
+    missing = [t for t in variant.tensors if t.name not in given]
+    if missing:
+        case = Case("mask", B, Hq, Hq, Hq, Lq, Lk, 1, 1)
+        made = random_inputs(variant, case, torch.Generator().manual_seed(seed))
+        for t in missing:
+            given[t.name] = made[t.name]
+            click.echo(f"note: {t.name}: random (seed {seed}); give it with --param {t.name}=v1,v2,...", err=True)
+    return given
+
+
+@main.command("mask")
+@click.argument("spec")
+@click.option("--L", "length", type=click.IntRange(min=1), help="Lq = Lk = N (default: the grid's length, or 64)")
+@click.option("--shape", help="Lq,Lk or B,H,Lq,Lk (H: query heads)")
+@click.option("--param", "pairs", multiple=True, metavar="NAME=VALUE",
+              help="a param, or a tensor input as comma-separated values; repeatable")
+@click.option("--block", help="tile size M,N (or M for both), powers of two; default: the planner's")
+@click.option("--batch", default=0, type=click.IntRange(min=0), show_default=True, help="batch to draw")
+@click.option("--head", default=0, type=click.IntRange(min=0), show_default=True, help="query head to draw")
+@click.option("--png", type=click.Path(dir_okay=False), help="also draw the plan (and mask) into this PNG")
+@click.option("--elements/--no-elements", default=None,
+              help="draw the element mask [default: when Lq, Lk <= 128]")
+@click.option("--seed", default=0, show_default=True, help="seed of random tensor inputs")
+def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, seed):
+    """Draw the element mask and the tile plan of SPEC: which tiles the kernels skip (EMPTY), visit
+    without masking (FULL), or visit with the mask (PARTIAL)."""
+    import torch
+
+    from . import load, maskview
+    from .codegen.generate import BuildError
+
+    try:
+        variant = compile_file(spec)
+    except SpecError as err:
+        _fail(err)
+        sys.exit(1)
+    B, Hq, Lq, Lk = _sizes(variant, length, shape)
+    tiles = {}
+    if block is not None:
+        bm, bn = (_ints(block, "--block", (1, 2)) * 2)[:2]
+        if bm & (bm - 1) or bn & (bn - 1):
+            raise click.BadParameter(f"tile sizes must be powers of two, got {bm},{bn}", param_hint="--block")
+        tiles = {"block_m": bm, "block_n": bn}
+    if batch >= B or head >= Hq:
+        raise click.BadParameter(f"batch {batch}, head {head} is outside B={B}, Hq={Hq} (set them with "
+                                 "--shape B,H,Lq,Lk)", param_hint="--batch/--head")
+    inputs = _inputs(variant, pairs, B, Hq, Lq, Lk, seed)
+    try:
+        attn = load(spec)
+    except SpecError as err:
+        _fail(err)
+        sys.exit(1)
+    except BuildError as err:
+        click.echo(f"{spec}: error: {err}", err=True)
+        sys.exit(1)
+    sizes = dict(Lq=Lq, Lk=Lk, B=B, Hq=Hq)
+    try:
+        plan = attn.plan(**sizes, **tiles, **inputs)
+        show = elements if elements is not None else max(Lq, Lk) <= maskview.ELEMENTS_SHOWN
+        element_mask = None
+        if show and Lq * Lk * B * Hq <= ELEMENT_LIMIT:
+            element_mask = attn.mask(**sizes, **inputs)
+    except ValueError as err:  # the generated function's argument checks: wrong shapes, lengths, values
+        raise click.UsageError(str(err)) from None
+    # plans and masks that ignore b or h have a batch or head axis of 1: that slice stands for all
+    dense = plan.to_dense()
+    classes = dense[min(batch, dense.shape[0] - 1), min(head, dense.shape[1] - 1)]
+    click.echo(f"{variant.name}: Lq={Lq} Lk={Lk} B={B} Hq={Hq}; batch {batch}, head {head}")
+    if element_mask is not None:
+        grid = element_mask[min(batch, element_mask.shape[0] - 1), min(head, element_mask.shape[1] - 1)]
+        lines, factor = maskview.text_grid(grid.to(torch.int8) * maskview.FULL, maskview.ELEMENT_CHARS)
+        each = "" if factor == 1 else f"; each character: {factor}x{factor} elements, merged as tiles are"
+        click.echo(f"element mask ({maskview.legend(maskview.ELEMENT_CHARS)}{each}):")
+        click.echo("\n".join(lines))
+    elif show:
+        click.echo(f"element mask not drawn: {B * Hq * Lq * Lk} elements (the limit is {ELEMENT_LIMIT})")
+    lines, factor = maskview.text_grid(classes, maskview.TILE_CHARS)
+    each = "" if factor == 1 else f"; each character: {factor}x{factor} tiles"
+    click.echo(f"tile plan, query tiles down, key tiles across ({maskview.legend(maskview.TILE_CHARS)}{each}):")
+    click.echo("\n".join(lines))
+    click.echo(maskview.summary(plan))
+    if png:
+        title = [f"{variant.name}  Lq={Lq} Lk={Lk}  batch {batch} head {head}", maskview.summary(plan)]
+        pixels, _ = maskview.figure(title, classes, (plan.block_m, plan.block_n),
+                                    None if element_mask is None else grid)
+        try:
+            with open(png, "wb") as f:
+                f.write(maskview.encode_png(pixels, " / ".join(title)))
+        except OSError as err:
+            click.echo(f"{png}: error: cannot write: {err.strerror}", err=True)
+            sys.exit(1)
+        click.echo(f"wrote {png}")
 
 
 if __name__ == "__main__":
