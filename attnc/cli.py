@@ -153,7 +153,7 @@ def _ints(text: str, option: str, counts: tuple[int, ...]) -> list[int]:
         values = []
     if len(values) not in counts or min(values, default=0) < 1:
         raise click.BadParameter(f"expected {' or '.join(str(c) for c in counts)} positive integers separated "
-                                 f"by commas, got {text!r}", param_hint=option)
+                                 f"by commas, got {text!r}", param_hint=f"'{option}'")
     return values
 
 
@@ -182,7 +182,7 @@ def _parse_value(text: str, dtype: str, name: str):
         return kinds[dtype](text)
     except (ValueError, KeyError):
         raise click.BadParameter(f"{name}: expected {'an' if dtype == 'int' else 'a'} {dtype}, got {text!r}",
-                                 param_hint="--param") from None
+                                 param_hint="'--param'") from None
 
 
 def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
@@ -200,7 +200,7 @@ def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
         name, eq, text = pair.partition("=")
         name = name.strip()
         if not eq:
-            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--param")
+            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="'--param'")
         if name in params:
             given[name] = _parse_value(text, params[name].dtype, name)
         elif name in tensors:
@@ -210,7 +210,7 @@ def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
             values = [_parse_value(v, t.dtype, name) for v in text.split(",")]
             if len(values) != math.prod(shape):
                 raise click.BadParameter(f"{name}: expected {math.prod(shape)} values for its shape "
-                                         f"[{', '.join(t.axes)}] = {shape}, got {len(values)}", param_hint="--param")
+                                         f"[{', '.join(t.axes)}] = {shape}, got {len(values)}", param_hint="'--param'")
             given[name] = torch.tensor(values).reshape(shape)
         else:
             known = list(params) + list(tensors)
@@ -220,7 +220,7 @@ def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
                 message += f"; {hint}"
             else:
                 message += f" (its inputs: {', '.join(known)})" if known else " (it has no inputs)"
-            raise click.BadParameter(message, param_hint="--param")
+            raise click.BadParameter(message, param_hint="'--param'")
     missing = [t for t in variant.tensors if t.name not in given]
     if missing:
         case = Case("mask", B, Hq, Hq, Hq, Lq, Lk, 1, 1)
@@ -262,11 +262,11 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
     if block is not None:
         bm, bn = (_ints(block, "--block", (1, 2)) * 2)[:2]
         if bm & (bm - 1) or bn & (bn - 1):
-            raise click.BadParameter(f"tile sizes must be powers of two, got {bm},{bn}", param_hint="--block")
+            raise click.BadParameter(f"tile sizes must be powers of two, got {bm},{bn}", param_hint="'--block'")
         tiles = {"block_m": bm, "block_n": bn}
     if batch >= B or head >= Hq:
         raise click.BadParameter(f"batch {batch}, head {head} is outside B={B}, Hq={Hq} (set them with "
-                                 "--shape B,H,Lq,Lk)", param_hint="--batch/--head")
+                                 "--shape B,H,Lq,Lk)", param_hint="'--batch' / '--head'")
     inputs = _inputs(variant, pairs, B, Hq, Lq, Lk, seed)
     try:
         attn = load(spec)
@@ -292,14 +292,17 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
     if element_mask is not None:
         grid = element_mask[min(batch, element_mask.shape[0] - 1), min(head, element_mask.shape[1] - 1)]
         lines, factor = maskview.text_grid(grid.to(torch.int8) * maskview.FULL, maskview.ELEMENT_CHARS)
-        each = "" if factor == 1 else f"; each character: {factor}x{factor} elements, merged as tiles are"
-        click.echo(f"element mask ({maskview.legend(maskview.ELEMENT_CHARS)}{each}):")
+        if factor == 1:
+            key = maskview.legend(maskview.ELEMENT_NAMES, (maskview.FULL, maskview.EMPTY))
+        else:
+            key = maskview.legend(maskview.ELEMENT_NAMES) + f"; each character: {factor}x{factor} elements"
+        click.echo(f"element mask ({key}):")
         click.echo("\n".join(lines))
     elif show:
         click.echo(f"element mask not drawn: {B * Hq * Lq * Lk} elements (the limit is {ELEMENT_LIMIT})")
     lines, factor = maskview.text_grid(classes, maskview.TILE_CHARS)
     each = "" if factor == 1 else f"; each character: {factor}x{factor} tiles"
-    click.echo(f"tile plan, query tiles down, key tiles across ({maskview.legend(maskview.TILE_CHARS)}{each}):")
+    click.echo(f"tile plan, query tiles down, key tiles across ({maskview.legend(maskview.CLASS_NAMES)}{each}):")
     click.echo("\n".join(lines))
     click.echo(maskview.summary(plan))
     if png:

@@ -25,7 +25,8 @@ import torch
 EMPTY, PARTIAL, FULL = 0, 1, 2
 CLASS_NAMES = {EMPTY: "EMPTY", PARTIAL: "PARTIAL", FULL: "FULL"}
 TILE_CHARS = {EMPTY: ".", PARTIAL: "+", FULL: "#"}
-ELEMENT_CHARS = {EMPTY: ".", FULL: "#"}
+ELEMENT_CHARS = TILE_CHARS  # PARTIAL ('+') only appears where a coarsened character covers both kinds
+ELEMENT_NAMES = {EMPTY: "masked", PARTIAL: "some visible", FULL: "visible"}
 TERMINAL_WIDTH = 128  # characters of grid per line; wider pictures are coarsened
 ELEMENTS_SHOWN = 128  # the element mask is drawn by default when Lq, Lk <= this
 
@@ -76,9 +77,8 @@ def text_grid(classes: torch.Tensor, chars: dict, width: int = TERMINAL_WIDTH) -
     return lines, factor
 
 
-def legend(chars: dict) -> str:
-    return ", ".join(f"'{chars[c]}' {CLASS_NAMES[c] if chars is TILE_CHARS else ('visible' if c == FULL else 'masked')}"
-                     for c in sorted(chars, reverse=True))
+def legend(names: dict, classes=(FULL, PARTIAL, EMPTY)) -> str:
+    return ", ".join(f"'{TILE_CHARS[c]}' {names[c]}" for c in classes)
 
 
 def summary(plan) -> str:
