@@ -1,17 +1,19 @@
 """Build generated modules and load them: `attnc build` and `attnc.load`.
 
-`load(path)` compiles a spec into a content-addressed cache (keyed by the spec text and the attnc,
-torch and triton versions) and imports the result. Files are written to a temporary name and renamed,
+`load(path)` compiles a spec into a content-addressed cache (keyed by the spec text, the compiler's
+own sources and the torch and triton versions) and imports the result. Files are written to a temporary name and renamed,
 so concurrent builds of one spec never see a half-written module.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from . import __version__
@@ -39,11 +41,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnc"
 
 
+@functools.lru_cache(maxsize=1)
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's own sources (Python, grammar, templates): a changed compiler never
+    reuses modules cached by another, even under the same version number."""
+    digest = hashlib.sha256()
+    for package in ("attnc", "attnc.grammar", "attnc.templates", "attnc.runtime"):
+        folder = Path(str(resources.files(package)))
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in (".py", ".lark", ".j2") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(folder)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(source_text: str) -> str:
     import torch
     import triton
 
-    material = "\0".join([source_text, __version__, torch.__version__, triton.__version__])
+    material = "\0".join([source_text, __version__, compiler_fingerprint(), torch.__version__, triton.__version__])
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 
 

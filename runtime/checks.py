@@ -91,7 +91,7 @@ def check_qkv(sig: Signature, q, k, v) -> Shapes:
     return shapes
 
 
-def check_inputs(sig: Signature, shapes: Shapes, q: torch.Tensor, inputs: dict, defaults: dict) -> dict:
+def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: dict, defaults: dict) -> dict:
     known = {name for name, _ in sig.params} | {t.name for t in sig.tensors}
     unknown = sorted(set(inputs) - known)
     if unknown:
@@ -126,8 +126,8 @@ def check_inputs(sig: Signature, shapes: Shapes, q: torch.Tensor, inputs: dict, 
         if tuple(x.shape) != want:
             named = ", ".join(f"{a}={sizes[a]}" for a in t.axes)
             _fail(sig, t.name, f"expected shape [{', '.join(t.axes)}] = {list(want)} ({named}), got {_shape(x)}")
-        if x.device != q.device:
-            _fail(sig, t.name, f"is on {x.device} but q is on {q.device}")
+        if x.device != torch.device(device):
+            _fail(sig, t.name, f"is on {x.device} but q is on {device}")
         if t.dtype == "float" and not x.dtype.is_floating_point:
             _fail(sig, t.name, f"expected a floating-point tensor, got {x.dtype}")
         if t.dtype == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):

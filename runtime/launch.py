@@ -63,3 +63,40 @@ def reduce_row_grad(buffer: torch.Tensor, axes: tuple) -> torch.Tensor:
     out = buffer.sum(dim=summed) if summed else buffer
     order = sorted(range(len(kept)), key=lambda i: kept[i])  # out's dims are in increasing position
     return out.permute(*[order.index(i) for i in range(len(kept))]) if len(kept) > 1 else out
+
+
+def plan_blocks() -> tuple[int, int]:
+    """Tile sizes of tile plans (query x key). The kernels' own tiles divide them: a plan tile is
+    visited as (plan / block)^2 sub-tiles, so autotuning keeps its whole space. The interpreter's plan
+    tiles are twice its kernel tiles, which keeps that sub-tiling under test on the CPU."""
+    return (32, 32) if interpreting() else (128, 128)
+
+
+# ---- a test hook: how many key tiles each forward program visits ----
+_visit_log = None
+
+
+class count_visits:
+    """`with launch.count_visits() as log:` records, for every forward launch inside, a tensor
+    [B * Hq, query tiles] of the key tiles each program visited (kernels built with the hook)."""
+
+    def __enter__(self):
+        global _visit_log
+        self.log, self._outer = [], _visit_log
+        _visit_log = self.log
+        return self.log
+
+    def __exit__(self, *exc):
+        global _visit_log
+        _visit_log = self._outer
+
+
+def visit_buffer(q: torch.Tensor, size: int):
+    return None if _visit_log is None else torch.full((size,), -1, dtype=torch.int32, device=q.device)
+
+
+def record_visits(buffer, programs_per_column: int):
+    if buffer is None or _visit_log is None:
+        return
+    written = int((buffer >= 0).sum())
+    _visit_log.append(buffer[:written].view(programs_per_column, -1).cpu())

@@ -18,6 +18,7 @@ from sympy.core.function import AppliedUndef
 
 from .. import __version__, ir
 from ..analysis import bounds, derivatives, rowstats
+from .plan import plan_context
 from .printers import torch_code, triton_code
 
 
@@ -109,6 +110,7 @@ class ModuleGenerator:
     def __init__(self, variant: ir.Variant):
         self.v = variant
         self.rows = rowstats.plan_rows(variant)
+        self.plan = plan_context(variant)
 
     # ---- kernels (softmax family) ----
     def kernel_context(self) -> dict | None:
@@ -176,6 +178,9 @@ class ModuleGenerator:
             clauses=clauses,
             scalar_loads=list(scalar_loads.values()),
             mask_trivial=v.mask is sympy.true,
+            plan_mode=self.plan["mode"],
+            plan_uses_b=self.plan["uses_b"],
+            plan_uses_h=self.plan["uses_h"],
             **ranges,
         )
 
@@ -251,6 +256,7 @@ class ModuleGenerator:
             learnable=[t for t in tensors if t["learnable"]],
             params=params,
             kernel=self.kernel_context(),
+            plan=self.plan,
             ref=self.reference_context(),
             passes=self.rows.passes,
             has_lse=self.rows.has_lse,

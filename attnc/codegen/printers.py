@@ -236,3 +236,146 @@ def triton_code(expr, names: dict) -> str:
 
 def torch_code(expr, names: dict) -> str:
     return TorchPrinter(names).doprint(expr)
+
+
+class IntervalPrinter(StrPrinter):
+    """A mask as interval code over batches of tiles (attnc.runtime.intervals, imported as `I`).
+
+    Every sub-expression prints as a call whose result bounds the sub-expression over each cell: an
+    interval `(lo, hi)` for numbers, `(all, any)` for conditions. Like the other printers, anything
+    without an interval rule fails the build of the plan (the kernels then treat the mask's tiles as
+    PARTIAL), never yields a bound that might be wrong."""
+
+    monotone = {
+        "exp": "exp", "log": "log", "sqrt": "sqrt", "floor": "floor", "ceiling": "ceil", "tanh": "tanh",
+        "Sigmoid": "sigmoid", "Softplus": "softplus", "Relu": "relu", "Step": "step", "Log2": "log2",
+    }
+
+    def __init__(self, names: dict, bool_loads: frozenset = frozenset()):
+        super().__init__({"order": "none"})
+        self.names = names
+        self.bool_loads = bool_loads  # tensor loads that are conditions (bool tensors)
+
+    def doprint(self, expr):
+        return self._print(sympy.sympify(expr))
+
+    def emptyPrinter(self, expr):
+        raise UnsupportedExpression(f"no interval rule for {expr!r} ({type(expr).__name__})")
+
+    _print_Basic = emptyPrinter
+
+    def _named(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        raise UnsupportedExpression(f"no value bound for {expr}")
+
+    def _print_Symbol(self, expr):
+        return self._named(expr)
+
+    def _print_AppliedUndef(self, expr):
+        code = self._named(expr)
+        return f"I.truth({code})" if expr in self.bool_loads else code
+
+    def _constant(self, value: str) -> str:
+        return f"({value}, {value})"
+
+    def _print_Integer(self, expr):
+        return self._constant(str(int(expr)))
+
+    def _print_Float(self, expr):
+        return self._constant(repr(float(expr)))
+
+    _print_Rational = _print_Half = _print_Pi = _print_Exp1 = _print_Float
+
+    def _print_Zero(self, expr):
+        return self._constant("0")
+
+    _print_One = _print_NegativeOne = _print_Integer
+
+    def _print_BooleanTrue(self, expr):
+        return "I.TRUE"
+
+    def _print_BooleanFalse(self, expr):
+        return "I.FALSE"
+
+    def _call(self, fn, args):
+        return f"I.{fn}({', '.join(self._print(a) for a in args)})"
+
+    def _print_And(self, expr):
+        return self._call("logical_and", expr.args)
+
+    def _print_Or(self, expr):
+        return self._call("logical_or", expr.args)
+
+    def _print_Not(self, expr):
+        return self._call("logical_not", expr.args)
+
+    def _print_Relational(self, expr):
+        lhs, rhs = expr.lhs, expr.rhs
+        op = expr.rel_op
+        if op in (">", ">="):
+            lhs, rhs, op = rhs, lhs, "<" if op == ">" else "<="
+        fn = {"<": "lt", "<=": "le", "==": "eq", "!=": "ne"}[op]
+        return self._call(fn, (lhs, rhs))
+
+    def _print_Add(self, expr):
+        return self._call("add", sympy.Add.make_args(expr))
+
+    def _print_Mul(self, expr):
+        factors = list(sympy.Mul.make_args(expr))
+        if factors[0] == -1:
+            rest = sympy.Mul(*factors[1:], evaluate=False) if len(factors) > 2 else factors[1]
+            return f"I.neg({self._print(rest)})"
+        return self._call("mul", factors)
+
+    def _print_Pow(self, expr):
+        base, exp = expr.args
+        if exp.is_number:
+            return f"I.power({self._print(base)}, {repr(int(exp)) if exp.is_Integer else repr(float(exp))})"
+        if base == 2:
+            return f"I.monotone('exp2', {self._print(exp)})"
+        raise UnsupportedExpression(f"no interval rule for a power with a varying exponent: {expr}")
+
+    def _print_FloorDiv(self, expr):
+        return self._call("floordiv", expr.args)
+
+    def _print_Mod(self, expr):
+        return self._call("mod", expr.args)
+
+    def _print_RShift(self, expr):
+        return self._call("rshift", expr.args)
+
+    def _print_FloorLog2(self, expr):
+        return self._call("floor_log2", expr.args)
+
+    def _print_Abs(self, expr):
+        return self._call("absolute", expr.args)
+
+    def _print_Min(self, expr):
+        return self._call("minimum", expr.args)
+
+    def _print_Max(self, expr):
+        return self._call("maximum", expr.args)
+
+    def _print_Function(self, expr):
+        name = type(expr).__name__
+        if name not in self.monotone:
+            raise UnsupportedExpression(f"no interval rule for {name}")
+        return f"I.monotone({self.monotone[name]!r}, {self._print(expr.args[0])})"
+
+    _print_exp = _print_log = _print_tanh = _print_floor = _print_ceiling = _print_Function
+
+    def _print_Heaviside(self, expr):
+        return f"I.monotone('step', {self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr):
+        *branches, (last, _) = expr.args
+        select = "select_bool" if isinstance(last, sympy.logic.boolalg.Boolean) else "select"
+        out = self._print(last)
+        for value, cond in reversed(branches):
+            out = f"I.{select}({self._print(cond)}, {self._print(value)}, {out})"
+        return out
+
+
+def interval_code(expr, names: dict, bool_loads=frozenset()) -> str:
+    return IntervalPrinter(names, frozenset(bool_loads)).doprint(expr)
