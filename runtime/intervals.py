@@ -165,14 +165,22 @@ def floordiv(x, d):
 
 
 def mod(x, d):
-    """x % d (Python's sign convention) for a constant or positive d. Exact while the interval stays in
-    one period of d: then x % d runs from lo % d to hi % d."""
+    """x % d (Python's sign convention: the sign of d). Exact while x stays in one period of a fixed
+    d != 0: then x % d runs from lo % d to hi % d; otherwise only d's range bounds it."""
     (lo, hi), (d_lo, d_hi) = x, d
-    if not (not _is_t(d_lo) and not _is_t(d_hi) and d_lo == d_hi and d_lo > 0):
-        # a varying or non-positive divisor: only the sign of d bounds the result
-        return _where(_lt(0, d_lo), 0, _min(d_lo + 1, 0)), _where(_lt(0, d_lo), d_hi - 1, _max(d_hi - 1, 0))
-    one_period = _eq(_floordiv(lo, d_lo), _floordiv(hi, d_lo))
-    return _where(one_period, lo % d_lo, 0), _where(one_period, hi % d_lo, d_lo - 1)
+    fixed = _and(_eq(d_lo, d_hi), _not(_eq(d_lo, 0)))
+    safe_d = _where(fixed, d_lo, 1)
+    one_period = _and(fixed, _eq(_floordiv(lo, safe_d), _floordiv(hi, safe_d)))
+    bound_lo = _where(_lt(0, d_lo), 0, _min(d_lo + 1, 0))
+    bound_hi = _where(_lt(0, d_lo), d_hi - 1, _max(d_hi - 1, 0))
+    return (_where(one_period, _mod(lo, safe_d), bound_lo), _where(one_period, _mod(hi, safe_d), bound_hi))
+
+
+def _mod(a, d):
+    if _is_t(a) or _is_t(d):
+        a, d = _promote(a, d)
+        return torch.remainder(a, d)
+    return a % d
 
 
 def rshift(x, n):

@@ -79,7 +79,8 @@ class Cells:
 
     `q`, `kv`, `b`, `h` are intervals (lo, hi); `load` reads a tensor input over each cell."""
 
-    def __init__(self, g, q_lo, q_size, kv_lo, kv_size, Lq, Lk, heads, summaries):
+    def __init__(self, g, q_lo, q_size, kv_lo, kv_size, sizes, heads, summaries):
+        Lq, Lk = sizes["Lq"][0], sizes["Lk"][0]
         self.b_index = torch.div(g, heads, rounding_mode="floor")
         self.h_index = g % heads
         self.b = (self.b_index, self.b_index)
@@ -87,6 +88,7 @@ class Cells:
         self.q = (q_lo, torch.clamp(q_lo + q_size, max=Lq) - 1)
         self.kv = (kv_lo, torch.clamp(kv_lo + kv_size, max=Lk) - 1)
         self.q_size, self.kv_size = q_size, kv_size
+        self.sizes = sizes  # B, Hq, Hk, Hv, Lq, Lk as exact intervals
         self.summaries = summaries
 
     def load(self, tensor: torch.Tensor, *indices: str):
@@ -281,14 +283,16 @@ def from_ranges(n_lo, n_hi, full_lo, full_hi, *, block_m, block_n, Lq, Lk, batch
     return TilePlan(block_m, block_n, Lq, Lk, batch, heads, q_full, q_partial)
 
 
-def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="cpu") -> TilePlan:
-    """The exact plan of a mask given as `mask_cells(cells) -> (all, any)` (see module docstring)."""
+def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="cpu", sizes=None) -> TilePlan:
+    """The exact plan of a mask given as `mask_cells(cells) -> (all, any)` (see module docstring);
+    `sizes` gives B, Hq, Hk, Hv for masks that read them."""
     tq, tk = -(-Lq // block_m), -(-Lk // block_n)
     summaries = Summaries()
     groups = batch * heads
+    sizes = {name: (value, value) for name, value in {**(sizes or {}), "Lq": Lq, "Lk": Lk}.items()}
 
     def evaluate(g, q_lo, q_size, kv_lo, kv_size):
-        all_, any_ = mask_cells(Cells(g, q_lo, q_size, kv_lo, kv_size, Lq, Lk, heads, summaries))
+        all_, any_ = mask_cells(Cells(g, q_lo, q_size, kv_lo, kv_size, sizes, heads, summaries))
         n = g.shape[0]
         return _as_mask(all_, n, g.device), _as_mask(any_, n, g.device)
 

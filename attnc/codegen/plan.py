@@ -38,7 +38,7 @@ def _interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
     """Statements and result of `_mask_cells`: common sub-expressions get names, so a 2-D
     neighbourhood reads as its coordinates, centres and window tests rather than one huge line."""
     names = {ir.q: "q", ir.kv: "kv", ir.b: "b", ir.h: "h"}
-    names.update({sym: f"({name}, {name})" for name, sym in ir.SIZES.items()})
+    names.update({sym: f"cells.sizes[{name!r}]" for name, sym in ir.SIZES.items()})
     for p in variant.params:
         names[p.symbol] = f"({_ident(p.name)}, {_ident(p.name)})"
     bool_loads = set()
