@@ -170,7 +170,7 @@ def plan_gradients(variant: ir.Variant, rows: RowPlan) -> GradPlan:
             value = c * DELTA
         else:
             a = sympy.Symbol(f"a{k + 1}", real=True)
-            reductions.append(RowReduction(a, DP * dF, f"rowsum(dP * dP/d{st.symbol})"))
+            reductions.append(RowReduction(a, DP * dF, f"sum_kv dp * dP/d{st.symbol}"))
             value = a
         for later in reducible[k + 1:]:
             dg = _diff(later.arg, st.symbol)
@@ -182,7 +182,7 @@ def plan_gradients(variant: ir.Variant, rows: RowPlan) -> GradPlan:
             else:
                 via = sympy.Symbol(f"b{reducible.index(later) + 1}_{k + 1}", real=True)
                 reductions.append(RowReduction(via, later.selector * dg,
-                                               f"rowsum(d({later.symbol} arg)/d{st.symbol})"))
+                                               f"sum_kv dg{str(later.symbol)[1:]}/d{st.symbol}"))
             value += symbols[later.symbol] * via
         adjoints.append(Adjoint(st, symbols[st.symbol], value))
     return GradPlan(tuple(stats), F, dscore, tuple(learnable), tuple(adjoints), tuple(reversed(reductions)))
