@@ -138,11 +138,13 @@ def plan_gradients(variant: ir.Variant, rows: RowPlan) -> GradPlan:
     F = name_stats(variant.probs, stats)
 
     def grad_term(x):
-        """dp * dF/dx + sum_k Rbar_k sel_k dg_k/dx, with the adjoints as symbols."""
+        """dp * dF/dx + sum_k Rbar_k sel_k dg_k/dx, with the adjoints as symbols. factor_terms pulls
+        out shared factors: softplus's dS reads sigmoid(lam s) lam (dp / r1 + rbar1), as a softmax's
+        reads p (dp - delta)."""
         out = DP * _diff(F, x)
         for st, rbar in zip(reducible, _adjoint_symbols(reducible)):
             out += rbar * st.selector * _diff(st.arg, x)
-        return out
+        return sympy.factor_terms(out)
 
     dscore = grad_term(ir.s)
     learnable = []

@@ -31,9 +31,20 @@ def _block(outputs, names, like="s") -> list[str]:
     """Assignments computing each (var, expr) of outputs, common subexpressions first.
     An output that is constant along the row's keys is broadcast to the tile's shape (like `like`)."""
     exprs = [sympy.sympify(e) for _, e in outputs]
-    replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("e"), order="none")
+    # Reciprocals of row constants (1 / r1, 1 / visible) are computed once per row, [BLOCK_M, 1], so
+    # that the tile multiplies instead of dividing.
+    reciprocals = {}
+    for e in exprs:
+        for pw in sorted(e.atoms(sympy.Pow), key=sympy.default_sort_key):
+            if pw.exp.is_number and pw.exp < 0 and not pw.base.is_number and is_row_constant(pw.base):
+                reciprocals.setdefault(pw, sympy.Symbol(f"inv{len(reciprocals)}"))
+    exprs = [e.xreplace(reciprocals) for e in exprs]
     names = dict(names)
     lines = []
+    for pw, sym in reciprocals.items():
+        lines.append(f"{sym} = {guarded_triton_code(pw, names)}")
+        names[sym] = str(sym)
+    replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("e"), order="none")
     for sym, e in replacements:
         lines.append(f"{sym} = {guarded_triton_code(e, names)}")
         names[sym] = str(sym)
