@@ -132,6 +132,15 @@ def test_kernels_fp32_cross_diffqkv(name):
     run_and_check(load(name), getattr(F, name), q, k, v, plain, scale=0.3)
 
 
+def test_noncontiguous_inputs():
+    """Transposed, sliced views of q, k, v: the kernels take strides."""
+    g = _gen(13)
+    q, k, v = (torch.randn(1, 23, 2, d + 3, generator=g)[..., :d].transpose(1, 2).requires_grad_()
+               for d in (24, 24, 16))
+    assert not q.is_contiguous()
+    run_and_check(load("softplus_reweight"), F.softplus_reweight, q, k, v)
+
+
 def test_rows_with_one_visible_key():
     """Causal row 0 sees one key: visible = 1, log(visible) = 0, so softplus weighs it softplus(0) / softplus(0)
     = 1 and o[0] = v[0]; re-weighting gives relu(1 * 1 - tau) = 0 there with tau = 1 and falls back to A."""
