@@ -51,9 +51,11 @@ class Stat:
 
     @property
     def selector(self):
-        """Which keys the statistic's gradient flows to: all of them for a sum, the argmax for a max."""
+        """Which keys the statistic's gradient flows to: all of them for a sum, the argmax for a max.
+        (`>=` rather than `==`: the backward recomputes the argument and must still find the maximum if
+        rounding lifts it above the stored one. Ties each get the full gradient; torch splits it.)"""
         if self.kind == "max":
-            return sympy.Piecewise((1, sympy.Eq(self.arg, self.symbol)), (0, True))
+            return sympy.Piecewise((1, self.arg >= self.symbol), (0, True))
         return sympy.Integer(1)
 
 
