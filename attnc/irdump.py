@@ -152,4 +152,27 @@ def dump(variant: ir.Variant) -> str:
     if rows.visible is not None and rows.softmax is not None:
         out.append(f"visible    {spec_str(rows.visible)}")
     out.append(f"passes     {rows.passes} over the keys")
+    if rows.softmax is None:
+        out += _backward_lines(variant, rows)
     return "\n".join(out) + "\n"
+
+
+def _backward_lines(variant, rows) -> list[str]:
+    """The derived backward: the row adjoints (rbar_k = dLoss/d r_k, latest first) and the backward row
+    reductions that need a pass over the keys."""
+    from .analysis.rowgrad import plan_gradients
+
+    grad = plan_gradients(variant, rows)
+    out = [f"backward   dS = dp * dP/ds" + "".join(f" + {a.symbol} * dg{str(a.stat.symbol)[1:]}/ds" for a in reversed(grad.adjoints))
+           + "   (dp = dO . v" + ("; r_k = rowsum(g_k) or rowmax(g_k), rbar_k = dLoss/dr_k)" if grad.adjoints else ")")]
+    for adj in grad.adjoints:
+        out.append(f"  adjoint     {adj.symbol} = {spec_str(adj.value)}")
+    for red in grad.reductions:
+        out.append(f"  row pass    {red.symbol} = {red.text}")
+    if grad.reductions:
+        kernels = "row adjoints (1 pass over the keys), dQ, dK/dV"
+    elif grad.adjoints:
+        kernels = "row adjoints (from delta = rowsum(dO * O), no pass), dQ, dK/dV"
+    else:
+        kernels = "dQ, dK/dV"
+    return out + [f"kernels    {kernels}"]

@@ -6,6 +6,8 @@
 2. Forward and forward+backward times and TFLOP/s (counted on the unmasked work only) of attnc,
    `scaled_dot_product_attention` and FlexAttention (torch.compile'd, with its block mask) for full,
    causal, sliding_window, document, alibi and softcap at L = 4K and 16K, B*H chosen to fill the GPU.
+3. The normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time ratios
+   against `causal`, with the design's targets (<= 1.15x for one pass over the keys, <= 2x for two).
 Exits 0 with a note when no CUDA device is present.
 """
 
@@ -22,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 BENCH = ["full", "causal", "sliding_window", "document", "alibi", "softcap"]
+# causal normalizations other than a plain softmax, timed against causal.attn (the same mask)
+NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_softmax1", "temperature"]
 D = 128
 
 
@@ -108,6 +112,38 @@ def bench_all(lines):
                 print(lines[-1], flush=True)
 
 
+def bench_normalizations(lines):
+    import triton
+
+    from attnc import load
+    from attnc.analysis.rowstats import plan_rows
+    from attnc.pipeline import compile_file
+
+    lines += ["", "## Normalizations vs the causal softmax kernel (bf16, D = 128; ratio = time / causal's time)", "",
+              "| spec | L | B*H | passes | pass | ms | causal ms | ratio | target | ok |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for L in (4096, 16384):
+        B, H = (8, 16) if L == 4096 else (1, 32)
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        causal = load(EXAMPLES / "causal.attn")
+        for name in NORMALIZATIONS:
+            path = EXAMPLES / f"{name}.attn"
+            attn = load(path)
+            passes = plan_rows(compile_file(path)).passes
+            target = 1.15 if passes == 1 else 2.0
+            kw = {"temp": torch.rand(H, device="cuda") + 0.5} if name == "temperature" else {}
+            for pass_ in ("fwd", "fwd+bwd"):
+                ms = {}
+                for who, fn in (("attnc", lambda: attn(q, k, v, **kw)), ("causal", lambda: causal(q, k, v))):
+                    call = fn if pass_ == "fwd" else (lambda fn=fn: fn().backward(do))
+                    ms[who] = triton.testing.do_bench(call, warmup=10, rep=50)
+                ratio = ms["attnc"] / ms["causal"]
+                lines.append(f"| {name} | {L} | {B * H} | {passes} | {pass_} | {ms['attnc']:.2f} | {ms['causal']:.2f} | "
+                             f"{ratio:.2f}x | <= {target}x | {'yes' if ratio <= target else 'NO'} |")
+                print(lines[-1], flush=True)
+
+
 def main():
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing to run")
@@ -119,6 +155,7 @@ def main():
     start = time.time()
     verify_all(lines)
     bench_all(lines)
+    bench_normalizations(lines)
     lines.append(f"\n(total {time.time() - start:.0f} s)")
     text = "\n".join(lines) + "\n"
     print(text)

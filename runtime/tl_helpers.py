@@ -72,3 +72,9 @@ def powf(x, p):
 def safe_div(a, b):
     """a / b, and 0 where b == 0 (only ever reached on masked or unselected values)."""
     return tl.where(b == 0, 0.0, a / tl.where(b == 0, 1.0, b))
+
+
+@triton.jit
+def safe_log(x):
+    """log(x) for x > 0, and 0 elsewhere, as the reference's R.safe_log (general normalizations)."""
+    return tl.log(tl.where(x > 0, x, 1.0))

@@ -136,3 +136,20 @@ def test_sink_softmax1_lse_includes_sink():
     text = _dump("sink_softmax1")
     assert "softmax(logits = s, sink = 0)" in text
     assert "denominator includes the sink" in text
+
+
+def test_backward_plan_of_l1_normalization_needs_no_pass():
+    """softplus: dP/dr1 = -P / r1, so the adjoint comes from delta = rowsum(dO * O) alone."""
+    text = dump(compile_text("attention softplus\nmask kv <= q\n"
+                             "probs softplus(log(visible) * score) / rowsum(softplus(log(visible) * score))\n"))
+    assert "  adjoint     rbar1 = -delta/r1" in text
+    assert "row pass" not in text
+    assert "kernels    row adjoints (from delta = rowsum(dO * O), no pass), dQ, dK/dV" in text
+
+
+def test_backward_plan_of_reweighting_has_one_row_pass():
+    text = _dump("softplus_reweight")
+    assert "  adjoint     rbar2 = delta*(-1/r2 if r2 > 0 else 0)" in text  # proportional: no pass for r2
+    assert "  row pass    a1 = sum_kv dp * dP/dr1" in text  # R depends on r1 otherwise than as a factor
+    assert "  row pass    b2_1 = sum_kv dg2/dr1" in text
+    assert "kernels    row adjoints (1 pass over the keys), dQ, dK/dV" in text

@@ -230,6 +230,11 @@ class ModuleGenerator:
     # ---- the module ----
     def context(self) -> dict:
         v = self.v
+        kernel, general = self.kernel_context(), False
+        if kernel is None:  # not a softmax: the general multi-pass kernels (attnc/codegen/general.py)
+            from .general import kernel_context as general_kernel_context
+
+            kernel, general = general_kernel_context(self), True
         tensors = []
         for t in v.tensors:
             tensors.append(dict(name=t.name, ident=_ident(t.name), dtype=t.dtype, axes=list(t.axes),
@@ -255,7 +260,8 @@ class ModuleGenerator:
             tensors=tensors,
             learnable=[t for t in tensors if t["learnable"]],
             params=params,
-            kernel=self.kernel_context(),
+            kernel=kernel,
+            general=general,
             plan=self.plan,
             ref=self.reference_context(),
             passes=self.rows.passes,

@@ -138,10 +138,14 @@ class _BasePrinter(StrPrinter):
                 return f"{sign}{top}"
             return f"{sign}({top})" if sign else f"({top})"
         bottom = " * ".join(self._print(f) for f in denom)
-        if self.safe_div and any(ir.row_stats(f) for f in denom):
+        if self.safe_div and self._guard_division(denom):
             # a row statistic may be 0 in a branch that is not taken; see R.safe_div
             return f"{sign}{self.safe_div}({top}, {bottom})"
         return f"{sign}({top} / ({bottom}))"
+
+    def _guard_division(self, denom) -> bool:
+        """Whether a division by these factors goes through `safe_div`."""
+        return any(ir.row_stats(f) for f in denom)
 
     def _print_Pow(self, expr):
         base, exp = expr.args
@@ -379,3 +383,29 @@ class IntervalPrinter(StrPrinter):
 
 def interval_code(expr, names: dict, bool_loads=frozenset()) -> str:
     return IntervalPrinter(names, frozenset(bool_loads)).doprint(expr)
+
+
+class GuardedTritonPrinter(TritonPrinter):
+    """Triton for the general normalizations' kernels, whose expressions (derivatives included) may
+    divide by a row statistic or by any other value that is 0 on a row or key that does not count.
+
+    [Note] Every division by a non-constant goes through rt.safe_div (x / 0 = 0) and log through
+    rt.safe_log (log x = 0 for x <= 0), as the reference's R.safe_div / R.safe_log do: a masked entry
+    or an empty row then yields 0 where it would yield inf or NaN, which a later `where` could not undo
+    once multiplied into a sum."""
+
+    functions = {**TritonPrinter.functions, "log": "rt.safe_log"}
+    safe_div = "rt.safe_div"
+
+    def _guard_division(self, denom) -> bool:
+        return any(not f.is_number for f in denom)
+
+    def _print_Pow(self, expr):
+        base, exp = expr.args
+        if exp.is_number and exp < 0 and not base.is_number:
+            return f"{self.safe_div}(1.0, {self._print(sympy.Pow(base, -exp))})"
+        return super()._print_Pow(expr)
+
+
+def guarded_triton_code(expr, names: dict) -> str:
+    return GuardedTritonPrinter(names).doprint(expr)
