@@ -231,6 +231,12 @@ def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
     return given
 
 
+def _slice(t, batch: int, head: int):
+    """[batch, head] of a [B', H', ...] plan or mask; a mask that ignores b or h has that axis at 1, and
+    its one slice stands for every batch entry or head."""
+    return t[min(batch, t.shape[0] - 1), min(head, t.shape[1] - 1)]
+
+
 @main.command("mask")
 @click.argument("spec")
 @click.option("--L", "length", type=click.IntRange(min=1), help="Lq = Lk = N (default: the grid's length, or 64)")
@@ -285,12 +291,10 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
             element_mask = attn.mask(**sizes, **inputs)
     except ValueError as err:  # the generated function's argument checks: wrong shapes, lengths, values
         raise click.UsageError(str(err)) from None
-    # plans and masks that ignore b or h have a batch or head axis of 1: that slice stands for all
-    dense = plan.to_dense()
-    classes = dense[min(batch, dense.shape[0] - 1), min(head, dense.shape[1] - 1)]
+    classes = _slice(plan.to_dense(), batch, head)
     click.echo(f"{variant.name}: Lq={Lq} Lk={Lk} B={B} Hq={Hq}; batch {batch}, head {head}")
     if element_mask is not None:
-        grid = element_mask[min(batch, element_mask.shape[0] - 1), min(head, element_mask.shape[1] - 1)]
+        grid = _slice(element_mask, batch, head)
         lines, factor = maskview.text_grid(grid.to(torch.int8) * maskview.FULL, maskview.ELEMENT_CHARS)
         if factor == 1:
             key = maskview.legend(maskview.ELEMENT_NAMES, (maskview.FULL, maskview.EMPTY))

@@ -6,15 +6,18 @@
 For sliding_window, document, neighborhood_2d, radial and moa at L = 16K, 64K, 256K and 1M (2**20)
 tokens, one batch entry, 8 query heads, 128 x 128 tiles (FlexAttention's default block). Each case runs
 in a fresh subprocess, so one case's memory cannot hide another's:
-- time: the median of --runs builds after one warm-up build (scalar-only plans are cached by the
-  generated module; the bench empties that cache before every build, so it times builds, not lookups);
+- time: the median of --runs builds after one warm-up build, or one build when the warm-up took over
+  a second (scalar-only plans are cached by the generated module; the bench empties that cache before
+  every build, so it times builds, not lookups);
 - memory: the peak resident set during the first build minus the resident set just before it, read
   from /proc/self/status after resetting the peak (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0).
 
 FlexAttention (torch.nn.attention.flex_attention.create_block_mask, eager, device="cpu") evaluates the
-mask on every (query, key) pair, so its memory grows as L**2: it runs only up to --flex-max (16K by
-default: 64K needs tens of GB); larger sizes get an estimate scaled from the largest size that ran.
-Both build the same tile classification, so the table also checks that they visit the same tiles.
+mask on every (query, key) pair, so its time and memory grow as L**2. It first runs at L = 4K; a
+larger L up to --flex-max (16K by default: 64K needs tens of GB) runs only where that probe, scaled by
+L**2, predicts it fits in half the machine's memory and in the time limit. Sizes not run get that
+estimate. Both build the same tile classification, so the table also checks that they visit the same
+tiles.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import time
 HEADS = 8
 BLOCK = 128
 SIZES = [1 << 14, 1 << 16, 1 << 18, 1 << 20]
+FLEX_PROBE = 1 << 12  # FlexAttention's first size: its cost there, times (L / 4K)**2, predicts the rest
 SPECS = ["sliding_window", "document", "neighborhood_2d", "radial", "moa"]
 
 # -- the specs, their consts scaled to the length (texts from examples/*.attn) -----------------------
@@ -151,8 +155,11 @@ def measure(build, runs: int) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set (VmHWM) to the current one
     before = _status_kb("VmRSS")
+    start = time.perf_counter()
     result = build()
     peak_mb = (_status_kb("VmHWM") - before) / 1024
+    if time.perf_counter() - start > 1.0:
+        runs = 1  # slow builds vary little against their length: keep the bench within minutes
     times = []
     for _ in range(runs):
         del result
@@ -220,6 +227,11 @@ def run_case(impl: str, name: str, L: int, runs: int, timeout: float) -> dict:
 # -- the table ---------------------------------------------------------------------------------------
 
 
+def memory_gb() -> float:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) / 2**20  # MemTotal, in kB
+
+
 def machine() -> str:
     model, cores = platform.processor() or "unknown CPU", os.cpu_count()
     try:
@@ -229,11 +241,11 @@ def machine() -> str:
         cores = sum(line.startswith("processor") for line in lines)
     except (OSError, StopIteration):
         pass
-    with open("/proc/meminfo") as f:
-        mem_gb = int(f.readline().split()[1]) / 2**20
     import torch
 
-    return f"{model}, {cores} cores, {mem_gb:.0f} GB RAM; Linux {platform.release()}; torch {torch.__version__}"
+    load = os.getloadavg()[0]  # other work on the machine slows every number in the table
+    return (f"{model}, {cores} cores, {memory_gb():.0f} GB RAM, load average {load:.1f} at the start; "
+            f"Linux {platform.release()}; torch {torch.__version__}")
 
 
 def size_label(L: int) -> str:
@@ -242,16 +254,24 @@ def size_label(L: int) -> str:
 
 def flex_cell(name: str, L: int, flex: dict) -> str:
     got = flex.get((name, L))
-    if got is not None:
-        if "error" in got:
-            return f"failed: {got['error']} | —"
+    if got is not None and "error" not in got:
         return f"{got['ms']:.0f} | {got['peak_mb']:.0f}"
-    ran = [(n, size) for (n, size), r in flex.items() if n == name and "error" not in r]
+    ran = [size for (n, size), r in flex.items() if n == name and "error" not in r]
     if not ran:
-        return "not run | —"
-    size = max(s for _, s in ran)
+        return (f"failed: {got['error']}" if got else "not run") + " | —"
+    size = max(ran)
     need_gb = flex[(name, size)]["peak_mb"] * (L / size) ** 2 / 1024  # every (q, kv) pair: memory ~ L**2
-    return f"not run: needs ~{need_gb:.0f} GB | —"
+    need_s = flex[(name, size)]["ms"] * (L / size) ** 2 / 1e3
+    why = f"failed ({got['error']})" if got else "not run"
+    return f"{why}: needs ~{need_gb:,.0f} GB, ~{need_s:,.0f} s | —"
+
+
+def flex_fits(probe: dict, L: int, runs: int, timeout: float) -> bool:
+    """Whether the L = 4K probe, scaled by L**2, predicts a run in half the memory and in time."""
+    if "error" in probe:
+        return False
+    growth = (L / FLEX_PROBE) ** 2
+    return probe["peak_mb"] * growth / 1024 < memory_gb() / 2 and probe["ms"] * growth * (runs + 1) / 1e3 < timeout
 
 
 def table(rows: dict, flex: dict, sizes, specs) -> str:
@@ -277,10 +297,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default=",".join(SPECS))
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
-    ap.add_argument("--runs", type=int, default=5, help="timed builds per case, after one warm-up")
+    ap.add_argument("--runs", type=int, default=3, help="timed builds per case, after one warm-up")
     ap.add_argument("--flex-max", type=int, default=1 << 14, help="largest L given to create_block_mask")
-    ap.add_argument("--flex-runs", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=120, help="seconds per case")
+    ap.add_argument("--flex-runs", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=60, help="seconds per case")
     ap.add_argument("--out", help="also write the table (with the machine and date) to this file")
     ap.add_argument("--case", nargs=3, metavar=("IMPL", "SPEC", "L"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -292,9 +312,12 @@ def main():
     specs, sizes = args.specs.split(","), [int(s) for s in args.sizes.split(",")]
     rows, flex = {}, {}
     for name in specs:
+        if args.flex_max >= FLEX_PROBE:
+            flex[(name, FLEX_PROBE)] = probe = run_case("flex", name, FLEX_PROBE, args.flex_runs, args.timeout)
+            print(f"{name} {size_label(FLEX_PROBE)}: flex {probe}", file=sys.stderr, flush=True)
         for L in sizes:
             rows[(name, L)] = run_case("attnc", name, L, args.runs, args.timeout)
-            if L <= args.flex_max:
+            if FLEX_PROBE < L <= args.flex_max and flex_fits(probe, L, args.flex_runs, args.timeout):
                 flex[(name, L)] = run_case("flex", name, L, args.flex_runs, args.timeout)
             print(f"{name} {size_label(L)}: attnc {rows[(name, L)]}  flex {flex.get((name, L), '-')}",
                   file=sys.stderr, flush=True)
@@ -302,9 +325,11 @@ def main():
     header = (f"# Tile-plan build on the CPU: attnc vs FlexAttention create_block_mask\n\n"
               f"{datetime.date.today().isoformat()}; {machine()}.\n\n"
               f"One batch entry, {HEADS} query heads, {BLOCK} x {BLOCK} tiles. Time: median of {args.runs} "
-              f"builds after a warm-up (FlexAttention: {args.flex_runs}); memory: peak resident set above the "
+              f"builds after a warm-up, 1 when the warm-up took over a second (FlexAttention: "
+              f"{args.flex_runs}); memory: peak resident set above the "
               f"one before the first build. FlexAttention runs eagerly (device=\"cpu\") up to "
-              f"L = {size_label(args.flex_max)}; beyond, its memory is extrapolated as L**2. "
+              f"L = {size_label(args.flex_max)} where its L = 4K run predicts it fits; elsewhere its cost is "
+              f"that run's scaled by L**2. Each case may take {args.timeout:.0f} s. "
               f"Produced by `python bench/plan_bench.py`.\n\n")
     print(text)
     if args.out:
