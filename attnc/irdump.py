@@ -127,6 +127,7 @@ def dump(variant: ir.Variant) -> str:
         out.append(f"layout     {lay.index} -> ({', '.join(lay.names)}) over "
                    f"{' x '.join(spec_str(e) for e in lay.extents)}: {coords}")
     out.append(f"mask       {spec_str(variant.mask)}")
+    out.append(f"tiles      {_plan_line(variant)}")
     out.append(f"score      {spec_str(variant.score)}")
     if rows.softmax is not None:
         sm = rows.softmax
@@ -155,6 +156,22 @@ def dump(variant: ir.Variant) -> str:
     if rows.softmax is None:
         out += _backward_lines(variant, rows)
     return "\n".join(out) + "\n"
+
+
+def _plan_line(variant) -> str:
+    """How the kernels find the key tiles of a query tile (attnc/codegen/plan.py)."""
+    from .codegen.plan import plan_context
+
+    plan = plan_context(variant)
+    per = [axis for axis, used in (("batch", plan["uses_b"]), ("head", plan["uses_h"])) if used]
+    per = f", per {' and '.join(per)}" if per else ""
+    if plan["mode"] == "all":
+        return "every tile FULL (no mask)"
+    if plan["mode"] == "band":
+        return f"closed-form key range per query tile: {plan['band']['text']} (in the kernels{per})"
+    if plan["mode"] == "lists":
+        return f"lists of FULL and PARTIAL key tiles from interval analysis of the mask{per}"
+    return f"every tile PARTIAL ({plan['reason']})"
 
 
 def _backward_lines(variant, rows) -> list[str]:
