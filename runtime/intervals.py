@@ -99,10 +99,7 @@ def point(x):
 
 # ---- arithmetic ----
 def add(*xs):
-    lo, hi = xs[0]
-    for x_lo, x_hi in xs[1:]:
-        lo, hi = lo + x_lo, hi + x_hi
-    return lo, hi
+    return _endpointwise(lambda a, b: a + b, xs)
 
 
 def neg(x):
@@ -210,18 +207,20 @@ def absolute(x):
     return new_lo, new_hi
 
 
-def minimum(*xs):
+def _endpointwise(fn, xs):
+    """Monotone in every argument: apply fn to the lower ends and to the upper ends."""
     lo, hi = xs[0]
     for x_lo, x_hi in xs[1:]:
-        lo, hi = _min(lo, x_lo), _min(hi, x_hi)
+        lo, hi = fn(lo, x_lo), fn(hi, x_hi)
     return lo, hi
+
+
+def minimum(*xs):
+    return _endpointwise(_min, xs)
 
 
 def maximum(*xs):
-    lo, hi = xs[0]
-    for x_lo, x_hi in xs[1:]:
-        lo, hi = _max(lo, x_lo), _max(hi, x_hi)
-    return lo, hi
+    return _endpointwise(_max, xs)
 
 
 def _sigmoid(v):
@@ -290,17 +289,11 @@ def ne(a, b):
 
 
 def logical_and(*xs):
-    all_, any_ = xs[0]
-    for x_all, x_any in xs[1:]:
-        all_, any_ = _and(all_, x_all), _and(any_, x_any)
-    return all_, any_
+    return _endpointwise(_and, xs)
 
 
 def logical_or(*xs):
-    all_, any_ = xs[0]
-    for x_all, x_any in xs[1:]:
-        all_, any_ = _or(all_, x_all), _or(any_, x_any)
-    return all_, any_
+    return _endpointwise(_or, xs)
 
 
 def logical_not(x):

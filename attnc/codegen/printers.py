@@ -21,11 +21,9 @@ class UnsupportedExpression(Exception):
     pass
 
 
-class _BasePrinter(StrPrinter):
-    # spellings, overridden per target
-    functions: dict = {}
-    where = minimum = maximum = floordiv = floormod = powf = ""
-    safe_div = None
+class _NamedPrinter(StrPrinter):
+    """Strict printing with bound names: symbols and tensor loads print as the code the caller maps them
+    to, and a node without a `_print_<Node>` method fails instead of falling back to sympy's str."""
 
     def __init__(self, names: dict):
         super().__init__({"order": "none"})
@@ -49,6 +47,13 @@ class _BasePrinter(StrPrinter):
 
     def _print_AppliedUndef(self, expr):
         return self._named(expr)
+
+
+class _BasePrinter(_NamedPrinter):
+    # spellings, overridden per target
+    functions: dict = {}
+    where = minimum = maximum = floordiv = floormod = powf = ""
+    safe_div = None
 
     def _print_RowSum(self, expr):
         return self._named(expr)
@@ -242,7 +247,7 @@ def torch_code(expr, names: dict) -> str:
     return TorchPrinter(names).doprint(expr)
 
 
-class IntervalPrinter(StrPrinter):
+class IntervalPrinter(_NamedPrinter):
     """A mask as interval code over batches of tiles (attnc.runtime.intervals, imported as `I`).
 
     Every sub-expression prints as a call whose result bounds the sub-expression over each cell: an
@@ -256,25 +261,8 @@ class IntervalPrinter(StrPrinter):
     }
 
     def __init__(self, names: dict, bool_loads: frozenset = frozenset()):
-        super().__init__({"order": "none"})
-        self.names = names
+        super().__init__(names)
         self.bool_loads = bool_loads  # tensor loads that are conditions (bool tensors)
-
-    def doprint(self, expr):
-        return self._print(sympy.sympify(expr))
-
-    def emptyPrinter(self, expr):
-        raise UnsupportedExpression(f"no interval rule for {expr!r} ({type(expr).__name__})")
-
-    _print_Basic = emptyPrinter
-
-    def _named(self, expr):
-        if expr in self.names:
-            return self.names[expr]
-        raise UnsupportedExpression(f"no value bound for {expr}")
-
-    def _print_Symbol(self, expr):
-        return self._named(expr)
 
     def _print_AppliedUndef(self, expr):
         code = self._named(expr)
