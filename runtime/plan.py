@@ -26,6 +26,8 @@ import torch
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
+# Cells evaluated at once: bounds the interval evaluation's temporary memory.
+_CHUNK = 1 << 18
 # Sub-cells evaluated at most while proving that open tiles hold an unmasked pair.
 _SEARCH_BUDGET = 1 << 20
 
@@ -292,9 +294,16 @@ def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="
     sizes = {name: (value, value) for name, value in {**(sizes or {}), "Lq": Lq, "Lk": Lk}.items()}
 
     def evaluate(g, q_lo, q_size, kv_lo, kv_size):
-        all_, any_ = mask_cells(Cells(g, q_lo, q_size, kv_lo, kv_size, sizes, heads, summaries))
-        n = g.shape[0]
-        return _as_mask(all_, n, g.device), _as_mask(any_, n, g.device)
+        # in chunks: the interval form's temporaries are a few dozen tensors the size of the batch
+        out_all, out_any = [], []
+        for start in range(0, max(g.shape[0], 1), _CHUNK):
+            part = slice(start, start + _CHUNK)
+            cells = Cells(g[part], q_lo[part], q_size, kv_lo[part], kv_size, sizes, heads, summaries)
+            all_, any_ = mask_cells(cells)
+            n = cells.q[0].shape[0]
+            out_all.append(_as_mask(all_, n, g.device))
+            out_any.append(_as_mask(any_, n, g.device))
+        return torch.cat(out_all), torch.cat(out_any)
 
     # -- top down over blocks of 2^level x 2^level tiles --
     level = 0

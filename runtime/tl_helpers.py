@@ -24,7 +24,11 @@ def floormod(a, b):
 
 @triton.jit
 def ilog2(x):
-    """floor(log2(x)) for integers x >= 1, exact: the float estimate is corrected by one step each way."""
+    """floor(log2(x)) for integers x >= 1, exact: the float estimate is corrected by one step each way.
+
+    x < 1 reads as 1 (giving 0): such values only occur in `where` branches that are discarded (radial's
+    `T >> floor(log2(dist))` at dist = 0), where log2(0) = -inf would make an invalid integer cast."""
+    x = tl.maximum(x, 1)
     e = tl.floor(tl.log2(x.to(tl.float32))).to(tl.int32)
     e = tl.where((1 << e) > x, e - 1, e)
     e = tl.where((1 << (e + 1)) <= x, e + 1, e)
