@@ -128,6 +128,7 @@ class Runs:
     def build(rows: torch.Tensor, first: torch.Tensor, length: torch.Tensor, n_rows: int, n_cols: int) -> "Runs":
         """Runs from unordered (row, first, length) triples that never overlap; touching runs merge."""
         device = rows.device
+        rows, first, length = rows.long(), first.long(), length.long()
         if rows.numel():
             order = torch.argsort(rows * (n_cols + 1) + first)
             rows, first, length = rows[order], first[order], length[order]
@@ -298,7 +299,7 @@ def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="
         out_all, out_any = [], []
         for start in range(0, max(g.shape[0], 1), _CHUNK):
             part = slice(start, start + _CHUNK)
-            cells = Cells(g[part], q_lo[part], q_size, kv_lo[part], kv_size, sizes, heads, summaries)
+            cells = Cells(g[part].long(), q_lo[part].long(), q_size, kv_lo[part].long(), kv_size, sizes, heads, summaries)
             all_, any_ = mask_cells(cells)
             n = cells.q[0].shape[0]
             out_all.append(_as_mask(all_, n, g.device))
@@ -310,8 +311,9 @@ def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="
     while (tq - 1) >> level >= 8 or (tk - 1) >> level >= 8:
         level += 1
     nq, nk = ((tq - 1) >> level) + 1, ((tk - 1) >> level) + 1
-    g, i, j = torch.meshgrid(torch.arange(groups, device=device), torch.arange(nq, device=device),
-                             torch.arange(nk, device=device), indexing="ij")
+    # cell coordinates are stored as int32 (the interval form computes in int64, chunk by chunk)
+    g, i, j = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.int32) for n in (groups, nq, nk)),
+                             indexing="ij")
     g, i, j = g.reshape(-1), i.reshape(-1), j.reshape(-1)
     full = []
     while True:
@@ -338,8 +340,8 @@ def _as_mask(x, n, device):
 
 def _children(g, i, j, last_i, last_j):
     """The four sub-blocks of each block, without those past the grid's last row or column."""
-    di = torch.tensor([0, 0, 1, 1], device=g.device)
-    dj = torch.tensor([0, 1, 0, 1], device=g.device)
+    di = torch.tensor([0, 0, 1, 1], device=g.device, dtype=g.dtype)
+    dj = torch.tensor([0, 1, 0, 1], device=g.device, dtype=g.dtype)
     ci = (2 * i[:, None] + di).reshape(-1)
     cj = (2 * j[:, None] + dj).reshape(-1)
     cg = g.repeat_interleave(4)
