@@ -6,11 +6,12 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from attnc.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import run_cli as run  # noqa: E402
 
 CAUSAL = "attention causal\nmask kv <= q\n"
 SOFTPLUS_REWEIGHT = """\
@@ -25,12 +26,6 @@ ALIBI = "attention alibi\ninput slopes: float[Hq] learnable\nmask kv <= q\nscore
 BAD = "attention bad\nparam window = 3\nmask kv <= q and q - kv < windw\n"
 
 
-def run(*args):
-    result = CliRunner().invoke(main, list(args))
-    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
-    assert "Traceback" not in output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, output
 
 
 @pytest.fixture

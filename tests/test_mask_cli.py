@@ -6,15 +6,18 @@ from __future__ import annotations
 import dataclasses
 import re
 import struct
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from attnc import maskview
-from attnc.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import run_cli as run  # noqa: E402
 
 CAUSAL = "attention causal\nmask kv <= q\n"
 # 2-D neighborhood (NATTEN borders) on a 6 x 10 grid with 3 x 5 windows: L = 60 is no multiple of the
@@ -75,12 +78,6 @@ def brute_force_tiles(mask, bm, bn):
 # -- running the CLI and reading its pictures back ----------------------------------------------------
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
-    assert "Traceback" not in output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, output
 
 
 @pytest.fixture

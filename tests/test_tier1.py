@@ -25,6 +25,7 @@ import attnc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F  # noqa: E402
+from compare import check_close  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOL = {torch.float32: (2e-3, 5e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
@@ -112,17 +113,8 @@ def reference(name, q, k, v, plain, learn, scale=None):
     return o, lse, grads
 
 
-def relerr(got, ref):
-    got, ref = got.detach().double(), ref.detach().double()
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    assert not torch.isnan(got).any(), "NaN in kernel output"
-    denom = ref.abs().max().item()
-    return (got - ref).abs().max().item() / (denom if denom > 0 else 1.0)
 
 
-def check_close(what, got, ref, tol):
-    err = relerr(got, ref)
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
 
 
 def run_and_check(name, q, k, v, plain, learn, dtype=torch.float32, scale=None):

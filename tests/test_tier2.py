@@ -39,6 +39,7 @@ import attnc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F  # noqa: E402
+from compare import check_close  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FWD_TOL, BWD_TOL = 2e-3, 5e-3  # fp32 inputs
@@ -211,17 +212,8 @@ def make_qkv(case, seed=0):
             for h, d in ((Hq, Dqk), (Hk, Dqk), (Hv, Dv))]
 
 
-def relerr(got, ref):
-    got, ref = got.detach().double(), ref.detach().double()
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    assert not torch.isnan(got).any(), "NaN in kernel output"
-    denom = ref.abs().max().item()
-    return (got - ref).abs().max().item() / (denom if denom > 0 else 1.0)
 
 
-def check_close(what, got, ref, tol):
-    err = relerr(got, ref)
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
 
 
 def check_plan_exact(case, fn):

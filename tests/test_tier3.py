@@ -26,6 +26,11 @@ import attnc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F  # noqa: E402
+from compare import check_close  # noqa: E402
+
+
+def check(what, got, ref, tol):
+    check_close(what, got, ref, tol, finite=True)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOL = {torch.float32: (2e-3, 5e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
@@ -66,17 +71,8 @@ def learnables(name, Hq):
     return {}
 
 
-def relerr(got, ref):
-    got, ref = got.detach().double(), ref.detach().double()
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    denom = ref.abs().max().item()
-    return (got - ref).abs().max().item() / (denom if denom > 0 else 1.0)
 
 
-def check(what, got, ref, tol):
-    assert torch.isfinite(got).all(), f"{what}: NaN or inf in the kernel's result"
-    err = relerr(got, ref)
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
 
 
 def run_and_check(attn, formula, q, k, v, plain=None, learn=None, dtype=torch.float32, scale=None,
