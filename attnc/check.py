@@ -43,8 +43,9 @@ _OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum
 FUNCTIONS = frozenset(_REAL_FUNCS) | _OTHER_FUNCS
 
 # Names a user may not define: the language's own, Python's keywords, and the generated function's
-# own arguments (params and inputs become keyword arguments of it).
-_GENERATED_ARGS = {"k", "v", "scale", "return_lse", "torch", "triton", "tl", "math", "attnc"}
+# own arguments (params and inputs become keyword arguments of it, and of its plan() and mask()).
+_GENERATED_ARGS = {"k", "v", "scale", "return_lse", "plan", "block_m", "block_n", "device",
+                   "torch", "triton", "tl", "math", "attnc"}
 RESERVED = (
     set(_INDEX_DOC) | set(_SIZE_DOC) | {"s", "score", "visible", "true", "false"} | FUNCTIONS | _GENERATED_ARGS
 )
@@ -603,7 +604,7 @@ def _describe_builtin(name: str) -> str:
     if name in FUNCTIONS:
         return "a function"
     if name in _GENERATED_ARGS:
-        return "an argument of the generated function"
+        return "an argument of the generated function or of its plan()"
     return {"s": "the raw score", "score": "the transformed score", "visible": "the number of visible keys"}.get(
         name, "reserved")
 

@@ -6,7 +6,8 @@
 2. Forward and forward+backward times and TFLOP/s (counted on the unmasked work only) of attnc,
    `scaled_dot_product_attention` and FlexAttention (torch.compile'd, with its block mask) for full,
    causal, sliding_window, document, alibi and softcap at L = 4K and 16K, B*H chosen to fill the GPU.
-3. The normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time ratios
+3. Sparse tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
+4. The normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time ratios
    against `causal`, with the design's targets (<= 1.15x for one pass over the keys, <= 2x for two).
 Exits 0 with a note when no CUDA device is present.
 """
@@ -88,6 +89,8 @@ def bench_all(lines):
             q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
             kw, fmask, fscore, sdpa_kw, density = _inputs(name, L, B, H)
             block_mask = create_block_mask(fmask, B if name == "document" else None, None, L, L) if fmask else None
+            if name == "document":  # both plan outside the timed calls, as a model would once per batch
+                kw["plan"] = attn.plan(Lq=L, Lk=L, B=B, Hq=H, device="cuda", **kw)
             do = torch.randn_like(q)
             runs = {
                 "attnc": lambda: attn(q, k, v, **kw),
@@ -110,6 +113,57 @@ def bench_all(lines):
                 lines.append(f"| {name} | {L} | {B * H} | {pass_} | {fmt('attnc')} | {fmt('sdpa')} | {fmt('flex')} | "
                              f"{tf:.0f} | {ratio('sdpa')} | {ratio('flex')} |")
                 print(lines[-1], flush=True)
+
+
+SPARSE = {  # tier-2 masks at 16K tokens (consts scaled from examples/*.attn) and FlexAttention's mask_mod
+    "neighborhood_2d": (
+        "attention neighborhood_2d_16k\nconst Y = 128, X = 128, K = 7\n"
+        "let (qy, qx) = unravel(q, Y, X)\nlet (ky, kx) = unravel(kv, Y, X)\n"
+        "let cy = clamp(qy, K // 2, Y - 1 - K // 2)\nlet cx = clamp(qx, K // 2, X - 1 - K // 2)\n"
+        "mask abs(ky - cy) <= K // 2 and abs(kx - cx) <= K // 2\n",
+        lambda b, h, q, kv: ((kv // 128 - (q // 128).clamp(3, 124)).abs() <= 3)
+        & ((kv % 128 - (q % 128).clamp(3, 124)).abs() <= 3)),
+    "radial": (
+        "attention radial_16k\nconst F = 16, T = 1024\n"
+        "let (fi, r) = unravel(q, F, T)\nlet (fj, c) = unravel(kv, F, T)\nlet dist = abs(fi - fj)\n"
+        "let w = T if dist <= 1 else T >> floor(log2(dist))\nmask fj == 0 or abs(r - c) <= w\n",
+        lambda b, h, q, kv: (kv // 1024 == 0) | ((q % 1024 - kv % 1024).abs() <= torch.where(
+            (q // 1024 - kv // 1024).abs() <= 1, 1024,
+            1024 >> torch.floor(torch.log2((q // 1024 - kv // 1024).abs().clamp(min=1).float())).int()))),
+}
+
+
+def bench_sparse(lines):
+    """Sparse masks: time should follow the tiles visited (both plan once, outside the timed calls)."""
+    import tempfile
+
+    import triton
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from attnc import load
+
+    flex = torch.compile(flex_attention)
+    lines += ["", "## Sparse masks at L = 16384 (bf16, D = 128, B*H = 32)", "",
+              "| spec | tile density | pass | attnc ms | Flex ms | vs Flex |", "|---|---|---|---|---|---|"]
+    L, B, H = 16384, 1, 32
+    folder = Path(tempfile.mkdtemp())
+    for name, (text, mask_mod) in SPARSE.items():
+        path = folder / f"{name}_16k.attn"
+        path.write_text(text)
+        attn = load(path)
+        plan = attn.plan(Lq=L, Lk=L, B=B, Hq=H, device="cuda")
+        block_mask = create_block_mask(mask_mod, None, None, L, L)
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        runs = {"attnc": lambda: attn(q, k, v, plan=plan), "flex": lambda: flex(q, k, v, block_mask=block_mask)}
+        for pass_ in ("fwd", "fwd+bwd"):
+            ms = {}
+            for who, fn in runs.items():
+                call = fn if pass_ == "fwd" else (lambda fn=fn: fn().backward(do))
+                ms[who] = triton.testing.do_bench(call, warmup=10, rep=50)
+            lines.append(f"| {name} | {plan.density:.4f} | {pass_} | {ms['attnc']:.2f} | {ms['flex']:.2f} | "
+                         f"{ms['flex'] / ms['attnc']:.2f}x |")
+            print(lines[-1], flush=True)
 
 
 def bench_normalizations(lines):
@@ -155,6 +209,7 @@ def main():
     start = time.time()
     verify_all(lines)
     bench_all(lines)
+    bench_sparse(lines)
     bench_normalizations(lines)
     lines.append(f"\n(total {time.time() - start:.0f} s)")
     text = "\n".join(lines) + "\n"

@@ -403,3 +403,23 @@ def _search(evaluate, g, i, j, tiles, block_m, block_n, Lq, Lk, beam):
             keep = rank < beam
             owner, q_lo, kv_lo = owner[keep], q_lo[keep], kv_lo[keep]
     return found
+
+
+def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_n) -> TilePlan:
+    """A plan passed to a generated function (`attn(q, k, v, plan=...)`) must be one built for this
+    call's sizes, tiles and device; the message says which differs and how to build the right one."""
+    def fail(message):
+        raise ValueError(f"{spec}: argument 'plan': {message}")
+
+    if not isinstance(plan, TilePlan):
+        fail(f"expected a TilePlan from {spec}.plan(...), got {type(plan).__name__}")
+    for what, got, want in (("Lq", plan.Lq, Lq), ("Lk", plan.Lk, Lk), ("batch entries", plan.batch, batch),
+                            ("query heads", plan.heads, heads)):
+        if got != want:
+            fail(f"built for {what} = {got}, but this call has {want}")
+    if (plan.block_m, plan.block_n) != (block_m, block_n):
+        fail(f"built with {plan.block_m}x{plan.block_n} tiles, the kernels use {block_m}x{block_n}: "
+             f"leave block_m and block_n at their defaults")
+    if plan.q_full.offsets.device != torch.device(device):
+        fail(f"is on {plan.q_full.offsets.device}, the inputs on {device}: build it with device=q.device")
+    return plan

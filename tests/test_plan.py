@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import attnc  # noqa: E402
+from attnc.errors import SpecError  # noqa: E402
 from attnc.runtime import intervals as I  # noqa: E402
 from attnc.runtime import launch  # noqa: E402
 from attnc.runtime import plan as tile_plan  # noqa: E402
@@ -358,3 +359,30 @@ def test_plan_api_errors():
         load("causal").plan(Lq=0, Lk=8)
     with pytest.raises(ValueError, match="lays q out as"):
         load("neighborhood_2d").plan(Lq=100, Lk=100)
+
+
+def test_prebuilt_plan_is_used_and_checked(monkeypatch):
+    fn = load("document")
+    ids = torch.arange(45)[None] // 12
+    q, k, v = (torch.randn(1, 2, 45, 16) for _ in range(3))
+    plan = fn.plan(Lq=45, Lk=45, doc_ids=ids)
+    builds = []
+    real = tile_plan.classify
+    monkeypatch.setattr(tile_plan, "classify", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    o = fn(q, k, v, doc_ids=ids, plan=plan)
+    assert builds == []  # the call used the given plan
+    ref = fn.reference(q.double(), k.double(), v.double(), doc_ids=ids)
+    assert (o.double() - ref).abs().max() / ref.abs().max() < 2e-3
+    with pytest.raises(ValueError, match="argument 'plan': built for Lq = 44, but this call has 45"):
+        fn(q, k, v, doc_ids=ids, plan=fn.plan(Lq=44, Lk=44, doc_ids=ids[:, :44]))
+    with pytest.raises(ValueError, match="argument 'plan': built with 16x16 tiles"):
+        fn(q, k, v, doc_ids=ids, plan=fn.plan(Lq=45, Lk=45, block_m=16, block_n=16, doc_ids=ids))
+    with pytest.raises(ValueError, match="argument 'plan': expected a TilePlan"):
+        fn(q, k, v, doc_ids=ids, plan="causal")
+
+
+def test_plan_arguments_are_reserved_names(tmp_path):
+    spec = tmp_path / "clash.attn"
+    spec.write_text("attention clash\nparam block_m = 3\nmask kv <= q + block_m\n")
+    with pytest.raises(SpecError, match="'block_m' is a built-in name"):
+        attnc.load(spec)
