@@ -386,3 +386,31 @@ def test_plan_arguments_are_reserved_names(tmp_path):
     spec.write_text("attention clash\nparam block_m = 3\nmask kv <= q + block_m\n")
     with pytest.raises(SpecError, match="'block_m' is a built-in name"):
         attnc.load(spec)
+
+
+@st.composite
+def random_tensor_masks(draw):
+    """Masks reading tensors per batch entry, head and token (through per-block summaries)."""
+    token = draw(st.sampled_from(["ids[b, q]", "ids[b, kv]"]))
+    other = draw(st.sampled_from(["ids[b, kv]", "ids[b, q] + 1", "band[h]", "kv // 3", "q - kv"]))
+    rel = draw(st.sampled_from(["==", "!=", "<", "<="]))
+    extra = draw(st.sampled_from(["", " and kv <= q", " or kv < band[h]", " and abs(q - kv) < band[h]"]))
+    return f"({token} {rel} {other}){extra}"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mask=random_tensor_masks(), L=st.integers(1, 40), seed=st.integers(0, 10 ** 6),
+       blocks=st.sampled_from([(2, 4), (4, 4), (8, 8), (16, 4)]))
+def test_random_tensor_masks_are_sound(tmp_path_factory, mask, L, seed, blocks):
+    spec = tmp_path_factory.mktemp("spec") / "tensor_mask.attn"
+    spec.write_text(f"attention tensor_mask\ninput ids: int[B, L]\ninput band: int[Hq]\nmask {mask}\n")
+    fn = attnc.load(spec)
+    g = torch.Generator().manual_seed(seed)
+    B, H = 2, 3
+    inputs = {"ids": torch.randint(-3, 6, (B, L), generator=g), "band": torch.randint(0, L + 1, (H,), generator=g)}
+    plan = fn.plan(Lq=L, Lk=L, B=B, Hq=H, block_m=blocks[0], block_n=blocks[1], **inputs)
+    want = brute_force(fn.mask(Lq=L, Lk=L, B=B, Hq=H, **inputs), *blocks)
+    got = plan.to_dense()
+    assert ((want > 0) <= (got > 0)).all(), f"unsound EMPTY for: {mask}"
+    assert ((got == 2) <= (want == 2)).all(), f"unsound FULL for: {mask}"
+    assert torch.equal(got > 0, want > 0), f"inexact for: {mask}"

@@ -18,6 +18,7 @@ from sympy.core.function import AppliedUndef
 
 from .. import __version__, ir
 from ..analysis import bounds, derivatives, rowstats
+from .layout import wrap_long_lines
 from .plan import plan_context
 from .printers import torch_code, triton_code
 
@@ -286,6 +287,6 @@ def _environment() -> jinja2.Environment:
 def generate_module(variant: ir.Variant) -> str:
     """The full source of the generated module for `variant`."""
     ctx = ModuleGenerator(variant).context()
-    source = _environment().get_template("module.py.j2").render(**ctx)
+    source = wrap_long_lines(_environment().get_template("module.py.j2").render(**ctx))
     compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
     return source
