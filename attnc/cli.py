@@ -144,6 +144,7 @@ def verify(specs, dtype, seed):
 
 DEFAULT_LENGTH = 64  # short enough to print every element
 ELEMENT_LIMIT = 1 << 24  # elements of the largest mask evaluated densely (16 MiB of bools)
+TILE_LIMIT = 1 << 26  # the drawn plan is a dense [tiles_q, tiles_k] grid: 64 MiB at most
 
 
 def _ints(text: str, option: str, counts: tuple[int, ...]) -> list[int]:
@@ -291,6 +292,9 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
             element_mask = attn.mask(**sizes, **inputs)
     except ValueError as err:  # the generated function's argument checks: wrong shapes, lengths, values
         raise click.UsageError(str(err)) from None
+    if plan.batch * plan.heads * plan.tiles_q * plan.tiles_k > TILE_LIMIT:
+        raise click.UsageError(f"{plan.tiles_q} x {plan.tiles_k} tiles per head are too many to draw; "
+                               f"pick larger tiles with --block")
     classes = _slice(plan.to_dense(), batch, head)
     click.echo(f"{variant.name}: Lq={Lq} Lk={Lk} B={B} Hq={Hq}; batch {batch}, head {head}")
     if element_mask is not None:

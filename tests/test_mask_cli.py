@@ -290,3 +290,9 @@ def test_unwritable_png_exit_1(specs, tmp_path):
     code, out = run("mask", specs["causal"], "--L", 16, "--png", tmp_path / "no" / "such" / "dir.png")
     assert code == 1
     assert "error: cannot write" in out
+
+
+def test_plans_too_large_to_draw_are_refused(specs):
+    code, out = run("mask", specs["causal"], "--L", 1 << 24, "--block", "128,128")
+    assert code == 2
+    assert "131072 x 131072 tiles per head are too many to draw" in out
