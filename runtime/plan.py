@@ -8,14 +8,14 @@ PARTIAL. Generated modules build plans in one of two ways:
   those bounds into a TilePlan for inspection.
 * Every other mask is classified by interval analysis (runtime/intervals.py) from the top down: a
   coarse cell (a block of 2^l x 2^l tiles) that is all masked or all unmasked is settled at once,
-  others are split in four, down to single tiles. A tile the analysis cannot settle is PARTIAL only
-  once one of its sub-cells is shown to hold an unmasked pair (cells shrink down to single pairs,
-  where the analysis is exact); otherwise it is EMPTY. So plans are exact, and the work is
-  proportional to the tiles on the mask's boundaries, not to Lq * Lk.
+  others are split in four, down to single tiles. A tile the analysis leaves open is searched for an
+  unmasked pair in sub-cells that shrink down to single pairs, where the analysis is exact: EMPTY
+  if there is none, PARTIAL otherwise (and PARTIAL, which is always safe, past a work budget). The
+  work follows the tiles on the mask's boundaries and the tiles visited, never Lq * Lk.
 
-Plans are stored as compressed rows (CSR): for every (batch, head, query tile) row, the key tiles
-that are FULL and those that are PARTIAL, and transposed (for every key tile, the query tiles) for
-the dK/dV kernel. Memory is O(visited tiles + rows).
+Plans are stored as compressed rows (CSR) of runs: for every (batch, head, query tile) row, runs of
+consecutive key tiles that are FULL and runs that are PARTIAL, and transposed (for every key tile,
+runs of query tiles) for the dK/dV kernel. Memory is O(runs + rows), at most O(visited tiles).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class Summaries:
     """Per-cell minimum and maximum of tensor inputs, for cells aligned to powers of two.
 
     A tensor read at `doc_ids[b, q]` inside a cell of queries [c * S, (c + 1) * S) takes values in
-    [min, max] of that block; the blocks of size S come from those of size S / 2 (a pyramid), so
-    every size costs O(L) once and each lookup is a gather."""
+    [min, max] of that block. The blocks of size S are reduced from the largest smaller size already
+    summarized (a pyramid), so every size costs O(L) at most once and each lookup is a gather."""
 
     def __init__(self):
         self._cache = {}
