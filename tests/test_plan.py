@@ -414,3 +414,17 @@ def test_random_tensor_masks_are_sound(tmp_path_factory, mask, L, seed, blocks):
     assert ((want > 0) <= (got > 0)).all(), f"unsound EMPTY for: {mask}"
     assert ((got == 2) <= (want == 2)).all(), f"unsound FULL for: {mask}"
     assert torch.equal(got > 0, want > 0), f"inexact for: {mask}"
+
+
+def test_masks_without_interval_rules_visit_every_tile_with_the_mask(tmp_path):
+    """A power with a varying exponent has no interval rule: every tile is PARTIAL, still correct."""
+    spec = tmp_path / "odd_power.attn"
+    spec.write_text("attention odd_power\nmask (q % 4 + 1) ** (kv % 3) <= q + 1\n")
+    fn = attnc.load(spec)
+    assert _module(fn).PLAN_MODE == "dense"
+    L = 37
+    plan = fn.plan(Lq=L, Lk=L, block_m=16, block_n=16)
+    assert plan.tiles_full == 0 and plan.tiles_partial == plan.tiles_total
+    q, k, v = (torch.randn(1, 1, L, 16) for _ in range(3))
+    ref = fn.reference(q.double(), k.double(), v.double())
+    assert (fn(q, k, v).double() - ref).abs().max() / ref.abs().max() < 2e-3
