@@ -51,8 +51,7 @@ class Summaries:
                 self._cache[key] = (x, x, tensor)  # keeps tensor alive while its id is a key
             else:
                 # from the largest block size already summarized (all sizes are powers of two)
-                finer = max(s for (t, a, s) in self._cache if t == id(tensor) and a == axis and s < size) \
-                    if any(t == id(tensor) and a == axis and s < size for (t, a, s) in self._cache) else 1
+                finer = max((s for (t, a, s) in self._cache if (t, a) == (id(tensor), axis) and s < size), default=1)
                 lo, hi, _ = self.block_min_max(tensor, axis, finer)
                 factor = size // finer
                 self._cache[key] = (_blocks(lo, factor, torch.amin, _top(lo)),
@@ -66,6 +65,13 @@ def _top(x):
 
 def _bottom(x):
     return torch.iinfo(x.dtype).min if not x.is_floating_point() else float("-inf")
+
+
+def _steps(counts: torch.Tensor) -> torch.Tensor:
+    """0, 1, ..., counts[0] - 1, 0, 1, ..., counts[1] - 1, ...: each element's place in its segment of
+    a repeat_interleave by `counts`."""
+    total = torch.arange(int(counts.sum()), device=counts.device)
+    return total - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
 
 
 def _blocks(x, factor, reduce, pad_value):
@@ -155,8 +161,7 @@ class Runs:
         length = self.runs[:, 1].long()
         tile_rows = torch.repeat_interleave(rows, length)
         start = torch.repeat_interleave(self.runs[:, 0].long(), length)
-        step = torch.arange(tile_rows.numel(), device=device) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
-        return tile_rows, start + step
+        return tile_rows, start + _steps(length)
 
 
 @dataclass
@@ -242,22 +247,25 @@ def from_blocks(full, partial, *, block_m, block_n, Lq, Lk, batch, heads) -> Til
     (group, query tile, key tile) of PARTIAL tiles."""
     tq, tk = -(-Lq // block_m), -(-Lk // block_n)
     g, i, j, side = full
-    # every query tile row a block covers gets one run of key tiles (and transposed for the columns)
-    span = torch.clamp(tq - i * side, max=side)
-    row_g, row_i, row_j, row_side = (x.repeat_interleave(span) for x in (g, i, j, side))
-    row_step = torch.arange(row_g.numel(), device=g.device) - torch.repeat_interleave(torch.cumsum(span, 0) - span, span)
-    q_full = Runs.build(row_g * tq + row_i * row_side + row_step, row_j * row_side,
-                        torch.clamp(tk - row_j * row_side, max=row_side), batch * heads * tq, tk)
-    span = torch.clamp(tk - j * side, max=side)
-    col_g, col_i, col_j, col_side = (x.repeat_interleave(span) for x in (g, i, j, side))
-    col_step = torch.arange(col_g.numel(), device=g.device) - torch.repeat_interleave(torch.cumsum(span, 0) - span, span)
-    kv_full = Runs.build(col_g * tk + col_j * col_side + col_step, col_i * col_side,
-                         torch.clamp(tq - col_i * col_side, max=col_side), batch * heads * tk, tq)
+    # every query tile row a block covers gets one run of key tiles, and every key tile column one run
+    # of query tiles (for the transposed lists)
+    q_full = _block_runs(g, i, j, side, batch * heads, tq, tk)
+    kv_full = _block_runs(g, j, i, side, batch * heads, tk, tq)
     pg, pi, pj = partial
     ones = torch.ones_like(pi)
     q_partial = Runs.build(pg * tq + pi, pj, ones, batch * heads * tq, tk)
     kv_partial = Runs.build(pg * tk + pj, pi, ones, batch * heads * tk, tq)
     return TilePlan(block_m, block_n, Lq, Lk, batch, heads, q_full, q_partial, (kv_full, kv_partial))
+
+
+def _block_runs(g, major, minor, side, groups, n_major, n_minor) -> Runs:
+    """Square blocks (group, major, minor, side) of side x side tiles -> one run along `minor` for each
+    row along `major` a block covers (rows past n_major and tiles past n_minor cut off)."""
+    span = torch.clamp(n_major - major * side, max=side)
+    row_g, row_major, row_minor, row_side = (x.repeat_interleave(span) for x in (g, major, minor, side))
+    rows = row_g * n_major + row_major * row_side + _steps(span)
+    return Runs.build(rows, row_minor * row_side, torch.clamp(n_minor - row_minor * row_side, max=row_side),
+                      groups * n_major, n_minor)
 
 
 def from_ranges(n_lo, n_hi, full_lo, full_hi, *, block_m, block_n, Lq, Lk, batch=1, heads=1) -> TilePlan:

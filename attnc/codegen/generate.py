@@ -2,8 +2,8 @@
 
 This module prepares everything the templates need as plain strings and lists (expressions printed by
 attnc/codegen/printers.py, argument lists, load statements); templates/*.j2 only arrange them. Spec
-identifiers reach the generated code only through `_ident`, which prefixes them, so no spec name can
-collide with generated names or Python keywords.
+identifiers reach the generated code only through `ident` (attnc/codegen/names.py), so no spec name
+can collide with generated names or Python keywords.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ from sympy.core.function import AppliedUndef
 from .. import __version__, ir
 from ..analysis import bounds, derivatives, rowstats
 from .layout import wrap_long_lines
+from .names import ident as _ident, torch_loads
 from .plan import plan_context
 from .printers import torch_code, triton_code
 
 
 class BuildError(Exception):
     """A spec that checks but cannot be compiled (yet); the message says why."""
-
-
-def _ident(name: str) -> str:
-    return f"{name}_"
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,8 @@ class ModuleGenerator:
     def __init__(self, variant: ir.Variant):
         self.v = variant
         self.rows = rowstats.plan_rows(variant)
-        self.plan = plan_context(variant)
+        self.clauses = bounds.key_clauses(variant.mask)  # the mask's key bounds, for kernels and plan
+        self.plan = plan_context(variant, self.clauses)
 
     # ---- kernels (softmax family) ----
     def kernel_context(self) -> dict | None:
@@ -133,7 +131,7 @@ class ModuleGenerator:
         rnames = {**_base_names(v, "offs_m", None), **row_names}
 
         clauses = []
-        for c in bounds.key_clauses(v.mask):
+        for c in self.clauses:
             def at(expr, q_code, default):
                 if expr is None:
                     return default
@@ -158,7 +156,7 @@ class ModuleGenerator:
             full=" | ".join(f"((c{i}_all_lo <= start_n) & (end_n <= c{i}_all_hi))" for i in n if clauses[i]["exact"]),
         )
         scalar_loads = {}
-        for c in bounds.key_clauses(v.mask):
+        for c in self.clauses:
             for e in (c.lo, c.hi):
                 if e is not None:
                     scalar_loads.update(self._scalar_loads(e, "m_first", collect=True))
@@ -200,12 +198,7 @@ class ModuleGenerator:
         v = self.v
         names = _base_names(v, "q_idx", "kv_idx")
         names[ir.s] = "s"
-        loads = {}
-        for e in (v.mask, v.score, v.probs):
-            for load in sympy.sympify(e).atoms(AppliedUndef):
-                idx = {"b": "b_idx", "h": "h_idx", "q": "q_idx", "kv": "kv_idx"}
-                loads[load] = f"{_ident(load.func.__name__)}[{', '.join(idx[str(a)] for a in load.args)}]"
-        names.update(loads)
+        names.update(torch_loads(v.mask, v.score, v.probs))
         ctx = dict(mask=torch_code(v.mask, names) if v.mask is not sympy.true else None,
                    score=torch_code(v.score, names))
         sm = self.rows.softmax

@@ -18,20 +18,14 @@ from sympy.core.function import AppliedUndef
 
 from .. import ir
 from ..analysis import bounds
+from .names import ident as _ident, torch_loads
 from .printers import UnsupportedExpression, interval_code, torch_code
 
 
-def _ident(name: str) -> str:
-    return f"{name}_"
-
-
-def _mode(mask) -> tuple[str, tuple]:
+def _mode(mask, clauses) -> str:
     if mask is sympy.true:
-        return "all", ()
-    clauses = bounds.key_clauses(mask)
-    if len(clauses) == 1 and clauses[0].exact:
-        return "band", clauses
-    return "lists", clauses
+        return "all"
+    return "band" if len(clauses) == 1 and clauses[0].exact else "lists"
 
 
 def _interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
@@ -62,9 +56,11 @@ def _interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
     return lines, interval_code(reduced, names, bool_loads)
 
 
-def plan_context(variant: ir.Variant) -> dict:
+def plan_context(variant: ir.Variant, clauses=None) -> dict:
+    """`clauses`: bounds.key_clauses of the mask, when the caller has them already."""
     mask = sympy.sympify(variant.mask)
-    mode, clauses = _mode(mask)
+    clauses = bounds.key_clauses(mask) if clauses is None else clauses
+    mode = _mode(mask, clauses)
     loads = mask.atoms(AppliedUndef)
     symbols = mask.free_symbols | {a for load in loads for a in load.args}
     tensors = sorted({load.func.__name__ for load in loads})
@@ -89,9 +85,7 @@ def plan_context(variant: ir.Variant) -> dict:
         names = {ir.b: "b_idx", ir.h: "h_idx"}
         names.update({sym: name for name, sym in ir.SIZES.items()})
         names.update({p.symbol: _ident(p.name) for p in variant.params})
-        for load in loads:
-            idx = {"b": "b_idx", "h": "h_idx"}
-            names[load] = f"{_ident(load.func.__name__)}[{', '.join(idx[str(a)] for a in load.args)}]"
+        names.update(torch_loads(clause.lo, clause.hi))  # only b- and h-indexed: bounds are per query tile
 
         def at(expr, q_code, default):
             return default if expr is None else torch_code(expr, {**names, ir.q: q_code})
