@@ -16,6 +16,21 @@ def _fail(err: SpecError):
     click.echo(err.render(), err=True)
 
 
+def _load_or_report(path):
+    """The spec's attention function, or None after reporting why it does not build: a spec error as
+    file:line:col with a caret, a build error (a spec that checks but cannot be compiled) in one line."""
+    from . import load
+    from .codegen.generate import BuildError
+
+    try:
+        return load(path)
+    except SpecError as err:
+        _fail(err)
+    except BuildError as err:
+        click.echo(f"{path}: error: {err}", err=True)
+    return None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="attnc")
 def main():
@@ -95,8 +110,6 @@ def build(specs, out_dir, then_verify):
 def _verify_all(specs, dtype_name, seed) -> bool:
     import torch
 
-    from . import load
-    from .codegen.generate import BuildError
     from .verify import verify_variant, format_table
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
@@ -110,14 +123,8 @@ def _verify_all(specs, dtype_name, seed) -> bool:
                        "interpreter", err=True)
     all_ok = True
     for path in specs:
-        try:
-            attn = load(path)
-        except SpecError as err:
-            _fail(err)
-            all_ok = False
-            continue
-        except BuildError as err:
-            click.echo(f"{path}: error: {err}", err=True)
+        attn = _load_or_report(path)
+        if attn is None:
             all_ok = False
             continue
         if not attn.has_kernels:
@@ -256,8 +263,7 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
     without masking (FULL), or visit with the mask (PARTIAL)."""
     import torch
 
-    from . import load, maskview
-    from .codegen.generate import BuildError
+    from . import maskview
 
     try:
         variant = compile_file(spec)
@@ -275,13 +281,8 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
         raise click.BadParameter(f"batch {batch}, head {head} is outside B={B}, Hq={Hq} (set them with "
                                  "--shape B,H,Lq,Lk)", param_hint="'--batch' / '--head'")
     inputs = _inputs(variant, pairs, B, Hq, Lq, Lk, seed)
-    try:
-        attn = load(spec)
-    except SpecError as err:
-        _fail(err)
-        sys.exit(1)
-    except BuildError as err:
-        click.echo(f"{spec}: error: {err}", err=True)
+    attn = _load_or_report(spec)
+    if attn is None:
         sys.exit(1)
     sizes = dict(Lq=Lq, Lk=Lk, B=B, Hq=Hq)
     try:
