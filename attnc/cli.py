@@ -231,7 +231,7 @@ def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
             raise click.BadParameter(message, param_hint="'--param'")
     missing = [t for t in variant.tensors if t.name not in given]
     if missing:
-        case = Case("mask", B, Hq, Hq, Hq, Lq, Lk, 1, 1)
+        case = Case(B, Hq, Hq, Hq, Lq, Lk, 1, 1, label="mask")
         made = random_inputs(variant, case, torch.Generator().manual_seed(seed))
         for t in missing:
             given[t.name] = made[t.name]

@@ -16,21 +16,16 @@ import torch
 
 from . import ir
 from .pipeline import compile_file
+from .runtime.checks import Shapes
 
 TOLERANCE = {torch.float32: (2e-3, 5e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
 
-@dataclass
-class Case:
-    label: str
-    B: int
-    Hq: int
-    Hk: int
-    Hv: int
-    Lq: int
-    Lk: int
-    Dqk: int
-    Dv: int
+@dataclass(frozen=True)
+class Case(Shapes):
+    """One problem size to verify: the shapes a call sees, a label for the table, non-default params."""
+
+    label: str = ""
     params: dict = field(default_factory=dict)
 
 
@@ -86,23 +81,23 @@ def cases(variant: ir.Variant, length: int = 45) -> list[Case]:
         # Long multi-dimensional layouts cost minutes per case in Triton's interpreter: one grouped-head
         # case (Hq = 2 reading one key head) covers them on the CPU; GPUs run the full set below.
         hq, hk, hv = _heads(variant, 2, 1, 1)
-        out.append(Case("gqa", 1, hq, hk, hv, L, L, 16, 24))
+        out.append(Case(1, hq, hk, hv, L, L, 16, 24, label="gqa"))
         if not _on_cpu_interpreter():
             out = []
         else:
             return out
     hq, hk, hv = _heads(variant, 2, 2, 2)
-    out.append(Case("base", 1, hq, hk, hv, L, L, 40, 40))
+    out.append(Case(1, hq, hk, hv, L, L, 40, 40, label="base"))
     hq, hk, hv = _heads(variant, 4, 2, 1)
-    out.append(Case("gqa", 1 if fixed else 2, hq, hk, hv, L, L, 24, 40))  # fixed layouts are long: one batch
+    out.append(Case(1 if fixed else 2, hq, hk, hv, L, L, 24, 40, label="gqa"))  # fixed layouts are long: one batch
     if not equal:
         hq, hk, hv = _heads(variant, 3, 1, 3)
-        out.append(Case("cross", 1, hq, hk, hv, max(3, L // 2 - 3), L, 32, 20))
+        out.append(Case(1, hq, hk, hv, max(3, L // 2 - 3), L, 32, 20, label="cross"))
     for p in variant.params:
         other = _other_value(p, L)
         if other is not None:
             hq, hk, hv = _heads(variant, 2, 1, 2)
-            out.append(Case(f"{p.name}={other}", 1, hq, hk, hv, L, L, 16, 16, {p.name: other}))
+            out.append(Case(1, hq, hk, hv, L, L, 16, 16, label=f"{p.name}={other}", params={p.name: other}))
     return out
 
 
