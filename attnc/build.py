@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from .codegen.generate import generate_module
+from .codegen.module import generate_module
 from .pipeline import compile_file, compile_text, read_spec
 
 

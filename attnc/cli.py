@@ -20,7 +20,7 @@ def _load_or_report(path):
     """The spec's attention function, or None after reporting why it does not build: a spec error as
     file:line:col with a caret, a build error (a spec that checks but cannot be compiled) in one line."""
     from . import load
-    from .codegen.generate import BuildError
+    from .errors import BuildError
 
     try:
         return load(path)
@@ -77,7 +77,8 @@ def _build_one(path, out_dir):
     from pathlib import Path
 
     from .build import write_module
-    from .codegen.generate import BuildError, generate_module
+    from .codegen.module import generate_module
+    from .errors import BuildError
 
     try:
         variant = compile_file(path)

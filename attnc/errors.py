@@ -85,3 +85,7 @@ def closest(name: str, candidates) -> str | None:
 def did_you_mean(name: str, candidates) -> str | None:
     best = closest(name, candidates)
     return f"did you mean '{best}'?" if best else None
+
+
+class BuildError(Exception):
+    """A spec that checks but cannot be compiled (yet); the message says why."""

@@ -1,13 +1,20 @@
 """The compiler's passes, in order. Each line is one module with one job; data flows one way.
 
-    text   --parse-->    ast.Spec      attnc/parse.py    (grammar/attn.lark, Lark, positions kept)
-    ast    --check-->    ir.Variant    attnc/check.py    (names, types, indices; SpecError)
-    IR     --analyse-->  facts         attnc/analysis/   (row statistics and passes, tile plans, derivatives)
-    IR     --generate--> Python source attnc/codegen/    (templates/*.j2, sympy printers)
+    text     --parse-->    ast.Spec       attnc/parse.py             (grammar/attn.lark, positions kept)
+    AST      --check-->    ir.Variant     attnc/check.py             (names, types, indices; SpecError)
+    IR       --analyse-->  Analyses       attnc/analysis/rowstats.py (row statistics and passes)
+                                          attnc/analysis/bounds.py   (the mask's key ranges)
+                                          attnc/codegen/skeleton.py  (the tile walk: band, lists, all)
+    Analyses --generate--> Python source  attnc/codegen/module.py    (a family's body on the skeleton,
+                                                                     templates/*.j2, sympy printers)
+
+`analyse` returns one record that the code generator, `attnc ir` and the benchmarks all read, so no
+consumer runs an analysis again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import check as _check
@@ -49,3 +56,24 @@ def compile_text(source: str, path: str = "<spec>") -> ir.Variant:
 
 def compile_file(path: str | Path) -> ir.Variant:
     return compile_text(*reversed(read_spec(path)))
+
+
+@dataclass(frozen=True)
+class Analyses:
+    """Everything the analyses know about one spec."""
+
+    variant: ir.Variant
+    rows: object  # analysis.rowstats.RowPlan: softmax or general, row statistics, passes
+    clauses: tuple  # analysis.bounds.Clause: the mask as key ranges lo(q) <= kv <= hi(q)
+    walk: object  # codegen.skeleton.TileWalk: how kernels find their tiles
+
+
+def analyse(variant: ir.Variant) -> Analyses:
+    """IR -> the analyses, in order: row statistics, key ranges, then the tile walk they imply."""
+    from .analysis import bounds, rowstats
+    from .codegen.skeleton import choose_walk
+
+    rows = rowstats.plan_rows(variant)  # 3. row statistics, passes, softmax recognition
+    clauses = bounds.key_clauses(variant.mask)  # 4. key ranges of the mask
+    walk = choose_walk(variant, clauses)  # 5. tile walk: closed-form band, plan lists, all, or unplanned
+    return Analyses(variant, rows, clauses, walk)

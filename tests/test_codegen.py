@@ -13,7 +13,8 @@ import torch
 
 import attnc
 from attnc.build import build_source, cache_key
-from attnc.codegen.generate import BuildError, generate_module
+from attnc.codegen.module import generate_module
+from attnc.errors import BuildError
 from attnc.pipeline import compile_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,14 +1,8 @@
-"""IR -> the tile-plan code of a generated module (templates/plan.py.j2).
+"""IR -> the interval form of a mask, `_mask_cells` of a generated module (templates/plan.py.j2).
 
-Three kinds of masks, three kinds of plan:
-- "all"   no mask: every tile is FULL, the kernels loop over every key tile.
-- "band"  one clause `lo(q) <= kv <= hi(q)` with bounds non-decreasing in q (causal, sliding windows):
-          the kernels compute each query tile's key range in closed form; no plan is built for them,
-          and `plan()` evaluates the same bounds on the host for inspection.
-- "lists" anything else the interval rules cover (documents, neighbourhoods, sinks with windows, ...):
-          the module builds per-query-tile lists of FULL and PARTIAL key tiles from the interval form
-          of the mask (runtime/plan.py) and the kernels iterate over them.
-A mask outside the interval rules ("dense", none in the catalog) visits every tile as PARTIAL.
+The host builds tile plans for list walks (attnc/codegen/skeleton.py, ListTiles) by evaluating the mask
+over cells (a query range x a key range) with interval arithmetic (runtime/intervals.py): every value
+becomes (lo, hi), every condition (all, any).
 """
 
 from __future__ import annotations
@@ -17,18 +11,11 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from .. import ir
-from ..analysis import bounds
-from .names import ident as _ident, torch_loads
-from .printers import UnsupportedExpression, interval_code, torch_code
+from .names import ident as _ident
+from .printers import interval_code
 
 
-def _mode(mask, clauses) -> str:
-    if mask is sympy.true:
-        return "all"
-    return "band" if len(clauses) == 1 and clauses[0].exact else "lists"
-
-
-def _interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
+def interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
     """Statements and result of `_mask_cells`: common sub-expressions get names, so a 2-D
     neighbourhood reads as its coordinates, centres and window tests rather than one huge line."""
     names = {ir.q: "q", ir.kv: "kv", ir.b: "b", ir.h: "h"}
@@ -54,45 +41,3 @@ def _interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
         lines.append((str(sym), interval_code(expr, names, bool_loads)))
         names[sym] = str(sym)
     return lines, interval_code(reduced, names, bool_loads)
-
-
-def plan_context(variant: ir.Variant, clauses=None) -> dict:
-    """`clauses`: bounds.key_clauses of the mask, when the caller has them already."""
-    mask = sympy.sympify(variant.mask)
-    clauses = bounds.key_clauses(mask) if clauses is None else clauses
-    mode = _mode(mask, clauses)
-    loads = mask.atoms(AppliedUndef)
-    symbols = mask.free_symbols | {a for load in loads for a in load.args}
-    tensors = sorted({load.func.__name__ for load in loads})
-    params = [p.name for p in variant.params if p.symbol in mask.free_symbols]
-    ctx = dict(
-        mode=mode,
-        uses_b=ir.b in symbols,
-        uses_h=ir.h in symbols,
-        tensors=[dict(name=t, ident=_ident(t)) for t in tensors],
-        params=[dict(name=p, ident=_ident(p)) for p in params],
-        lines=[], result="",
-        band=None,
-        reason="",
-    )
-    if mode == "lists":
-        try:
-            ctx["lines"], ctx["result"] = _interval_function(variant, mask)
-        except UnsupportedExpression as err:
-            ctx["mode"], ctx["reason"] = "dense", str(err)
-    if mode == "band":
-        (clause,) = clauses
-        names = {ir.b: "b_idx", ir.h: "h_idx"}
-        names.update({sym: name for name, sym in ir.SIZES.items()})
-        names.update({p.symbol: _ident(p.name) for p in variant.params})
-        names.update(torch_loads(clause.lo, clause.hi))  # only b- and h-indexed: bounds are per query tile
-
-        def at(expr, q_code, default):
-            return default if expr is None else torch_code(expr, {**names, ir.q: q_code})
-
-        ctx["band"] = dict(
-            n_lo=at(clause.lo, "q_first", "0"), n_hi=at(clause.hi, "q_last", "Lk - 1"),
-            full_lo=at(clause.lo, "q_last", "0"), full_hi=at(clause.hi, "q_first", "Lk - 1"),
-            text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
-        )
-    return ctx

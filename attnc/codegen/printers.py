@@ -11,7 +11,6 @@ Symbols (indices, parameters, the score) and tensor loads print as the names the
 from __future__ import annotations
 
 import sympy
-from sympy.core.function import AppliedUndef
 from sympy.printing.str import StrPrinter
 
 from .. import ir

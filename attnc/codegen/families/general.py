@@ -1,7 +1,6 @@
-"""Kernels for general normalizations: the multi-pass forward and the derived backward, as template data.
+"""The general family: normalizations other than softmax, printed for templates/general.py.j2.
 
-Fills templates/forward_general.py.j2, backward_general.py.j2 and autograd_general.py.j2 from the row
-plan (attnc/analysis/rowstats.py: which statistic each forward pass accumulates, the output terms) and
+The multi-pass forward and the derived backward, from the row plan (attnc/analysis/rowstats.py: which statistic each forward pass accumulates, the output terms) and
 the gradient plan (attnc/analysis/rowgrad.py: dS, the row adjoints and the backward row reductions).
 Elementwise work is printed as sympy common-subexpression steps (`e0 = ...`), so a tile computes a
 shared factor (sigmoid(lam * s), say) once for the weight, the statistics and the derivatives.
@@ -13,18 +12,95 @@ Row values are [BLOCK_M] vectors; tile expressions read them as `r1[:, None]`.
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 
 import sympy
 
-from .. import ir
-from ..analysis import rowgrad
-from ..analysis.rowstats import is_row_constant
-from .printers import guarded_triton_code
+from ... import ir
+from ...analysis import rowgrad
+from ...analysis.rowstats import RowPlan, is_row_constant
+from ..printers import guarded_triton_code
+from ..skeleton import (
+    ROW,
+    TILE,
+    BuildError,
+    Load,
+    TileMask,
+    base_names,
+    split_loads,
+    tensor_loads,
+    tile_mask,
+)
 
-# the softmax context's keys that describe the softmax itself; every other key (the key range and
-# tile classification of the mask) is shared with the general kernels
-_SOFTMAX_ONLY = ("mask", "mask_lines", "mask_trivial", "score", "dscore", "tile_loads", "row_loads", "sink", "grads")
+
+@dataclass(frozen=True)
+class Stat:
+    var: str  # the kernel's name for the row statistic (`vis` for visible)
+    kind: str  # "sum", "max", "count" or "closed"
+    index: int = 0  # its slot in the saved STATS array
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass over the keys: the statistics it accumulates and, in the output pass, the
+    output terms acc_t = sum_j w_t v_j."""
+
+    index: int
+    stats: tuple[Stat, ...]
+    accs: tuple[str, ...]
+    known: tuple[str, ...]  # statistics of earlier passes that its tiles read
+    lines: tuple[str, ...]  # per tile: g_<stat> (the statistics' arguments) and w<t> (the weights)
+    text: str
+
+    @property
+    def state(self) -> tuple[str, ...]:
+        return tuple(st.var for st in self.stats) + self.accs
+
+
+@dataclass(frozen=True)
+class Adjoint:
+    var: str
+    index: int
+    code: str
+
+
+@dataclass(frozen=True)
+class Reduction:
+    var: str
+    text: str
+
+
+@dataclass(frozen=True)
+class GeneralGrad:
+    name: str
+    var: str  # per-row accumulator d_<name>
+    term: str  # its per-tile term dt_<name>
+
+
+@dataclass(frozen=True)
+class GeneralBody:
+    loads: tuple[Load, ...]  # tensor inputs every tile reads
+    mask: TileMask
+    row_loads: tuple[Load, ...]
+    vis_closed: str | None  # visible in closed form, when there is one
+    passes: tuple[Pass, ...]
+    coefficients: tuple[str, ...]  # o = sum_t c_t * acc_t
+    saved: tuple[Stat, ...]  # statistics the forward stores for the backward
+    row_lines: tuple[str, ...]  # what a backward kernel reads per query row
+    adjoint_lines: tuple[str, ...]
+    stat_vars: tuple[str, ...]
+    adjoints: tuple[Adjoint, ...]
+    reductions: tuple[Reduction, ...]
+    reduction_lines: tuple[str, ...]
+    reductions_read_dp: bool
+    needs_delta: bool
+    dq_lines: tuple[str, ...]
+    dkdv_lines: tuple[str, ...]
+    grads: tuple[GeneralGrad, ...]
+
+    @property
+    def grad_arrays(self) -> list[str]:
+        return [f"D_{g.name}" for g in self.grads]
 
 
 def _block(outputs, names, like="s") -> list[str]:
@@ -56,21 +132,11 @@ def _block(outputs, names, like="s") -> list[str]:
     return lines
 
 
-def kernel_context(gen) -> dict:
-    """The template context of the general kernels of `gen` (a codegen.generate.ModuleGenerator)."""
-    from .generate import BuildError, ModuleGenerator, _INDEX_ROW, _INDEX_TILE, _base_names, \
-        _common_subexpressions, _loads
-
-    v, rows = gen.v, gen.rows
+def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
     try:
         grad = rowgrad.plan_gradients(v, rows)
     except rowgrad.UnsupportedGradient as err:
         raise BuildError(str(err)) from None
-
-    # The key range and tile classification depend on the mask only: take them from the softmax
-    # kernels' context for the same mask, so both families iterate key tiles the same way.
-    twin = dataclasses.replace(v, probs=sympy.exp(v.score) / ir.RowSum(sympy.exp(v.score)))
-    ctx = {key: value for key, value in ModuleGenerator(twin).kernel_context().items() if key not in _SOFTMAX_ONLY}
 
     stats = grad.stats
     reducible = [st for st in stats if st.kind in ("sum", "max")]
@@ -92,13 +158,13 @@ def kernel_context(gen) -> dict:
     dscore_terms = [("ds", grad.dscore)] + [(f"dt_{t.name}", e) for t, _, e in grad.learnable]
     tile_exprs = [v.mask] + [st.arg for st in reducible] + [w for w, _ in acc_terms] \
         + [grad.probs] + [e for _, e in dscore_terms] + [r.term for r in grad.reductions]
-    tile_names, tile_loads = _loads(tile_exprs, _INDEX_TILE, "t_")
+    tile_names, tile_loads = tensor_loads(tile_exprs, TILE, "t_")
     row_exprs = [c for _, c in acc_terms] + [a.value for a in grad.adjoints] \
         + ([rows.visible] if closed_vis is not None else [])
-    row_names_, row_loads = _loads(row_exprs, _INDEX_ROW, "r_")
+    row_names_, row_loads = tensor_loads(row_exprs, ROW, "r_")
 
-    tnames = {**_base_names(v, "offs_m[:, None]", "offs_n[None, :]"), **tile_names}
-    rnames = {**_base_names(v, "offs_m", None), **row_names_}
+    tnames = {**base_names(v, TILE), **tile_names}
+    rnames = {**base_names(v, ROW), **row_names_}
     for st in stats:
         var = "vis" if st.stat == ir.visible else str(st.symbol)
         tnames[st.symbol] = f"{var}[:, None]"
@@ -110,7 +176,8 @@ def kernel_context(gen) -> dict:
     rnames[rowgrad.DELTA] = "delta"
     for red in grad.reductions:
         rnames[red.symbol] = str(red.symbol)
-    mask_lines, mask_code = _common_subexpressions(v.mask, tnames, "mask_")
+    every_tile = [e for e in tile_exprs[1:]]
+    always, mask_only = split_loads(tile_names, tile_loads, v.mask, every_tile)
 
     def var(st):
         return "vis" if st.stat == ir.visible else str(st.symbol)
@@ -126,53 +193,46 @@ def kernel_context(gen) -> dict:
                 outputs.append((f"w{i}", w))
                 accs.append(f"acc{i}")
         described = [f"{'visible' if st.kind == 'count' else st.symbol} ({st.kind})" for st in here]
-        passes.append(dict(
+        passes.append(Pass(
             index=p,
-            stats=[dict(var=var(st), kind=st.kind) for st in here],
-            accs=accs,
-            state=[var(st) for st in here] + accs,
-            known=[var(st) for st in stats if st.pass_ < p],
-            lines=_block(outputs, tnames),
+            stats=tuple(Stat(var(st), st.kind) for st in here),
+            accs=tuple(accs),
+            known=tuple(var(st) for st in stats if st.pass_ < p),
+            lines=tuple(_block(outputs, tnames)),
             text=", ".join(described + (["the output" if len(accs) == 1 else f"the {len(accs)} output terms"]
                                          if accs else [])),
         ))
 
     saved = list(grad.saved)
-    # what a backward kernel reads per query row (with offs_m, row_ok and pid_bh in scope)
-    row_lines = [f"{load.var} = tl.load({load.ptr} + {load.offset}"
-                 + (f", mask={load.mask}, other=0)" if load.mask else ")") for load in row_loads]
+    # what a backward kernel reads per query row (with offs_m, row_ok and rows in scope)
+    row_lines = [load.code for load in row_loads]
     if saved:
         row_lines.append("stat_stride = B * Hq * Lq")
-    row_lines += [f"{var(st)} = tl.load(STATS + {i} * stat_stride + pid_bh * Lq + offs_m, mask=row_ok, "
+    row_lines += [f"{var(st)} = tl.load(STATS + {i} * stat_stride + rows, mask=row_ok, "
                   f"other={'1.0' if st.kind == 'count' else '0.0'})" for i, st in enumerate(saved)]
     if closed_vis is not None:
         row_lines.append(f"vis = tl.maximum(({guarded_triton_code(rows.visible, rnames)}) "
                          "+ tl.zeros([BLOCK_M], dtype=tl.float32), 1.0)")
-    adjoint_lines = [f"{a.symbol} = tl.load(RBAR + {i} * stat_stride + pid_bh * Lq + offs_m, mask=row_ok, other=0.0)"
+    adjoint_lines = [f"{a.symbol} = tl.load(RBAR + {i} * stat_stride + rows, mask=row_ok, other=0.0)"
                      for i, a in enumerate(grad.adjoints)]
-    return dict(
-        ctx,
-        general=True,
-        mask=mask_code,
-        mask_lines=mask_lines,
-        mask_trivial=v.mask is sympy.true,
-        tile_loads=tile_loads,
-        row_loads=row_loads,
+    return GeneralBody(
+        loads=tuple(always),
+        mask=tile_mask(v, tnames, mask_only),
+        row_loads=tuple(row_loads),
         vis_closed=None if closed_vis is None else guarded_triton_code(rows.visible, rnames),
-        passes=passes,
-        coefficients=[guarded_triton_code(c, rnames) for _, c in acc_terms],
-        saved=[dict(var=var(st), index=i, kind=st.kind) for i, st in enumerate(saved)],
-        row_lines=row_lines,
-        adjoint_lines=adjoint_lines,
-        stat_vars=[var(st) for st in stats],
-        adjoints=[dict(var=str(a.symbol), index=i, code=guarded_triton_code(a.value, rnames))
-                  for i, a in enumerate(grad.adjoints)],
-        adjoint_vars=[str(a.symbol) for a in grad.adjoints],
-        reductions=[dict(var=str(r.symbol), text=r.text) for r in grad.reductions],
-        reduction_lines=_block([(f"term_{r.symbol}", r.term) for r in grad.reductions], tnames),
+        passes=tuple(passes),
+        coefficients=tuple(guarded_triton_code(c, rnames) for _, c in acc_terms),
+        saved=tuple(Stat(var(st), st.kind, i) for i, st in enumerate(saved)),
+        row_lines=tuple(row_lines),
+        adjoint_lines=tuple(adjoint_lines),
+        stat_vars=tuple(var(st) for st in stats),
+        adjoints=tuple(Adjoint(str(a.symbol), i, guarded_triton_code(a.value, rnames))
+                       for i, a in enumerate(grad.adjoints)),
+        reductions=tuple(Reduction(str(r.symbol), r.text) for r in grad.reductions),
+        reduction_lines=tuple(_block([(f"term_{r.symbol}", r.term) for r in grad.reductions], tnames)),
         reductions_read_dp=any(rowgrad.DP in r.term.free_symbols for r in grad.reductions),
         needs_delta=any(rowgrad.DELTA in a.value.free_symbols for a in grad.adjoints),
-        dq_lines=_block(dscore_terms, tnames),
-        dkdv_lines=_block([("p", grad.probs), ("ds", grad.dscore)], tnames),
-        grads=[dict(name=t.name, var=f"d_{t.name}", term=f"dt_{t.name}") for t, _, _ in grad.learnable],
+        dq_lines=tuple(_block(dscore_terms, tnames)),
+        dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)], tnames)),
+        grads=tuple(GeneralGrad(t.name, f"d_{t.name}", f"dt_{t.name}") for t, _, _ in grad.learnable),
     )

@@ -1,0 +1,79 @@
+"""The softmax family: what its kernels compute per tile, printed for templates/softmax.py.j2.
+
+The probabilities are `exp(logits) / (sum exp(logits) + exp(sink))` (attnc/analysis/rowstats.py). The
+forward runs the online softmax; the backward recomputes p from the log-sum-exp, and learnable inputs
+read per row get per-row gradient partials that the host reduces in a fixed order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ... import ir
+from ...analysis import derivatives
+from ...analysis.rowstats import SoftmaxForm
+from ..printers import triton_code
+from ..skeleton import (
+    ROW,
+    TILE,
+    BuildError,
+    Load,
+    TileMask,
+    base_names,
+    split_loads,
+    tensor_loads,
+    tile_mask,
+)
+
+
+@dataclass(frozen=True)
+class Grad:
+    """A learnable input's gradient: per row, sum_j dS[i, j] * dscore/d input + its sink term."""
+
+    name: str
+    var: str  # the kernel's per-row accumulator, d_<name>
+    dscore: str
+    dsink: str | None
+
+
+@dataclass(frozen=True)
+class SoftmaxBody:
+    plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
+    score: str  # the logits (natural units), when not plain
+    dscore: str  # d logits / d s
+    loads: tuple[Load, ...]  # tensor inputs the logits and their derivatives read (every tile)
+    mask: TileMask  # the mask, with the loads only PARTIAL tiles need
+    sink: str | None  # the sink logit of a row, if any
+    row_loads: tuple[Load, ...]  # per-row inputs the sink reads
+    grads: tuple[Grad, ...]
+
+    @property
+    def grad_arrays(self) -> list[str]:
+        return [f"D_{g.name}" for g in self.grads]
+
+
+def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
+    try:
+        grads = derivatives.learnable_gradients(variant, form.sink)
+    except derivatives.UnsupportedGradient as err:
+        raise BuildError(str(err)) from None
+    logits = form.logits  # the score up to a row constant, which softmax ignores
+    dscore = derivatives.score_derivative(logits)
+    every_tile = [logits, dscore] + [g.dscore for g in grads]
+    load_names, loads = tensor_loads([variant.mask] + every_tile, TILE, "t_")
+    names = {**base_names(variant, TILE), **load_names}
+    always, mask_only = split_loads(load_names, loads, variant.mask, every_tile)
+    row_exprs = [form.sink] + [g.dsink for g in grads] if form.sink is not None else []
+    row_names, row_loads = tensor_loads(row_exprs, ROW, "r_")
+    rnames = {**base_names(variant, ROW), **row_names}
+    return SoftmaxBody(
+        plain=logits == ir.s,
+        score=triton_code(logits, names),
+        dscore=triton_code(dscore, names),
+        loads=tuple(always),
+        mask=tile_mask(variant, names, mask_only),
+        sink=None if form.sink is None else triton_code(form.sink, rnames),
+        row_loads=tuple(row_loads),
+        grads=tuple(Grad(g.tensor.name, f"d_{g.tensor.name}", triton_code(g.dscore, names),
+                         None if g.dsink is None else triton_code(g.dsink, rnames)) for g in grads),
+    )

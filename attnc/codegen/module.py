@@ -1,0 +1,141 @@
+"""Analyses -> the source of one generated module: the chosen family's kernels, launchers, autograd,
+tile plan, reference and public API (templates/module.py.j2 and the pieces it includes).
+
+Expressions reach the templates already printed (attnc/codegen/printers.py) inside typed objects: the
+skeleton (attnc/codegen/skeleton.py) and the family's body (attnc/codegen/families/). Spec identifiers
+reach the generated code only through `ident` (attnc/codegen/names.py), so no spec name can collide
+with generated names or Python keywords.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+
+import jinja2
+import sympy
+
+from .. import __version__, ir
+from ..pipeline import Analyses, analyse
+from .families import general, softmax
+from .layout import wrap_long_lines
+from .names import TORCH_INDEX, ident, torch_loads
+from .printers import torch_code
+from ..errors import BuildError
+from .skeleton import Signature
+
+__all__ = ["BuildError", "generate_module"]
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    name: str
+    ident: str
+    dtype: str
+    axes: tuple[str, ...]
+    learnable: bool
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    ident: str
+    dtype: str
+    default: str  # Python code of the default (it may read the sizes)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The eager reference, printed in torch: mask, score and the probabilities' pieces."""
+
+    mask: str | None
+    score: str
+    softmax_logits: str | None = None
+    sink: str | None = None
+    stats: tuple[tuple[str, str], ...] = ()  # general probabilities: (var, masked reduction), innermost first
+    probs: str = ""
+
+
+def _reference(v: ir.Variant, a: Analyses) -> Reference:
+    names = {ir.b: TORCH_INDEX["b"], ir.h: TORCH_INDEX["h"], ir.q: TORCH_INDEX["q"], ir.kv: TORCH_INDEX["kv"],
+             ir.s: "s"}
+    names.update({sym: name for name, sym in ir.SIZES.items()})
+    names.update({p.symbol: ident(p.name) for p in v.params})
+    names.update(torch_loads(v.mask, v.score, v.probs))
+    mask = torch_code(v.mask, names) if v.mask is not sympy.true else None
+    score = torch_code(v.score, names)
+    sm = a.rows.softmax
+    if sm is not None:
+        return Reference(mask, score, torch_code(sm.logits, names),
+                         None if sm.sink is None else torch_code(sm.sink, names))
+    # general probabilities: row statistics computed innermost first, as masked torch reductions
+    stats = sorted((st for st, _ in a.rows.stats_in_order if st != ir.visible), key=sympy.count_ops)
+    stat_names = {**names, ir.visible: "visible"}
+    lines = []
+    for i, st in enumerate(stats):
+        fn = "R.rowsum" if isinstance(st, ir.RowSum) else "R.rowmax"
+        lines.append((f"stat_{i}", f"{fn}({torch_code(st.args[0], stat_names)}, mask)"))
+        stat_names[st] = f"stat_{i}"
+    return Reference(mask, score, stats=tuple(lines), probs=torch_code(v.probs, stat_names))
+
+
+def _params(v: ir.Variant) -> list[Param]:
+    out = []
+    for p in v.params:
+        code = torch_code(p.default, {sym: name for name, sym in ir.SIZES.items()})
+        if p.default.free_symbols:
+            code = f"float({code.replace('R.safe_log', 'math.log')})" if p.dtype == "float" else f"int({code})"
+        out.append(Param(p.name, ident(p.name), p.dtype, code))
+    return out
+
+
+def context(a: Analyses) -> dict:
+    v = a.variant
+    is_general = a.rows.softmax is None
+    body = general.build(v, a.rows) if is_general else softmax.build(v, a.rows.softmax)
+    tensors = [TensorInput(t.name, ident(t.name), t.dtype, tuple(t.axes), t.learnable) for t in v.tensors]
+    sizes = {sym: n for n, sym in ir.SIZES.items()}
+    return {
+        "name": v.name,
+        "camel": "".join(part.capitalize() for part in v.name.split("_")) or "Attention",
+        "version": __version__,
+        "source": v.source,
+        "path": v.path,
+        "spec_hash": hashlib.sha256(v.source.encode()).hexdigest()[:16],
+        "heads": v.heads,
+        "equal_lengths": v.needs_equal_lengths,
+        "tensors": tensors,
+        "learnable": [t for t in tensors if t.learnable],
+        "params": _params(v),
+        "walk": a.walk,
+        "sig": Signature.of(v, a.walk),
+        "body": body,
+        "general": is_general,
+        "ref": _reference(v, a),
+        "has_lse": a.rows.has_lse,
+        "layouts": [(lay.index, [torch_code(e, {**sizes, **{p.symbol: f'values["{p.name}"]' for p in v.params}})
+                                 for e in lay.extents])
+                    for lay in v.layouts if lay.index in ("q", "kv")],
+    }
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.files("attnc.templates"))),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["py"] = repr  # Python literals (strings, tuples, booleans) in generated code
+    env.filters["ident"] = ident  # a spec name as generated code spells it
+    return env
+
+
+def generate_module(variant: ir.Variant) -> str:
+    """The full source of the generated module for `variant`."""
+    source = _environment().get_template("module.py.j2").render(**context(analyse(variant)))
+    source = wrap_long_lines(source)
+    compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
+    return source

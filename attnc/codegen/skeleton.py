@@ -1,0 +1,327 @@
+"""The kernel skeleton shared by every kernel family: tile walks, signatures, loads and names.
+
+A kernel of any family is the same frame: a program owns a query tile (forward, dQ, row adjoints) or a
+key tile (dK/dV), walks the tiles of the other side that the mask lets through, and calls the family's
+tile function on each. What differs between masks is only *how the tiles are found*; that is a
+`TileWalk`, computed once per spec, one class per mode:
+
+    AllTiles       no mask: every tile FULL (the tile cut by Lk is PARTIAL in the forward and dQ)
+    BandTiles      one clause lo(q) <= kv <= hi(q), bounds non-decreasing in q (causal, windows,
+                   1-D neighbourhoods): key ranges in closed form inside the kernels, no plan at all
+    ListTiles      everything the interval rules cover: per-tile lists built on the host by
+                   runtime/plan.py from the interval form of the mask (attnc/codegen/plan.py)
+    UnplannedTiles a mask outside the interval rules: every tile PARTIAL (none in the catalog)
+
+Each walk emits FULL tiles and PARTIAL tiles as separate loops whose bodies load unconditionally, so
+Triton's software pipeliner can overlap the next tile's loads with this tile's math; the mask is
+applied only in the PARTIAL loops (templates/skeleton.py.j2).
+
+Kernel arguments are generated from one list (`Signature`): the same list prints the kernel's
+parameters, the tile functions' parameters and the launch's arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from .. import ir
+from ..analysis.bounds import Clause
+from ..errors import BuildError
+from .names import ident
+from .plan import interval_function
+from .printers import UnsupportedExpression, torch_code, triton_code
+
+
+# ---- names: how IR symbols read inside a kernel -----------------------------------------------------
+TILE = {"b": "off_b", "h": "off_h", "q": "offs_m[:, None]", "kv": "offs_n[None, :]"}  # [BLOCK_M, BLOCK_N]
+ROW = {"b": "off_b", "h": "off_h", "q": "offs_m", "kv": None}  # [BLOCK_M]: no key index
+SCALAR = {"b": "off_b", "h": "off_h", "q": "q_pos", "kv": None}  # one query position
+
+
+def base_names(variant: ir.Variant, where: dict) -> dict:
+    """IR symbols -> kernel code: the indices as `where` spells them, sizes, params and the score."""
+    names = {ir.b: where["b"], ir.h: where["h"], ir.q: where["q"], ir.s: "s"}
+    if where["kv"] is not None:
+        names[ir.kv] = where["kv"]
+    names.update({sym: name for name, sym in ir.SIZES.items()})
+    names.update({p.symbol: ident(p.name) for p in variant.params})
+    return names
+
+
+@dataclass(frozen=True)
+class Load:
+    """`var = tl.load(ptr + offset, mask=bounds, other=0)` for one tensor input read by an expression."""
+
+    var: str
+    ptr: str
+    offset: str
+    bounds: str  # "" when the index is always in range
+
+    @property
+    def code(self) -> str:
+        masked = f", mask={self.bounds}, other=0" if self.bounds else ""
+        return f"{self.var} = tl.load({self.ptr} + {self.offset}{masked})"
+
+
+def tensor_loads(exprs, where: dict, prefix: str) -> tuple[dict, list[Load]]:
+    """Names and loads for every tensor input read in exprs, indexed as `where` spells the indices."""
+    names, loads = {}, []
+    found = sorted({a for e in exprs if e is not None for a in sympy.sympify(e).atoms(AppliedUndef)},
+                   key=sympy.default_sort_key)
+    for i, load in enumerate(found):
+        tensor = load.func.__name__
+        parts, bounds = [], []
+        for axis, index in enumerate(load.args):
+            code = where[str(index)]
+            if code is None:
+                raise BuildError(f"{tensor} is read per key where only row values are available")
+            parts.append(f"{code} * stride_{tensor}_{axis}")
+            if str(index) in ("q", "kv") and where is not SCALAR:
+                bounds.append(f"({code} < {'Lq' if str(index) == 'q' else 'Lk'})")
+        var = f"{prefix}{tensor}_{i}"
+        names[load] = var
+        loads.append(Load(var, f"{ident(tensor)}ptr", " + ".join(parts), " & ".join(bounds)))
+    return names, loads
+
+
+def named_steps(expr, names: dict, prefix: str, width: int = 72) -> tuple[list[str], str]:
+    """A long expression (a multi-dimensional mask) as a few named steps instead of one huge line:
+    bottom-up, every sub-expression whose code is longer than `width` gets its own variable."""
+    names = dict(names)
+    lines: list[str] = []
+    counter = iter(range(10**6))
+
+    def bind(e):
+        if not isinstance(e, sympy.Basic) or e.is_Atom or e in names or isinstance(e, AppliedUndef):
+            return e
+        if isinstance(e, (sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair)):
+            return e  # kept whole: its conditions must stay boolean expressions
+        e = e.func(*[bind(a) for a in e.args])
+        code = triton_code(e, names)
+        if e.is_Pow and not e.base.is_Atom and len(code) <= width:
+            base = sympy.Symbol(f"{prefix}{next(counter)}")
+            lines.append(f"{base} = {triton_code(e.base, names)}")
+            names[base] = str(base)
+            return sympy.Pow(base, e.exp, evaluate=False)
+        if len(code) > width:
+            sym = sympy.Symbol(f"{prefix}{next(counter)}")
+            lines.append(f"{sym} = {code}")
+            names[sym] = str(sym)
+            return sym
+        return e
+
+    if len(triton_code(expr, names)) <= width:
+        return [], triton_code(expr, names)
+    reduced = expr.func(*[bind(a) for a in expr.args])
+    return lines, triton_code(reduced, names)
+
+
+@dataclass(frozen=True)
+class TileMask:
+    """The element mask of a PARTIAL tile: `keep = <code> & (offs_n < Lk)` after `lines`."""
+
+    lines: tuple[str, ...]
+    code: str  # "" for a spec without a mask (only the bounds of the cut tile remain)
+    loads: tuple[Load, ...]
+
+    @property
+    def keep(self) -> str:
+        return f"{self.code} & (offs_n[None, :] < Lk)" if self.code else "offs_n[None, :] < Lk"
+
+
+def tile_mask(variant: ir.Variant, names: dict, mask_loads: list[Load]) -> TileMask:
+    if variant.mask is sympy.true:
+        return TileMask((), "", ())
+    lines, code = named_steps(variant.mask, names, "mask_")
+    return TileMask(tuple(lines), code, tuple(mask_loads))
+
+
+def split_loads(names: dict, loads: list[Load], mask, every_tile_exprs) -> tuple[list[Load], list[Load]]:
+    """(loads every tile needs, loads only the mask needs): FULL tiles skip the mask's own loads."""
+    used = {a for e in every_tile_exprs if e is not None for a in sympy.sympify(e).atoms(AppliedUndef)}
+    by_var = {names[a]: a for a in names if isinstance(a, AppliedUndef)}
+    always = [ld for ld in loads if by_var[ld.var] in used]
+    return always, [ld for ld in loads if by_var[ld.var] not in used]
+
+
+
+# ---- signatures ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arg:
+    name: str  # the kernel parameter
+    launch: str  # what the host passes for it
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The arguments every kernel of a module shares beyond its own tensors: the spec's tensor inputs
+    (pointer and strides), its scalar parameters, the tile plan (list walks only) and the sizes."""
+
+    inputs: tuple[Arg, ...]
+    plan: tuple[Arg, ...]
+    sizes: tuple[Arg, ...] = tuple(Arg(n, n) for n in ("scale", "Lq", "Lk", "B", "Hq", "Hk", "Hv", "Dqk", "Dv"))
+
+    @staticmethod
+    def of(variant: ir.Variant, walk: TileWalk) -> Signature:
+        inputs = []
+        for t in variant.tensors:
+            inputs.append(Arg(f"{ident(t.name)}ptr", ident(t.name)))
+            inputs += [Arg(f"stride_{t.name}_{i}", f"{ident(t.name)}.stride({i})") for i in range(len(t.axes))]
+        inputs += [Arg(ident(p.name), ident(p.name)) for p in variant.params]
+        return Signature(tuple(inputs), walk.plan_args())
+
+    # the same names in a kernel and in the tile functions it calls: pass them through by name
+    @property
+    def input_names(self) -> str:
+        return "".join(f"{a.name}, " for a in self.inputs)
+
+    @property
+    def size_names(self) -> str:
+        return ", ".join(a.name for a in self.sizes)
+
+    @property
+    def kernel_params(self) -> str:
+        """Parameters of a kernel after its own tensors: inputs, plan, sizes."""
+        return "".join(f"{a.name}, " for a in self.inputs + self.plan) + self.size_names
+
+    @property
+    def launch_args(self) -> str:
+        return "".join(f"{a.launch}, " for a in self.inputs + self.plan) + self.size_names
+
+
+# ---- tile walks ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileWalk:
+    """How a program finds the tiles of the other side (see the module docstring)."""
+
+    mode = ""  # the walk's name: PLAN_MODE, and the branch of the walk macros in templates/skeleton.py.j2
+    uses_b: bool = False  # the mask reads the batch index: plans are per batch entry
+    uses_h: bool = False  # ... per head
+    tensors: tuple[str, ...] = ()  # tensor inputs the mask reads (plans are rebuilt when they change)
+    params: tuple[str, ...] = ()  # scalar parameters it reads (part of the plan cache's key)
+
+    def plan_args(self) -> tuple[Arg, ...]:
+        return ()
+
+    @property
+    def per(self) -> str:
+        axes = [axis for axis, used in (("batch", self.uses_b), ("head", self.uses_h)) if used]
+        return f", per {' and '.join(axes)}" if axes else ""
+
+    def ir_line(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AllTiles(TileWalk):
+    mode = "all"
+
+    def ir_line(self) -> str:
+        return "every tile FULL (no mask)"
+
+
+@dataclass(frozen=True)
+class UnplannedTiles(TileWalk):
+    mode = "dense"
+    reason: str = ""
+
+    def ir_line(self) -> str:
+        return f"every tile PARTIAL ({self.reason})"
+
+
+@dataclass(frozen=True)
+class BandBounds:
+    """lo(q) and hi(q) of the band, printed for one query position: in Triton (`_key_bounds`) and in
+    torch (the host's plan() for inspection)."""
+
+    lo: str
+    hi: str
+    loads: tuple[Load, ...]  # b- and h-indexed inputs the bounds read (scalars per program)
+    torch_lo: str  # in terms of q_first / q_last tensors on the host
+    torch_hi: str
+    torch_full_lo: str
+    torch_full_hi: str
+    text: str
+
+
+@dataclass(frozen=True)
+class BandTiles(TileWalk):
+    mode = "band"
+    bounds: BandBounds | None = None
+
+    def ir_line(self) -> str:
+        return f"closed-form key range per query tile: {self.bounds.text} (in the kernels{self.per})"
+
+
+@dataclass(frozen=True)
+class ListTiles(TileWalk):
+    mode = "lists"
+    cell_lines: tuple[tuple[str, str], ...] = ()  # `_mask_cells`: the mask in interval form
+    cell_result: str = ""
+
+    def plan_args(self) -> tuple[Arg, ...]:
+        names = ["PLAN_QF_OFF", "PLAN_QF_RUNS", "PLAN_QP_OFF", "PLAN_QP_RUNS",
+                 "PLAN_KF_OFF", "PLAN_KF_RUNS", "PLAN_KP_OFF", "PLAN_KP_RUNS"]
+        args = [Arg(name, f"plan_args[{i}]") for i, name in enumerate(names)]
+        args += [Arg("PLAN_HEADS", "plan.heads"), Arg("PLAN_TQ", "plan.tiles_q"), Arg("PLAN_TK", "plan.tiles_k"),
+                 Arg("PLAN_M: tl.constexpr", "plan.block_m"), Arg("PLAN_N: tl.constexpr", "plan.block_n")]
+        return tuple(args)
+
+    def ir_line(self) -> str:
+        return f"lists of FULL and PARTIAL key tiles from interval analysis of the mask{self.per}"
+
+
+def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
+    names = base_names(variant, SCALAR)
+    load_names, loads = tensor_loads([clause.lo, clause.hi], SCALAR, "bound_")
+    names.update(load_names)
+    host = {ir.b: "b_idx", ir.h: "h_idx"}
+    host.update({sym: name for name, sym in ir.SIZES.items()})
+    host.update({p.symbol: ident(p.name) for p in variant.params})
+    from .names import torch_loads
+
+    host.update(torch_loads(clause.lo, clause.hi))
+
+    def at(expr, q_code, default):
+        return default if expr is None else torch_code(expr, {**host, ir.q: q_code})
+
+    return BandBounds(
+        lo="0" if clause.lo is None else triton_code(clause.lo, names),
+        hi="Lk - 1" if clause.hi is None else triton_code(clause.hi, names),
+        loads=tuple(loads),
+        torch_lo=at(clause.lo, "q_first", "0"), torch_hi=at(clause.hi, "q_last", "Lk - 1"),
+        torch_full_lo=at(clause.lo, "q_last", "0"), torch_full_hi=at(clause.hi, "q_first", "Lk - 1"),
+        text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
+    )
+
+
+def choose_walk(variant: ir.Variant, clauses: tuple[Clause, ...]) -> TileWalk:
+    """The tile walk of a spec's mask (computed once per spec, by attnc/pipeline.py)."""
+    mask = sympy.sympify(variant.mask)
+    if mask is sympy.true:
+        return AllTiles()
+    loads = mask.atoms(AppliedUndef)
+    symbols = mask.free_symbols | {a for load in loads for a in load.args}
+    per = {"uses_b": ir.b in symbols, "uses_h": ir.h in symbols,
+           "tensors": tuple(sorted({load.func.__name__ for load in loads})),
+           "params": tuple(p.name for p in variant.params if p.symbol in mask.free_symbols)}
+    if len(clauses) == 1 and clauses[0].exact:
+        return BandTiles(**per, bounds=_band_bounds(variant, clauses[0]))
+    try:
+        lines, result = interval_function(variant, mask)
+    except UnsupportedExpression as err:
+        return UnplannedTiles(**per, reason=str(err))
+    return ListTiles(**per, cell_lines=tuple(lines), cell_result=result)
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """What every family's kernels share for one spec."""
+
+    walk: TileWalk
+    signature: Signature
+    mask: TileMask
+    tile_loads: tuple[Load, ...] = field(default=())
