@@ -10,6 +10,7 @@ with generated names or Python keywords.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -21,7 +22,7 @@ from ..pipeline import Analyses, analyse
 from .families import general, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
-from .printers import torch_code
+from .printers import torch_code, wrapped
 from ..errors import BuildError
 from .skeleton import Signature
 
@@ -55,6 +56,11 @@ class Reference:
     sink: str | None = None
     stats: tuple[tuple[str, str], ...] = ()  # general probabilities: (var, masked reduction), innermost first
     probs: str = ""
+
+    def reads(self, name: str) -> bool:
+        """Whether any printed piece reads `name` (an index tensor such as b_idx)."""
+        pieces = [self.mask or "", self.score, self.softmax_logits or "", self.sink or "", self.probs]
+        return any(name in piece for piece in pieces + [code for _, code in self.stats])
 
 
 def _reference(v: ir.Variant, a: Analyses) -> Reference:
@@ -130,12 +136,30 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["py"] = repr  # Python literals (strings, tuples, booleans) in generated code
     env.filters["ident"] = ident  # a spec name as generated code spells it
+    env.filters["wrap"] = lambda code: code if wrapped(code) else f"({code})"  # one pair of parentheses
     return env
+
+
+# The generated module's imports: torch, triton and attnc.runtime only. Helper modules are imported
+# where the module's code uses them (its alias followed by a dot), so the module stays lint-clean.
+_OPTIONAL_IMPORTS = (
+    ("math.", "import math\n\n", ""),
+    ("I.", "", "from attnc.runtime import intervals as I\n"),
+    ("rt.", "", "from attnc.runtime import tl_helpers as rt\n"),
+)
+
+
+def _imports(body: str) -> str:
+    used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
+    ours = sorted(["from attnc.runtime import checks, launch\n", "from attnc.runtime import plan as tile_plan\n",
+                   "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
+    return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"
+            + "".join(ours) + "from attnc.runtime.launch import kernel_configs\n")
 
 
 def generate_module(variant: ir.Variant) -> str:
     """The full source of the generated module for `variant`."""
     source = _environment().get_template("module.py.j2").render(**context(analyse(variant)))
-    source = wrap_long_lines(source)
+    source = wrap_long_lines(source.replace("#@IMPORTS@#\n", _imports(source)))
     compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
     return source

@@ -48,6 +48,19 @@ class _NamedPrinter(StrPrinter):
         return self._named(expr)
 
 
+def wrapped(code: str) -> bool:
+    """Whether code is one parenthesized group, "(a + b)" (not "(a) + (b)")."""
+    if not (code.startswith("(") and code.endswith(")")):
+        return False
+    depth = 0
+    for i, ch in enumerate(code):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0 and i < len(code) - 1:
+            return False
+    return True
+
+
 class _BasePrinter(_NamedPrinter):
     # spellings, overridden per target
     functions: dict = {}
@@ -154,7 +167,7 @@ class _BasePrinter(_NamedPrinter):
     def _print_Pow(self, expr):
         base, exp = expr.args
         if exp == sympy.Rational(1, 2):
-            return f"{self.functions['sqrt']}({self._print(base)})"
+            return self._call(self.functions["sqrt"], [base])
         if exp.is_Integer and 0 < exp <= 4:
             return "(" + " * ".join([self._print(base)] * int(exp)) + ")"
         if exp.is_Integer and -4 <= exp < 0:
@@ -191,16 +204,23 @@ class _BasePrinter(_NamedPrinter):
         return out
 
     # ---- functions ----
+    def _call(self, fn: str, args) -> str:
+        """fn(args); a sole argument loses its own outer parentheses: f(a * b), not f((a * b))."""
+        printed = [self._print(a) for a in args]
+        if len(printed) == 1 and wrapped(printed[0]):
+            printed = [printed[0][1:-1]]
+        return f"{fn}({', '.join(printed)})"
+
     def _print_Function(self, expr):
         name = type(expr).__name__
         if name not in self.functions:
             raise UnsupportedExpression(f"function {name} has no {type(self).__name__} spelling")
-        return f"{self.functions[name]}({', '.join(self._print(a) for a in expr.args)})"
+        return self._call(self.functions[name], expr.args)
 
     _print_exp = _print_log = _print_tanh = _print_Abs = _print_floor = _print_ceiling = _print_Function
 
     def _print_Heaviside(self, expr):
-        return f"{self.functions['Step']}({self._print(expr.args[0])})"
+        return self._call(self.functions["Step"], expr.args[:1])
 
 
 class TritonPrinter(_BasePrinter):

@@ -22,6 +22,7 @@ parameters, the tile functions' parameters and the launch's arguments.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -261,6 +262,11 @@ class ListTiles(TileWalk):
     mode = "lists"
     cell_lines: tuple[tuple[str, str], ...] = ()  # `_mask_cells`: the mask in interval form
     cell_result: str = ""
+
+    def cell_reads(self, name: str) -> bool:
+        """Whether `_mask_cells` reads the index `name` (q, kv, b or h)."""
+        code = " ".join([c for _, c in self.cell_lines] + [self.cell_result])
+        return re.search(rf"(?<![\w.\"]){name}(?![\w\"])", code) is not None
 
     def plan_args(self) -> tuple[Arg, ...]:
         names = ["PLAN_QF_OFF", "PLAN_QF_RUNS", "PLAN_QP_OFF", "PLAN_QP_RUNS",

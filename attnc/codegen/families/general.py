@@ -12,6 +12,7 @@ Row values are [BLOCK_M] vectors; tile expressions read them as `r1[:, None]`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sympy
@@ -86,7 +87,7 @@ class GeneralBody:
     passes: tuple[Pass, ...]
     coefficients: tuple[str, ...]  # o = sum_t c_t * acc_t
     saved: tuple[Stat, ...]  # statistics the forward stores for the backward
-    row_lines: tuple[str, ...]  # what a backward kernel reads per query row
+    row_lines: tuple[tuple[str, str], ...]  # (var, statement): what a backward kernel reads per query row
     adjoint_lines: tuple[str, ...]
     stat_vars: tuple[str, ...]
     adjoints: tuple[Adjoint, ...]
@@ -101,6 +102,10 @@ class GeneralBody:
     @property
     def grad_arrays(self) -> list[str]:
         return [f"D_{g.name}" for g in self.grads]
+
+    @staticmethod
+    def reads(code: str, var: str) -> bool:
+        return re.search(rf"(?<![\w.]){re.escape(var)}(?!\w)", code) is not None
 
 
 def _block(outputs, names, like="s") -> list[str]:
@@ -205,14 +210,14 @@ def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
 
     saved = list(grad.saved)
     # what a backward kernel reads per query row (with offs_m, row_ok and rows in scope)
-    row_lines = [load.code for load in row_loads]
+    row_lines = [(load.var, load.code) for load in row_loads]
     if saved:
-        row_lines.append("stat_stride = B * Hq * Lq")
-    row_lines += [f"{var(st)} = tl.load(STATS + {i} * stat_stride + rows, mask=row_ok, "
-                  f"other={'1.0' if st.kind == 'count' else '0.0'})" for i, st in enumerate(saved)]
+        row_lines.append(("stat_stride", "stat_stride = B * Hq * Lq"))
+    row_lines += [(var(st), f"{var(st)} = tl.load(STATS + {i} * stat_stride + rows, mask=row_ok, "
+                            f"other={'1.0' if st.kind == 'count' else '0.0'})") for i, st in enumerate(saved)]
     if closed_vis is not None:
-        row_lines.append(f"vis = tl.maximum(({guarded_triton_code(rows.visible, rnames)}) "
-                         "+ tl.zeros([BLOCK_M], dtype=tl.float32), 1.0)")
+        row_lines.append(("vis", f"vis = tl.maximum(({guarded_triton_code(rows.visible, rnames)}) "
+                                 "+ tl.zeros([BLOCK_M], dtype=tl.float32), 1.0)"))
     adjoint_lines = [f"{a.symbol} = tl.load(RBAR + {i} * stat_stride + rows, mask=row_ok, other=0.0)"
                      for i, a in enumerate(grad.adjoints)]
     return GeneralBody(
