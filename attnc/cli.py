@@ -64,13 +64,14 @@ def check(specs):
 def ir(spec):
     """Print the IR of SPEC: indices, inputs, mask, score, probabilities, row statistics and passes."""
     from .irdump import dump
+    from .pipeline import analyse
 
     try:
         variant = compile_file(spec)
     except SpecError as err:
         _fail(err)
         sys.exit(1)
-    click.echo(dump(variant), nl=False)
+    click.echo(dump(analyse(variant)), nl=False)
 
 
 def _build_one(path, out_dir):

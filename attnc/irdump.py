@@ -10,7 +10,7 @@ import sympy
 from sympy.printing.str import StrPrinter
 
 from . import ir
-from .analysis.rowstats import plan_rows
+from .pipeline import Analyses
 
 
 class SpecPrinter(StrPrinter):
@@ -107,9 +107,9 @@ def _named(expr, names: dict):
     return expr
 
 
-def dump(variant: ir.Variant) -> str:
-    """The text `attnc ir` prints."""
-    rows = plan_rows(variant)
+def dump(analyses: Analyses) -> str:
+    """The text `attnc ir` prints, from the pipeline's analyses (attnc/pipeline.py)."""
+    variant, rows = analyses.variant, analyses.rows
     out = [f"attention {variant.name}    # {variant.path}"]
     heads = variant.heads
     out.append(f"heads      q = {heads['q']}, k = {heads['k']}, v = {heads['v']}   "
@@ -127,7 +127,7 @@ def dump(variant: ir.Variant) -> str:
         out.append(f"layout     {lay.index} -> ({', '.join(lay.names)}) over "
                    f"{' x '.join(spec_str(e) for e in lay.extents)}: {coords}")
     out.append(f"mask       {spec_str(variant.mask)}")
-    out.append(f"tiles      {_plan_line(variant)}")
+    out.append(f"tiles      {analyses.walk.ir_line()}")
     out.append(f"score      {spec_str(variant.score)}")
     if rows.softmax is not None:
         sm = rows.softmax
@@ -156,22 +156,6 @@ def dump(variant: ir.Variant) -> str:
     if rows.softmax is None:
         out += _backward_lines(variant, rows)
     return "\n".join(out) + "\n"
-
-
-def _plan_line(variant) -> str:
-    """How the kernels find the key tiles of a query tile (attnc/codegen/plan.py)."""
-    from .codegen.plan import plan_context
-
-    plan = plan_context(variant)
-    per = [axis for axis, used in (("batch", plan["uses_b"]), ("head", plan["uses_h"])) if used]
-    per = f", per {' and '.join(per)}" if per else ""
-    if plan["mode"] == "all":
-        return "every tile FULL (no mask)"
-    if plan["mode"] == "band":
-        return f"closed-form key range per query tile: {plan['band']['text']} (in the kernels{per})"
-    if plan["mode"] == "lists":
-        return f"lists of FULL and PARTIAL key tiles from interval analysis of the mask{per}"
-    return f"every tile PARTIAL ({plan['reason']})"
 
 
 def _backward_lines(variant, rows) -> list[str]:

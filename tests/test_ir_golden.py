@@ -10,7 +10,7 @@ import pytest
 
 from attnc.analysis.rowstats import plan_rows
 from attnc.irdump import dump
-from attnc.pipeline import compile_text
+from attnc.pipeline import analyse, compile_text
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -62,7 +62,7 @@ probs exp(score) / (1 + rowsum(exp(score)))
 
 
 def _dump(name: str) -> str:
-    return dump(compile_text(SPECS[name], f"{name}.attn"))
+    return dump(analyse(compile_text(SPECS[name], f"{name}.attn")))
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -140,8 +140,8 @@ def test_sink_softmax1_lse_includes_sink():
 
 def test_backward_plan_of_l1_normalization_needs_no_pass():
     """softplus: dP/dr1 = -P / r1, so the adjoint comes from delta = rowsum(dO * O) alone."""
-    text = dump(compile_text("attention softplus\nmask kv <= q\n"
-                             "probs softplus(log(visible) * score) / rowsum(softplus(log(visible) * score))\n"))
+    text = dump(analyse(compile_text("attention softplus\nmask kv <= q\n"
+                                     "probs softplus(log(visible) * score) / rowsum(softplus(log(visible) * score))\n")))
     assert "  adjoint     rbar1 = -delta/r1" in text
     assert "row pass" not in text
     assert "kernels    row adjoints (from delta = rowsum(dO * O), no pass), dQ, dK/dV" in text

@@ -38,6 +38,8 @@ from .printers import UnsupportedExpression, torch_code, triton_code
 
 # ---- names: how IR symbols read inside a kernel -----------------------------------------------------
 TILE = {"b": "off_b", "h": "off_h", "q": "offs_m[:, None]", "kv": "offs_n[None, :]"}  # [BLOCK_M, BLOCK_N]
+# dK/dV tiles are key-major, [BLOCK_N, BLOCK_M] (see [Note] key-major tiles in templates/skeleton.py.j2)
+TILE_T = {"b": "off_b", "h": "off_h", "q": "offs_m[None, :]", "kv": "offs_n[:, None]"}
 ROW = {"b": "off_b", "h": "off_h", "q": "offs_m", "kv": None}  # [BLOCK_M]: no key index
 SCALAR = {"b": "off_b", "h": "off_h", "q": "q_pos", "kv": None}  # one query position
 
@@ -127,17 +129,19 @@ class TileMask:
     lines: tuple[str, ...]
     code: str  # "" for a spec without a mask (only the bounds of the cut tile remain)
     loads: tuple[Load, ...]
+    keys: str = "offs_n[None, :]"  # the key positions as the tile broadcasts them
 
     @property
     def keep(self) -> str:
-        return f"{self.code} & (offs_n[None, :] < Lk)" if self.code else "offs_n[None, :] < Lk"
+        bounds = f"({self.keys} < Lk)"
+        return f"{self.code} & {bounds}" if self.code else bounds[1:-1]
 
 
-def tile_mask(variant: ir.Variant, names: dict, mask_loads: list[Load]) -> TileMask:
+def tile_mask(variant: ir.Variant, names: dict, mask_loads: list[Load], where: dict = TILE) -> TileMask:
     if variant.mask is sympy.true:
-        return TileMask((), "", ())
+        return TileMask((), "", (), where["kv"])
     lines, code = named_steps(variant.mask, names, "mask_")
-    return TileMask(tuple(lines), code, tuple(mask_loads))
+    return TileMask(tuple(lines), code, tuple(mask_loads), where["kv"])
 
 
 def split_loads(names: dict, loads: list[Load], mask, every_tile_exprs) -> tuple[list[Load], list[Load]]:

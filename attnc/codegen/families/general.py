@@ -24,6 +24,7 @@ from ..printers import guarded_triton_code
 from ..skeleton import (
     ROW,
     TILE,
+    TILE_T,
     BuildError,
     Load,
     TileMask,
@@ -96,6 +97,8 @@ class GeneralBody:
     reductions_read_dp: bool
     needs_delta: bool
     dq_lines: tuple[str, ...]
+    loads_t: tuple[Load, ...]  # dK/dV's key-major tiles: loads, mask and lines
+    mask_t: TileMask
     dkdv_lines: tuple[str, ...]
     grads: tuple[GeneralGrad, ...]
 
@@ -163,26 +166,32 @@ def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
     dscore_terms = [("ds", grad.dscore)] + [(f"dt_{t.name}", e) for t, _, e in grad.learnable]
     tile_exprs = [v.mask] + [st.arg for st in reducible] + [w for w, _ in acc_terms] \
         + [grad.probs] + [e for _, e in dscore_terms] + [r.term for r in grad.reductions]
-    tile_names, tile_loads = tensor_loads(tile_exprs, TILE, "t_")
     row_exprs = [c for _, c in acc_terms] + [a.value for a in grad.adjoints] \
         + ([rows.visible] if closed_vis is not None else [])
     row_names_, row_loads = tensor_loads(row_exprs, ROW, "r_")
 
-    tnames = {**base_names(v, TILE), **tile_names}
+    def tile_names(where: dict, row: str) -> tuple[dict, list, list]:
+        """Names of a tile oriented as `where` says (row values broadcast by `row`), and its loads."""
+        load_names, loads = tensor_loads(tile_exprs, where, "t_")
+        names = {**base_names(v, where), **load_names}
+        for st in stats:
+            names[st.symbol] = ("vis" if st.stat == ir.visible else str(st.symbol)) + row
+        for adj in grad.adjoints:
+            names[adj.symbol] = f"{adj.symbol}{row}"
+        names[rowgrad.DP] = "dp"
+        always, mask_only = split_loads(load_names, loads, v.mask, tile_exprs[1:])
+        return names, always, mask_only
+
+    tnames, always, mask_only = tile_names(TILE, "[:, None]")  # forward, dQ, row reductions
+    tnames_t, always_t, mask_only_t = tile_names(TILE_T, "[None, :]")  # dK/dV: key-major tiles
     rnames = {**base_names(v, ROW), **row_names_}
     for st in stats:
-        var = "vis" if st.stat == ir.visible else str(st.symbol)
-        tnames[st.symbol] = f"{var}[:, None]"
-        rnames[st.symbol] = var
+        rnames[st.symbol] = "vis" if st.stat == ir.visible else str(st.symbol)
     for adj in grad.adjoints:
-        tnames[adj.symbol] = f"{adj.symbol}[:, None]"
         rnames[adj.symbol] = str(adj.symbol)
-    tnames[rowgrad.DP] = "dp"
     rnames[rowgrad.DELTA] = "delta"
     for red in grad.reductions:
         rnames[red.symbol] = str(red.symbol)
-    every_tile = [e for e in tile_exprs[1:]]
-    always, mask_only = split_loads(tile_names, tile_loads, v.mask, every_tile)
 
     def var(st):
         return "vis" if st.stat == ir.visible else str(st.symbol)
@@ -238,6 +247,8 @@ def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
         reductions_read_dp=any(rowgrad.DP in r.term.free_symbols for r in grad.reductions),
         needs_delta=any(rowgrad.DELTA in a.value.free_symbols for a in grad.adjoints),
         dq_lines=tuple(_block(dscore_terms, tnames)),
-        dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)], tnames)),
+        loads_t=tuple(always_t),
+        mask_t=tile_mask(v, tnames_t, mask_only_t, TILE_T),
+        dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)], tnames_t)),
         grads=tuple(GeneralGrad(t.name, f"d_{t.name}", f"dt_{t.name}") for t, _, _ in grad.learnable),
     )

@@ -16,6 +16,7 @@ from ..printers import triton_code
 from ..skeleton import (
     ROW,
     TILE,
+    TILE_T,
     BuildError,
     Load,
     TileMask,
@@ -37,12 +38,20 @@ class Grad:
 
 
 @dataclass(frozen=True)
-class SoftmaxBody:
-    plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
-    score: str  # the logits (natural units), when not plain
+class TileCode:
+    """A tile's logits, their derivative, loads and mask, printed for one tile orientation."""
+
+    score: str  # the logits (natural units)
     dscore: str  # d logits / d s
     loads: tuple[Load, ...]  # tensor inputs the logits and their derivatives read (every tile)
     mask: TileMask  # the mask, with the loads only PARTIAL tiles need
+
+
+@dataclass(frozen=True)
+class SoftmaxBody:
+    plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
+    tile: TileCode  # query-major tiles [BLOCK_M, BLOCK_N]: forward and dQ
+    tile_t: TileCode  # key-major tiles [BLOCK_N, BLOCK_M]: dK/dV
     sink: str | None  # the sink logit of a row, if any
     row_loads: tuple[Load, ...]  # per-row inputs the sink reads
     grads: tuple[Grad, ...]
@@ -60,18 +69,23 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
     logits = form.logits  # the score up to a row constant, which softmax ignores
     dscore = derivatives.score_derivative(logits)
     every_tile = [logits, dscore] + [g.dscore for g in grads]
-    load_names, loads = tensor_loads([variant.mask] + every_tile, TILE, "t_")
-    names = {**base_names(variant, TILE), **load_names}
-    always, mask_only = split_loads(load_names, loads, variant.mask, every_tile)
+
+    def tile_code(where: dict) -> tuple[TileCode, dict]:
+        load_names, loads = tensor_loads([variant.mask] + every_tile, where, "t_")
+        names = {**base_names(variant, where), **load_names}
+        always, mask_only = split_loads(load_names, loads, variant.mask, every_tile)
+        code = TileCode(triton_code(logits, names), triton_code(dscore, names), tuple(always),
+                        tile_mask(variant, names, mask_only, where))
+        return code, names
+
+    tile, names = tile_code(TILE)
     row_exprs = [form.sink] + [g.dsink for g in grads] if form.sink is not None else []
     row_names, row_loads = tensor_loads(row_exprs, ROW, "r_")
     rnames = {**base_names(variant, ROW), **row_names}
     return SoftmaxBody(
         plain=logits == ir.s,
-        score=triton_code(logits, names),
-        dscore=triton_code(dscore, names),
-        loads=tuple(always),
-        mask=tile_mask(variant, names, mask_only),
+        tile=tile,
+        tile_t=tile_code(TILE_T)[0],
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
         grads=tuple(Grad(g.tensor.name, f"d_{g.tensor.name}", triton_code(g.dscore, names),
