@@ -34,20 +34,29 @@ def upcast_dots(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and not q.is_cuda
 
 
-# The autotune space, per kernel kind: (BLOCK_M, BLOCK_N, num_warps, num_stages). CANDIDATES (being measured)
-CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2),
-            (128, 32, 4, 3), (64, 32, 4, 4)],
-    "dq": [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (32, 64, 4, 3)],
-    "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2), (32, 32, 4, 2)],
+# The autotune space, per kernel kind: (BLOCK_M, BLOCK_N, num_warps, num_stages), first = the default.
+# Kept from compiling the kernels for sm_90 at D = 128 in bf16 (attnc inspect; bench/results/): every
+# config below pipelines its K/V loads (num_stages >= 2) and none of the forward and dQ configs spills.
+# Dropped: forward 128x64 with 4 warps (176 B of spill), 128x128 with 3 stages (229 KB of shared memory,
+# at the sm_90 limit). dK/dV holds two [BLOCK_N, D] fp32 accumulators across the whole query walk: at
+# D = 128 only BLOCK_N <= 64 with 8 warps (or 32x32 with 4) stays out of local memory; 64x64 and
+# 16x128 spill 40-200 B and 32x128 with 4 warps 1.6 KB. Small spaces also keep autotuning quick.
+CONFIGS = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)],
+    "dkdv": [(32, 64, 8, 3), (16, 64, 8, 2), (32, 32, 4, 2)],
 }
 
 
 def kernel_configs(kind: str) -> list:
-    """Autotune space of one kernel kind: "fwd" (forward), "dq" (dQ and row adjoints), "dkdv"."""
+    """Autotune space of one kernel kind: "fwd" (forward), "dq" (dQ and row adjoints), "dkdv".
+
+    The interpreter gets one small config: autotuning there would only multiply the (slow) interpreted
+    runs. ATTNC_AUTOTUNE=quick keeps only the default config (a correctness sweep on a GPU compiles
+    each kernel once instead of once per config)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    space = CANDIDATES[kind]
+    space = CONFIGS[kind]
     if os.environ.get("ATTNC_AUTOTUNE") == "quick":
         space = space[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in space]

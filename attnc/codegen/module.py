@@ -136,6 +136,8 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["py"] = repr  # Python literals (strings, tuples, booleans) in generated code
     env.filters["ident"] = ident  # a spec name as generated code spells it
+    env.filters["stride_splat"] = lambda tensor: f"*{tensor}.stride()"
+    env.filters["cast32"] = lambda name: f"{name} = {name}.to(tl.float32)"
     env.filters["wrap"] = lambda code: code if wrapped(code) else f"({code})"  # one pair of parentheses
     return env
 
