@@ -34,6 +34,20 @@ def upcast_dots(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and not q.is_cuda
 
 
+def _quick_knob(space_of):
+    """`ATTNC_AUTOTUNE=quick` keeps only the first config of the autotune space: one compile per
+    kernel, for correctness runs (bench/gpu_check.py's verify step) where autotuning would only cost
+    time. Read when a generated module is imported (its kernels' decorators call kernel_configs)."""
+
+    def configs(kind: str) -> list:
+        space = space_of(kind)
+        return space[:1] if os.environ.get("ATTNC_AUTOTUNE", "") == "quick" else space
+
+    configs.__doc__ = space_of.__doc__
+    return configs
+
+
+@_quick_knob
 def kernel_configs(kind: str) -> list:
     """Autotune space: tile sizes and warps for the forward ("fwd") and backward ("bwd") kernels.
 
