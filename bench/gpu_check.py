@@ -311,7 +311,7 @@ def run_speed(s: Settings, emit, name, L, B, H):
     flex, notes = s.flex(), []
     try:
         block_mask = s.block_mask(mask, B if name == "document" else None, L)
-    except Exception as err:  # FlexAttention cannot build this mask: attnc still runs
+    except Exception as err:  # noqa: BLE001 -- FlexAttention cannot build this mask: attnc still runs
         traceback.print_exc()
         notes.append(f"flex block mask: {_short(err)}")
         flex = None
@@ -323,7 +323,7 @@ def run_speed(s: Settings, emit, name, L, B, H):
     if flex_fn is not None:
         try:
             diff = _flex_diff(s, attn_fn, flex_fn)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
             traceback.print_exc()
             notes.append(f"flex: {_short(err)}")
     flops = 4 * B * H * L * L * s.D * _unmasked(name, L, s)
@@ -363,7 +363,7 @@ def run_sparse(s: Settings, emit, name, grid):
     flex = s.flex()
     try:
         block_mask = s.block_mask(mask, None, L)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
         traceback.print_exc()
         notes.append(f"flex block mask: {_short(err)}")
         flex = None
@@ -374,7 +374,7 @@ def run_sparse(s: Settings, emit, name, grid):
     if flex_fn is not None:
         try:
             diff = _flex_diff(s, attn_fn, flex_fn)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
             traceback.print_exc()
             notes.append(f"flex: {_short(err)}")
     for pass_ in ("fwd", "fwd+bwd"):
@@ -398,7 +398,7 @@ def _passes(path):
         from attnc.pipeline import compile_file
 
         return plan_rows(compile_file(path)).passes
-    except Exception:
+    except Exception:  # noqa: BLE001 -- passes shown as "?", traceback on stderr
         traceback.print_exc()
         return None
 
@@ -448,9 +448,9 @@ def child_main(section: str, start: int, s: Settings) -> int:
 
     for index, (label, args) in enumerate(units(section, s)[start:], start):
         try:
-            RUNNERS[section](s, lambda row: send({"row": row, "unit": index}), *args)
+            RUNNERS[section](s, lambda row, unit=index: send({"row": row, "unit": unit}), *args)
             send({"done": index})
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
             print(f"gpu_check: {section} {label} failed:", file=sys.stderr)
             traceback.print_exc()
             send({"row": {"spec": label, "note": f"FAILED: {_short(err)}"}, "unit": index})
@@ -485,11 +485,12 @@ class Report:
 
     def markdown(self) -> str:
         m = self.meta
+        dry = "; DRY RUN on the CPU (Triton interpreter)" if m["dry_run"] else ""
         lines = [f"# attnc GPU check — {m['card']} — {m['date']}", "",
-                 f"torch {m['torch']}, triton {m['triton']}, Python {m['python']}; budget {m['budget_s']} s; "
-                 f"autotune: {m['autotune']} (verify: quick){'; DRY RUN on the CPU (Triton interpreter)' if m['dry_run'] else ''}",
-                 "", "Ratios are baseline time / attnc time (> 1 means attnc is faster), except in the "
-                 "normalization table (time / causal's time). \"warm s\": the first call (compile, autotune).", ""]
+                 (f"torch {m['torch']}, triton {m['triton']}, Python {m['python']}; budget {m['budget_s']} s; "
+                  f"autotune: {m['autotune']} (verify: quick){dry}"), "",
+                 ("Ratios are baseline time / attnc time (> 1 means attnc is faster), except in the normalization "
+                  "table (time / causal's time). \"warm s\": the first call (compile, autotune)."), ""]
         for name, sec in self.sections.items():
             cols = COLUMNS[name] + [("note", "note", None)]
             used = f"{sec['used_s']:.0f} s" if sec["used_s"] is not None else "-"
