@@ -71,7 +71,9 @@ EOF
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export ATTNC_CACHE_DIR=${ATTNC_CACHE_DIR:-${TMPDIR:-/tmp}/attnc_gpu_cache}
-"$PY" -c "import attnc, attnc.runtime.launch, lark, jinja2, sympy, click; print('gpu_run: attnc from', attnc.__file__)" \
+# (from another folder: in the repository root, its attnc/ source folder would shadow the wheel)
+(cd "$SITE" && "$PY" -c "import attnc, attnc.runtime.launch, lark, jinja2, sympy, click
+print('gpu_run: attnc from', attnc.__file__)") \
     || echo "gpu_run: attnc or a dependency does not import; gpu_check will say more" >&2
 
 # -- the check: its own files go straight to $OUT, row by row
