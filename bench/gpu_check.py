@@ -291,11 +291,17 @@ def _time_runs(s: Settings, runs: dict, pass_: str, do, grads, row: dict, notes:
             notes.append(f"{who} {pass_}: {_short(err)}")
 
 
-def _flex_diff(s, attn_fn, flex_fn):
+def _flex_diff(attn_fn, flex_fn, notes):
+    """Largest |attnc - Flex| of the forward outputs (after the timing: the warm-up stays the first call)."""
     import torch
 
-    with torch.no_grad():
-        return (attn_fn().float() - flex_fn().float()).abs().max().item()
+    try:
+        with torch.no_grad():
+            return (attn_fn().float() - flex_fn().float()).abs().max().item()
+    except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
+        traceback.print_exc()
+        notes.append(f"flex diff: {_short(err)}")
+        return None
 
 
 def run_speed(s: Settings, emit, name, L, B, H):
@@ -320,13 +326,6 @@ def run_speed(s: Settings, emit, name, L, B, H):
     attn_fn = lambda: attn(q, k, v, **kw)
     flex_fn = None if flex is None else (lambda: flex(fq, fk, fv, score_mod=score, block_mask=block_mask))
     sdpa_fn = None if sdpa is None else (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa))
-    diff = None
-    if flex_fn is not None:
-        try:
-            diff = _flex_diff(s, attn_fn, flex_fn)
-        except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
-            traceback.print_exc()
-            notes.append(f"flex: {_short(err)}")
     flops = 4 * B * H * L * L * s.D * _unmasked(name, L, s)
     for pass_, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
         row, row_notes = {"spec": name, "L": L, "BH": B * H, "pass": pass_}, list(notes)
@@ -341,8 +340,8 @@ def run_speed(s: Settings, emit, name, L, B, H):
         for who in ("sdpa", "flex"):
             if isinstance(row.get(f"{who}_ms"), float):
                 row[f"vs_{who}"] = row[f"{who}_ms"] / ms
-        if pass_ == "fwd":
-            row["diff_flex"] = diff
+        if pass_ == "fwd" and isinstance(row.get("flex_ms"), float):
+            row["diff_flex"] = _flex_diff(attn_fn, flex_fn, row_notes)
         row["note"] = "; ".join(row_notes)
         emit(row)
 
@@ -371,13 +370,6 @@ def run_sparse(s: Settings, emit, name, grid):
     fq, fk, fv = (q, k, v) if s.flex_backward else (x.detach() for x in (q, k, v))
     attn_fn = lambda: attn(q, k, v, plan=plan)
     flex_fn = None if flex is None else (lambda: flex(fq, fk, fv, block_mask=block_mask))
-    diff = None
-    if flex_fn is not None:
-        try:
-            diff = _flex_diff(s, attn_fn, flex_fn)
-        except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
-            traceback.print_exc()
-            notes.append(f"flex: {_short(err)}")
     for pass_ in ("fwd", "fwd+bwd"):
         row, row_notes = {"spec": name, "L": L, "BH": B * H, "density": plan.density, "pass": pass_}, list(notes)
         runs = {"attnc": attn_fn, "flex": flex_fn if pass_ == "fwd" or s.flex_backward else None}
@@ -386,8 +378,8 @@ def run_sparse(s: Settings, emit, name, grid):
         _time_runs(s, runs, pass_, do, (q, k, v), row, row_notes)
         if isinstance(row.get("flex_ms"), float):
             row["vs_flex"] = row["flex_ms"] / row["attnc_ms"]
-        if pass_ == "fwd":
-            row["diff_flex"] = diff
+        if pass_ == "fwd" and isinstance(row.get("flex_ms"), float):
+            row["diff_flex"] = _flex_diff(attn_fn, flex_fn, row_notes)
         row["note"] = "; ".join(row_notes)
         emit(row)
 

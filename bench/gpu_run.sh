@@ -77,7 +77,9 @@ print('gpu_run: attnc from', attnc.__file__)") \
     || echo "gpu_run: attnc or a dependency does not import; gpu_check will say more" >&2
 
 # -- the check: its own files go straight to $OUT, row by row
-timeout -k 15 $((BUDGET + 30)) "$PY" bench/gpu_check.py --budget "$BUDGET" --out "$OUT/gpu_check.md" "${EXTRA[@]}" \
+LIMIT=(timeout -k 15 $((BUDGET + 30)))
+command -v timeout >/dev/null || { LIMIT=(); echo "gpu_run: no timeout command; relying on --budget" >&2; }
+${LIMIT[@]+"${LIMIT[@]}"} "$PY" bench/gpu_check.py --budget "$BUDGET" --out "$OUT/gpu_check.md" ${EXTRA[@]+"${EXTRA[@]}"} \
     > >(tee "$OUT/gpu_check.stdout") 2> >(tee "$OUT/gpu_check.stderr" >&2)
 rc=$?
 [ "$rc" = 124 ] && echo "gpu_run: gpu_check.py hit the hard time limit ($((BUDGET + 30)) s)" >&2
