@@ -534,9 +534,11 @@ def run_section(section: str, s: Settings, args, report: Report, deadline: float
     env["ATTNC_AUTOTUNE"] = "quick" if section == "verify" else args.autotune
     if s.dry_run:
         env["TRITON_INTERPRET"] = "1"
-    while index < len(labels):
+    barren = 0  # children in a row that died before finishing any row: the section cannot run
+    while index < len(labels) and barren < 2:
         if deadline - time.monotonic() <= s.min_unit_s:
             break
+        first = index
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", section, "--start", str(index)]
         if s.dry_run:
             cmd.append("--dry-run")
@@ -560,6 +562,7 @@ def run_section(section: str, s: Settings, args, report: Report, deadline: float
                     index += 1
                 elif code == 0:
                     index = max(index, len(labels))
+                barren = barren + 1 if code not in (0, 3) and index == first + 1 else 0
                 break
             if not line.startswith(MARK):
                 print(line, end="", flush=True)
@@ -571,11 +574,13 @@ def run_section(section: str, s: Settings, args, report: Report, deadline: float
                                                   if k != "rows"), flush=True)
             if "done" in msg:
                 index = msg["done"] + 1
+    why = "FAILED: not run, the section's process died twice before finishing a row" if barren >= 2 else \
+        "skipped (budget)"
     for label in labels[index:]:
-        report.add(section, {"spec": label, "note": "skipped (budget)"})
+        report.add(section, {"spec": label, "note": why})
     skipped = len(labels) - index
     sec["used_s"] = time.monotonic() - started
-    sec["status"] = "done" if not skipped else f"{skipped} of {len(labels)} rows skipped (budget)"
+    sec["status"] = "done" if not skipped else f"{skipped} of {len(labels)} rows {why.split(':')[0]}"
     report.write()
 
 

@@ -25,9 +25,9 @@ def _module():
     return module
 
 
-def _run(tmp_path, *args, timeout=600):
+def _run(tmp_path, *args, timeout=600, **env_vars):
     out = tmp_path / "gpu_check.md"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", **env_vars)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
@@ -98,3 +98,21 @@ def test_quick_autotune_keeps_the_first_config(monkeypatch):
         quick = launch.kernel_configs(kind)
         monkeypatch.delenv("ATTNC_AUTOTUNE")
         assert len(quick) == 1 and str(quick[0]) == str(full[0])
+
+
+def test_a_dying_section_process_costs_its_rows_not_the_run(tmp_path):
+    """Children that die (a CUDA fault, a segfault in a compiler) are replaced; after two deaths in a
+    row before any row finished, the section gives up instead of burning its time on restarts."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os, sys\nif '--child' in sys.argv:\n    os._exit(7)\n")
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    proc, out, _ = _run(tmp_path, "--sections", "verify,norm", PYTHONPATH=path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    for name in ("verify", "norm"):
+        notes = [r["note"] for r in data["sections"][name]["rows"]]
+        assert notes[:2] == ["FAILED: the process died (exit 7)"] * 2, notes
+        assert all(n.startswith("FAILED: not run") for n in notes[2:]), notes
+    assert len(data["sections"]["norm"]["rows"]) > 2  # rows given up on, not tried one by one
+    assert "FAILED" in out.read_text()
