@@ -69,6 +69,28 @@ for name in names:
     zipfile.ZipFile(sorted(found)[-1]).extractall(site)
 EOF
 fi
+# A wheel built before the last commits would run old code: compare it with the repository's sources
+# (the folder mapping of pyproject.toml) and use the sources if they differ.
+"$PY" - "$SITE" <<'EOF'
+import shutil, sys
+from pathlib import Path
+site = Path(sys.argv[1])
+mapping = {"attnc": "attnc", "attnc/runtime": "runtime", "attnc/grammar": "grammar", "attnc/templates": "templates"}
+nested = ("runtime", "grammar", "templates")  # inside the installed attnc/, compared on their own
+def files(root, top):
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*")
+            if p.suffix in (".py", ".lark", ".j2") and "__pycache__" not in p.parts
+            and not (top == "attnc" and p.relative_to(root).parts[0] in nested)}
+stale = [src for pkg, src in mapping.items() if files(site / pkg, src) != files(Path(src), src)]
+if stale:
+    print(f"gpu_run: WARNING: gpu_wheels/attnc differs from the repository in {stale}: using the "
+          "repository's sources (run bench/gpu_prepare.sh after the last commit)")
+    shutil.rmtree(site / "attnc")
+    for pkg, src in sorted(mapping.items()):
+        shutil.copytree(src, site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+else:
+    print("gpu_run: gpu_wheels/attnc matches the repository's sources")
+EOF
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export ATTNC_CACHE_DIR=${ATTNC_CACHE_DIR:-${TMPDIR:-/tmp}/attnc_gpu_cache}
 # (from another folder: in the repository root, its attnc/ source folder would shadow the wheel)
