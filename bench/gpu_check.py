@@ -1,221 +1,645 @@
-"""GPU check: correctness of every example on real hardware, then the benchmark table.
+"""GPU check: correctness of the examples on real hardware, then the benchmark tables.
 
-    python bench/gpu_check.py            # on a CUDA machine; writes $OUT/gpu_check.md when OUT is set
+    python bench/gpu_check.py [--budget 480] [--out FILE]   # on a CUDA machine
+    python bench/gpu_check.py --dry-run --out /tmp/x.md     # every step on the CPU (Triton interpreter), tiny sizes
 
-1. `attnc verify` of every example in bf16 (kernels vs the float64 reference, forward and backward).
-2. Forward and forward+backward times and TFLOP/s (counted on the unmasked work only) of attnc,
+Sections, each with a share of the time budget (time a section leaves unused goes to the later ones):
+1. verify: `attnc.verify` of the examples in bf16 (kernels vs the float64 reference, forward and
+   backward), the benchmarked specs first. One autotune config per kernel (ATTNC_AUTOTUNE=quick).
+2. speed: forward and forward+backward ms and TFLOP/s (counted on the unmasked work only) of attnc,
    `scaled_dot_product_attention` and FlexAttention (torch.compile'd, with its block mask) for full,
-   causal, sliding_window, document, alibi and softcap at L = 4K and 16K, B*H chosen to fill the GPU.
-3. Sparse tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
-4. The normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time ratios
-   against `causal`, with the design's targets (<= 1.15x for one pass over the keys, <= 2x for two).
-Exits 0 with a note when no CUDA device is present.
+   causal, sliding_window, document, alibi and softcap at L = 4K and 16K, B*H chosen to fill the GPU;
+   also the largest |attnc - Flex| of the forward outputs (a check that both compute the same variant).
+3. sparse: tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
+4. norm: the normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time
+   ratios against `causal`, with the design's targets (<= 1.15x for one pass over the keys, <= 2x for two).
+
+Robustness: each section runs in its own child process (a CUDA fault or a hung compile costs one row,
+not the run); the child streams its rows to this process, which writes the Markdown table and a JSON of
+the raw numbers after every row. A row that fails writes its error in the row (traceback on stderr); a
+row still running when its section's time is up is killed and marked "timeout (budget)", the rows after
+it "skipped (budget)". The dry run times with time.perf_counter and runs FlexAttention eagerly.
+Exits 0 with a note when no CUDA device is present and --dry-run is not given.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
+import math
 import os
+import platform
+import queue
+import signal
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
+T0 = time.monotonic()  # the budget counts from here: imports and CUDA start-up included
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-BENCH = ["full", "causal", "sliding_window", "document", "alibi", "softcap"]
+BENCH = ["causal", "full", "sliding_window", "document", "alibi", "softcap"]
 # causal normalizations other than a plain softmax, timed against causal.attn (the same mask)
 NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_softmax1", "temperature"]
-D = 128
+SHARES = {"verify": 0.30, "speed": 0.40, "sparse": 0.10, "norm": 0.20}  # of the time budget
+MARK = "@@gpu_check "  # prefix of the lines a section's child sends to the parent
 
 
-def verify_all(lines):
-    from attnc import load
-    from attnc.verify import verify_variant
-
-    lines += ["## Correctness (bf16 kernels vs float64 reference)", "", "| spec | result | worst error |", "|---|---|---|"]
-    for path in sorted(EXAMPLES.glob("*.attn")):
-        attn = load(path)
-        if not attn.has_kernels:
-            lines.append(f"| {path.stem} | reference only | - |")
-            continue
-        rows = verify_variant(path, attn, dtype=torch.bfloat16, device="cuda")
-        worst = max(rows, key=lambda r: r.error / r.tolerance)
-        ok = all(r.ok for r in rows)
-        lines.append(f"| {path.stem} | {'ok' if ok else 'MISMATCH'} | {worst.tensor} {worst.error:.2e} |")
-        print(lines[-1], flush=True)
+# ---------------------------------------------------------------- settings: the one GPU/CPU difference
 
 
-def _inputs(name, L, B, H, window=256):
-    kw, flex_mask, flex_score, sdpa_kw, density = {}, None, None, {}, 1.0
-    if name == "causal" or name in ("alibi", "softcap"):
-        sdpa_kw = {"is_causal": True}
-        flex_mask = lambda b, h, q, kv: kv <= q
-        density = 0.5
+@dataclass(frozen=True)
+class Settings:
+    """Everything the GPU run and the dry run do differently; the code of the sections is shared."""
+
+    dry_run: bool
+    device: str
+    D: int
+    speed_shapes: tuple  # (L, B, H) of the speed section
+    norm_shapes: tuple  # (L, B, H) of the normalization section
+    sparse_shape: tuple  # (L, B, H) of the sparse section
+    sparse: tuple  # (name, grid arguments) of the sparse masks, sized to sparse_shape's L
+    window: int  # sliding_window's window
+    doc_len: int  # tokens per document
+    verify: tuple  # example stems to verify, in order
+    compile_flex: bool  # torch.compile FlexAttention (GPU) or run it eagerly (CPU)
+    flex_backward: bool  # FlexAttention has no backward on the CPU
+    min_unit_s: float  # do not start a row with less time than this left in its section
+
+    @staticmethod
+    def make(dry_run: bool) -> Settings:
+        if dry_run:
+            # L = 96 for the sparse masks: 3 x 3 of the interpreter's 32 x 32 plan tiles, some skipped
+            return Settings(True, "cpu", 32, ((16, 1, 2), (48, 1, 2)), ((32, 1, 2),), (96, 1, 1),
+                            (("neighborhood_2d", (24, 4, 3)), ("radial", (3, 32))), window=12, doc_len=12,
+                            verify=("causal", "softplus"), compile_flex=False, flex_backward=False,
+                            min_unit_s=0.0)
+        order = BENCH + NORMALIZATIONS + sorted(p.stem for p in EXAMPLES.glob("*.attn"))
+        return Settings(False, "cuda", 128, ((4096, 8, 16), (16384, 1, 32)), ((4096, 8, 16), (16384, 1, 32)),
+                        (16384, 1, 32), (("neighborhood_2d", (128, 128, 7)), ("radial", (16, 1024))),
+                        window=256, doc_len=1024, verify=tuple(dict.fromkeys(order)), compile_flex=True,
+                        flex_backward=True, min_unit_s=10.0)
+
+    # -- timing: the warm-up call (compile + autotune) timed apart, then the steady state
+    def sync(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def warm(self, fn) -> float:
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - start
+
+    def time_ms(self, fn, grads=()) -> float:
+        if not self.dry_run:
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=list(grads) or None)
+        times = []
+        for _ in range(1):  # the interpreter is slow: one call after the warm-up
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def flex(self):
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if not self.compile_flex:
+            return flex_attention
+        for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):  # one compile per score/mask function: many
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+        return torch.compile(flex_attention, dynamic=False)
+
+    def block_mask(self, mask_mod, B, L):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return None if mask_mod is None else create_block_mask(mask_mod, B, None, L, L, device=self.device)
+
+    def qkv(self, B, H, L, seed=0):
+        import torch
+
+        torch.manual_seed(seed)
+        return [torch.randn(B, H, L, self.D, device=self.device, dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(3)]
+
+
+# ---------------------------------------------------------------- the variants and their baselines
+
+
+def _unmasked(name, L, s: Settings) -> float:
+    """Fraction of the L x L scores that a mask keeps (exact), for the FLOP count."""
+    if name == "full":
+        return 1.0
     if name == "sliding_window":
-        kw = {"window": window}
-        flex_mask = lambda b, h, q, kv: (kv <= q) & (q - kv < window)
-        density = window / L
+        w = min(s.window, L)
+        return (w * (w + 1) / 2 + (L - w) * w) / (L * L)
     if name == "document":
-        doc = (torch.arange(L, device="cuda") // 1024)[None].expand(B, L).contiguous()
+        sizes = [min(s.doc_len, L - start) for start in range(0, L, s.doc_len)]
+        return sum(n * (n + 1) / 2 for n in sizes) / (L * L)
+    return (L + 1) / (2 * L)  # causal
+
+
+def case_inputs(name, L, B, H, s: Settings):
+    """The spec's inputs, FlexAttention's mask_mod and score_mod, SDPA's arguments (None: SDPA cannot)."""
+    import torch
+
+    kw, mask, score, sdpa = {}, None, None, None
+    causal = lambda b, h, q, kv: kv <= q
+    if name == "full":
+        sdpa = {}
+    if name in ("causal", "alibi", "softcap"):
+        mask = causal
+        sdpa = {"is_causal": True} if name == "causal" else None
+    if name == "sliding_window":
+        w = s.window
+        kw = {"window": w}
+        mask = lambda b, h, q, kv: (kv <= q) & (q - kv < w)
+    if name == "document":
+        doc = (torch.arange(L, device=s.device) // s.doc_len)[None].expand(B, L).contiguous()
         kw = {"doc_ids": doc}
-        flex_mask = lambda b, h, q, kv: (doc[b, q] == doc[b, kv]) & (kv <= q)
-        density = 1024 / L / 2
+        mask = lambda b, h, q, kv: (doc[b, q] == doc[b, kv]) & (kv <= q)
     if name == "alibi":
-        slopes = torch.rand(H, device="cuda")
+        slopes = torch.rand(H, device=s.device)
         kw = {"slopes": slopes}
-        flex_score = lambda score, b, h, q, kv: score - slopes[h] * (q - kv)
+        score = lambda x, b, h, q, kv: x - slopes[h] * (q - kv)
     if name == "softcap":
         kw = {"cap": 50.0}
-        flex_score = lambda score, b, h, q, kv: 50.0 * torch.tanh(score / 50.0)
-    return kw, flex_mask, flex_score, sdpa_kw, density
+        score = lambda x, b, h, q, kv: 50.0 * torch.tanh(x / 50.0)
+    return kw, mask, score, sdpa
 
 
-def bench_all(lines):
-    import triton
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def sparse_spec(name, grid):
+    """A tier-2 mask sized to the benchmark (the examples' consts scaled) and its FlexAttention mask_mod."""
+    import torch
 
-    from attnc import load
+    if name == "neighborhood_2d":
+        Y, X, K = grid
+        r = K // 2
+        text = (f"attention neighborhood_2d_{Y}x{X}\nconst Y = {Y}, X = {X}, K = {K}\n"
+                "let (qy, qx) = unravel(q, Y, X)\nlet (ky, kx) = unravel(kv, Y, X)\n"
+                "let cy = clamp(qy, K // 2, Y - 1 - K // 2)\nlet cx = clamp(qx, K // 2, X - 1 - K // 2)\n"
+                "mask abs(ky - cy) <= K // 2 and abs(kx - cx) <= K // 2\n")
+        mask = lambda b, h, q, kv: (((kv // X - (q // X).clamp(r, Y - 1 - r)).abs() <= r)
+                                    & ((kv % X - (q % X).clamp(r, X - 1 - r)).abs() <= r))
+        return text, mask
+    if name == "radial":
+        F, T = grid
+        text = (f"attention radial_{F}x{T}\nconst F = {F}, T = {T}\n"
+                "let (fi, r) = unravel(q, F, T)\nlet (fj, c) = unravel(kv, F, T)\nlet dist = abs(fi - fj)\n"
+                "let w = T if dist <= 1 else T >> floor(log2(dist))\nmask fj == 0 or abs(r - c) <= w\n")
 
-    flex = torch.compile(flex_attention)
-    lines += ["", "## Speed (bf16, D = 128; ms and TFLOP/s on unmasked work)", "",
-              "| spec | L | B*H | pass | attnc ms | SDPA ms | Flex ms | attnc TFLOP/s | vs SDPA | vs Flex |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for L in (4096, 16384):
-        B, H = (8, 16) if L == 4096 else (1, 32)
-        for name in BENCH:
-            attn = load(EXAMPLES / f"{name}.attn")
-            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-            kw, fmask, fscore, sdpa_kw, density = _inputs(name, L, B, H)
-            block_mask = create_block_mask(fmask, B if name == "document" else None, None, L, L) if fmask else None
-            if name == "document":  # both plan outside the timed calls, as a model would once per batch
-                kw["plan"] = attn.plan(Lq=L, Lk=L, B=B, Hq=H, device="cuda", **kw)
-            do = torch.randn_like(q)
-            runs = {
-                "attnc": lambda: attn(q, k, v, **kw),
-                "flex": lambda: flex(q, k, v, score_mod=fscore, block_mask=block_mask),
-            }
-            if name in ("full", "causal"):
-                runs["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa_kw)
-            flops = 4 * B * H * L * L * D * density
-            for pass_, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-                ms = {}
-                for who, fn in runs.items():
-                    call = fn if pass_ == "fwd" else (lambda fn=fn: fn().backward(do))
-                    try:
-                        ms[who] = triton.testing.do_bench(call, warmup=10, rep=50)
-                    except Exception as err:  # a baseline that cannot run this variant
-                        print(f"{name} {who}: {type(err).__name__}: {err}", file=sys.stderr)
-                tf = flops * mult / (ms["attnc"] * 1e-3) / 1e12 if "attnc" in ms else float("nan")
-                ratio = lambda who: f"{ms[who] / ms['attnc']:.2f}x" if who in ms and "attnc" in ms else "-"
-                fmt = lambda who: f"{ms[who]:.2f}" if who in ms else "-"
-                lines.append(f"| {name} | {L} | {B * H} | {pass_} | {fmt('attnc')} | {fmt('sdpa')} | {fmt('flex')} | "
-                             f"{tf:.0f} | {ratio('sdpa')} | {ratio('flex')} |")
-                print(lines[-1], flush=True)
+        def mask(b, h, q, kv):
+            dist = (q // T - kv // T).abs()
+            shift = torch.floor(torch.log2(dist.clamp(min=1).float())).int()
+            width = torch.where(dist <= 1, T, torch.full_like(shift, T) >> shift)
+            return (kv // T == 0) | ((q % T - kv % T).abs() <= width)
+
+        return text, mask
+    raise ValueError(name)
 
 
-SPARSE = {  # tier-2 masks at 16K tokens (consts scaled from examples/*.attn) and FlexAttention's mask_mod
-    "neighborhood_2d": (
-        "attention neighborhood_2d_16k\nconst Y = 128, X = 128, K = 7\n"
-        "let (qy, qx) = unravel(q, Y, X)\nlet (ky, kx) = unravel(kv, Y, X)\n"
-        "let cy = clamp(qy, K // 2, Y - 1 - K // 2)\nlet cx = clamp(qx, K // 2, X - 1 - K // 2)\n"
-        "mask abs(ky - cy) <= K // 2 and abs(kx - cx) <= K // 2\n",
-        lambda b, h, q, kv: ((kv // 128 - (q // 128).clamp(3, 124)).abs() <= 3)
-        & ((kv % 128 - (q % 128).clamp(3, 124)).abs() <= 3)),
-    "radial": (
-        "attention radial_16k\nconst F = 16, T = 1024\n"
-        "let (fi, r) = unravel(q, F, T)\nlet (fj, c) = unravel(kv, F, T)\nlet dist = abs(fi - fj)\n"
-        "let w = T if dist <= 1 else T >> floor(log2(dist))\nmask fj == 0 or abs(r - c) <= w\n",
-        lambda b, h, q, kv: (kv // 1024 == 0) | ((q % 1024 - kv % 1024).abs() <= torch.where(
-            (q // 1024 - kv // 1024).abs() <= 1, 1024,
-            1024 >> torch.floor(torch.log2((q // 1024 - kv // 1024).abs().clamp(min=1).float())).int()))),
+# ---------------------------------------------------------------- sections: columns and rows
+
+
+COLUMNS = {  # key, header, format of a number
+    "verify": [("spec", "spec", None), ("dtype", "dtype", None), ("result", "result", None),
+               ("worst", "worst error (case tensor err/tol)", None), ("seconds", "s", "{:.1f}")],
+    "speed": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("pass", "pass", None),
+              ("attnc_ms", "attnc ms", "{:.3f}"), ("sdpa_ms", "SDPA ms", "{:.3f}"), ("flex_ms", "Flex ms", "{:.3f}"),
+              ("attnc_tflops", "attnc TFLOP/s", "{:.1f}"), ("vs_sdpa", "SDPA/attnc", "{:.2f}x"),
+              ("vs_flex", "Flex/attnc", "{:.2f}x"), ("diff_flex", "max abs(attnc - Flex)", "{:.1e}"),
+              ("attnc_warm_s", "attnc warm s", "{:.1f}"), ("flex_warm_s", "Flex warm s", "{:.1f}")],
+    "sparse": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("density", "tile density", "{:.4f}"),
+               ("pass", "pass", None), ("attnc_ms", "attnc ms", "{:.3f}"), ("flex_ms", "Flex ms", "{:.3f}"),
+               ("vs_flex", "Flex/attnc", "{:.2f}x"), ("diff_flex", "max abs(attnc - Flex)", "{:.1e}"),
+               ("attnc_warm_s", "attnc warm s", "{:.1f}"), ("flex_warm_s", "Flex warm s", "{:.1f}")],
+    "norm": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("passes", "passes", None),
+             ("pass", "pass", None), ("attnc_ms", "ms", "{:.3f}"), ("causal_ms", "causal ms", "{:.3f}"),
+             ("ratio", "ratio", "{:.2f}x"), ("target", "target", "<= {}x"), ("ok", "ok", None)],
+}
+TITLES = {
+    "verify": "Correctness (bf16 kernels vs float64 reference; one autotune config per kernel)",
+    "speed": "Speed (bf16; ms, and TFLOP/s on the unmasked work; ratios: baseline time / attnc time)",
+    "sparse": "Sparse masks (bf16; both plan once, outside the timed calls)",
+    "norm": "Normalizations vs the causal softmax kernel (bf16; ratio = time / causal's time)",
 }
 
 
-def bench_sparse(lines):
-    """Sparse masks: time should follow the tiles visited (both plan once, outside the timed calls)."""
-    import tempfile
+def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
+    """The rows of work of a section, in order: (label, arguments). Cheap: no kernels are loaded."""
+    if section == "verify":
+        return [(name, (name,)) for name in s.verify]
+    if section == "speed":  # each spec at every L in turn: the second L reuses the compiled kernels
+        return [(f"{name} L={L}", (name, L, B, H)) for name in BENCH for L, B, H in s.speed_shapes]
+    if section == "sparse":
+        return [(name, (name, grid)) for name, grid in s.sparse]
+    if section == "norm":
+        return [(f"{name} L={L}", (name, L, B, H)) for L, B, H in s.norm_shapes for name in NORMALIZATIONS]
+    raise ValueError(section)
 
-    import triton
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+def run_verify(s: Settings, emit, name):
+    import torch
+
+    from attnc import load
+    from attnc.verify import verify_variant
+
+    path = EXAMPLES / f"{name}.attn"
+    start = time.perf_counter()
+    attn = load(path)
+    if not attn.has_kernels:
+        emit({"spec": name, "dtype": "bf16", "result": "reference only", "seconds": time.perf_counter() - start})
+        return
+    rows = verify_variant(path, attn, dtype=torch.bfloat16, device=s.device)
+    worst = max(rows, key=lambda r: r.error / r.tolerance if math.isfinite(r.error) else math.inf)
+    ok = all(r.ok for r in rows)
+    emit({"spec": name, "dtype": "bf16", "result": "ok" if ok else "MISMATCH",
+          "worst": f"{worst.case} {worst.tensor} {worst.error:.2e}/{worst.tolerance:.0e}",
+          "seconds": time.perf_counter() - start,
+          "rows": [asdict(r) for r in rows]})
+
+
+def _time_runs(s: Settings, runs: dict, pass_: str, do, grads, row: dict, notes: list):
+    """Warm and time each of `runs` for one pass; a failing baseline is noted, a failing attnc raises."""
+    for who, fn in runs.items():
+        if fn is None:
+            row[f"{who}_ms"] = "n/a"
+            continue
+        call = fn if pass_ == "fwd" else (lambda fn=fn: fn().backward(do))
+        try:
+            row[f"{who}_warm_s"] = s.warm(call)
+            row[f"{who}_ms"] = s.time_ms(call, grads)
+        except Exception as err:
+            if who == "attnc":
+                raise
+            traceback.print_exc()
+            row[f"{who}_ms"] = "FAILED"
+            notes.append(f"{who} {pass_}: {_short(err)}")
+
+
+def _flex_diff(attn_fn, flex_fn, notes):
+    """Largest |attnc - Flex| of the forward outputs (after the timing: the warm-up stays the first call)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return (attn_fn().float() - flex_fn().float()).abs().max().item()
+    except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
+        traceback.print_exc()
+        notes.append(f"flex diff: {_short(err)}")
+        return None
+
+
+def run_speed(s: Settings, emit, name, L, B, H):
+    import torch
 
     from attnc import load
 
-    flex = torch.compile(flex_attention)
-    lines += ["", "## Sparse masks at L = 16384 (bf16, D = 128, B*H = 32)", "",
-              "| spec | tile density | pass | attnc ms | Flex ms | vs Flex |", "|---|---|---|---|---|---|"]
-    L, B, H = 16384, 1, 32
-    folder = Path(tempfile.mkdtemp())
-    for name, (text, mask_mod) in SPARSE.items():
-        path = folder / f"{name}_16k.attn"
-        path.write_text(text)
-        attn = load(path)
-        plan = attn.plan(Lq=L, Lk=L, B=B, Hq=H, device="cuda")
-        block_mask = create_block_mask(mask_mod, None, None, L, L)
-        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        do = torch.randn_like(q)
-        runs = {"attnc": lambda: attn(q, k, v, plan=plan), "flex": lambda: flex(q, k, v, block_mask=block_mask)}
-        for pass_ in ("fwd", "fwd+bwd"):
-            ms = {}
-            for who, fn in runs.items():
-                call = fn if pass_ == "fwd" else (lambda fn=fn: fn().backward(do))
-                ms[who] = triton.testing.do_bench(call, warmup=10, rep=50)
-            lines.append(f"| {name} | {plan.density:.4f} | {pass_} | {ms['attnc']:.2f} | {ms['flex']:.2f} | "
-                         f"{ms['flex'] / ms['attnc']:.2f}x |")
-            print(lines[-1], flush=True)
+    attn = load(EXAMPLES / f"{name}.attn")
+    q, k, v = s.qkv(B, H, L)
+    kw, mask, score, sdpa = case_inputs(name, L, B, H, s)
+    if name == "document":  # both plan outside the timed calls, as a model would once per batch
+        kw["plan"] = attn.plan(Lq=L, Lk=L, B=B, Hq=H, device=s.device, **kw)
+    do = torch.randn_like(q)
+    flex, notes = s.flex(), []
+    try:
+        block_mask = s.block_mask(mask, B if name == "document" else None, L)
+    except Exception as err:  # noqa: BLE001 -- FlexAttention cannot build this mask: attnc still runs
+        traceback.print_exc()
+        notes.append(f"flex block mask: {_short(err)}")
+        flex = None
+    fq, fk, fv = (q, k, v) if s.flex_backward else (x.detach() for x in (q, k, v))
+    attn_fn = lambda: attn(q, k, v, **kw)
+    flex_fn = None if flex is None else (lambda: flex(fq, fk, fv, score_mod=score, block_mask=block_mask))
+    sdpa_fn = None if sdpa is None else (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa))
+    flops = 4 * B * H * L * L * s.D * _unmasked(name, L, s)
+    for pass_, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+        row, row_notes = {"spec": name, "L": L, "BH": B * H, "pass": pass_}, list(notes)
+        runs = {"attnc": attn_fn, "sdpa": sdpa_fn,
+                "flex": flex_fn if pass_ == "fwd" or s.flex_backward else None}
+        if flex_fn is not None and runs["flex"] is None:
+            row_notes.append("Flex has no backward on the CPU")
+        _time_runs(s, {w: f for w, f in runs.items() if f is not None or w != "sdpa"}, pass_, do, (q, k, v),
+                   row, row_notes)
+        ms = row["attnc_ms"]
+        row["attnc_tflops"] = flops * mult / (ms * 1e-3) / 1e12
+        for who in ("sdpa", "flex"):
+            if isinstance(row.get(f"{who}_ms"), float):
+                row[f"vs_{who}"] = row[f"{who}_ms"] / ms
+        if pass_ == "fwd" and isinstance(row.get("flex_ms"), float):
+            row["diff_flex"] = _flex_diff(attn_fn, flex_fn, row_notes)
+        row["note"] = "; ".join(row_notes)
+        emit(row)
 
 
-def bench_normalizations(lines):
-    import triton
+def run_sparse(s: Settings, emit, name, grid):
+    import torch
 
     from attnc import load
-    from attnc.analysis.rowstats import plan_rows
-    from attnc.pipeline import compile_file
 
-    lines += ["", "## Normalizations vs the causal softmax kernel (bf16, D = 128; ratio = time / causal's time)", "",
-              "| spec | L | B*H | passes | pass | ms | causal ms | ratio | target | ok |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for L in (4096, 16384):
-        B, H = (8, 16) if L == 4096 else (1, 32)
-        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        do = torch.randn_like(q)
-        causal = load(EXAMPLES / "causal.attn")
-        for name in NORMALIZATIONS:
-            path = EXAMPLES / f"{name}.attn"
-            attn = load(path)
-            passes = plan_rows(compile_file(path)).passes
-            target = 1.15 if passes == 1 else 2.0
-            kw = {"temp": torch.rand(H, device="cuda") + 0.5} if name == "temperature" else {}
-            for pass_ in ("fwd", "fwd+bwd"):
-                ms = {}
-                for who, fn in (("attnc", lambda: attn(q, k, v, **kw)), ("causal", lambda: causal(q, k, v))):
-                    call = fn if pass_ == "fwd" else (lambda fn=fn: fn().backward(do))
-                    ms[who] = triton.testing.do_bench(call, warmup=10, rep=50)
-                ratio = ms["attnc"] / ms["causal"]
-                lines.append(f"| {name} | {L} | {B * H} | {passes} | {pass_} | {ms['attnc']:.2f} | {ms['causal']:.2f} | "
-                             f"{ratio:.2f}x | <= {target}x | {'yes' if ratio <= target else 'NO'} |")
-                print(lines[-1], flush=True)
+    L, B, H = s.sparse_shape
+    text, mask = sparse_spec(name, grid)
+    path = Path(tempfile.mkdtemp(prefix="gpu_check_")) / f"{name}_{L}.attn"
+    path.write_text(text)
+    attn = load(path)
+    plan = attn.plan(Lq=L, Lk=L, B=B, Hq=H, device=s.device)
+    q, k, v = s.qkv(B, H, L)
+    do = torch.randn_like(q)
+    notes = []
+    flex = s.flex()
+    try:
+        block_mask = s.block_mask(mask, None, L)
+    except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
+        traceback.print_exc()
+        notes.append(f"flex block mask: {_short(err)}")
+        flex = None
+    fq, fk, fv = (q, k, v) if s.flex_backward else (x.detach() for x in (q, k, v))
+    attn_fn = lambda: attn(q, k, v, plan=plan)
+    flex_fn = None if flex is None else (lambda: flex(fq, fk, fv, block_mask=block_mask))
+    for pass_ in ("fwd", "fwd+bwd"):
+        row, row_notes = {"spec": name, "L": L, "BH": B * H, "density": plan.density, "pass": pass_}, list(notes)
+        runs = {"attnc": attn_fn, "flex": flex_fn if pass_ == "fwd" or s.flex_backward else None}
+        if flex_fn is not None and runs["flex"] is None:
+            row_notes.append("Flex has no backward on the CPU")
+        _time_runs(s, runs, pass_, do, (q, k, v), row, row_notes)
+        if isinstance(row.get("flex_ms"), float):
+            row["vs_flex"] = row["flex_ms"] / row["attnc_ms"]
+        if pass_ == "fwd" and isinstance(row.get("flex_ms"), float):
+            row["diff_flex"] = _flex_diff(attn_fn, flex_fn, row_notes)
+        row["note"] = "; ".join(row_notes)
+        emit(row)
 
 
-def main():
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; nothing to run")
+def _passes(path):
+    """Passes over the keys of a normalization (compiler internals: None if they moved)."""
+    try:
+        from attnc.analysis.rowstats import plan_rows
+        from attnc.pipeline import compile_file
+
+        return plan_rows(compile_file(path)).passes
+    except Exception:  # noqa: BLE001 -- passes shown as "?", traceback on stderr
+        traceback.print_exc()
+        return None
+
+
+def run_norm(s: Settings, emit, name, L, B, H):
+    import torch
+
+    from attnc import load
+
+    path = EXAMPLES / f"{name}.attn"
+    attn, causal = load(path), load(EXAMPLES / "causal.attn")
+    passes = _passes(path)
+    target = 1.15 if passes == 1 else 2.0
+    q, k, v = s.qkv(B, H, L)
+    do = torch.randn_like(q)
+    kw = {"temp": torch.rand(H, device=s.device) + 0.5} if name == "temperature" else {}
+    for pass_ in ("fwd", "fwd+bwd"):
+        row, notes = {"spec": name, "L": L, "BH": B * H, "passes": passes if passes else "?", "pass": pass_}, []
+        runs = {"attnc": lambda: attn(q, k, v, **kw), "causal": lambda: causal(q, k, v)}
+        _time_runs(s, runs, pass_, do, (q, k, v), row, notes)
+        if isinstance(row.get("causal_ms"), float):
+            row["ratio"] = row["attnc_ms"] / row["causal_ms"]
+            row["target"] = target
+            row["ok"] = "yes" if row["ratio"] <= target else "NO"
+        row["note"] = "; ".join(notes)
+        emit(row)
+
+
+RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm}
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+# ---------------------------------------------------------------- the child: one section's rows
+
+
+def child_main(section: str, start: int, s: Settings) -> int:
+    """Run the rows of `section` from `start` on, sending each to the parent. After a failed row on a
+    GPU the child exits (its CUDA context may be broken) and the parent starts a fresh one."""
+
+    def send(obj):
+        sys.stdout.write(MARK + json.dumps(obj, default=str) + "\n")
+        sys.stdout.flush()
+
+    for index, (label, args) in enumerate(units(section, s)[start:], start):
+        try:
+            RUNNERS[section](s, lambda row, unit=index: send({"row": row, "unit": unit}), *args)
+            send({"done": index})
+        except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
+            print(f"gpu_check: {section} {label} failed:", file=sys.stderr)
+            traceback.print_exc()
+            send({"row": {"spec": label, "note": f"FAILED: {_short(err)}"}, "unit": index})
+            send({"done": index})
+            if not s.dry_run:
+                return 3
+    return 0
+
+
+# ---------------------------------------------------------------- the parent: budget, report, children
+
+
+class Report:
+    """The tables so far, written as Markdown and JSON after every row."""
+
+    def __init__(self, path: Path, meta: dict, sections: list[str]):
+        self.path, self.meta = path, meta
+        self.sections = {name: {"rows": [], "status": "not started", "budget_s": None, "used_s": None}
+                         for name in sections}
+
+    def add(self, section: str, row: dict):
+        self.sections[section]["rows"].append(row)
+        self.write()
+
+    def write(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(self.markdown())
+        os.replace(tmp, self.path)
+        data = {"meta": self.meta, "sections": self.sections}
+        self.path.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
+
+    def markdown(self) -> str:
+        m = self.meta
+        dry = "; DRY RUN on the CPU (Triton interpreter)" if m["dry_run"] else ""
+        lines = [f"# attnc GPU check — {m['card']} — {m['date']}", "",
+                 (f"torch {m['torch']}, triton {m['triton']}, Python {m['python']}; budget {m['budget_s']} s; "
+                  f"autotune: {m['autotune']} (verify: quick){dry}"), "",
+                 ("Ratios are baseline time / attnc time (> 1 means attnc is faster), except in the normalization "
+                  "table (time / causal's time). \"warm s\": the first call (compile, autotune)."), ""]
+        for name, sec in self.sections.items():
+            cols = COLUMNS[name] + [("note", "note", None)]
+            used = f"{sec['used_s']:.0f} s" if sec["used_s"] is not None else "-"
+            budget = f"{sec['budget_s']:.0f} s" if sec["budget_s"] is not None else "-"
+            lines += [f"## {TITLES[name]}", "", f"({sec['status']}; used {used} of {budget})", "",
+                      "| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+            for row in sec["rows"]:
+                lines.append("| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in cols) + " |")
+            lines.append("")
+        if m.get("total_s") is not None:
+            lines.append(f"(total {m['total_s']:.0f} s)")
+        return "\n".join(lines) + "\n"
+
+
+def _cell(value, fmt) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float) and fmt:
+        return fmt.format(value) if math.isfinite(value) else str(value)
+    if isinstance(value, (int, float)) and fmt and "x" in fmt:
+        return fmt.format(value)
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def _reader(stream, out: queue.Queue):
+    for line in stream:
+        out.put(line)
+    out.put(None)
+
+
+def _kill(child: subprocess.Popen):
+    """End the child and whatever it started (inductor's compile workers): its own process group."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        child.kill()
+    child.wait()
+
+
+def run_section(section: str, s: Settings, args, report: Report, deadline: float) -> None:
+    labels = [label for label, _ in units(section, s)]
+    sec = report.sections[section]
+    started = time.monotonic()
+    sec["budget_s"] = deadline - started
+    sec["status"] = "running"
+    index = 0
+    env = dict(os.environ)
+    env["ATTNC_AUTOTUNE"] = "quick" if section == "verify" else args.autotune
+    if s.dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    barren = 0  # children in a row that died before finishing any row: the section cannot run
+    while index < len(labels) and barren < 2:
+        if deadline - time.monotonic() <= s.min_unit_s:
+            break
+        first = index
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", section, "--start", str(index)]
+        if s.dry_run:
+            cmd.append("--dry-run")
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_reader, args=(child.stdout, lines), daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:  # out of time in the middle of a row
+                _kill(child)
+                report.add(section, {"spec": labels[index], "note": "timeout (budget)"})
+                print(f"gpu_check: {section} {labels[index]}: timeout (budget)", file=sys.stderr, flush=True)
+                index += 1
+                break
+            if line is None:  # the child ended
+                code = child.wait()
+                if code not in (0, 3) and index < len(labels):  # it died inside a row
+                    report.add(section, {"spec": labels[index], "note": f"FAILED: the process died (exit {code})"})
+                    print(f"gpu_check: {section} {labels[index]}: process died (exit {code})", file=sys.stderr)
+                    index += 1
+                elif code == 0:
+                    index = max(index, len(labels))
+                barren = barren + 1 if code not in (0, 3) and index == first + 1 else 0
+                break
+            if not line.startswith(MARK):
+                print(line, end="", flush=True)
+                continue
+            msg = json.loads(line[len(MARK):])
+            if "row" in msg:
+                report.add(section, msg["row"])
+                print(f"[{section}] " + " ".join(f"{k}={_cell(v, None)}" for k, v in msg["row"].items()
+                                                  if k != "rows"), flush=True)
+            if "done" in msg:
+                index = msg["done"] + 1
+    why = "FAILED: not run, the section's process died twice before finishing a row" if barren >= 2 else \
+        "skipped (budget)"
+    for label in labels[index:]:
+        report.add(section, {"spec": label, "note": why})
+    skipped = len(labels) - index
+    sec["used_s"] = time.monotonic() - started
+    sec["status"] = "done" if not skipped else f"{skipped} of {len(labels)} rows {why.split(':')[0]}"
+    report.write()
+
+
+def _card(s: Settings) -> str:
+    import torch
+
+    if s.dry_run:
+        return f"CPU {platform.machine()} ({os.cpu_count()} cores), dry run"
+    return torch.cuda.get_device_name()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="every step on the CPU, tiny sizes")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for all sections (default 480)")
+    parser.add_argument("--out", type=Path, help="Markdown file (a .json beside it); default $OUT/gpu_check.md")
+    parser.add_argument("--sections", default=",".join(SHARES), help="comma-separated subset of " + ",".join(SHARES))
+    parser.add_argument("--autotune", choices=("full", "quick"), default="full",
+                        help="autotuning of the timed sections (verify always uses quick)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton
+    s = Settings.make(args.dry_run)
+    if args.child:
+        return child_main(args.child, args.start, s)
+
+    import torch
+    import triton
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; nothing to run (--dry-run runs every step on the CPU)")
         return 0
-    card = torch.cuda.get_device_name()
-    lines = [f"# attnc GPU check — {card} — {datetime.date.today()}", "",
-             f"torch {torch.__version__}, triton {__import__('triton').__version__}", "",
-             "Ratios are baseline time / attnc time (> 1 means attnc is faster).", ""]
-    start = time.time()
-    verify_all(lines)
-    bench_all(lines)
-    bench_sparse(lines)
-    bench_normalizations(lines)
-    lines.append(f"\n(total {time.time() - start:.0f} s)")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.md").write_text(text)
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = [x for x in sections if x not in SHARES]
+    if unknown:
+        parser.error(f"unknown sections {unknown}")
+    card = _card(s)
+    date = datetime.date.today().isoformat()
+    out = args.out or (Path(os.environ["OUT"]) / "gpu_check.md" if os.environ.get("OUT") else
+                       ROOT / "bench" / "results" / f"{date}-{card.replace(' ', '-')}.md")
+    meta = {"card": card, "date": date, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "budget_s": args.budget, "autotune": args.autotune,
+            "dry_run": args.dry_run, "settings": {k: v for k, v in asdict(s).items()}, "total_s": None}
+    print(f"gpu_check: {card}; torch {torch.__version__}, triton {triton.__version__}, "
+          f"Python {platform.python_version()}; {datetime.datetime.now().isoformat(timespec='seconds')}; "
+          f"writing {out}", flush=True)
+    report = Report(out, meta, sections)
+    report.write()
+    start = T0
+    end = start + args.budget
+    for i, section in enumerate(sections):
+        weight = sum(SHARES[x] for x in sections[i:])
+        deadline = time.monotonic() + max(end - time.monotonic(), 0) * SHARES[section] / weight
+        run_section(section, s, args, report, deadline)
+    meta["total_s"] = time.monotonic() - start
+    report.write()
+    print(report.markdown())
     return 0
 
 
