@@ -91,7 +91,7 @@ def test_quick_autotune_keeps_the_first_config(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter has a one-config space anyway
     monkeypatch.delenv("ATTNC_AUTOTUNE", raising=False)
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "dq", "dkdv"):
         full = launch.kernel_configs(kind)
         assert len(full) > 1
         monkeypatch.setenv("ATTNC_AUTOTUNE", "quick")
