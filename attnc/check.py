@@ -432,7 +432,11 @@ class Checker:
                 want = " or ".join(f"'{a}'" for a in allowed)
                 self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span)
             indices.append(ir.INDICES[idx.id])
-        return _Value(tensor.load(*indices), _DTYPE_TYPE[tensor.dtype])
+        load = tensor.load(*indices)
+        if tensor.dtype == "bool":
+            # a condition: sympy's and/or/not/if take only Booleans, and every printer knows `!=`
+            return _Value(sympy.Ne(load, 0, evaluate=False), BOOL)
+        return _Value(load, _DTYPE_TYPE[tensor.dtype])
 
     def expr_neg(self, node: ast.Neg) -> _Value:
         v = self.lower(node.operand)
@@ -458,9 +462,15 @@ class Checker:
         parts = []
         for (a, av), op, (b, bv) in zip(zip(node.operands, values), node.ops, zip(node.operands[1:], values[1:])):
             if op in ("==", "!=") and av.type == BOOL and bv.type == BOOL:
-                eq = sympy.Equivalent(av.expr, bv.expr)
-                parts.append(eq if op == "==" else sympy.Not(eq))
+                # written with and/or/not, which every printer (Triton, torch, intervals) has
+                x, y = av.expr, bv.expr
+                same = sympy.Or(sympy.And(x, y), sympy.And(sympy.Not(x), sympy.Not(y)))
+                differ = sympy.Or(sympy.And(x, sympy.Not(y)), sympy.And(sympy.Not(x), y))
+                parts.append(same if op == "==" else differ)
                 continue
+            if (av.type == BOOL) != (bv.type == BOOL) and op in ("==", "!="):
+                self.error(f"'{op}' compares two conditions or two numbers, not a condition with a number",
+                           node.span, "use 'x if cond else y' to turn a condition into a number")
             self.need_number(av, a, f"'{op}'")
             self.need_number(bv, b, f"'{op}'")
             rel = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "==": sympy.Eq, "!=": sympy.Ne}[op]

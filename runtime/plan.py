@@ -36,27 +36,44 @@ class Summaries:
     """Per-cell minimum and maximum of tensor inputs, for cells aligned to powers of two.
 
     A tensor read at `doc_ids[b, q]` inside a cell of queries [c * S, (c + 1) * S) takes values in
-    [min, max] of that block. The blocks of size S are reduced from the largest smaller size already
-    summarized (a pyramid), so every size costs O(L) at most once and each lookup is a gather."""
+    [min, max] of that block; one read at `m[q, kv]` inside a cell of S queries x T keys takes values in
+    [min, max] of that S x T block of m (one block along every token axis the read ranges over). The
+    blocks of a size are reduced from the largest smaller size already summarized (a pyramid), so
+    every size costs O(tensor) at most once and each lookup is a gather."""
 
     def __init__(self):
         self._cache = {}
 
-    def block_min_max(self, tensor: torch.Tensor, axis: int, size: int):
-        key = (id(tensor), axis, size)
+    def block_min_max(self, tensor: torch.Tensor, blocks: tuple):
+        """(lo, hi): tensor reduced in blocks of `size` along each `axis` of `blocks`, a tuple of
+        (axis, size) pairs with distinct axes, sizes powers of two; other axes are kept."""
+        blocks = tuple(sorted(blocks))
+        axes = tuple(a for a, _ in blocks)
+        sizes = tuple(s for _, s in blocks)
+        key = (id(tensor), axes, sizes)
         if key not in self._cache:
-            if size == 1:
-                x = tensor.movedim(axis, -1)
-                x = x.long() if x.dtype == torch.bool else x
+            if all(s == 1 for s in sizes):
+                x = tensor.long() if tensor.dtype == torch.bool else tensor
                 self._cache[key] = (x, x, tensor)  # keeps tensor alive while its id is a key
             else:
-                # from the largest block size already summarized (all sizes are powers of two)
-                finer = max((s for (t, a, s) in self._cache if (t, a) == (id(tensor), axis) and s < size), default=1)
-                lo, hi, _ = self.block_min_max(tensor, axis, finer)
-                factor = size // finer
-                self._cache[key] = (_blocks(lo, factor, torch.amin, _top(lo)),
-                                    _blocks(hi, factor, torch.amax, _bottom(hi)), tensor)
+                # from the largest block size already summarized that divides this one (all sizes are
+                # powers of two, so every smaller size along each axis divides)
+                finer = [k[2] for k in self._cache if k[:2] == (id(tensor), axes)
+                         and all(f <= s for f, s in zip(k[2], sizes)) and k[2] != sizes]
+                finer = max(finer, key=lambda f: _prod(f), default=(1,) * len(sizes))
+                lo, hi, _ = self.block_min_max(tensor, tuple(zip(axes, finer)))
+                for axis, f, s in zip(axes, finer, sizes):
+                    lo = _blocks(lo, axis, s // f, torch.amin, _top(lo))
+                    hi = _blocks(hi, axis, s // f, torch.amax, _bottom(hi))
+                self._cache[key] = (lo, hi, tensor)
         return self._cache[key]
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
 
 
 def _top(x):
@@ -74,12 +91,16 @@ def _steps(counts: torch.Tensor) -> torch.Tensor:
     return total - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
 
 
-def _blocks(x, factor, reduce, pad_value):
-    """Reduce the last axis in blocks of `factor` (the last block padded with a neutral value)."""
+def _blocks(x, axis, factor, reduce, pad_value):
+    """Reduce `axis` in blocks of `factor` (the last block padded with a neutral value)."""
+    if factor == 1:
+        return x
+    x = x.movedim(axis, -1)
     pad = -x.shape[-1] % factor
     if pad:
         x = torch.cat([x, x.new_full((*x.shape[:-1], pad), pad_value)], dim=-1)
-    return reduce(x.view(*x.shape[:-1], x.shape[-1] // factor, factor), dim=-1)
+    x = reduce(x.reshape(*x.shape[:-1], x.shape[-1] // factor, factor), dim=-1)
+    return x.movedim(-1, axis)
 
 
 class Cells:
@@ -100,24 +121,19 @@ class Cells:
         self.summaries = summaries
 
     def load(self, tensor: torch.Tensor, *indices: str):
-        """min and max of tensor[indices] over each cell; indices name b, h, q or kv per axis."""
-        ranged = [axis for axis, name in enumerate(indices) if name in ("q", "kv")]
+        """min and max of tensor[indices] over each cell; indices name b, h, q or kv per axis.
+
+        Every axis indexed by q or kv is read over the cell's range of that index (a block of the
+        summaries), every axis indexed by b or h at the cell's point: exact on single pairs, and for
+        a tensor indexed by both q and kv (`m[q, kv]`) the bound of exactly the cell's rectangle."""
         sizes = {"q": self.q_size, "kv": self.kv_size}
+        starts = {"q": self.q[0], "kv": self.kv[0]}
         points = {"b": self.b_index, "h": self.h_index}
-        if len(ranged) > 1 and any(sizes[indices[a]] > 1 for a in ranged):
-            # read over two ranges at once: the whole tensor's range still bounds it
-            lo, hi = tensor.min(), tensor.max()
-            n = self.q[0].shape[0]
-            return lo.expand(n), hi.expand(n)
-        if not ranged:
-            index = tuple(points[name] for name in indices)
-            return tensor[index], tensor[index]
-        axis = ranged[0]
-        name = indices[axis]
-        size = sizes[name]
-        lo, hi, _ = self.summaries.block_min_max(tensor, axis, size)
-        cell = torch.div((self.q if name == "q" else self.kv)[0], size, rounding_mode="floor")
-        index = tuple(points[n] if n in points else cell for a, n in enumerate(indices) if a != axis) + (cell,)
+        blocks = tuple((axis, sizes[name]) for axis, name in enumerate(indices) if name in sizes)
+        lo, hi, _ = self.summaries.block_min_max(tensor, blocks) if blocks else (tensor, tensor, None)
+        index = tuple(points[name] if name in points
+                      else torch.div(starts[name], sizes[name], rounding_mode="floor")
+                      for name in indices)
         return lo[index], hi[index]
 
 
@@ -131,7 +147,7 @@ class Runs:
         self.runs = runs  # int32 [n, 2]
 
     @staticmethod
-    def build(rows: torch.Tensor, first: torch.Tensor, length: torch.Tensor, n_rows: int, n_cols: int) -> "Runs":
+    def build(rows: torch.Tensor, first: torch.Tensor, length: torch.Tensor, n_rows: int, n_cols: int) -> Runs:
         """Runs from unordered (row, first, length) triples that never overlap; touching runs merge."""
         device = rows.device
         rows, first, length = rows.long(), first.long(), length.long()
@@ -273,7 +289,7 @@ def from_ranges(n_lo, n_hi, full_lo, full_hi, *, block_m, block_n, Lq, Lk, batch
     the keys every query of the tile sees (full_lo..full_hi; empty when full_lo > full_hi); tensors
     [batch * heads * tiles_q]. Tiles meeting [n_lo, n_hi] are visited; those inside the full range
     are FULL. This is the computation the kernels do for such masks, done once on the host."""
-    tq, tk = -(-Lq // block_m), -(-Lk // block_n)
+    tk = -(-Lk // block_n)
     rows = torch.arange(n_lo.numel(), device=n_lo.device)
     visited = n_lo.clamp(min=0) <= n_hi.clamp(max=Lk - 1)
     first = torch.div(n_lo.clamp(min=0), block_n, rounding_mode="floor")
