@@ -3,6 +3,7 @@ the argument, and what was expected."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,20 @@ def check_qkv(sig: Signature, q, k, v) -> Shapes:
     return shapes
 
 
+def check_device(sig: Signature, device) -> torch.device:
+    """The `device=` of plan() and mask(): a device this torch can allocate on."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        _fail(sig, "device", f"expected a torch device such as 'cpu' or 'cuda', got {device!r} ({err})")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail(sig, "device", f"{str(dev)!r} requested, but this torch has no usable CUDA device "
+              f"(torch {torch.__version__}); use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        _fail(sig, "device", f"expected 'cpu' or 'cuda', got {str(dev)!r}")
+    return dev
+
+
 def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: dict, defaults: dict) -> dict:
     known = {name for name, _ in sig.params} | {t.name for t in sig.tensors}
     unknown = sorted(set(inputs) - known)
@@ -112,7 +127,7 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
             value = int(value)
         else:
             value = float(value)
-            if value != value:
+            if math.isnan(value):
                 _fail(sig, name, "is NaN")
         values[name] = value
     sizes = {"B": shapes.B, "Hq": shapes.Hq, "Lq": shapes.Lq, "Lk": shapes.Lk, "L": shapes.Lq}
@@ -143,6 +158,6 @@ def resolve_scale(sig: Signature, scale, dqk: int) -> float:
         return dqk ** -0.5
     if isinstance(scale, torch.Tensor):
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or math.isnan(scale):
         _fail(sig, "scale", f"expected a float, got {scale!r}")
     return float(scale)

@@ -20,6 +20,7 @@ runs of query tiles) for the dK/dV kernel. Memory is O(runs + rows), at most O(v
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +181,44 @@ class Runs:
         return tile_rows, start + _steps(length)
 
 
+class _TensorStamp:
+    """Which tensor a plan read, and in which state: the tensor itself (weakly held), its storage
+    address and its version counter (bumped by every in-place change)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ref = weakref.ref(tensor)
+        self.data_ptr = tensor.data_ptr()
+        self.version = tensor._version
+        self.shape = tuple(tensor.shape)
+
+    def differs(self, tensor: torch.Tensor) -> str | None:
+        """Why `tensor` is not what the plan read (None when it is)."""
+        if self.ref() is not tensor or tensor.data_ptr() != self.data_ptr:
+            return "a different tensor"
+        if tensor._version != self.version:
+            return "the same tensor, modified in place since"
+        return None
+
+
+@dataclass
+class BuiltFor:
+    """What a plan depends on: the spec (name and content hash), the sizes and tile sizes, the values
+    of the params its mask reads and the tensor inputs it read. A call given `plan=` compares its own
+    with the plan's and refuses a plan built for anything else."""
+
+    spec: str
+    spec_hash: str
+    sizes: dict  # the sizes the mask depends on (Lq, Lk always)
+    blocks: tuple  # (block_m, block_n)
+    params: dict  # name -> value, the params the mask reads
+    tensors: dict  # name -> _TensorStamp, the tensor inputs the mask reads
+
+    @staticmethod
+    def of(spec, spec_hash, *, sizes, blocks, params, tensors) -> BuiltFor:
+        return BuiltFor(spec, spec_hash, dict(sizes), tuple(blocks), dict(params),
+                        {name: _TensorStamp(t) for name, t in tensors.items()})
+
+
 @dataclass
 class TilePlan:
     """The tiles one problem size visits. Rows are (batch, head, query tile) with batch and head
@@ -194,6 +233,7 @@ class TilePlan:
     q_full: Runs  # by (batch, head, query tile): runs of key tiles
     q_partial: Runs
     _kv_lists: tuple | None = None  # by (batch, head, key tile): runs of query tiles (FULL, PARTIAL)
+    built_for: BuiltFor | None = None  # what the plan was built for (set by a generated plan())
 
     @property
     def tiles_q(self) -> int:
@@ -429,14 +469,25 @@ def _search(evaluate, g, i, j, tiles, block_m, block_n, Lq, Lk, beam):
     return found
 
 
-def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_n) -> TilePlan:
-    """A plan passed to a generated function (`attn(q, k, v, plan=...)`) must be one built for this
-    call's sizes, tiles and device; the message says which differs and how to build the right one."""
+def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_n,
+               built_for: BuiltFor | None = None, values: dict | None = None) -> TilePlan:
+    """A plan passed to a generated function (`attn(q, k, v, plan=...)`) must be one built by this
+    spec's plan() for this call's sizes, tiles, device, the values of the params its mask reads and
+    the very tensors it read, unchanged: the message says which differs and how to build the right
+    one. `built_for` is what this call would build; `values` the call's inputs (for the messages)."""
     def fail(message):
         raise ValueError(f"{spec}: argument 'plan': {message}")
 
     if not isinstance(plan, TilePlan):
         fail(f"expected a TilePlan from {spec}.plan(...), got {type(plan).__name__}")
+    mine = plan.built_for
+    if built_for is not None:
+        if mine is None:
+            fail(f"this plan does not record what it was built for; build it with {spec}.plan(...)")
+        if (mine.spec, mine.spec_hash) != (built_for.spec, built_for.spec_hash):
+            other = "another version of this spec" if mine.spec == built_for.spec else f"spec '{mine.spec}'"
+            fail(f"built for {other} (hash {mine.spec_hash[:12]}), not this one (hash {built_for.spec_hash[:12]}); "
+                 f"build it with {spec}.plan(...)")
     for what, got, want in (("Lq", plan.Lq, Lq), ("Lk", plan.Lk, Lk), ("batch entries", plan.batch, batch),
                             ("query heads", plan.heads, heads)):
         if got != want:
@@ -446,4 +497,22 @@ def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_
              f"leave block_m and block_n at their defaults")
     if plan.q_full.offsets.device != torch.device(device):
         fail(f"is on {plan.q_full.offsets.device}, the inputs on {device}: build it with device=q.device")
+    if built_for is None:
+        return plan
+    for name, want in built_for.sizes.items():
+        got = mine.sizes.get(name)
+        if got != want:
+            fail(f"built for {name} = {got}, but this call has {want}")
+    for name, want in built_for.params.items():
+        got = mine.params.get(name)
+        if got != want:
+            fail(f"built with {name} = {got!r}, but this call has {name} = {want!r}; "
+                 f"build the plan with {spec}.plan(..., {name}={want!r})")
+    for name in built_for.tensors:
+        stamp = mine.tensors.get(name)
+        tensor = (values or {}).get(name)
+        why = "no record of it" if stamp is None else (stamp.differs(tensor) if tensor is not None else None)
+        if why:
+            fail(f"built from another '{name}': this call passes {why}; pass the tensor the plan was "
+                 f"built from, unchanged, or build a new plan with {spec}.plan(..., {name}=...)")
     return plan

@@ -18,7 +18,8 @@ from sympy.core.function import AppliedUndef
 
 from .. import ir
 from ..analysis import bounds
-from .names import ident as _ident, torch_loads
+from .names import ident as _ident
+from .names import torch_loads
 from .printers import UnsupportedExpression, interval_code, torch_code
 
 
@@ -65,16 +66,21 @@ def plan_context(variant: ir.Variant, clauses=None) -> dict:
     symbols = mask.free_symbols | {a for load in loads for a in load.args}
     tensors = sorted({load.func.__name__ for load in loads})
     params = [p.name for p in variant.params if p.symbol in mask.free_symbols]
-    ctx = dict(
-        mode=mode,
-        uses_b=ir.b in symbols,
-        uses_h=ir.h in symbols,
-        tensors=[dict(name=t, ident=_ident(t)) for t in tensors],
-        params=[dict(name=p, ident=_ident(p)) for p in params],
-        lines=[], result="",
-        band=None,
-        reason="",
-    )
+    # the sizes a plan depends on: the lengths, and any other size the mask reads (as an index's
+    # extent, b and h make the plan per batch entry and per head)
+    sizes = ["Lq", "Lk"] + [name for name, sym in ir.SIZES.items() if name not in ("Lq", "Lk") and (
+        sym in symbols or (name == "B" and ir.b in symbols) or (name == "Hq" and ir.h in symbols))]
+    ctx = {
+        "mode": mode,
+        "uses_b": ir.b in symbols,
+        "uses_h": ir.h in symbols,
+        "sizes": sizes,
+        "tensors": [{"name": t, "ident": _ident(t)} for t in tensors],
+        "params": [{"name": p, "ident": _ident(p)} for p in params],
+        "lines": [], "result": "",
+        "band": None,
+        "reason": "",
+    }
     if mode == "lists":
         try:
             ctx["lines"], ctx["result"] = _interval_function(variant, mask)
@@ -90,9 +96,9 @@ def plan_context(variant: ir.Variant, clauses=None) -> dict:
         def at(expr, q_code, default):
             return default if expr is None else torch_code(expr, {**names, ir.q: q_code})
 
-        ctx["band"] = dict(
-            n_lo=at(clause.lo, "q_first", "0"), n_hi=at(clause.hi, "q_last", "Lk - 1"),
-            full_lo=at(clause.lo, "q_last", "0"), full_hi=at(clause.hi, "q_first", "Lk - 1"),
-            text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
-        )
+        ctx["band"] = {
+            "n_lo": at(clause.lo, "q_first", "0"), "n_hi": at(clause.hi, "q_last", "Lk - 1"),
+            "full_lo": at(clause.lo, "q_last", "0"), "full_hi": at(clause.hi, "q_first", "Lk - 1"),
+            "text": f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
+        }
     return ctx
