@@ -53,9 +53,11 @@ def check(specs):
 
         rows = plan_rows(variant)
         kind = "softmax" if rows.softmax is not None else "general"
-        inputs = [p.name for p in variant.params] + [t.name + ("*" if t.learnable else "") for t in variant.tensors]
+        params = [p.name for p in variant.params]
+        inputs = [t.name + ("*" if t.learnable else "") for t in variant.tensors]
         click.echo(f"{path}: ok: attention {variant.name} ({kind}, {rows.passes} pass"
-                   f"{'es' if rows.passes > 1 else ''}; inputs: {', '.join(inputs) or 'none'})")
+                   f"{'es' if rows.passes > 1 else ''}; params: {', '.join(params) or 'none'}; "
+                   f"inputs: {', '.join(inputs) or 'none'})")
     sys.exit(1 if failed else 0)
 
 
@@ -110,7 +112,7 @@ def build(specs, out_dir, then_verify):
 def _verify_all(specs, dtype_name, seed) -> bool:
     import torch
 
-    from .verify import verify_variant, format_table
+    from .verify import format_table, verify_variant
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -284,7 +286,7 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
     attn = _load_or_report(spec)
     if attn is None:
         sys.exit(1)
-    sizes = dict(Lq=Lq, Lk=Lk, B=B, Hq=Hq)
+    sizes = {"Lq": Lq, "Lk": Lk, "B": B, "Hq": Hq}
     try:
         plan = attn.plan(**sizes, **tiles, **inputs)
         show = elements if elements is not None else max(Lq, Lk) <= maskview.ELEMENTS_SHOWN

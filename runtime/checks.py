@@ -24,7 +24,7 @@ class Signature:
     """What a generated function accepts besides q, k, v."""
 
     spec: str
-    params: tuple  # (name, "int" | "float")
+    params: tuple  # (name, "int" | "float" | "bool")
     tensors: tuple  # TensorSpec
     heads: dict  # role -> symbol name or fixed count
     equal_lengths: bool  # Lq must equal Lk
@@ -119,8 +119,14 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
             if value.numel() != 1:
                 _fail(sig, name, f"is a scalar parameter; got a tensor of shape {_shape(value)}")
             value = value.item()
+        if dtype == "bool":
+            if value not in (True, False) or isinstance(value, float):  # True, False, 1 or 0
+                _fail(sig, name, f"expected True or False, got {value!r}")
+            values[name] = int(bool(value))  # kernels and plans take 0 or 1
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(sig, name, f"expected a {dtype} number, got {type(value).__name__}")
+            article = "an" if dtype == "int" else "a"
+            _fail(sig, name, f"expected {article} {dtype} number, got {type(value).__name__}")
         if dtype == "int":
             if float(value) != int(value):
                 _fail(sig, name, f"expected an integer, got {value!r}")

@@ -82,3 +82,8 @@ def safe_div(a, b):
 def safe_log(x):
     """log(x) for x > 0, and 0 elsewhere, as the reference's R.safe_log (general normalizations)."""
     return tl.log(tl.where(x > 0, x, 1.0))
+
+
+@triton.jit
+def tan(x):
+    return tl.sin(x) / tl.cos(x)

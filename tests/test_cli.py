@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import run_cli as run  # noqa: E402
+from compare import run_cli as run
 
 CAUSAL = "attention causal\nmask kv <= q\n"
 SOFTPLUS_REWEIGHT = """\
@@ -42,9 +42,9 @@ def test_check_ok_one_line_summary_per_spec(specs):
     assert code == 0
     lines = out.strip().splitlines()
     assert len(lines) == 3
-    assert lines[0] == f"{specs['causal']}: ok: attention causal (softmax, 1 pass; inputs: none)"
-    assert lines[1] == f"{specs['softplus_reweight']}: ok: attention softplus_reweight (general, 2 passes; inputs: p, tau)"
-    assert lines[2] == f"{specs['alibi']}: ok: attention alibi (softmax, 1 pass; inputs: slopes*)"
+    assert lines[0] == f"{specs['causal']}: ok: attention causal (softmax, 1 pass; params: none; inputs: none)"
+    assert lines[1] == f"{specs['softplus_reweight']}: ok: attention softplus_reweight (general, 2 passes; params: p, tau; inputs: none)"
+    assert lines[2] == f"{specs['alibi']}: ok: attention alibi (softmax, 1 pass; params: none; inputs: slopes*)"
 
 
 def test_check_bad_spec_exit_1_with_location(specs):
@@ -98,7 +98,7 @@ def test_ir_prints_the_dump(specs):
     assert code == 0
     assert out.startswith(f"attention softplus_reweight    # {specs['softplus_reweight']}\n")
     assert "passes     2 over the keys" in out
-    assert re.search(r"^  pass 2 +r2 = rowsum\(", out, re.M)
+    assert re.search(r"^  pass 2 +r2 = rowsum\(", out, re.MULTILINE)
 
 
 def test_ir_bad_spec(specs, tmp_path):
@@ -122,11 +122,11 @@ def _attnc_command():
 
 def test_real_subprocess(specs, tmp_path):
     good = subprocess.run([*_attnc_command(), "check", str(specs["causal"])], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+                          cwd=tmp_path, timeout=120, check=False)
     assert good.returncode == 0, good.stderr
     assert "ok: attention causal" in good.stdout
     bad = subprocess.run([*_attnc_command(), "check", str(specs["bad"]), str(tmp_path / "missing.attn")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
     assert bad.returncode == 1
     assert f"{specs['bad']}:3:27: error: unknown name 'windw'" in bad.stderr
     assert "cannot read spec" in bad.stderr
