@@ -109,10 +109,12 @@ def build(specs, out_dir, then_verify):
     sys.exit(1 if failed else 0)
 
 
-def _verify_all(specs, dtype_name, seed) -> bool:
+def _verify_all(specs, dtype_name, seed, length=None) -> bool:
+    import time
+
     import torch
 
-    from .verify import format_table, verify_variant
+    from .verify import _fixed_length, describe, format_table, verify_variant
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,20 +125,32 @@ def _verify_all(specs, dtype_name, seed) -> bool:
             click.echo("note: no GPU and TRITON_INTERPRET is not set: CPU calls run the reference, so "
                        "there are no kernels to verify; set TRITON_INTERPRET=1 to run them in Triton's "
                        "interpreter", err=True)
-    all_ok = True
-    for path in specs:
+    counts = {"ok": 0, "MISMATCH": 0, "not built": 0, "reference only": 0}
+    start = time.monotonic()
+    for i, path in enumerate(specs, 1):
+        click.echo(f"[{i}/{len(specs)}] {path}")
         attn = _load_or_report(path)
         if attn is None:
-            all_ok = False
+            counts["not built"] += 1
             continue
         if not attn.has_kernels:
             click.echo(f"{path}: reference only: no kernels were generated for this spec, so there is "
                        "nothing to verify")
+            counts["reference only"] += 1
             continue
-        rows = verify_variant(path, attn, dtype=dtype, seed=seed, device=device)
-        ok = all(r.ok for r in rows)
-        all_ok &= ok
-        click.echo(format_table(f"{path}: {'ok' if ok else 'MISMATCH'} ({device}, {dtype_name})", rows))
+        if length is not None:
+            fixed = _fixed_length(compile_file(path))
+            if fixed is not None and fixed != length:
+                click.echo(f"  note: the spec's token layout fixes L = {fixed}; --L {length} does not apply")
+        rows = verify_variant(path, attn, dtype=dtype, seed=seed, device=device, length=length,
+                              on_case=lambda case: click.echo(f"  case {case.label}: {describe(case)}"))
+        verdict = "ok" if all(r.ok for r in rows) else "MISMATCH"
+        counts[verdict] += 1
+        click.echo(format_table(f"{path}: {verdict} ({device}, {dtype_name})", rows))
+    summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n or what == "ok")
+    all_ok = counts["MISMATCH"] == 0 and counts["not built"] == 0
+    click.echo(f"verify: {len(specs)} spec{'s' * (len(specs) != 1)}: {summary} "
+               f"({time.monotonic() - start:.0f} s, {device}, {dtype_name}): {'PASS' if all_ok else 'FAIL'}")
     return all_ok
 
 
@@ -144,9 +158,11 @@ def _verify_all(specs, dtype_name, seed) -> bool:
 @click.argument("specs", nargs=-1, required=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def verify(specs, dtype, seed):
+@click.option("--L", "length", type=click.IntRange(min=1), default=None,
+              help="sequence length (default: beyond the spec's constants, at least 45; a grid layout fixes it)")
+def verify(specs, dtype, seed, length):
     """Check the kernels of SPECS against the reference, forward and backward, on random shapes."""
-    sys.exit(0 if _verify_all(specs, dtype, seed) else 1)
+    sys.exit(0 if _verify_all(specs, dtype, seed, length) else 1)
 
 
 # -- attnc mask ---------------------------------------------------------------------------------------

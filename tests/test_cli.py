@@ -131,3 +131,26 @@ def test_real_subprocess(specs, tmp_path):
     assert f"{specs['bad']}:3:27: error: unknown name 'windw'" in bad.stderr
     assert "cannot read spec" in bad.stderr
     assert "Traceback" not in bad.stderr + bad.stdout
+
+
+def test_verify_draws_lengths_past_the_constants_and_reports_progress(tmp_path):
+    """A const the mask compares with (64) is exceeded by the drawn length, so the spec is not tested
+    as full attention only; sizes, progress and a summary line are printed; --L overrides."""
+    from attnc.pipeline import compile_text
+    from attnc.verify import cases
+
+    text = "attention capped\nconst C = 64\nparam w = 5\nmask kv <= q and (kv < C or q - kv < w)\n"
+    variant = compile_text(text)
+    drawn = cases(variant)
+    assert all(c.Lk > 64 for c in drawn)
+    assert any(c.params.get("w", 5) < c.Lk for c in drawn)
+    assert all(c.Lk == 9 for c in cases(variant, 9))
+    spec = tmp_path / "capped.attn"
+    spec.write_text(text)
+    code, out = run("verify", "--L", "9", str(spec), str(spec))
+    assert code == 0, out
+    assert "[1/2]" in out and "[2/2]" in out
+    assert "case base: B=1 Hq=2 Hk=2 Hv=2 Lq=9 Lk=9 Dqk=40 Dv=40" in out
+    assert re.search(r"^verify: 2 specs: 2 ok \(\d+ s, cpu, float32\): PASS$", out, re.MULTILINE), out
+    code, out = run("verify", "--L", "0", str(spec))
+    assert code == 2 and "--L" in out
