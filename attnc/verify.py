@@ -130,7 +130,7 @@ def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -
     for t in variant.tensors:
         shape = [sizes[a] for a in t.axes]
         if t.dtype == "int":
-            span = max(2, (case.Lk if any(a in ("L", "Lq", "Lk") for a in t.axes) else case.Lk) // 4 + 2)
+            span = max(2, case.Lk // 4 + 2)
             x = torch.randint(0, span, shape, generator=generator)
             if t.axes and t.axes[-1] in ("L", "Lq", "Lk"):
                 x = x.sort(dim=-1).values  # like document ids: contiguous runs
@@ -182,7 +182,7 @@ def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu",
         learnable = [t.name for t in variant.tensors if t.learnable]
         do = torch.randn(case.B, case.Hq, case.Lq, case.Dv, generator=generator, dtype=torch.float64)
 
-        def run(fn, cast):
+        def run(fn, cast, q=q, k=k, v=v, extra=extra, learnable=learnable, case=case, do=do):
             leaves = [x.to(device=device, dtype=cast).requires_grad_() for x in (q, k, v)]
             kw = {n: (x.to(device=device, dtype=cast if x.is_floating_point() else x.dtype)) for n, x in extra.items()}
             for n in learnable:
