@@ -168,6 +168,7 @@ def verify(specs, dtype, seed, length):
 # -- attnc mask ---------------------------------------------------------------------------------------
 
 DEFAULT_LENGTH = 64  # short enough to print every element
+DISPLAY_TILE_MIN, DISPLAY_TILE_MAX = 4, 128  # default tiles of `attnc mask`
 ELEMENT_LIMIT = 1 << 24  # elements of the largest mask evaluated densely (16 MiB of bools)
 TILE_LIMIT = 1 << 26  # the drawn plan is a dense [tiles_q, tiles_k] grid: 64 MiB at most
 
@@ -269,7 +270,8 @@ def _slice(t, batch: int, head: int):
 @click.option("--shape", help="Lq,Lk or B,H,Lq,Lk (H: query heads)")
 @click.option("--param", "pairs", multiple=True, metavar="NAME=VALUE",
               help="a param, or a tensor input as comma-separated values; repeatable")
-@click.option("--block", help="tile size M,N (or M for both), powers of two; default: the planner's")
+@click.option("--block", help="tile size M,N (or M for both), powers of two; default: about 16 tiles along the "
+              "longer axis, from 4 to 128 (the same on every machine)")
 @click.option("--batch", default=0, type=click.IntRange(min=0), show_default=True, help="batch to draw")
 @click.option("--head", default=0, type=click.IntRange(min=0), show_default=True, help="query head to draw")
 @click.option("--png", type=click.Path(dir_okay=False), help="also draw the plan (and mask) into this PNG")
@@ -289,7 +291,11 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
         _fail(err)
         sys.exit(1)
     B, Hq, Lq, Lk = _sizes(variant, length, shape)
-    tiles = {}
+    # default tiles for display: the same on every machine (not the interpreter's or a GPU's plan
+    # tiles), and fine enough for a useful grid: about 16 tiles along the longer axis, 4 to 128 wide
+    side = 1 << max(0, (max(Lq, Lk) // 16).bit_length() - 1)
+    side = min(DISPLAY_TILE_MAX, max(DISPLAY_TILE_MIN, side))
+    tiles = {"block_m": side, "block_n": side}
     if block is not None:
         bm, bn = (_ints(block, "--block", (1, 2)) * 2)[:2]
         if bm & (bm - 1) or bn & (bn - 1):

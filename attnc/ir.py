@@ -1,6 +1,6 @@
 """The IR: what a variant computes, as sympy expressions plus a small vocabulary of its own.
 
-A `Variant` is the checked, lowered form of a spec (see ../shared/design.md, "The semantic model"):
+A `Variant` is the checked, lowered form of a spec (the semantic model: docs/language.md, "What a spec computes"):
 
 - indices `b, h, q, kv` and sizes `B, Hq, Hk, Hv, Lq, Lk` are integer symbols;
 - scalar parameters are symbols (runtime) or already substituted numbers (`const`);
