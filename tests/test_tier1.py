@@ -228,7 +228,7 @@ def test_error_wrong_rank_and_shapes():
     _raises_naming("q", lambda: attn(q[0], k, v))
     _raises_naming("k", lambda: attn(q, k[..., :-1], v))                  # Dqk differs from q's
     _raises_naming("v", lambda: attn(q, k, v[:, :, :-1]))                 # Lk differs from k's
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"causal: argument 'k': batch size 2 differs from q's 1"):
         attn(q, k.expand(2, -1, -1, -1), v)                                # batch differs
 
 
@@ -245,7 +245,7 @@ def test_error_missing_and_bad_tensor_inputs():
     q, k, v, plain, _ = make_inputs("document", "self")
     _raises_naming("doc_ids", lambda: load("document")(q, k, v))
     _raises_naming("doc_ids", lambda: load("document")(q, k, v, doc_ids=plain["doc_ids"][:, :-1]))
-    with pytest.raises(ValueError):  # document needs Lq == Lk
+    with pytest.raises(ValueError, match=r"document: argument '(k|doc_ids)': .*(Lq == Lk|shape)"):  # needs Lq == Lk
         load("document")(q[:, :, :-2], k, v, doc_ids=plain["doc_ids"])
 
 
