@@ -12,26 +12,26 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-import math  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from functools import lru_cache  # noqa: E402
-from pathlib import Path  # noqa: E402
+import math
+import re
+import sys
+from functools import cache
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import attnc  # noqa: E402
+import attnc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import formulas as F  # noqa: E402
-from compare import check_close  # noqa: E402
+import formulas as F
+from compare import check_close
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOL = {torch.float32: (2e-3, 5e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name):
     """Fails (AttributeError) rather than skipping while attnc.load does not exist."""
     return attnc.load(EXAMPLES / f"{name}.attn")
