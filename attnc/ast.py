@@ -47,7 +47,7 @@ class Index(Expr):
 
 @dataclass(frozen=True)
 class BinOp(Expr):
-    op: str  # + - * / // % ** >>
+    op: str  # + - * / // % ** >> << & | ^
     left: Expr
     right: Expr
 

@@ -12,6 +12,7 @@ import keyword
 from dataclasses import dataclass, field
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 from . import ast, ir
 from .errors import Diagnostic, Span, SpecError, did_you_mean
@@ -38,6 +39,10 @@ _REAL_FUNCS = {
     "softplus": ir.Softplus,
     "relu": ir.Relu,
     "log2": ir.Log2,
+    "sin": sympy.sin,
+    "cos": sympy.cos,
+    "tan": sympy.tan,
+    "erf": sympy.erf,
 }
 _OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel"}
 FUNCTIONS = frozenset(_REAL_FUNCS) | _OTHER_FUNCS
@@ -104,6 +109,8 @@ class Checker:
         self.mask = self.score = self.probs = None
         self.seen: dict[type, Span] = {}
         self.lowering = None  # the statement being checked
+        self.failed: set = set()  # names whose definition had an error
+        self.key_learnable: dict = {}  # load of a learnable tensor indexed by kv -> its first subscript's span
 
     # ---- reporting ----
     def error(self, message: str, span: Span | None, hint: str | None = None):
@@ -117,7 +124,11 @@ class Checker:
             try:
                 self.statement(stmt)
             except _Abort:
-                pass
+                # its names stay undefined: later uses are not reported again as unknown
+                if isinstance(stmt, ast.Let):
+                    self.failed.update(stmt.names)
+                elif isinstance(stmt, (ast.Binding, ast.Input)):
+                    self.failed.add(stmt.name)
         if self.errors:
             raise SpecError(self.errors, self.spec.path, self.spec.source)
         mask = self.mask if self.mask is not None else sympy.true
@@ -204,6 +215,9 @@ class Checker:
     def stmt_binding(self, stmt: ast.Binding):
         value = self.lower(stmt.value)
         if stmt.kind == "const":
+            if stmt.type == "bool" or value.type == BOOL:
+                self.error(f"const '{stmt.name}' cannot be bool: consts are numbers", stmt.span,
+                           f"for a switch write 'param {stmt.name}: bool = true' (a per-call keyword argument)")
             number = self.const_number(stmt, value)
             declared = stmt.type or ("int" if isinstance(number, int) else "float")
             self.check_declared_type(stmt, declared, INT if isinstance(number, int) else REAL)
@@ -214,6 +228,9 @@ class Checker:
             return
         if value.uses_score or value.uses_rowstat:
             self.error("a parameter's default cannot depend on the score or on row statistics", stmt.value.span)
+        if stmt.type == "bool" or (stmt.type is None and value.type == BOOL):
+            self.bool_param(stmt, value)
+            return
         bad = value.expr.free_symbols - set(ir.SIZES.values())
         if bad:
             self.error("a parameter's default may use numbers, constants and sizes (Lq, Lk, B, Hq, ...) only",
@@ -226,9 +243,22 @@ class Checker:
         self.define(stmt.name, stmt.span, _Entry("param", stmt.span, _Value(symbol, _DTYPE_TYPE[declared])))
         self.params.append(ir.Param(stmt.name, declared, default, symbol))
 
+    def bool_param(self, stmt: ast.Binding, value: _Value):
+        """`param flag: bool = true`: a condition chosen per call. Kernels and plans receive it as an
+        integer 0 or 1; in expressions it is the condition `flag != 0`."""
+        if value.type != BOOL:
+            self.error(f"param '{stmt.name}' is declared bool but its default is {value.type}", stmt.value.span,
+                       "write true or false")
+        if value.expr not in (sympy.true, sympy.false):
+            self.error(f"the default of bool param '{stmt.name}' must be true or false", stmt.value.span)
+        symbol = sympy.Symbol(stmt.name, integer=True)
+        self.define(stmt.name, stmt.span, _Entry("param", stmt.span, _Value(sympy.Ne(symbol, 0, evaluate=False), BOOL)))
+        self.params.append(ir.Param(stmt.name, "bool", sympy.Integer(1 if value.expr is sympy.true else 0), symbol))
+
     def check_declared_type(self, stmt: ast.Binding, declared: str, actual: str):
         if declared == "bool":
-            self.error(f"{stmt.kind} '{stmt.name}' cannot be bool", stmt.span, "use int (0 or 1) or a mask expression")
+            self.error(f"{stmt.kind} '{stmt.name}' cannot be bool", stmt.span,
+                       "use a bool param (param flag: bool = true), an int (0 or 1), or a mask expression")
         if actual == BOOL:
             self.error(f"{stmt.kind} '{stmt.name}' must be a number, not a condition", stmt.value.span)
         if declared == "int" and actual != INT:
@@ -327,6 +357,7 @@ class Checker:
                        "use 'x if cond else y' to choose between numbers")
         if value.uses_rowstat:
             self.error("the score cannot use row statistics; use them in 'probs'", value.uses_rowstat)
+        self.no_key_gradients(value.expr)
         self.score_value = _Value(value.expr, REAL, value.uses_score, None)
         self.score = value.expr
 
@@ -338,7 +369,18 @@ class Checker:
         if not value.uses_score:
             self.error("probs does not depend on the score", stmt.value.span,
                        "write the weights as a function of 'score', e.g. softmax(score)")
+        self.no_key_gradients(value.expr)
         self.probs = value.expr
+
+    def no_key_gradients(self, expr):
+        """The backward computes gradients of learnable inputs read per batch entry, head or query;
+        one read per key (`bias[kv]`) has no gradient kernel yet, so check refuses what build would."""
+        for load in sorted(sympy.sympify(expr).atoms(AppliedUndef), key=sympy.default_sort_key):
+            if load in self.key_learnable:
+                name = load.func.__name__
+                self.error(f"learnable input '{name}' is read per key (indexed by 'kv'): gradients of inputs "
+                           "read per key are not supported yet", self.key_learnable[load],
+                           f"drop 'learnable' from '{name}' (it is then a fixed input), or index it by b, h or q")
 
     # ---- expressions ----
     def lower_int(self, node, what: str) -> _Value:
@@ -374,6 +416,8 @@ class Checker:
             v = self.score_value
             return _Value(v.expr, REAL, node.span, None)
         entry = self.env.get(name)
+        if entry is None and name in self.failed:
+            raise _Abort  # its definition's error is reported already
         if entry is None:
             later = self.defined_later(name)
             if later is not None:
@@ -413,6 +457,8 @@ class Checker:
 
     def expr_index(self, node: ast.Index) -> _Value:
         entry = self.env.get(node.tensor)
+        if entry is None and node.tensor in self.failed:
+            raise _Abort  # its definition's error is reported already
         if entry is None or entry.kind != "tensor":
             if entry is None and self.defined_later(node.tensor):
                 self.error(f"'{node.tensor}' is used before its definition", node.span)
@@ -432,7 +478,13 @@ class Checker:
                 want = " or ".join(f"'{a}'" for a in allowed)
                 self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span)
             indices.append(ir.INDICES[idx.id])
-        return _Value(tensor.load(*indices), _DTYPE_TYPE[tensor.dtype])
+        load = tensor.load(*indices)
+        if tensor.learnable and ir.kv in indices:
+            self.key_learnable.setdefault(load, node.span)
+        if tensor.dtype == "bool":
+            # a condition: sympy's and/or/not/if take only Booleans, and every printer knows `!=`
+            return _Value(sympy.Ne(load, 0, evaluate=False), BOOL)
+        return _Value(load, _DTYPE_TYPE[tensor.dtype])
 
     def expr_neg(self, node: ast.Neg) -> _Value:
         v = self.lower(node.operand)
@@ -458,9 +510,15 @@ class Checker:
         parts = []
         for (a, av), op, (b, bv) in zip(zip(node.operands, values), node.ops, zip(node.operands[1:], values[1:])):
             if op in ("==", "!=") and av.type == BOOL and bv.type == BOOL:
-                eq = sympy.Equivalent(av.expr, bv.expr)
-                parts.append(eq if op == "==" else sympy.Not(eq))
+                # written with and/or/not, which every printer (Triton, torch, intervals) has
+                x, y = av.expr, bv.expr
+                same = sympy.Or(sympy.And(x, y), sympy.And(sympy.Not(x), sympy.Not(y)))
+                differ = sympy.Or(sympy.And(x, sympy.Not(y)), sympy.And(sympy.Not(x), y))
+                parts.append(same if op == "==" else differ)
                 continue
+            if (av.type == BOOL) != (bv.type == BOOL) and op in ("==", "!="):
+                self.error(f"'{op}' compares two conditions or two numbers, not a condition with a number",
+                           node.span, "use 'x if cond else y' to turn a condition into a number")
             self.need_number(av, a, f"'{op}'")
             self.need_number(bv, b, f"'{op}'")
             rel = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "==": sympy.Eq, "!=": sympy.Ne}[op]
@@ -492,6 +550,18 @@ class Checker:
         self.need_number(right, node.right, f"'{op}'")
         both_int = left.type == INT and right.type == INT
         a, c = left.expr, right.expr
+        if op in ("&", "|", "^", "<<"):
+            for side, v in ((node.left, left), (node.right, right)):
+                if v.type != INT:
+                    self.error(f"'{op}' needs integers, but this is real", side.span,
+                               "bitwise operators work on integers; use floor(x) to get one")
+            if op == "<<":
+                if not (c.is_Integer and 0 <= int(c) <= 62):
+                    self.error("the shift count of '<<' must be an integer from 0 to 62 known at build time "
+                               "(a number or a const)", node.right.span, "for a count known at run time write a * 2 ** n")
+                return _merge(ir.LShift(a, c), INT, left, right)
+            fn = {"&": ir.BitAnd, "|": ir.BitOr, "^": ir.BitXor}[op]
+            return _merge(fn(a, c), INT, left, right)
         if op in ("//", "%", ">>"):
             for side, v in ((node.left, left), (node.right, right)):
                 if v.type != INT:

@@ -53,9 +53,11 @@ def check(specs):
 
         rows = plan_rows(variant)
         kind = "softmax" if rows.softmax is not None else "general"
-        inputs = [p.name for p in variant.params] + [t.name + ("*" if t.learnable else "") for t in variant.tensors]
+        params = [p.name for p in variant.params]
+        inputs = [t.name + ("*" if t.learnable else "") for t in variant.tensors]
         click.echo(f"{path}: ok: attention {variant.name} ({kind}, {rows.passes} pass"
-                   f"{'es' if rows.passes > 1 else ''}; inputs: {', '.join(inputs) or 'none'})")
+                   f"{'es' if rows.passes > 1 else ''}; params: {', '.join(params) or 'none'}; "
+                   f"inputs: {', '.join(inputs) or 'none'})")
     sys.exit(1 if failed else 0)
 
 
@@ -109,10 +111,12 @@ def build(specs, out_dir, then_verify):
     sys.exit(1 if failed else 0)
 
 
-def _verify_all(specs, dtype_name, seed) -> bool:
+def _verify_all(specs, dtype_name, seed, length=None) -> bool:
+    import time
+
     import torch
 
-    from .verify import verify_variant, format_table
+    from .verify import _fixed_length, describe, format_table, verify_variant
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,20 +127,32 @@ def _verify_all(specs, dtype_name, seed) -> bool:
             click.echo("note: no GPU and TRITON_INTERPRET is not set: CPU calls run the reference, so "
                        "there are no kernels to verify; set TRITON_INTERPRET=1 to run them in Triton's "
                        "interpreter", err=True)
-    all_ok = True
-    for path in specs:
+    counts = {"ok": 0, "MISMATCH": 0, "not built": 0, "reference only": 0}
+    start = time.monotonic()
+    for i, path in enumerate(specs, 1):
+        click.echo(f"[{i}/{len(specs)}] {path}")
         attn = _load_or_report(path)
         if attn is None:
-            all_ok = False
+            counts["not built"] += 1
             continue
         if not attn.has_kernels:
             click.echo(f"{path}: reference only: no kernels were generated for this spec, so there is "
                        "nothing to verify")
+            counts["reference only"] += 1
             continue
-        rows = verify_variant(path, attn, dtype=dtype, seed=seed, device=device)
-        ok = all(r.ok for r in rows)
-        all_ok &= ok
-        click.echo(format_table(f"{path}: {'ok' if ok else 'MISMATCH'} ({device}, {dtype_name})", rows))
+        if length is not None:
+            fixed = _fixed_length(compile_file(path))
+            if fixed is not None and fixed != length:
+                click.echo(f"  note: the spec's token layout fixes L = {fixed}; --L {length} does not apply")
+        rows = verify_variant(path, attn, dtype=dtype, seed=seed, device=device, length=length,
+                              on_case=lambda case: click.echo(f"  case {case.label}: {describe(case)}"))
+        verdict = "ok" if all(r.ok for r in rows) else "MISMATCH"
+        counts[verdict] += 1
+        click.echo(format_table(f"{path}: {verdict} ({device}, {dtype_name})", rows))
+    summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n or what == "ok")
+    all_ok = counts["MISMATCH"] == 0 and counts["not built"] == 0
+    click.echo(f"verify: {len(specs)} spec{'s' * (len(specs) != 1)}: {summary} "
+               f"({time.monotonic() - start:.0f} s, {device}, {dtype_name}): {'PASS' if all_ok else 'FAIL'}")
     return all_ok
 
 
@@ -144,14 +160,17 @@ def _verify_all(specs, dtype_name, seed) -> bool:
 @click.argument("specs", nargs=-1, required=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def verify(specs, dtype, seed):
+@click.option("--L", "length", type=click.IntRange(min=1), default=None,
+              help="sequence length (default: beyond the spec's constants, at least 45; a grid layout fixes it)")
+def verify(specs, dtype, seed, length):
     """Check the kernels of SPECS against the reference, forward and backward, on random shapes."""
-    sys.exit(0 if _verify_all(specs, dtype, seed) else 1)
+    sys.exit(0 if _verify_all(specs, dtype, seed, length) else 1)
 
 
 # -- attnc mask ---------------------------------------------------------------------------------------
 
 DEFAULT_LENGTH = 64  # short enough to print every element
+DISPLAY_TILE_MIN, DISPLAY_TILE_MAX = 4, 128  # default tiles of `attnc mask`
 ELEMENT_LIMIT = 1 << 24  # elements of the largest mask evaluated densely (16 MiB of bools)
 TILE_LIMIT = 1 << 26  # the drawn plan is a dense [tiles_q, tiles_k] grid: 64 MiB at most
 
@@ -253,7 +272,8 @@ def _slice(t, batch: int, head: int):
 @click.option("--shape", help="Lq,Lk or B,H,Lq,Lk (H: query heads)")
 @click.option("--param", "pairs", multiple=True, metavar="NAME=VALUE",
               help="a param, or a tensor input as comma-separated values; repeatable")
-@click.option("--block", help="tile size M,N (or M for both), powers of two; default: the planner's")
+@click.option("--block", help="tile size M,N (or M for both), powers of two; default: about 16 tiles along the "
+              "longer axis, from 4 to 128 (the same on every machine)")
 @click.option("--batch", default=0, type=click.IntRange(min=0), show_default=True, help="batch to draw")
 @click.option("--head", default=0, type=click.IntRange(min=0), show_default=True, help="query head to draw")
 @click.option("--png", type=click.Path(dir_okay=False), help="also draw the plan (and mask) into this PNG")
@@ -273,7 +293,11 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
         _fail(err)
         sys.exit(1)
     B, Hq, Lq, Lk = _sizes(variant, length, shape)
-    tiles = {}
+    # default tiles for display: the same on every machine (not the interpreter's or a GPU's plan
+    # tiles), and fine enough for a useful grid: about 16 tiles along the longer axis, 4 to 128 wide
+    side = 1 << max(0, (max(Lq, Lk) // 16).bit_length() - 1)
+    side = min(DISPLAY_TILE_MAX, max(DISPLAY_TILE_MIN, side))
+    tiles = {"block_m": side, "block_n": side}
     if block is not None:
         bm, bn = (_ints(block, "--block", (1, 2)) * 2)[:2]
         if bm & (bm - 1) or bn & (bn - 1):
@@ -286,7 +310,7 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
     attn = _load_or_report(spec)
     if attn is None:
         sys.exit(1)
-    sizes = dict(Lq=Lq, Lk=Lk, B=B, Hq=Hq)
+    sizes = {"Lq": Lq, "Lk": Lk, "B": B, "Hq": Hq}
     try:
         plan = attn.plan(**sizes, **tiles, **inputs)
         show = elements if elements is not None else max(Lq, Lk) <= maskview.ELEMENTS_SHOWN

@@ -1,6 +1,6 @@
 """The IR: what a variant computes, as sympy expressions plus a small vocabulary of its own.
 
-A `Variant` is the checked, lowered form of a spec (see ../shared/design.md, "The semantic model"):
+A `Variant` is the checked, lowered form of a spec (the semantic model: docs/language.md, "What a spec computes"):
 
 - indices `b, h, q, kv` and sizes `B, Hq, Hk, Hv, Lq, Lk` are integer symbols;
 - scalar parameters are symbols (runtime) or already substituted numbers (`const`);
@@ -57,6 +57,42 @@ class RShift(Function):
     def eval(cls, a, n):
         if a.is_Integer and n.is_Integer and n >= 0:
             return Integer(int(a) >> int(n))
+
+
+class _BitOp(Function):
+    """Bitwise operations on integers (two's complement, as in Python)."""
+
+    is_integer = True
+    nargs = 2
+    _python = None
+
+    @classmethod
+    def eval(cls, a, b):
+        if a.is_Integer and b.is_Integer:
+            return Integer(cls._python(int(a), int(b)))
+
+
+class BitAnd(_BitOp):
+    _python = staticmethod(lambda a, b: a & b)
+
+
+class BitOr(_BitOp):
+    _python = staticmethod(lambda a, b: a | b)
+
+
+class BitXor(_BitOp):
+    _python = staticmethod(lambda a, b: a ^ b)
+
+
+class LShift(Function):
+    """`a << n` = `a * 2**n` for integers; n is a build-time constant (checked)."""
+
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a, n):
+        if a.is_Integer and n.is_Integer and n >= 0:
+            return Integer(int(a) << int(n))
 
 
 class FloorLog2(Function):
@@ -151,7 +187,7 @@ class Param:
     """A runtime scalar parameter: a keyword argument with a default."""
 
     name: str
-    dtype: str  # int | float
+    dtype: str  # int | float | bool (a bool is passed to kernels and plans as the integer 0 or 1)
     default: sympy.Expr  # a number, or an expression of the sizes (e.g. -log(Lk))
     symbol: Symbol
 

@@ -27,6 +27,10 @@ _TERMINAL_WORDS = {
     "COMP_OP": "a comparison",
     "ADD_OP": "'+' or '-'",
     "MUL_OP": "'*', '/', '//' or '%'",
+    "SHIFT_OP": "'>>' or '<<'",
+    "BOR": "'|'",
+    "BXOR": "'^'",
+    "BAND": "'&'",
     "LPAR": "'('",
     "RPAR": "')'",
     "LSQB": "'['",
@@ -99,9 +103,6 @@ class _ToAst(Transformer):
 
     def pow_(self, meta, children):
         return ast.BinOp(_span(meta), "**", children[0], children[1])
-
-    def rshift(self, meta, children):
-        return ast.BinOp(_span(meta), ">>", children[0], children[2])
 
     def neg(self, meta, children):
         return ast.Neg(_span(meta), children[0])

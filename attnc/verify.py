@@ -72,9 +72,26 @@ def _other_value(param: ir.Param, length: int):
     return value * 0.5 if value != 0 else 1.0
 
 
-def cases(variant: ir.Variant, length: int = 45) -> list[Case]:
+DEFAULT_LENGTH = 45
+LENGTH_CAP = 100  # lengths drawn to exceed a spec's constants stay under this (interpreter time)
+
+
+def default_length(variant: ir.Variant) -> int:
+    """A length that exercises the spec's constants: beyond every integer the mask compares with
+    (`kv < 64`, a const, an int param's default) up to LENGTH_CAP, so that a `const C = 64` is not
+    tested as full attention only. Params are also tested at a value below the length (cases())."""
+    numbers = {int(n) for n in sympy.sympify(variant.mask).atoms(sympy.Integer)}
+    numbers |= {int(v) for v in variant.consts.values() if isinstance(v, int)}
+    numbers |= {int(p.default) for p in variant.params if p.dtype == "int" and p.default.is_Integer}
+    fitting = [n for n in numbers if n + 3 <= LENGTH_CAP]
+    return max([DEFAULT_LENGTH] + [n + 3 for n in fitting])
+
+
+def cases(variant: ir.Variant, length: int | None = None) -> list[Case]:
+    """The problem sizes verify runs; `length` (--L) overrides the drawn length unless a token layout
+    fixes it."""
     fixed = _fixed_length(variant)
-    L = fixed or length
+    L = fixed or length or default_length(variant)
     equal = variant.needs_equal_lengths or fixed is not None
     out = []
     if fixed is not None and fixed > 128:
@@ -113,7 +130,7 @@ def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -
     for t in variant.tensors:
         shape = [sizes[a] for a in t.axes]
         if t.dtype == "int":
-            span = max(2, (case.Lk if any(a in ("L", "Lq", "Lk") for a in t.axes) else case.Lk) // 4 + 2)
+            span = max(2, case.Lk // 4 + 2)
             x = torch.randint(0, span, shape, generator=generator)
             if t.axes and t.axes[-1] in ("L", "Lq", "Lk"):
                 x = x.sort(dim=-1).values  # like document ids: contiguous runs
@@ -140,13 +157,24 @@ def _rel(got, ref) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu") -> list[Row]:
+def describe(case: Case) -> str:
+    """The sizes of a case, as verify prints them."""
+    params = "".join(f" {k}={v}" for k, v in case.params.items())
+    return (f"B={case.B} Hq={case.Hq} Hk={case.Hk} Hv={case.Hv} Lq={case.Lq} Lk={case.Lk} "
+            f"Dqk={case.Dqk} Dv={case.Dv}{params}")
+
+
+def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu", length: int | None = None,
+                   on_case=None) -> list[Row]:
+    """`on_case(case)` is called before each case runs (the CLI prints its sizes)."""
     variant = compile_file(path)
     generator = torch.Generator().manual_seed(seed)
     rows = []
     fwd_tol, bwd_tol = TOLERANCE[dtype]
     has_lse = attn.has_lse
-    for case in cases(variant):
+    for case in cases(variant, length):
+        if on_case is not None:
+            on_case(case)
         q = torch.randn(case.B, case.Hq, case.Lq, case.Dqk, generator=generator, dtype=torch.float64)
         k = torch.randn(case.B, case.Hk, case.Lk, case.Dqk, generator=generator, dtype=torch.float64)
         v = torch.randn(case.B, case.Hv, case.Lk, case.Dv, generator=generator, dtype=torch.float64)
@@ -154,7 +182,7 @@ def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu")
         learnable = [t.name for t in variant.tensors if t.learnable]
         do = torch.randn(case.B, case.Hq, case.Lq, case.Dv, generator=generator, dtype=torch.float64)
 
-        def run(fn, cast):
+        def run(fn, cast, q=q, k=k, v=v, extra=extra, learnable=learnable, case=case, do=do):
             leaves = [x.to(device=device, dtype=cast).requires_grad_() for x in (q, k, v)]
             kw = {n: (x.to(device=device, dtype=cast if x.is_floating_point() else x.dtype)) for n, x in extra.items()}
             for n in learnable:

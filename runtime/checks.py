@@ -3,6 +3,7 @@ the argument, and what was expected."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ class Signature:
     """What a generated function accepts besides q, k, v."""
 
     spec: str
-    params: tuple  # (name, "int" | "float")
+    params: tuple  # (name, "int" | "float" | "bool")
     tensors: tuple  # TensorSpec
     heads: dict  # role -> symbol name or fixed count
     equal_lengths: bool  # Lq must equal Lk
@@ -91,6 +92,32 @@ def check_qkv(sig: Signature, q, k, v) -> Shapes:
     return shapes
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Devices equal as tensors see them: 'cuda' without an index is the current CUDA device."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return a.index == b.index or a.type != "cuda"
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
+def check_device(sig: Signature, device) -> torch.device:
+    """The `device=` of plan() and mask(): a device this torch can allocate on."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        _fail(sig, "device", f"expected a torch device such as 'cpu' or 'cuda', got {device!r} ({err})")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail(sig, "device", f"{str(dev)!r} requested, but this torch has no usable CUDA device "
+              f"(torch {torch.__version__}); use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        _fail(sig, "device", f"expected 'cpu' or 'cuda', got {str(dev)!r}")
+    if dev.type == "cuda" and dev.index is None:  # 'cuda' means the current device, as tensors say it
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: dict, defaults: dict) -> dict:
     known = {name for name, _ in sig.params} | {t.name for t in sig.tensors}
     unknown = sorted(set(inputs) - known)
@@ -104,15 +131,21 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
             if value.numel() != 1:
                 _fail(sig, name, f"is a scalar parameter; got a tensor of shape {_shape(value)}")
             value = value.item()
+        if dtype == "bool":
+            if value not in (True, False) or isinstance(value, float):  # True, False, 1 or 0
+                _fail(sig, name, f"expected True or False, got {value!r}")
+            values[name] = int(bool(value))  # kernels and plans take 0 or 1
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(sig, name, f"expected a {dtype} number, got {type(value).__name__}")
+            article = "an" if dtype == "int" else "a"
+            _fail(sig, name, f"expected {article} {dtype} number, got {type(value).__name__}")
         if dtype == "int":
             if float(value) != int(value):
                 _fail(sig, name, f"expected an integer, got {value!r}")
             value = int(value)
         else:
             value = float(value)
-            if value != value:
+            if math.isnan(value):
                 _fail(sig, name, "is NaN")
         values[name] = value
     sizes = {"B": shapes.B, "Hq": shapes.Hq, "Lq": shapes.Lq, "Lk": shapes.Lk, "L": shapes.Lq}
@@ -126,7 +159,7 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
         if tuple(x.shape) != want:
             named = ", ".join(f"{a}={sizes[a]}" for a in t.axes)
             _fail(sig, t.name, f"expected shape [{', '.join(t.axes)}] = {list(want)} ({named}), got {_shape(x)}")
-        if x.device != torch.device(device):
+        if not same_device(x.device, torch.device(device)):
             _fail(sig, t.name, f"is on {x.device} but q is on {device}")
         if t.dtype == "float" and not x.dtype.is_floating_point:
             _fail(sig, t.name, f"expected a floating-point tensor, got {x.dtype}")
@@ -143,6 +176,6 @@ def resolve_scale(sig: Signature, scale, dqk: int) -> float:
         return dqk ** -0.5
     if isinstance(scale, torch.Tensor):
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or math.isnan(scale):
         _fail(sig, "scale", f"expected a float, got {scale!r}")
     return float(scale)

@@ -244,6 +244,7 @@ _MONOTONE = {  # non-decreasing functions: (on tensors, on numbers)
     "softplus": (torch.nn.functional.softplus, _softplus),
     "relu": (torch.relu, lambda v: max(v, 0)),
     "step": (lambda v: (v > 0).to(v.dtype), lambda v: 1 if v > 0 else 0),
+    "erf": (lambda v: torch.special.erf(v.double()), math.erf),
 }
 
 
@@ -252,6 +253,92 @@ def monotone(name: str, x):
     on_tensor, on_number = _MONOTONE[name]
     apply = lambda v: on_tensor(v if v.is_floating_point() or name in ("exp2",) else v.double()) if _is_t(v) else on_number(v)
     return apply(x[0]), apply(x[1])
+
+
+_BOUNDED = {  # (on tensors, on numbers, the bound of the function over any interval)
+    "sin": (torch.sin, math.sin, (-1.0, 1.0)),
+    "cos": (torch.cos, math.cos, (-1.0, 1.0)),
+    "tan": (torch.tan, lambda v: math.tan(v), (-INF, INF)),
+}
+
+
+def bounded(name: str, x):
+    """sin, cos, tan: exact on points (so refinement down to single pairs settles every cell), and
+    otherwise the function's bound over all reals ([-1, 1]; tan: everything), which is sound."""
+    on_tensor, on_number, (b_lo, b_hi) = _BOUNDED[name]
+    lo, hi = x
+    apply = lambda v: on_tensor(v.double()) if _is_t(v) else on_number(v)
+    value = apply(lo)
+    point = _eq(lo, hi)
+    return _where(point, value, b_lo), _where(point, value, b_hi)
+
+
+# ---- bitwise operators on integers (two's complement, as Python) ----
+def _bit_length(m):
+    """The number of bits of m >= 0 (as a float tensor or an int): 0 for 0."""
+    if _is_t(m):
+        m = m.double()
+        # float rounding can only raise the count (powers of two are exact): a wider bound, still sound
+        return torch.where(m > 0, torch.floor(torch.log2(torch.clamp(m, min=1))) + 1, torch.zeros_like(m))
+    return int(m).bit_length() if not math.isnan(m) and abs(m) != INF else INF
+
+
+def _span_bits(x):
+    """k such that every value of interval x lies in [-2**k, 2**k - 1]."""
+    lo, hi = x
+    return _bit_length(_max(_max(hi, 0), _max(-lo - 1, 0)))
+
+
+def _pow2(k):
+    return torch.pow(2.0, k) if _is_t(k) else (2.0 ** k if k != INF else INF)
+
+
+def _exact_bits(fn, a, b):
+    """fn on the lower ends, as integers (used where both intervals are points)."""
+    x, y = a[0], b[0]
+    if _is_t(x) or _is_t(y):
+        x = x.long() if _is_t(x) else torch.as_tensor(int(x) if abs(x) != INF else 0)
+        y = y.long() if _is_t(y) else torch.as_tensor(int(y) if abs(y) != INF else 0)
+        return fn(x, y)
+    return fn(int(x), int(y))
+
+
+def _bitwise(a, b, fn, nonneg_bound):
+    """Exact where both are points; where both are non-negative the op's own bound; otherwise the
+    two's complement range both operands fit in, which holds every bitwise result of them."""
+    k = _max(_span_bits(a), _span_bits(b))
+    general = (-_pow2(k), _pow2(k) - 1)
+    both_nonneg = _and(_le(0, a[0]), _le(0, b[0]))
+    lo_nn, hi_nn = nonneg_bound(a, b, k)
+    point = _and(_eq(a[0], a[1]), _eq(b[0], b[1]))
+    exact = _exact_bits(fn, a, b)
+    lo = _where(point, exact, _where(both_nonneg, lo_nn, general[0]))
+    hi = _where(point, exact, _where(both_nonneg, hi_nn, general[1]))
+    return lo, hi
+
+
+def bitand(a, b):
+    # x & y with y >= 0 lies in [0, y]; with both >= 0 in [0, min(x, y)]
+    lo, hi = _bitwise(a, b, lambda x, y: x & y, lambda a, b, k: (0, _min(a[1], b[1])))
+    a_nn, b_nn = _le(0, a[0]), _le(0, b[0])
+    only_one = _and(_or(a_nn, b_nn), _not(_and(a_nn, b_nn)))  # one operand >= 0, the other maybe not
+    only_one = _and(only_one, _not(_and(_eq(a[0], a[1]), _eq(b[0], b[1]))))
+    return _where(only_one, 0, lo), _where(only_one, _where(a_nn, a[1], b[1]), hi)
+
+
+def bitor(a, b):
+    # both >= 0: at least the larger operand, below the next power of two of the larger bound
+    return _bitwise(a, b, lambda x, y: x | y, lambda a, b, k: (_max(a[0], b[0]), _pow2(k) - 1))
+
+
+def bitxor(a, b):
+    return _bitwise(a, b, lambda x, y: x ^ y, lambda a, b, k: (0, _pow2(k) - 1))
+
+
+def lshift(x, n):
+    """x << n = x * 2**n for a constant n >= 0: monotone increasing in x."""
+    factor = 2 ** int(n[0])
+    return x[0] * factor, x[1] * factor
 
 
 def select(cond, a, b):

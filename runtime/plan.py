@@ -20,9 +20,12 @@ runs of query tiles) for the dK/dV kernel. Memory is O(runs + rows), at most O(v
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+from . import checks
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -36,27 +39,44 @@ class Summaries:
     """Per-cell minimum and maximum of tensor inputs, for cells aligned to powers of two.
 
     A tensor read at `doc_ids[b, q]` inside a cell of queries [c * S, (c + 1) * S) takes values in
-    [min, max] of that block. The blocks of size S are reduced from the largest smaller size already
-    summarized (a pyramid), so every size costs O(L) at most once and each lookup is a gather."""
+    [min, max] of that block; one read at `m[q, kv]` inside a cell of S queries x T keys takes values in
+    [min, max] of that S x T block of m (one block along every token axis the read ranges over). The
+    blocks of a size are reduced from the largest smaller size already summarized (a pyramid), so
+    every size costs O(tensor) at most once and each lookup is a gather."""
 
     def __init__(self):
         self._cache = {}
 
-    def block_min_max(self, tensor: torch.Tensor, axis: int, size: int):
-        key = (id(tensor), axis, size)
+    def block_min_max(self, tensor: torch.Tensor, blocks: tuple):
+        """(lo, hi): tensor reduced in blocks of `size` along each `axis` of `blocks`, a tuple of
+        (axis, size) pairs with distinct axes, sizes powers of two; other axes are kept."""
+        blocks = tuple(sorted(blocks))
+        axes = tuple(a for a, _ in blocks)
+        sizes = tuple(s for _, s in blocks)
+        key = (id(tensor), axes, sizes)
         if key not in self._cache:
-            if size == 1:
-                x = tensor.movedim(axis, -1)
-                x = x.long() if x.dtype == torch.bool else x
+            if all(s == 1 for s in sizes):
+                x = tensor.long() if tensor.dtype == torch.bool else tensor
                 self._cache[key] = (x, x, tensor)  # keeps tensor alive while its id is a key
             else:
-                # from the largest block size already summarized (all sizes are powers of two)
-                finer = max((s for (t, a, s) in self._cache if (t, a) == (id(tensor), axis) and s < size), default=1)
-                lo, hi, _ = self.block_min_max(tensor, axis, finer)
-                factor = size // finer
-                self._cache[key] = (_blocks(lo, factor, torch.amin, _top(lo)),
-                                    _blocks(hi, factor, torch.amax, _bottom(hi)), tensor)
+                # from the largest block size already summarized that divides this one (all sizes are
+                # powers of two, so every smaller size along each axis divides)
+                finer = [k[2] for k in self._cache if k[:2] == (id(tensor), axes)
+                         and all(f <= s for f, s in zip(k[2], sizes)) and k[2] != sizes]
+                finer = max(finer, key=lambda f: _prod(f), default=(1,) * len(sizes))
+                lo, hi, _ = self.block_min_max(tensor, tuple(zip(axes, finer)))
+                for axis, f, s in zip(axes, finer, sizes):
+                    lo = _blocks(lo, axis, s // f, torch.amin, _top(lo))
+                    hi = _blocks(hi, axis, s // f, torch.amax, _bottom(hi))
+                self._cache[key] = (lo, hi, tensor)
         return self._cache[key]
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
 
 
 def _top(x):
@@ -74,12 +94,16 @@ def _steps(counts: torch.Tensor) -> torch.Tensor:
     return total - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
 
 
-def _blocks(x, factor, reduce, pad_value):
-    """Reduce the last axis in blocks of `factor` (the last block padded with a neutral value)."""
+def _blocks(x, axis, factor, reduce, pad_value):
+    """Reduce `axis` in blocks of `factor` (the last block padded with a neutral value)."""
+    if factor == 1:
+        return x
+    x = x.movedim(axis, -1)
     pad = -x.shape[-1] % factor
     if pad:
         x = torch.cat([x, x.new_full((*x.shape[:-1], pad), pad_value)], dim=-1)
-    return reduce(x.view(*x.shape[:-1], x.shape[-1] // factor, factor), dim=-1)
+    x = reduce(x.reshape(*x.shape[:-1], x.shape[-1] // factor, factor), dim=-1)
+    return x.movedim(-1, axis)
 
 
 class Cells:
@@ -100,24 +124,19 @@ class Cells:
         self.summaries = summaries
 
     def load(self, tensor: torch.Tensor, *indices: str):
-        """min and max of tensor[indices] over each cell; indices name b, h, q or kv per axis."""
-        ranged = [axis for axis, name in enumerate(indices) if name in ("q", "kv")]
+        """min and max of tensor[indices] over each cell; indices name b, h, q or kv per axis.
+
+        Every axis indexed by q or kv is read over the cell's range of that index (a block of the
+        summaries), every axis indexed by b or h at the cell's point: exact on single pairs, and for
+        a tensor indexed by both q and kv (`m[q, kv]`) the bound of exactly the cell's rectangle."""
         sizes = {"q": self.q_size, "kv": self.kv_size}
+        starts = {"q": self.q[0], "kv": self.kv[0]}
         points = {"b": self.b_index, "h": self.h_index}
-        if len(ranged) > 1 and any(sizes[indices[a]] > 1 for a in ranged):
-            # read over two ranges at once: the whole tensor's range still bounds it
-            lo, hi = tensor.min(), tensor.max()
-            n = self.q[0].shape[0]
-            return lo.expand(n), hi.expand(n)
-        if not ranged:
-            index = tuple(points[name] for name in indices)
-            return tensor[index], tensor[index]
-        axis = ranged[0]
-        name = indices[axis]
-        size = sizes[name]
-        lo, hi, _ = self.summaries.block_min_max(tensor, axis, size)
-        cell = torch.div((self.q if name == "q" else self.kv)[0], size, rounding_mode="floor")
-        index = tuple(points[n] if n in points else cell for a, n in enumerate(indices) if a != axis) + (cell,)
+        blocks = tuple((axis, sizes[name]) for axis, name in enumerate(indices) if name in sizes)
+        lo, hi, _ = self.summaries.block_min_max(tensor, blocks) if blocks else (tensor, tensor, None)
+        index = tuple(points[name] if name in points
+                      else torch.div(starts[name], sizes[name], rounding_mode="floor")
+                      for name in indices)
         return lo[index], hi[index]
 
 
@@ -131,7 +150,7 @@ class Runs:
         self.runs = runs  # int32 [n, 2]
 
     @staticmethod
-    def build(rows: torch.Tensor, first: torch.Tensor, length: torch.Tensor, n_rows: int, n_cols: int) -> "Runs":
+    def build(rows: torch.Tensor, first: torch.Tensor, length: torch.Tensor, n_rows: int, n_cols: int) -> Runs:
         """Runs from unordered (row, first, length) triples that never overlap; touching runs merge."""
         device = rows.device
         rows, first, length = rows.long(), first.long(), length.long()
@@ -164,6 +183,44 @@ class Runs:
         return tile_rows, start + _steps(length)
 
 
+class _TensorStamp:
+    """Which tensor a plan read, and in which state: the tensor itself (weakly held), its storage
+    address and its version counter (bumped by every in-place change)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ref = weakref.ref(tensor)
+        self.data_ptr = tensor.data_ptr()
+        self.version = tensor._version
+        self.shape = tuple(tensor.shape)
+
+    def differs(self, tensor: torch.Tensor) -> str | None:
+        """Why `tensor` is not what the plan read (None when it is)."""
+        if self.ref() is not tensor or tensor.data_ptr() != self.data_ptr:
+            return "a different tensor"
+        if tensor._version != self.version:
+            return "the same tensor, modified in place since"
+        return None
+
+
+@dataclass
+class BuiltFor:
+    """What a plan depends on: the spec (name and content hash), the sizes and tile sizes, the values
+    of the params its mask reads and the tensor inputs it read. A call given `plan=` compares its own
+    with the plan's and refuses a plan built for anything else."""
+
+    spec: str
+    spec_hash: str
+    sizes: dict  # the sizes the mask depends on (Lq, Lk always)
+    blocks: tuple  # (block_m, block_n)
+    params: dict  # name -> value, the params the mask reads
+    tensors: dict  # name -> _TensorStamp, the tensor inputs the mask reads
+
+    @staticmethod
+    def of(spec, spec_hash, *, sizes, blocks, params, tensors) -> BuiltFor:
+        return BuiltFor(spec, spec_hash, dict(sizes), tuple(blocks), dict(params),
+                        {name: _TensorStamp(t) for name, t in tensors.items()})
+
+
 @dataclass
 class TilePlan:
     """The tiles one problem size visits. Rows are (batch, head, query tile) with batch and head
@@ -178,6 +235,7 @@ class TilePlan:
     q_full: Runs  # by (batch, head, query tile): runs of key tiles
     q_partial: Runs
     _kv_lists: tuple | None = None  # by (batch, head, key tile): runs of query tiles (FULL, PARTIAL)
+    built_for: BuiltFor | None = None  # what the plan was built for (set by a generated plan())
 
     @property
     def tiles_q(self) -> int:
@@ -273,7 +331,7 @@ def from_ranges(n_lo, n_hi, full_lo, full_hi, *, block_m, block_n, Lq, Lk, batch
     the keys every query of the tile sees (full_lo..full_hi; empty when full_lo > full_hi); tensors
     [batch * heads * tiles_q]. Tiles meeting [n_lo, n_hi] are visited; those inside the full range
     are FULL. This is the computation the kernels do for such masks, done once on the host."""
-    tq, tk = -(-Lq // block_m), -(-Lk // block_n)
+    tk = -(-Lk // block_n)
     rows = torch.arange(n_lo.numel(), device=n_lo.device)
     visited = n_lo.clamp(min=0) <= n_hi.clamp(max=Lk - 1)
     first = torch.div(n_lo.clamp(min=0), block_n, rounding_mode="floor")
@@ -413,14 +471,25 @@ def _search(evaluate, g, i, j, tiles, block_m, block_n, Lq, Lk, beam):
     return found
 
 
-def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_n) -> TilePlan:
-    """A plan passed to a generated function (`attn(q, k, v, plan=...)`) must be one built for this
-    call's sizes, tiles and device; the message says which differs and how to build the right one."""
+def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_n,
+               built_for: BuiltFor | None = None, values: dict | None = None) -> TilePlan:
+    """A plan passed to a generated function (`attn(q, k, v, plan=...)`) must be one built by this
+    spec's plan() for this call's sizes, tiles, device, the values of the params its mask reads and
+    the very tensors it read, unchanged: the message says which differs and how to build the right
+    one. `built_for` is what this call would build; `values` the call's inputs (for the messages)."""
     def fail(message):
         raise ValueError(f"{spec}: argument 'plan': {message}")
 
     if not isinstance(plan, TilePlan):
         fail(f"expected a TilePlan from {spec}.plan(...), got {type(plan).__name__}")
+    mine = plan.built_for
+    if built_for is not None:
+        if mine is None:
+            fail(f"this plan does not record what it was built for; build it with {spec}.plan(...)")
+        if (mine.spec, mine.spec_hash) != (built_for.spec, built_for.spec_hash):
+            other = "another version of this spec" if mine.spec == built_for.spec else f"spec '{mine.spec}'"
+            fail(f"built for {other} (hash {mine.spec_hash[:12]}), not this one (hash {built_for.spec_hash[:12]}); "
+                 f"build it with {spec}.plan(...)")
     for what, got, want in (("Lq", plan.Lq, Lq), ("Lk", plan.Lk, Lk), ("batch entries", plan.batch, batch),
                             ("query heads", plan.heads, heads)):
         if got != want:
@@ -428,6 +497,24 @@ def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_
     if (plan.block_m, plan.block_n) != (block_m, block_n):
         fail(f"built with {plan.block_m}x{plan.block_n} tiles, the kernels use {block_m}x{block_n}: "
              f"leave block_m and block_n at their defaults")
-    if plan.q_full.offsets.device != torch.device(device):
+    if not checks.same_device(plan.q_full.offsets.device, torch.device(device)):
         fail(f"is on {plan.q_full.offsets.device}, the inputs on {device}: build it with device=q.device")
+    if built_for is None:
+        return plan
+    for name, want in built_for.sizes.items():
+        got = mine.sizes.get(name)
+        if got != want:
+            fail(f"built for {name} = {got}, but this call has {want}")
+    for name, want in built_for.params.items():
+        got = mine.params.get(name)
+        if got != want:
+            fail(f"built with {name} = {got!r}, but this call has {name} = {want!r}; "
+                 f"build the plan with {spec}.plan(..., {name}={want!r})")
+    for name in built_for.tensors:
+        stamp = mine.tensors.get(name)
+        tensor = (values or {}).get(name)
+        why = "no record of it" if stamp is None else (stamp.differs(tensor) if tensor is not None else None)
+        if why:
+            fail(f"built from another '{name}': this call passes {why}; pass the tensor the plan was "
+                 f"built from, unchanged, or build a new plan with {spec}.plan(..., {name}=...)")
     return plan

@@ -129,3 +129,24 @@ def expand_heads(x: torch.Tensor, hq: int) -> torch.Tensor:
         return x
     index = torch.div(torch.arange(hq, device=x.device) * h, hq, rounding_mode="floor")
     return x.index_select(1, index)
+
+
+def _as_int(x):
+    """Integer operands of bitwise operators: floor() and ceil() give float tensors holding integers."""
+    return x.long() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def bitand(a, b):
+    return _as_int(a) & _as_int(b)
+
+
+def bitor(a, b):
+    return _as_int(a) | _as_int(b)
+
+
+def bitxor(a, b):
+    return _as_int(a) ^ _as_int(b)
+
+
+def lshift(a, n):
+    return _as_int(a) * (1 << n)

@@ -37,7 +37,10 @@ def ilog2(x):
 
 @triton.jit
 def sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    # [Note] exp(-|x|) is in (0, 1]: no overflow (1 / (1 + exp(-x)) overflows, harmlessly but loudly,
+    # for x < -88 in fp32)
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -82,3 +85,8 @@ def safe_div(a, b):
 def safe_log(x):
     """log(x) for x > 0, and 0 elsewhere, as the reference's R.safe_log (general normalizations)."""
     return tl.log(tl.where(x > 0, x, 1.0))
+
+
+@triton.jit
+def tan(x):
+    return tl.sin(x) / tl.cos(x)

@@ -1,10 +1,10 @@
 """Hand-written dense reference formulas for every entry of the variant catalog.
 
-Written directly from `variants.md` (the contract), independently of the `.attn` specs and of the
+Written directly from `docs/catalog.md` (the contract), independently of the `.attn` specs and of the
 compiler: full score matrices, float64-friendly, differentiable with torch.autograd. Tests compute
 reference outputs *and* reference gradients (q, k, v and learnable inputs) from these functions.
 
-Calling convention (variants.md):
+Calling convention (docs/catalog.md):
   q [B, Hq, Lq, Dqk], k [B, Hk, Lk, Dqk], v [B, Hv, Lk, Dv]  ->  o [B, Hq, Lq, Dv]
   query head h reads key head floor(h*Hk/Hq) and value head floor(h*Hv/Hq);
   S = scale * q.k with scale = 1/sqrt(Dqk) unless given;
@@ -165,7 +165,7 @@ def mask_moa(Lq, Lk, band):
 
 
 def neighborhood_axis_window(q, L, K, d=1, s=1, causal=False):
-    """The literal per-axis NATTEN rule of variants.md: True/False for every kv in range(L)."""
+    """The literal per-axis NATTEN rule of docs/catalog.md: True/False for every kv in range(L)."""
     out = []
     r = q % d
     Lr = len(range(r, L, d))  # L' = positions in q's residue class

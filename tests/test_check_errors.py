@@ -48,14 +48,20 @@ TYPES = {
     "neg_of_bool": (H + "mask -(kv <= q)\n", 2, 8, "'-' needs a number, but this is a condition"),
     "if_condition_not_bool": (H + "score s * (1 if q else 2)\n", 2, 17, "the condition of 'if' must be a condition"),
     "const_not_a_number": (H + "const C = q\n", 2, 11, "const 'C' must be a number known at build time"),
-    "const_bool": (H + "const C = true\n", 2, 11, "const 'C' must be a number"),
     "const_from_param": (H + "param w = 1\nconst C = w\n", 3, 11, "const 'C' must be a number known at build time"),
     "const_log_zero": (H + "const C = log(0)\n", 2, 11, "const 'C' is not a finite real number"),
     "const_complex": (H + "const C = sqrt(-1)\n", 2, 11, "const 'C' is not a finite real number"),
     "const_overflow": (H + "const C = exp(exp(exp(exp(10))))\n", 2, 11, "const 'C' is not a finite real number"),
     "int_param_real_default": (H + "param w: int = 2.5\n", 2, 16, "param 'w' is declared int but its value is real"),
-    "bool_param": (H + "param w: bool = 1\n", 2, 7, "param 'w' cannot be bool"),
-    "param_bool_default": (H + "param w = true\n", 2, 11, "param 'w' must be a number, not a condition"),
+    "bool_param_int_default": (H + "param w: bool = 1\n", 2, 17, "param 'w' is declared bool but its default is int"),
+    "bool_param_computed_default": (H + "param w: bool = Lq > 3\n", 2, 17,
+                                    "the default of bool param 'w' must be true or false"),
+    "int_param_bool_default": (H + "param w: int = true\n", 2, 16, "param 'w' must be a number, not a condition"),
+    "bool_const": (H + "const C = true\n", 2, 7, "const 'C' cannot be bool"),
+    "learnable_per_key": (H + "input bias: float[Lk] learnable\nscore s + bias[kv]\n", 3, 11,
+                          "learnable input 'bias' is read per key"),
+    "bool_compared_with_number": (H + "input g: bool[Lq]\nmask g[q] == 1\n", 3, 6,
+                                  "'==' compares two conditions or two numbers"),
     "param_depends_on_index": (H + "param w = q\n", 2, 11, "a parameter's default may use numbers"),
     "param_depends_on_score": (H + "param w = s\n", 2, 11, "a parameter's default cannot depend on the score"),
     "learnable_int_input": (H + "input x: int[Hq] learnable\n", 2, 1, "only float inputs can be learnable"),
@@ -166,3 +172,48 @@ def test_several_errors_are_reported_together_in_order():
         "shared_head_name", "leading_dot_number"])
 def test_near_misses_are_accepted(source):
     compile_text(source)
+
+
+@pytest.mark.parametrize("source", [
+    H + "probs score\n",
+    H + "mask 1 < 2 < 3\n",
+    H + "param w = Lk // 2\nmask kv <= q - w\n",
+    H + "mask kv <= q\nprobs relu(score) / visible\n",
+    H + "input keep: bool[B, Lk]\nmask kv <= q and keep[b, kv]\n",
+    H + "param on: bool = true\nmask kv <= q or not on\n",
+    H + "mask (q < 8) == (kv < 8)\n",
+    H + "mask (q ^ kv) < 4 and sin(q) > -2\n",
+    H + "score s + .5\n",
+], ids=["probs_score", "chained_compare", "param_from_size", "relu_visible", "bool_padding", "bool_param",
+        "bool_equality", "bitwise_and_trig", "constant_score_shift"])
+def test_what_checks_builds_and_runs(tmp_path, source):
+    """check accepts exactly what build builds: each accepted spec builds, and its mask, plan and
+    reference run at B=2, Hq=2."""
+    import torch
+
+    import attnc
+
+    spec = tmp_path / "t.attn"
+    spec.write_text(source)
+    fn = attnc.load(spec)
+    inputs = {"keep": torch.ones(2, 12, dtype=torch.bool)} if "keep" in source else {}
+    mask = fn.mask(Lq=12, Lk=12, B=2, Hq=2, **inputs)
+    plan = fn.plan(Lq=12, Lk=12, B=2, Hq=2, block_m=4, block_n=4, **inputs)
+    assert plan.tiles_visited >= int(mask.view(mask.shape[0], mask.shape[1], 3, 4, 3, 4).any(-1).any(-2).sum())
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    assert torch.isfinite(fn.reference(q, k, v, **inputs)).all()
+
+
+@pytest.mark.parametrize("source, line", [
+    (H + "param flag: bool = 1\nmask kv <= q or flag\n", 2),
+    (H + "param w: int = 2.5\nmask kv <= q - w\n", 2),
+    (H + "input g: blob[Lq]\nmask g[q]\n", 2),
+    (H + "let a = q // 0\nmask kv <= a\n", 2),
+])
+def test_a_failed_definition_is_reported_once(source, line):
+    """A use of a name whose definition had an error adds no 'used before its definition' error."""
+    with pytest.raises(SpecError) as info:
+        compile_text(source, "bad.attn")
+    err = info.value
+    assert [d.span.line for d in err.diagnostics] == [line], err.render()
+    assert "before its definition" not in err.render()

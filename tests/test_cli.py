@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import run_cli as run  # noqa: E402
+from compare import run_cli as run
 
 CAUSAL = "attention causal\nmask kv <= q\n"
 SOFTPLUS_REWEIGHT = """\
@@ -42,9 +42,9 @@ def test_check_ok_one_line_summary_per_spec(specs):
     assert code == 0
     lines = out.strip().splitlines()
     assert len(lines) == 3
-    assert lines[0] == f"{specs['causal']}: ok: attention causal (softmax, 1 pass; inputs: none)"
-    assert lines[1] == f"{specs['softplus_reweight']}: ok: attention softplus_reweight (general, 2 passes; inputs: p, tau)"
-    assert lines[2] == f"{specs['alibi']}: ok: attention alibi (softmax, 1 pass; inputs: slopes*)"
+    assert lines[0] == f"{specs['causal']}: ok: attention causal (softmax, 1 pass; params: none; inputs: none)"
+    assert lines[1] == f"{specs['softplus_reweight']}: ok: attention softplus_reweight (general, 2 passes; params: p, tau; inputs: none)"
+    assert lines[2] == f"{specs['alibi']}: ok: attention alibi (softmax, 1 pass; params: none; inputs: slopes*)"
 
 
 def test_check_bad_spec_exit_1_with_location(specs):
@@ -98,7 +98,7 @@ def test_ir_prints_the_dump(specs):
     assert code == 0
     assert out.startswith(f"attention softplus_reweight    # {specs['softplus_reweight']}\n")
     assert "passes     2 over the keys" in out
-    assert re.search(r"^  pass 2 +r2 = rowsum\(", out, re.M)
+    assert re.search(r"^  pass 2 +r2 = rowsum\(", out, re.MULTILINE)
 
 
 def test_ir_bad_spec(specs, tmp_path):
@@ -122,12 +122,35 @@ def _attnc_command():
 
 def test_real_subprocess(specs, tmp_path):
     good = subprocess.run([*_attnc_command(), "check", str(specs["causal"])], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+                          cwd=tmp_path, timeout=120, check=False)
     assert good.returncode == 0, good.stderr
     assert "ok: attention causal" in good.stdout
     bad = subprocess.run([*_attnc_command(), "check", str(specs["bad"]), str(tmp_path / "missing.attn")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
     assert bad.returncode == 1
     assert f"{specs['bad']}:3:27: error: unknown name 'windw'" in bad.stderr
     assert "cannot read spec" in bad.stderr
     assert "Traceback" not in bad.stderr + bad.stdout
+
+
+def test_verify_draws_lengths_past_the_constants_and_reports_progress(tmp_path):
+    """A const the mask compares with (64) is exceeded by the drawn length, so the spec is not tested
+    as full attention only; sizes, progress and a summary line are printed; --L overrides."""
+    from attnc.pipeline import compile_text
+    from attnc.verify import cases
+
+    text = "attention capped\nconst C = 64\nparam w = 5\nmask kv <= q and (kv < C or q - kv < w)\n"
+    variant = compile_text(text)
+    drawn = cases(variant)
+    assert all(c.Lk > 64 for c in drawn)
+    assert any(c.params.get("w", 5) < c.Lk for c in drawn)
+    assert all(c.Lk == 9 for c in cases(variant, 9))
+    spec = tmp_path / "capped.attn"
+    spec.write_text(text)
+    code, out = run("verify", "--L", "9", str(spec), str(spec))
+    assert code == 0, out
+    assert "[1/2]" in out and "[2/2]" in out
+    assert "case base: B=1 Hq=2 Hk=2 Hv=2 Lq=9 Lk=9 Dqk=40 Dv=40" in out
+    assert re.search(r"^verify: 2 specs: 2 ok \(\d+ s, cpu, float32\): PASS$", out, re.MULTILINE), out
+    code, out = run("verify", "--L", "0", str(spec))
+    assert code == 2 and "--L" in out

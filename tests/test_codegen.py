@@ -14,7 +14,7 @@ import torch
 import attnc
 from attnc.build import build_source, cache_key
 from attnc.codegen.module import generate_module
-from attnc.errors import BuildError
+from attnc.errors import BuildError, SpecError
 from attnc.pipeline import compile_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,10 @@ def test_two_processes_building_the_same_spec_at_once(tmp_path):
     compile(modules[0].read_text(), str(modules[0]), "exec")
 
 
-def test_learnable_input_read_per_key_is_a_build_error():
-    variant = compile_text("attention keybias\ninput bias: float[Lk] learnable\nscore s + bias[kv]\n")
-    with pytest.raises(BuildError, match="'bias' is read per key"):
-        generate_module(variant)
+def test_learnable_input_read_per_key_is_a_check_error():
+    """check refuses what build cannot build (a gradient per key), at the subscript."""
+    with pytest.raises(SpecError) as info:
+        compile_text("attention keybias\ninput bias: float[Lk] learnable\nscore s + bias[kv]\n", "k.attn")
+    assert info.value.render().startswith("k.attn:3:11: error: learnable input 'bias' is read per key")
+    # the same input, not learnable, builds
+    generate_module(compile_text("attention keybias\ninput bias: float[Lk]\nscore s + bias[kv]\n"))

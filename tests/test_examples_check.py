@@ -16,7 +16,7 @@ from attnc.pipeline import compile_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-VARIANTS_MD = ROOT.parent / "shared" / "variants.md"
+CATALOG_MD = ROOT / "docs" / "catalog.md"
 
 CATALOG = [
     "full", "causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap", "streaming_sink", "sink_logit",
@@ -25,13 +25,17 @@ CATALOG = [
     "maxvit_grid", "dilated_sliding_window", "radial", "clear",
     "sigmoid", "relu", "softplus", "softplus_reweight", "sink_softmax1", "temperature",
 ]
+TIER_4 = ["linear_elu", "linear_elu_full", "based", "hedgehog", "lightning", "mala"]  # chunked kernels: not yet
 
 
-def catalog_names() -> list[str]:
-    """The first column of the catalog tables in variants.md when it is reachable, else the list above."""
-    if not VARIANTS_MD.exists():
-        return CATALOG
-    names = re.findall(r"^\|\s*`([a-z0-9_]+)`", VARIANTS_MD.read_text(), re.M)
+def catalog_names(tiers=(1, 2, 3)) -> list[str]:
+    """The first column of the tables of the given tiers of docs/catalog.md (in the repository)."""
+    sections = re.split(r"^## ", CATALOG_MD.read_text(), flags=re.M)
+    names = []
+    for section in sections:
+        match = re.match(r"Tier (\d+)", section)
+        if match and int(match.group(1)) in tiers:
+            names += re.findall(r"^\|\s*`([a-z0-9_]+)`", section, re.M)
     return names
 
 
@@ -39,9 +43,17 @@ def example_paths() -> list[Path]:
     return sorted(EXAMPLES.glob("*.attn"))
 
 
-def test_catalog_list_matches_variants_md():
+def test_catalog_list_matches_the_catalog():
     assert len(catalog_names()) == 27
     assert sorted(catalog_names()) == sorted(CATALOG)
+    assert catalog_names((4,)) == TIER_4
+
+
+def test_docs_point_to_the_catalog_in_the_repository():
+    for doc in (ROOT / "docs" / "language.md", ROOT / "examples" / "README.md"):
+        text = doc.read_text()
+        assert "variants.md" not in text, doc
+        assert "catalog.md" in text, doc
 
 
 def test_examples_are_exactly_the_catalog():

@@ -5,7 +5,7 @@ Three independent constructions:
     the mask builders, additive float masks for score offsets, an extra key column for sinks;
   * FlexAttention in eager mode on the CPU, with mask_mod/score_mod written here from the catalog
     (NATTEN through the "window start" formula rather than the catalog's centre formula);
-  * per-row Python/numpy loops and properties stated in variants.md.
+  * per-row Python/numpy loops and properties stated in docs/catalog.md.
 """
 import math
 import sys
@@ -265,7 +265,7 @@ def test_vs_flex_attention(name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Properties from variants.md
+# Properties from docs/catalog.md
 # ----------------------------------------------------------------------------------------------
 def test_natten_noncausal_sees_exactly_K_and_shifts_at_borders():
     for L in range(1, 14):

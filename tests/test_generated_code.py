@@ -123,3 +123,6 @@ def test_literals_are_python_reprs():
     spec_block = source[source.index("SPEC = ("): source.index("SIGNATURE =")]
     exec(spec_block, namespace)  # noqa: S102 - the block is a tuple of string literals
     assert "".join(namespace["SPEC"]) == text
+    module = compile(source, "quoted.py", "exec")  # warnings (an invalid escape) would be errors here
+    docstring = module.co_consts[0]
+    assert "it's \"quoted\" \\ here" in docstring

@@ -17,7 +17,7 @@ import torch
 from attnc import maskview
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import run_cli as run  # noqa: E402
+from compare import run_cli as run
 
 CAUSAL = "attention causal\nmask kv <= q\n"
 # 2-D neighborhood (NATTEN borders) on a 6 x 10 grid with 3 x 5 windows: L = 60 is no multiple of the
@@ -296,3 +296,14 @@ def test_plans_too_large_to_draw_are_refused(specs):
     code, out = run("mask", specs["causal"], "--L", 1 << 24, "--block", "128,128")
     assert code == 2
     assert "131072 x 131072 tiles per head are too many to draw" in out
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_default_display_tiles_give_a_useful_grid_on_every_machine(monkeypatch, interpret):
+    """The 16 x 16 grid of neighborhood_2d (L = 256) is drawn as 16 x 16 tiles of 16, not 2 x 2 tiles
+    of the GPU's plan size, and the picture does not depend on the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    code, out = run("mask", examples / "neighborhood_2d.attn", "--no-elements")
+    assert code == 0, out
+    assert "block 16x16: 112 of 256 tiles visited" in out

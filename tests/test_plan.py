@@ -8,27 +8,25 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-import itertools  # noqa: E402
-import math  # noqa: E402
-from functools import lru_cache  # noqa: E402
-from pathlib import Path  # noqa: E402
+from functools import cache
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import pytest
+import torch
+from attnc.runtime import intervals as I
+from attnc.runtime import launch
+from attnc.runtime import plan as tile_plan
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import attnc  # noqa: E402
-from attnc.errors import SpecError  # noqa: E402
-from attnc.runtime import intervals as I  # noqa: E402
-from attnc.runtime import launch  # noqa: E402
-from attnc.runtime import plan as tile_plan  # noqa: E402
+import attnc
+from attnc.errors import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CATALOG = sorted(p.stem for p in EXAMPLES.glob("*.attn"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name):
     return attnc.load(EXAMPLES / f"{name}.attn")
 
@@ -261,10 +259,25 @@ def test_summaries_bound_blocks():
     x = torch.randint(-50, 50, (3, 77), generator=g)
     summaries = tile_plan.Summaries()
     for size in (1, 2, 8, 32, 4, 128):
-        lo, hi, _ = summaries.block_min_max(x, 1, size)
+        lo, hi, _ = summaries.block_min_max(x, ((1, size),))
         for c in range(-(-77 // size)):
             block = x[:, c * size:(c + 1) * size]
             assert torch.equal(lo[:, c], block.amin(1)) and torch.equal(hi[:, c], block.amax(1))
+
+
+def test_summaries_bound_two_dimensional_blocks():
+    """A tensor read over two token axes (`m[q, kv]`) is summarized per rectangle of the cell, with
+    block sizes that differ per axis and are reduced from finer ones in any order."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-50, 50, (2, 37, 21), generator=g)
+    summaries = tile_plan.Summaries()
+    for sq, sk in [(1, 1), (4, 1), (1, 8), (4, 8), (2, 2), (16, 4), (64, 32), (8, 16)]:
+        lo, hi, _ = summaries.block_min_max(x, ((2, sk), (1, sq)))
+        assert lo.shape == (2, -(-37 // sq), -(-21 // sk))
+        for i in range(lo.shape[1]):
+            for j in range(lo.shape[2]):
+                block = x[:, i * sq:(i + 1) * sq, j * sk:(j + 1) * sk].reshape(2, -1)
+                assert torch.equal(lo[:, i, j], block.amin(1)) and torch.equal(hi[:, i, j], block.amax(1))
 
 
 # ----------------------------------------------------------------------------------------------

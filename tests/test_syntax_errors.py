@@ -129,10 +129,11 @@ def test_crlf_and_cr_line_endings_are_accepted():
 
 
 def test_byte_order_mark_in_text_is_a_diagnostic_not_a_crash():
-    try:
+    with pytest.raises(SpecError) as info:
         compile_text("\ufeffattention t\nmask kv <= q\n")
-    except SpecError as err:
-        assert err.first.span.line == 1
+    err = info.value
+    assert (err.first.span.line, err.first.span.column) == (1, 1)
+    assert "unexpected character '\\ufeff'" in err.first.message
 
 
 def test_very_long_names():

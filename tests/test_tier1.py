@@ -12,26 +12,26 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-import math  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from functools import lru_cache  # noqa: E402
-from pathlib import Path  # noqa: E402
+import math
+import re
+import sys
+from functools import cache
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import attnc  # noqa: E402
+import attnc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import formulas as F  # noqa: E402
-from compare import check_close  # noqa: E402
+import formulas as F
+from compare import check_close
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOL = {torch.float32: (2e-3, 5e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name):
     """Fails (AttributeError) rather than skipping while attnc.load does not exist."""
     return attnc.load(EXAMPLES / f"{name}.attn")
@@ -228,7 +228,7 @@ def test_error_wrong_rank_and_shapes():
     _raises_naming("q", lambda: attn(q[0], k, v))
     _raises_naming("k", lambda: attn(q, k[..., :-1], v))                  # Dqk differs from q's
     _raises_naming("v", lambda: attn(q, k, v[:, :, :-1]))                 # Lk differs from k's
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"causal: argument 'k': batch size 2 differs from q's 1"):
         attn(q, k.expand(2, -1, -1, -1), v)                                # batch differs
 
 
@@ -245,7 +245,7 @@ def test_error_missing_and_bad_tensor_inputs():
     q, k, v, plain, _ = make_inputs("document", "self")
     _raises_naming("doc_ids", lambda: load("document")(q, k, v))
     _raises_naming("doc_ids", lambda: load("document")(q, k, v, doc_ids=plain["doc_ids"][:, :-1]))
-    with pytest.raises(ValueError):  # document needs Lq == Lk
+    with pytest.raises(ValueError, match=r"document: argument '(k|doc_ids)': .*(Lq == Lk|shape)"):  # needs Lq == Lk
         load("document")(q[:, :, :-2], k, v, doc_ids=plain["doc_ids"])
 
 

@@ -137,6 +137,8 @@ def _environment() -> jinja2.Environment:
     env.filters["py"] = repr  # Python literals (strings, tuples, booleans) in generated code
     env.filters["ident"] = ident  # a spec name as generated code spells it
     env.filters["stride_splat"] = lambda tensor: f"*{tensor}.stride()"
+    # a spec line inside the module's docstring: backslashes and triple quotes cannot end or bend it
+    env.filters["docline"] = lambda line: line.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     env.filters["cast32"] = lambda name: f"{name} = {name}.to(tl.float32)"
     env.filters["wrap"] = lambda code: code if wrapped(code) else f"({code})"  # one pair of parentheses
     return env

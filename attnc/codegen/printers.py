@@ -10,6 +10,8 @@ Symbols (indices, parameters, the score) and tensor loads print as the names the
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import sympy
 from sympy.printing.str import StrPrinter
 
@@ -63,7 +65,7 @@ def wrapped(code: str) -> bool:
 
 class _BasePrinter(_NamedPrinter):
     # spellings, overridden per target
-    functions: dict = {}
+    functions: ClassVar[dict] = {}
     where = minimum = maximum = floordiv = floormod = powf = ""
     safe_div = None
 
@@ -121,7 +123,7 @@ class _BasePrinter(_NamedPrinter):
         return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
 
     def _print_Piecewise(self, expr):
-        *branches, (last, cond) = expr.args
+        *branches, (last, _cond) = expr.args
         out = self._print(last)
         for value, c in reversed(branches):
             out = f"{self.where}({self._print(c)}, {self._print(value)}, {out})"
@@ -191,6 +193,21 @@ class _BasePrinter(_NamedPrinter):
     def _print_RShift(self, expr):
         return f"({self._print(expr.args[0])} >> {self._print(expr.args[1])})"
 
+    bit_ops: ClassVar[dict] = {"BitAnd": "&", "BitOr": "|", "BitXor": "^", "LShift": "<<"}
+
+    def _int_operand(self, expr) -> str:
+        """An operand of a bitwise operator: floor() and ceil() print as floats holding integers."""
+        code = self._print(expr)
+        if expr.has(sympy.floor, sympy.ceiling):
+            return f"({code}).to(tl.int64)"
+        return code
+
+    def _print_BitAnd(self, expr):
+        a, b = expr.args
+        return f"({self._int_operand(a)} {self.bit_ops[type(expr).__name__]} {self._int_operand(b)})"
+
+    _print_BitOr = _print_BitXor = _print_LShift = _print_BitAnd
+
     def _print_Min(self, expr):
         return self._fold(self.minimum, expr.args)
 
@@ -226,10 +243,11 @@ class _BasePrinter(_NamedPrinter):
 class TritonPrinter(_BasePrinter):
     """Expressions inside a @triton.jit kernel; helpers come from attnc.runtime.tl_helpers as `rt`."""
 
-    functions = {
+    functions: ClassVar[dict] = {
         "exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "Abs": "tl.abs", "floor": "tl.floor",
         "ceiling": "tl.ceil", "tanh": "rt.tanh", "Sigmoid": "rt.sigmoid", "Softplus": "rt.softplus",
         "Relu": "rt.relu", "Step": "rt.step", "Log2": "tl.log2", "FloorLog2": "rt.ilog2",
+        "sin": "tl.sin", "cos": "tl.cos", "tan": "rt.tan", "erf": "tl.erf",
     }
     where, minimum, maximum = "tl.where", "tl.minimum", "tl.maximum"
     floordiv, floormod, powf = "rt.floordiv", "rt.floormod", "rt.powf"
@@ -237,15 +255,29 @@ class TritonPrinter(_BasePrinter):
     def _print_Not(self, expr):
         return f"({self._print(expr.args[0])} == 0)"
 
+    # functions of reals: Triton's take float tensors only, so an integer argument (`sin(q - kv)`) is
+    # promoted by adding 0.0 (which works on Python ints and integer tensors alike)
+    _real_args: ClassVar[set] = {"exp", "log", "sqrt", "tanh", "Sigmoid", "Softplus", "Log2", "sin", "cos", "tan", "erf"}
+
+    def _print_Function(self, expr):
+        name = type(expr).__name__
+        if name in self._real_args and len(expr.args) == 1 and expr.args[0].is_integer:
+            if name not in self.functions:
+                raise UnsupportedExpression(f"function {name} has no {type(self).__name__} spelling")
+            return f"{self.functions[name]}({self._print(expr.args[0])} + 0.0)"
+        return super()._print_Function(expr)
+
+    _print_exp = _print_log = _print_tanh = _print_Abs = _print_floor = _print_ceiling = _print_Function
+
 
 class TorchPrinter(_BasePrinter):
     """Expressions in eager PyTorch; helpers come from attnc.runtime.ref_helpers as `R`."""
 
-    functions = {
+    functions: ClassVar[dict] = {
         "exp": "torch.exp", "log": "R.safe_log", "sqrt": "torch.sqrt", "Abs": "abs", "floor": "torch.floor",
         "ceiling": "torch.ceil", "tanh": "torch.tanh", "Sigmoid": "torch.sigmoid",
         "Softplus": "torch.nn.functional.softplus", "Relu": "torch.relu", "Step": "R.step", "Log2": "torch.log2",
-        "FloorLog2": "R.ilog2",
+        "FloorLog2": "R.ilog2", "sin": "torch.sin", "cos": "torch.cos", "tan": "torch.tan", "erf": "torch.erf",
     }
     where, minimum, maximum = "R.where", "R.minimum", "R.maximum"
     floordiv, floormod, powf = "R.floordiv", "R.floormod", "R.powf"
@@ -256,6 +288,12 @@ class TorchPrinter(_BasePrinter):
 
     def _print_RShift(self, expr):
         return f"R.rshift({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    def _print_BitAnd(self, expr):
+        fn = {"BitAnd": "bitand", "BitOr": "bitor", "BitXor": "bitxor", "LShift": "lshift"}[type(expr).__name__]
+        return f"R.{fn}({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    _print_BitOr = _print_BitXor = _print_LShift = _print_BitAnd
 
 
 def triton_code(expr, names: dict) -> str:
@@ -274,10 +312,12 @@ class IntervalPrinter(_NamedPrinter):
     without an interval rule fails the build of the plan (the kernels then treat the mask's tiles as
     PARTIAL), never yields a bound that might be wrong."""
 
-    monotone = {
+    monotone: ClassVar[dict] = {
         "exp": "exp", "log": "log", "sqrt": "sqrt", "floor": "floor", "ceiling": "ceil", "tanh": "tanh",
         "Sigmoid": "sigmoid", "Softplus": "softplus", "Relu": "relu", "Step": "step", "Log2": "log2",
+        "erf": "erf",
     }
+    bounded: ClassVar[dict] = {"sin": "sin", "cos": "cos", "tan": "tan"}  # exact on points, a wide sound bound otherwise
 
     def __init__(self, names: dict, bool_loads: frozenset = frozenset()):
         super().__init__(names)
@@ -359,6 +399,12 @@ class IntervalPrinter(_NamedPrinter):
     def _print_FloorLog2(self, expr):
         return self._call("floor_log2", expr.args)
 
+    def _print_BitAnd(self, expr):
+        fn = {"BitAnd": "bitand", "BitOr": "bitor", "BitXor": "bitxor", "LShift": "lshift"}[type(expr).__name__]
+        return self._call(fn, expr.args)
+
+    _print_BitOr = _print_BitXor = _print_LShift = _print_BitAnd
+
     def _print_Abs(self, expr):
         return self._call("absolute", expr.args)
 
@@ -370,6 +416,8 @@ class IntervalPrinter(_NamedPrinter):
 
     def _print_Function(self, expr):
         name = type(expr).__name__
+        if name in self.bounded:
+            return f"I.bounded({self.bounded[name]!r}, {self._print(expr.args[0])})"
         if name not in self.monotone:
             raise UnsupportedExpression(f"no interval rule for {name}")
         return f"I.monotone({self.monotone[name]!r}, {self._print(expr.args[0])})"
@@ -401,7 +449,7 @@ class GuardedTritonPrinter(TritonPrinter):
     or an empty row then yields 0 where it would yield inf or NaN, which a later `where` could not undo
     once multiplied into a sum."""
 
-    functions = {**TritonPrinter.functions, "log": "rt.safe_log"}
+    functions: ClassVar[dict] = {**TritonPrinter.functions, "log": "rt.safe_log"}
     safe_div = "rt.safe_div"
 
     def _guard_division(self, denom) -> bool:

@@ -207,6 +207,7 @@ class TileWalk:
     uses_h: bool = False  # ... per head
     tensors: tuple[str, ...] = ()  # tensor inputs the mask reads (plans are rebuilt when they change)
     params: tuple[str, ...] = ()  # scalar parameters it reads (part of the plan cache's key)
+    sizes: tuple[str, ...] = ("Lq", "Lk")  # the sizes a plan depends on (part of its key)
 
     def plan_args(self) -> tuple[Arg, ...]:
         return ()
@@ -315,7 +316,11 @@ def choose_walk(variant: ir.Variant, clauses: tuple[Clause, ...]) -> TileWalk:
         return AllTiles()
     loads = mask.atoms(AppliedUndef)
     symbols = mask.free_symbols | {a for load in loads for a in load.args}
-    per = {"uses_b": ir.b in symbols, "uses_h": ir.h in symbols,
+    # the sizes a plan depends on: the lengths, and any other size the mask reads (as an index's
+    # extent, b and h make the plan per batch entry and per head)
+    sizes = ("Lq", "Lk") + tuple(name for name, sym in ir.SIZES.items() if name not in ("Lq", "Lk") and (
+        sym in symbols or (name == "B" and ir.b in symbols) or (name == "Hq" and ir.h in symbols)))
+    per = {"uses_b": ir.b in symbols, "uses_h": ir.h in symbols, "sizes": sizes,
            "tensors": tuple(sorted({load.func.__name__ for load in loads})),
            "params": tuple(p.name for p in variant.params if p.symbol in mask.free_symbols)}
     if len(clauses) == 1 and clauses[0].exact:
