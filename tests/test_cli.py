@@ -154,3 +154,24 @@ def test_verify_draws_lengths_past_the_constants_and_reports_progress(tmp_path):
     assert re.search(r"^verify: 2 specs: 2 ok \(\d+ s, cpu, float32\): PASS$", out, re.MULTILINE), out
     code, out = run("verify", "--L", "0", str(spec))
     assert code == 2 and "--L" in out
+
+
+def test_verify_in_bf16_judges_the_kernels_on_the_inputs_they_get():
+    """relu's derivative jumps at s = 0: a reference fed the unrounded inputs disagrees with any bf16
+    kernel wherever rounding moves a score across 0 (found on the first GPU run). The reference now
+    gets the rounded inputs, and a correct kernel passes at bf16's tolerance."""
+    import torch
+
+    import attnc
+    from attnc.verify import verify_variant
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "relu.attn"
+    rows = verify_variant(path, attnc.load(path), dtype=torch.bfloat16)
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    # and a wrong kernel still fails: the same check on a perturbed function
+
+    def wrong(q, k, v, **kw):
+        return attnc.load(path)(q, k, v * 1.1, **kw)
+    wrong.has_lse = False
+    wrong.reference = attnc.load(path).reference
+    assert not all(r.ok for r in verify_variant(path, wrong, dtype=torch.bfloat16))
