@@ -1,0 +1,150 @@
+"""Compile every example's kernels for sm_90 (and sm_80) on the CPU and write a markdown report.
+
+    python bench/compile_report.py [-o bench/results/DATE-sm90.md] [--sm80-configs 2] [--workers 2]
+
+For each examples/*.attn: q, k, v in bf16 at head dim 128 and L = 1024 (or the length a token layout
+fixes), every autotune config of every kernel the forward and backward launch, compiled for sm_90 with
+Triton's bundled ptxas (`attnc.inspect`); then a shorter sm_80 section (the first few configs with at
+least 2 stages). Per kernel the summary asks: does every config with >= 2 stages issue cp.async (are its
+loads pipelined)? Is there a config that does not spill? Nothing runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import triton
+
+from attnc import inspect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _inspect_spec(spec: Path, configs: int | None, sm80_configs: int):
+    """(sm_90 rows or error, sm_80 rows or error) for one spec, in one child process."""
+    requests = [inspect.request_for(spec, target=90, configs=configs)]
+    if sm80_configs:
+        requests.append(inspect.request_for(spec, target=80, configs=sm80_configs, min_stages=2))
+    try:
+        results = inspect.run_requests(requests)
+    except inspect.InspectError as err:
+        results = [err] * len(requests)
+    return results + [None] * (2 - len(results))
+
+
+def kernel_summary(rows: list) -> list[dict]:
+    """Per kernel: configs compiled, and the answers to the two questions of the report."""
+    out = []
+    for kernel in dict.fromkeys(r.kernel for r in rows):
+        mine = [r for r in rows if r.kernel == kernel]
+        ok = [r for r in mine if r.ok]
+        staged = [r for r in ok if (r.num_stages or 1) >= 2]
+        piped = [r for r in staged if r.cp_async > 0 or r.tma > 0]
+        no_spill = [r for r in ok if r.spill_bytes == 0]
+        out.append({
+            "kernel": kernel,
+            "compiled": f"{len(ok)}/{len(mine)}",
+            "pipelined": "n/a" if not staged else ("yes" if len(piped) == len(staged) else
+                                                     f"no ({len(piped)}/{len(staged)})"),
+            "no_spill": f"yes ({len(no_spill)}/{len(ok)})" if no_spill else "no",
+            "regs": f"{min(r.registers for r in ok)}-{max(r.registers for r in ok)}"
+            if ok and all(r.registers is not None for r in ok) else "-",
+            "tensor_core": "yes" if ok and all(r.tensor_core > 0 for r in ok) else "no",
+        })
+    return out
+
+
+def _markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    text = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    text += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return "\n".join(text)
+
+
+def _rows_table(rows: list) -> str:
+    return _markdown_table(list(inspect.COLUMNS), [inspect.table_cells(r) for r in rows])
+
+
+def _section(title: str, results: dict, detail: bool) -> list[str]:
+    parts = [f"## {title}", ""]
+    summary = []
+    for spec, rows in results.items():
+        if isinstance(rows, Exception):
+            summary.append([spec, "-", "-", "-", "-", "-", "-", str(rows).replace("|", "/")])
+            continue
+        for s in kernel_summary(rows):
+            summary.append([spec, s["kernel"], s["compiled"], s["pipelined"], s["no_spill"], s["regs"],
+                            s["tensor_core"], ""])
+    parts.append(_markdown_table(["spec", "kernel", "configs compiled", "every >=2-stage config has cp.async",
+                                  "a config without spill (of compiled)", "regs", "tensor cores in every config", "note"], summary))
+    parts.append("")
+    for spec, rows in results.items():
+        if isinstance(rows, Exception) or not rows:
+            continue
+        if detail:
+            parts += [f"### {spec}", "", _rows_table(rows), ""]
+        errors = [r for r in rows if r.error]
+        for r in errors:
+            parts.append(f"- {spec} {r.kernel} {r.tile} w{r.num_warps} s{r.num_stages} sm_{r.target}: `{r.error}`")
+        if errors:
+            parts.append("")
+    return parts
+
+
+def main() -> int:
+    today = datetime.date.today().isoformat()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-o", "--out", default=str(ROOT / "bench" / "results" / f"{today}-sm90.md"))
+    parser.add_argument("--sm80-configs", type=int, default=2, help="configs per kernel for sm_80 (0: none)")
+    parser.add_argument("--configs", type=int, help="sm_90: only the first N configs per kernel (default: all)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--note", help="a paragraph for the report's head")
+    parser.add_argument("specs", nargs="*", help="default: examples/*.attn")
+    args = parser.parse_args()
+    specs = [Path(s) for s in args.specs] or sorted((ROOT / "examples").glob("*.attn"))
+    inspect.check_supported()
+
+    start = time.time()
+    sm90, sm80 = {}, {}
+    with ThreadPoolExecutor(args.workers) as pool:  # each task waits on its own child process
+        results = pool.map(lambda spec: _inspect_spec(spec, args.configs, args.sm80_configs), specs)
+        for spec, (rows90, rows80) in zip(specs, results):
+            sm90[spec.stem], sm80[spec.stem] = rows90, rows80
+            print(f"{spec.stem}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    minutes = (time.time() - start) / 60
+
+    parts = [
+        f"# Kernels compiled for sm_90 and sm_80 on a CPU ({today})",
+        "",
+        ("What: every kernel that each `examples/*.attn` launches in its forward and backward, under every "
+         "autotune config, compiled for sm_90 (H100) with `triton.compile` and Triton's bundled ptxas by "
+         "`attnc.inspect` (`bench/compile_report.py`); nothing ran on a GPU. Calls: q, k, v bf16 "
+         "[B=2, H=4, L=1024, D=128] (L fixed by the spec's token layout where it has one), spec inputs "
+         "made up as `attnc.inspect.make_inputs` describes, scalar params at their defaults."),
+        "",
+        (f"Triton {triton.__version__}; {len(specs)} specs; run time {minutes:.1f} min with "
+         f"{args.workers} worker processes on {os.cpu_count()} CPU cores."),
+        "",
+        ("Columns: regs per thread; spill B = stack frame per thread (spilled registers); smem KB = shared "
+         "memory; tensor-core = wgmma.mma_async + mma.sync instructions; cp.async = asynchronous "
+         "global-to-shared copies (0: no load is pipelined); TMA = cp.async.bulk copies. See docs/inspect.md."),
+        "",
+        *([args.note, ""] if args.note else []),
+    ]
+    every = "every config" if args.configs is None else f"the first {args.configs} configs"
+    parts += _section(f"sm_90, {every}", sm90, detail=True)
+    if args.sm80_configs:
+        parts += _section(f"sm_80, the first {args.sm80_configs} configs with >= 2 stages", sm80, detail=False)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(parts) + "\n")
+    print(f"wrote {args.out} ({minutes:.1f} min)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
