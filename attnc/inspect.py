@@ -212,7 +212,7 @@ def _entry(module):
     raise InspectError(f"{module.__name__}: no attention function (one with a .signature) in this module")
 
 
-def _fixed_length(module):
+def fixed_length(module):
     """The sequence length a token layout (unravel) fixes, from the spec text the module carries."""
     text = "".join(getattr(module, "SPEC", ()))
     if not text:
@@ -377,14 +377,22 @@ def compile_launch(launch: Launch, config, target: int) -> KernelReport:
 
 
 def _load_module(path: str):
-    if path.endswith(".attn"):
-        from . import load
-
-        return sys.modules[load(path).__module__]
+    """The generated module of a .attn spec (built and cached by attnc.load) or a module file."""
+    from . import load
     from .build import import_module_from
+    from .codegen.generate import BuildError
+    from .errors import SpecError
 
-    resolved = Path(path).resolve()
-    return import_module_from(resolved, f"attnc_inspected.{resolved.stem}")
+    if not Path(path).is_file():
+        raise InspectError(f"{path}: no such file")
+    try:
+        if path.endswith(".attn"):
+            return sys.modules[load(path).__module__]
+        resolved = Path(path).resolve()
+        return import_module_from(resolved, f"attnc_inspected.{resolved.stem}")
+    except (SpecError, BuildError, SyntaxError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InspectError(f"{path}: cannot load: {type(err).__name__}: {first}") from None
 
 
 def record_launches(request: Request) -> list[Launch]:
@@ -394,7 +402,7 @@ def record_launches(request: Request) -> list[Launch]:
     module = _load_module(request.module)
     fn = _entry(module)
     signature = fn.signature
-    L = _fixed_length(module) or request.L
+    L = fixed_length(module) or request.L
     sizes = _sizes(signature, L)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[request.dtype]
     generator = torch.Generator().manual_seed(0)
