@@ -401,7 +401,7 @@ def record_launches(request: Request) -> list[Launch]:
 
     module = _load_module(request.module)
     fn = _entry(module)
-    signature = fn.signature
+    signature = getattr(fn, "signature", None) or module.SIGNATURE
     L = fixed_length(module) or request.L
     sizes = _sizes(signature, L)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[request.dtype]
