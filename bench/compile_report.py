@@ -16,7 +16,7 @@ import datetime
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import triton
@@ -96,6 +96,40 @@ def _section(title: str, results: dict, detail: bool) -> list[str]:
     return parts
 
 
+def render(args, specs: list[Path], sm90: dict, sm80: dict, minutes: float) -> str:
+    today = datetime.date.today().isoformat()
+    done = f"{len(sm90)} of {len(specs)} specs" if len(sm90) < len(specs) else f"{len(specs)} specs"
+    every = "every autotune config" if args.configs is None else f"the first {args.configs} autotune configs"
+    parts = [
+        f"# Kernels compiled for sm_90 and sm_80 on a CPU ({today})",
+        "",
+        (f"What: every kernel that each `examples/*.attn` launches in its forward and backward, under {every}, "
+         "compiled for sm_90 (H100) with `triton.compile` and Triton's bundled ptxas by `attnc.inspect` "
+         "(`bench/compile_report.py`); nothing ran on a GPU. Calls: q, k, v bf16 [B=2, H=4, L=1024, D=128] "
+         "(L fixed by the spec's token layout where it has one), spec inputs made up as "
+         "`attnc.inspect.make_inputs` describes, scalar params at their defaults."),
+        "",
+        (f"Triton {triton.__version__}; {done}; run time {minutes:.1f} min (wall) with {args.workers} worker "
+         f"processes on {os.cpu_count()} CPU cores."),
+        "",
+        ("Columns: regs per thread; spill B = stack frame per thread (spilled registers); smem KB = shared "
+         "memory; tensor-core = wgmma.mma_async + mma.sync instructions; cp.async = asynchronous "
+         "global-to-shared copies (0: no load is pipelined); TMA = cp.async.bulk copies. See docs/inspect.md."),
+        "",
+        *([args.note, ""] if args.note else []),
+    ]
+    order = [spec.stem for spec in specs]
+
+    def in_order(results):
+        return {name: results[name] for name in order if name in results}
+
+    parts += _section(f"sm_90, {every}", in_order(sm90), detail=True)
+    if args.sm80_configs:
+        parts += _section(f"sm_80, the first {args.sm80_configs} configs with >= 2 stages", in_order(sm80),
+                          detail=False)
+    return "\n".join(parts) + "\n"
+
+
 def main() -> int:
     today = datetime.date.today().isoformat()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -108,41 +142,20 @@ def main() -> int:
     args = parser.parse_args()
     specs = [Path(s) for s in args.specs] or sorted((ROOT / "examples").glob("*.attn"))
     inspect.check_supported()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.time()
     sm90, sm80 = {}, {}
     with ThreadPoolExecutor(args.workers) as pool:  # each task waits on its own child process
-        results = pool.map(lambda spec: _inspect_spec(spec, args.configs, args.sm80_configs), specs)
-        for spec, (rows90, rows80) in zip(specs, results):
-            sm90[spec.stem], sm80[spec.stem] = rows90, rows80
-            print(f"{spec.stem}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-    minutes = (time.time() - start) / 60
-
-    parts = [
-        f"# Kernels compiled for sm_90 and sm_80 on a CPU ({today})",
-        "",
-        ("What: every kernel that each `examples/*.attn` launches in its forward and backward, under every "
-         "autotune config, compiled for sm_90 (H100) with `triton.compile` and Triton's bundled ptxas by "
-         "`attnc.inspect` (`bench/compile_report.py`); nothing ran on a GPU. Calls: q, k, v bf16 "
-         "[B=2, H=4, L=1024, D=128] (L fixed by the spec's token layout where it has one), spec inputs "
-         "made up as `attnc.inspect.make_inputs` describes, scalar params at their defaults."),
-        "",
-        (f"Triton {triton.__version__}; {len(specs)} specs; run time {minutes:.1f} min with "
-         f"{args.workers} worker processes on {os.cpu_count()} CPU cores."),
-        "",
-        ("Columns: regs per thread; spill B = stack frame per thread (spilled registers); smem KB = shared "
-         "memory; tensor-core = wgmma.mma_async + mma.sync instructions; cp.async = asynchronous "
-         "global-to-shared copies (0: no load is pipelined); TMA = cp.async.bulk copies. See docs/inspect.md."),
-        "",
-        *([args.note, ""] if args.note else []),
-    ]
-    every = "every config" if args.configs is None else f"the first {args.configs} configs"
-    parts += _section(f"sm_90, {every}", sm90, detail=True)
-    if args.sm80_configs:
-        parts += _section(f"sm_80, the first {args.sm80_configs} configs with >= 2 stages", sm80, detail=False)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(parts) + "\n")
-    print(f"wrote {args.out} ({minutes:.1f} min)", file=sys.stderr)
+        tasks = {pool.submit(_inspect_spec, spec, args.configs, args.sm80_configs): spec for spec in specs}
+        for task in as_completed(tasks):
+            spec = tasks[task]
+            sm90[spec.stem], sm80[spec.stem] = task.result()
+            minutes = (time.time() - start) / 60
+            out.write_text(render(args, specs, sm90, sm80, minutes))  # after each spec: a long run leaves a table
+            print(f"{spec.stem}: done at {minutes:.1f} min ({len(sm90)}/{len(specs)})", file=sys.stderr, flush=True)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
