@@ -114,7 +114,7 @@ def test_made_up_inputs_have_the_shapes_and_ranges_a_spec_expects():
     assert doc.unique().numel() > 1
     band = made["band"]
     assert band.shape == (4,) and not band.is_floating_point() and 1 <= int(band.min()) and int(band.max()) <= 256
-    assert made["slopes"].shape == (4,) and float(made["slopes"].min()) > 0 and made["slopes"].requires_grad
+    assert made["slopes"].shape == (4,) and float(made["slopes"].detach().min()) > 0 and made["slopes"].requires_grad
 
 
 def test_given_inputs_override_fill_and_reshape():
@@ -185,7 +185,9 @@ def test_example_compiles_for_sm90_and_sm80(compiled, spec):
     assert len(kernels) >= 2, f"{spec}: expected forward and backward kernels, got {sorted(kernels)}"
     for r in result:
         assert {(r.kernel, 90), (r.kernel, 80)} <= {(x.kernel, x.target) for x in result}
-        assert r.registers and r.registers > 0 and r.tensor_core > 0, f"{spec}: {r}"
+        assert r.registers and r.registers > 0, f"{spec}: {r}"
+    for target in (90, 80):  # the dots of q.k and p.v run on tensor cores (a row-reduction kernel may have none)
+        assert any(r.tensor_core > 0 for r in result if r.target == target), f"{spec}: no tensor cores on sm_{target}"
 
 
 # ---- the command line ----------------------------------------------------------------------------------
