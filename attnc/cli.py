@@ -358,11 +358,12 @@ def _input_value(pair: str):
 @click.option("--L", "length", default=1024, type=click.IntRange(min=1), show_default=True,
               help="sequence length (a spec's token layout fixes its own)")
 @click.option("--configs", type=click.IntRange(min=1), help="the first N autotune configs per kernel [default: all]")
+@click.option("--spread", is_flag=True, help="with --configs N: N configs spaced evenly over the list, not the first N")
 @click.option("--min-stages", default=1, type=click.IntRange(min=1), show_default=True,
               help="only configs with at least this many pipeline stages")
 @click.option("--input", "pairs", multiple=True, metavar="NAME=VALUE",
               help="a param, or a tensor input as one value or comma-separated values; repeatable")
-def inspect_command(spec, target, dtype, head_dim, length, configs, min_stages, pairs):
+def inspect_command(spec, target, dtype, head_dim, length, configs, spread, min_stages, pairs):
     """Compile SPEC's Triton kernels for an NVIDIA GPU on this machine (no GPU needed): registers, spills,
     shared memory, tensor-core instructions and pipelined loads of every kernel and autotune config.
     SPEC is a .attn file or a module written by `attnc build`."""
@@ -383,7 +384,7 @@ def inspect_command(spec, target, dtype, head_dim, length, configs, min_stages, 
     click.echo(f"{spec}: compiling for {target} ({dtype}, head dim {head_dim}, L {length}; no GPU used)")
     try:
         rows = inspect.inspect_module(spec, target=target, dtype=dtype, head_dim=head_dim, L=length,
-                                      configs=configs, min_stages=min_stages, inputs=inputs)
+                                      configs=configs, min_stages=min_stages, inputs=inputs, spread=spread)
     except inspect.InspectError as err:
         click.echo(f"{spec}: error: {err}", err=True)
         sys.exit(1)

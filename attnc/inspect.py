@@ -90,8 +90,9 @@ class Request:
     dtype: str = "bf16"
     head_dim: int = 128
     L: int = 1024
-    configs: int | None = None  # the first N configs (after the min_stages filter); None: all
+    configs: int | None = None  # N configs (after the min_stages filter); None: all
     min_stages: int = 1  # configs with fewer stages are left out (all of them if none has enough)
+    spread: bool = False  # the N configs spaced evenly over the list (first and last included), not the first N
     inputs: dict = field(default_factory=dict)
 
 
@@ -306,7 +307,12 @@ def _configs(kernel, request: Request) -> list:
     if not configs:
         return [None]
     chosen = [c for c in configs if (c.num_stages or 1) >= request.min_stages] or configs[:1]
-    return chosen if request.configs is None else chosen[: request.configs]
+    n = request.configs
+    if n is None or n >= len(chosen):
+        return chosen
+    if request.spread and n > 1:
+        return [chosen[round(i * (len(chosen) - 1) / (n - 1))] for i in range(n)]
+    return chosen[:n]
 
 
 def _heuristic_kwargs(kernel, args, kwargs) -> dict:
@@ -474,12 +480,12 @@ def _module_path(module) -> str:
 
 
 def request_for(module, target=90, dtype: str = "bf16", head_dim: int = 128, L: int = 1024, configs: int | None = None,
-                min_stages: int = 1, inputs: dict | None = None) -> Request:
+                min_stages: int = 1, inputs: dict | None = None, spread: bool = False) -> Request:
     targets = tuple(target) if isinstance(target, (list, tuple)) else (target,)
     targets = tuple(TARGETS.get(t, t) for t in targets)
     if dtype not in DTYPES:
         raise InspectError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return Request(_module_path(module), targets, dtype, head_dim, L, configs, min_stages, dict(inputs or {}))
+    return Request(_module_path(module), targets, dtype, head_dim, L, configs, min_stages, dict(inputs or {}), spread)
 
 
 def run_requests(requests: list[Request], timeout: float | None = None) -> list:
@@ -507,18 +513,19 @@ def run_requests(requests: list[Request], timeout: float | None = None) -> list:
 
 
 def inspect_module(module, target=90, dtype: str = "bf16", head_dim: int = 128, L: int = 1024,
-                   configs: int | None = None, min_stages: int = 1, inputs: dict | None = None) -> list[KernelReport]:
+                   configs: int | None = None, min_stages: int = 1, inputs: dict | None = None,
+                   spread: bool = False) -> list[KernelReport]:
     """Compile the Triton kernels that `module` launches for an NVIDIA GPU and report on each.
 
     module: a .attn spec path, a generated module's path, the module, or its attention function.
     target: a compute capability (90, 80), "sm90" / "sm80", or a list of them.
     dtype, head_dim, L: the call's q/k/v (B = 2, 4 heads unless the spec fixes them; a token layout's
-    fixed length overrides L). configs: the first N autotune configs (all by default) among those with
-    at least `min_stages` stages. inputs: values for spec inputs (others are made up, see make_inputs).
+    fixed length overrides L). configs: N autotune configs (all by default) among those with at least
+    `min_stages` stages: the first N, or N spaced evenly from the first to the last with `spread`. inputs: values for spec inputs (others are made up, see make_inputs).
     Raises InspectError (or UnsupportedTriton) when the module cannot be called or compiled at all;
     a kernel that fails to compile is a row with `.error` set.
     """
-    (result,) = run_requests([request_for(module, target, dtype, head_dim, L, configs, min_stages, inputs)])
+    (result,) = run_requests([request_for(module, target, dtype, head_dim, L, configs, min_stages, inputs, spread)])
     if isinstance(result, Exception):
         raise result
     return result

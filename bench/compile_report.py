@@ -26,9 +26,9 @@ from attnc import inspect
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _inspect_spec(spec: Path, configs: int | None, sm80_configs: int):
+def _inspect_spec(spec: Path, configs: int | None, min_stages: int, sm80_configs: int):
     """(sm_90 rows or error, sm_80 rows or error) for one spec, in one child process."""
-    requests = [inspect.request_for(spec, target=90, configs=configs)]
+    requests = [inspect.request_for(spec, target=90, configs=configs, min_stages=min_stages, spread=True)]
     if sm80_configs:
         requests.append(inspect.request_for(spec, target=80, configs=sm80_configs, min_stages=2))
     try:
@@ -99,7 +99,9 @@ def _section(title: str, results: dict, detail: bool) -> list[str]:
 def render(args, specs: list[Path], sm90: dict, sm80: dict, minutes: float) -> str:
     today = datetime.date.today().isoformat()
     done = f"{len(sm90)} of {len(specs)} specs" if len(sm90) < len(specs) else f"{len(specs)} specs"
-    every = "every autotune config" if args.configs is None else f"the first {args.configs} autotune configs"
+    staged = "" if args.min_stages <= 1 else f" with >= {args.min_stages} stages"
+    every = (f"every autotune config{staged}" if args.configs is None else
+             f"{args.configs} autotune configs{staged} spread evenly over the kernel's list (first and last included)")
     parts = [
         f"# Kernels compiled for sm_90 and sm_80 on a CPU ({today})",
         "",
@@ -135,7 +137,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--out", default=str(ROOT / "bench" / "results" / f"{today}-sm90.md"))
     parser.add_argument("--sm80-configs", type=int, default=2, help="configs per kernel for sm_80 (0: none)")
-    parser.add_argument("--configs", type=int, help="sm_90: only the first N configs per kernel (default: all)")
+    parser.add_argument("--configs", type=int,
+                        help="sm_90: N configs per kernel, spread evenly over its list (default: all)")
+    parser.add_argument("--min-stages", type=int, default=1, help="sm_90: only configs with this many stages")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--note", help="a paragraph for the report's head")
     parser.add_argument("specs", nargs="*", help="default: examples/*.attn")
@@ -148,7 +152,7 @@ def main() -> int:
     start = time.time()
     sm90, sm80 = {}, {}
     with ThreadPoolExecutor(args.workers) as pool:  # each task waits on its own child process
-        tasks = {pool.submit(_inspect_spec, spec, args.configs, args.sm80_configs): spec for spec in specs}
+        tasks = {pool.submit(_inspect_spec, spec, args.configs, args.min_stages, args.sm80_configs): spec for spec in specs}
         for task in as_completed(tasks):
             spec = tasks[task]
             sm90[spec.stem], sm80[spec.stem] = task.result()
