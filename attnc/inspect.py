@@ -485,7 +485,8 @@ def request_for(module, target=90, dtype: str = "bf16", head_dim: int = 128, L: 
     targets = tuple(TARGETS.get(t, t) for t in targets)
     if dtype not in DTYPES:
         raise InspectError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return Request(_module_path(module), targets, dtype, head_dim, L, configs, min_stages, dict(inputs or {}), spread)
+    return Request(module=_module_path(module), targets=targets, dtype=dtype, head_dim=head_dim, L=L, configs=configs,
+                   min_stages=min_stages, spread=spread, inputs=dict(inputs or {}))
 
 
 def run_requests(requests: list[Request], timeout: float | None = None) -> list:
@@ -525,7 +526,9 @@ def inspect_module(module, target=90, dtype: str = "bf16", head_dim: int = 128, 
     Raises InspectError (or UnsupportedTriton) when the module cannot be called or compiled at all;
     a kernel that fails to compile is a row with `.error` set.
     """
-    (result,) = run_requests([request_for(module, target, dtype, head_dim, L, configs, min_stages, inputs, spread)])
+    request = request_for(module, target=target, dtype=dtype, head_dim=head_dim, L=L, configs=configs,
+                          min_stages=min_stages, inputs=inputs, spread=spread)
+    (result,) = run_requests([request])
     if isinstance(result, Exception):
         raise result
     return result

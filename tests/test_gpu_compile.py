@@ -128,6 +128,15 @@ def test_given_inputs_override_fill_and_reshape():
         inspect.make_inputs(SIG, SIZES, {"band": [1, 2, 3]})
 
 
+def test_request_for_maps_every_option():
+    request = inspect.request_for("x.attn", target=["sm90", 80], dtype="fp16", head_dim=64, L=256, configs=3,
+                                  min_stages=2, inputs={"band": 3}, spread=True)
+    assert request == inspect.Request(module="x.attn", targets=(90, 80), dtype="fp16", head_dim=64, L=256,
+                                      configs=3, min_stages=2, spread=True, inputs={"band": 3})
+    with pytest.raises(inspect.InspectError, match="dtype 'fp8'"):
+        inspect.request_for("x.attn", dtype="fp8")
+
+
 # ---- a hand-written module: the compiled facts are known without attnc's templates ---------------------------
 
 
