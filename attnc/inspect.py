@@ -278,6 +278,8 @@ def make_inputs(signature, sizes: dict, given: dict, seed: int = 0) -> dict:
 
 def _triton_internals():
     """Triton's compiler entry points used here, checked by name so a changed version fails clearly."""
+    from inspect import signature as signature_of
+
     import triton
 
     def missing(what):
@@ -291,8 +293,12 @@ def _triton_internals():
         from triton.runtime.jit import JITFunction, create_function_from_signature
     except ImportError as err:
         raise missing(getattr(err, "name", None) or str(err)) from None
-    if not hasattr(JITFunction, "_pack_args"):
-        raise missing("JITFunction._pack_args")
+    expected = [("create_function_from_signature", create_function_from_signature, ["sig", "kparams", "backend"]),
+                ("JITFunction._pack_args", getattr(JITFunction, "_pack_args", None),
+                 ["self", "backend", "kwargs", "bound_args", "specialization", "options"])]
+    for name, function, parameters in expected:
+        if function is None or list(signature_of(function).parameters) != parameters:
+            raise missing(f"{name}({', '.join(parameters)})")
     return triton, GPUTarget, ASTSource, make_backend, create_function_from_signature
 
 
