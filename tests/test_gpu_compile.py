@@ -137,6 +137,16 @@ def test_request_for_maps_every_option():
         inspect.request_for("x.attn", dtype="fp8")
 
 
+def test_changed_triton_internals_are_named_with_the_version(monkeypatch):
+    import triton
+    from triton.runtime import jit
+
+    monkeypatch.setattr(jit, "create_function_from_signature", lambda sig, kparams: None)  # an older binder
+    with pytest.raises(inspect.UnsupportedTriton) as err:
+        inspect.check_supported()
+    assert f"Triton {triton.__version__} has no create_function_from_signature(sig, kparams, backend)" in str(err.value)
+
+
 # ---- a hand-written module: the compiled facts are known without attnc's templates ---------------------------
 
 
