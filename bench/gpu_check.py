@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 T0 = time.monotonic()  # the budget counts from here: imports and CUDA start-up included
@@ -69,6 +69,7 @@ class Settings:
     window: int  # sliding_window's window
     doc_len: int  # tokens per document
     verify: tuple  # example stems to verify, in order
+    bench: tuple  # specs of the speed section
     compile_flex: bool  # torch.compile FlexAttention (GPU) or run it eagerly (CPU)
     flex_backward: bool  # FlexAttention has no backward on the CPU
     min_unit_s: float  # do not start a row with less time than this left in its section
@@ -79,12 +80,12 @@ class Settings:
             # L = 96 for the sparse masks: 3 x 3 of the interpreter's 32 x 32 plan tiles, some skipped
             return Settings(True, "cpu", 32, ((16, 1, 2), (48, 1, 2)), ((32, 1, 2),), (96, 1, 1),
                             (("neighborhood_2d", (24, 4, 3)), ("radial", (3, 32))), window=12, doc_len=12,
-                            verify=("causal", "softplus"), compile_flex=False, flex_backward=False,
+                            verify=("causal", "softplus"), bench=tuple(BENCH), compile_flex=False, flex_backward=False,
                             min_unit_s=0.0)
         order = BENCH + NORMALIZATIONS + sorted(p.stem for p in EXAMPLES.glob("*.attn"))
         return Settings(False, "cuda", 128, ((4096, 8, 16), (16384, 1, 32)), ((4096, 8, 16), (16384, 1, 32)),
                         (16384, 1, 32), (("neighborhood_2d", (128, 128, 7)), ("radial", (16, 1024))),
-                        window=256, doc_len=1024, verify=tuple(dict.fromkeys(order)), compile_flex=True,
+                        window=256, doc_len=1024, verify=tuple(dict.fromkeys(order)), bench=tuple(BENCH), compile_flex=True,
                         flex_backward=True, min_unit_s=10.0)
 
     # -- timing: the warm-up call (compile + autotune) timed apart, then the steady state
@@ -244,7 +245,7 @@ def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
     if section == "verify":
         return [(name, (name,)) for name in s.verify]
     if section == "speed":  # each spec at every L in turn: the second L reuses the compiled kernels
-        return [(f"{name} L={L}", (name, L, B, H)) for name in BENCH for L, B, H in s.speed_shapes]
+        return [(f"{name} L={L}", (name, L, B, H)) for name in s.bench for L, B, H in s.speed_shapes]
     if section == "sparse":
         return [(name, (name, grid)) for name, grid in s.sparse]
     if section == "norm":
@@ -600,12 +601,20 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SHARES), help="comma-separated subset of " + ",".join(SHARES))
     parser.add_argument("--autotune", choices=("full", "quick"), default="full",
                         help="autotuning of the timed sections (verify always uses quick)")
+    parser.add_argument("--verify-specs", help="comma-separated examples to verify (default: all, benchmarked first)")
+    parser.add_argument("--speed-specs", help="comma-separated specs of the speed table (default: " + ",".join(BENCH) + ")")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton
     s = Settings.make(args.dry_run)
+    # --verify-specs / --speed-specs reach the section processes through the environment
+    for option, env, field in ((args.verify_specs, "ATTNC_GPU_VERIFY", "verify"), (args.speed_specs, "ATTNC_GPU_SPEED", "bench")):
+        if option:
+            os.environ[env] = option
+        if os.environ.get(env):
+            s = replace(s, **{field: tuple(x for x in os.environ[env].split(",") if x)})
     if args.child:
         return child_main(args.child, args.start, s)
 
