@@ -19,7 +19,7 @@ import sympy
 
 from .. import __version__, ir
 from ..pipeline import Analyses, analyse
-from .families import general, softmax
+from .families import decode, general, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import torch_code, wrapped
@@ -117,6 +117,7 @@ def context(a: Analyses) -> dict:
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
         "body": body,
+        "decode": None if is_general else decode.build(v, a.rows.softmax),
         "general": is_general,
         "ref": _reference(v, a),
         "has_lse": a.rows.has_lse,
@@ -150,12 +151,13 @@ _OPTIONAL_IMPORTS = (
     ("math.", "import math\n\n", ""),
     ("I.", "", "from attnc.runtime import intervals as I\n"),
     ("rt.", "", "from attnc.runtime import tl_helpers as rt\n"),
+    ("merge.", "", "from attnc.runtime import merge\n"),
 )
 
 
 def _imports(body: str) -> str:
     used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    ours = sorted(["from attnc.runtime import checks, launch\n", "from attnc.runtime import plan as tile_plan\n",
+    ours = sorted(["from attnc.runtime import checks, decoding, launch\n", "from attnc.runtime import plan as tile_plan\n",
                    "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
     return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"
             + "".join(ours) + "from attnc.runtime.launch import kernel_configs\n")
