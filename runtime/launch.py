@@ -78,7 +78,7 @@ def decode_splits(programs: int, capacity: int) -> int:
     multiprocessors), but no split shorter than a few tiles. The interpreter splits tiny caches too,
     so the split-and-merge path is what the CPU tests exercise."""
     if interpreting():
-        target, min_keys = 4, 16
+        target, min_keys = 16, 16
     else:
         target = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         min_keys = 256
