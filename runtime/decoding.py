@@ -106,22 +106,50 @@ def check_decode(sig: Signature, q, k_cache, v_cache, cache_seqlens, block_table
     return DecodeShapes(B, Hq, Hk, Hv, Lnew, Dqk, Dv, capacity, P, paged)
 
 
-def check_decode_inputs(sig: Signature, shapes: DecodeShapes, q, k_cache, v_cache, cache_seqlens, inputs: dict,
-                        defaults) -> dict:
-    """The spec's inputs for decoding: inputs indexed by query or key position span the capacity; a
-    scalar default that depends on the lengths (Lq = Lk = cache_seqlens[b] in decoding) must be the same
-    for every sequence, or be given. Decode is forward only: no argument may require grad."""
+def length_groups(sig: Signature, shapes: DecodeShapes, cache_seqlens, inputs: dict, defaults) -> list:
+    """Scalar defaults may depend on the length (Lq = Lk = cache_seqlens[b] in decoding): the
+    sequences grouped by the defaults they get, [(batch indices, defaults)], one group when none differ."""
     s = shapes
-    lengths = sorted(set(cache_seqlens.cpu().tolist()))
-    first = defaults(lengths[0], lengths[0], s.B, s.Hq, s.Hk, s.Hv)
-    for n in lengths[1:]:
-        other = defaults(n, n, s.B, s.Hq, s.Hk, s.Hv)
-        for name in first:
-            if name not in inputs and first[name] != other[name]:
-                _fail(sig, name, f"its default depends on the length, and cache_seqlens holds different lengths "
-                      f"({lengths[0]} and {n}); pass {name} explicitly")
+    groups: dict = {}
+    for b, n in enumerate(cache_seqlens.cpu().tolist()):
+        values = defaults(n, n, s.B, s.Hq, s.Hk, s.Hv)
+        key = tuple((name, value) for name, value in values.items() if name not in inputs)
+        groups.setdefault(key, ([], values))[0].append(b)
+    return list(groups.values())
+
+
+def decode_by_groups(sig: Signature, fn, groups, q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse,
+                     inputs):
+    """One `fn` (decode) call per group of sequences with the same length-dependent defaults, given
+    explicitly; the results land in their batch rows."""
+    o = lse = None
+    for batch, values in groups:
+        idx = torch.tensor(batch, device=q.device)
+        sub = {name: value for name, value in values.items() if name not in inputs}
+        for name, x in inputs.items():
+            spec = next((t for t in sig.tensors if t.name == name), None)
+            if spec is not None and "B" in spec.axes and isinstance(x, torch.Tensor):
+                x = x.index_select(spec.axes.index("B"), idx.to(x.device))
+            sub[name] = x
+        paged = block_table is not None
+        out = fn(q[idx], k_cache if paged else k_cache[idx], v_cache if paged else v_cache[idx], cache_seqlens[idx],
+                 block_table=block_table[idx] if paged else None, scale=scale, return_lse=return_lse, **sub)
+        part, part_lse = out if return_lse else (out, None)
+        if o is None:
+            o = part.new_empty((q.shape[0], *part.shape[1:]))
+            lse = None if part_lse is None else part_lse.new_empty((q.shape[0], *part_lse.shape[1:]))
+        o[idx] = part
+        if lse is not None:
+            lse[idx] = part_lse
+    return (o, lse) if return_lse else o
+
+
+def check_decode_inputs(sig: Signature, shapes: DecodeShapes, q, k_cache, v_cache, inputs: dict, defaults: dict) -> dict:
+    """The spec's inputs for decoding: inputs indexed by query or key position span the capacity.
+    Decode is forward only: no argument may require grad."""
+    s = shapes
     base = checks.Shapes(s.B, s.Hq, s.Hk, s.Hv, s.capacity, s.capacity, s.Dqk, s.Dv)
-    values = checks.check_inputs(sig, base, q.device, inputs, first)
+    values = checks.check_inputs(sig, base, q.device, inputs, defaults)
     if torch.is_grad_enabled():
         tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] + [(t.name, values[t.name]) for t in sig.tensors]
         for name, t in tensors:

@@ -94,6 +94,57 @@ def formula(q, k, v, lengths, scale, mask, logits, sink):
     return o, lse
 
 
+def general_formula(q, k, v, lengths, scale, weight, normalize):
+    """General normalizations: o = sum_j w_ij v_j over the causal keys (divided by sum_j w_ij when
+    `normalize`), w = weight(s, q position, L, visible) in float64."""
+    B, Hq, Lnew, _ = q.shape
+    Hk, Hv = k.shape[1], v.shape[1]
+    o = torch.zeros(B, Hq, Lnew, v.shape[3], dtype=torch.float64)
+    for b in range(B):
+        L = int(lengths[b])
+        qpos = torch.arange(L - Lnew, L)[:, None]
+        kpos = torch.arange(L)[None, :]
+        keep = kpos <= qpos
+        visible = keep.sum(1, keepdim=True).double()
+        for h in range(Hq):
+            s = scale * q[b, h].double() @ k[b, h * Hk // Hq, :L].double().T
+            w = torch.where(keep, weight(s, L, visible), torch.zeros((), dtype=torch.float64))
+            if normalize:
+                w = w / w.sum(1, keepdim=True)
+            o[b, h] = w @ v[b, h * Hv // Hq, :L].double()
+    return o
+
+
+GENERAL = {
+    # name: (weight(s, L, visible), normalize, inputs)
+    "sigmoid": (lambda s, L, vis: torch.sigmoid(s - math.log(L)), False, {}),  # default bias = -log(Lk)
+    "sigmoid_bias": (lambda s, L, vis: torch.sigmoid(s - 0.5), False, {"bias": -0.5}),
+    "softplus": (lambda s, L, vis: torch.nn.functional.softplus(torch.log(vis) * s), True, {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("lnew", [1, 3])
+@pytest.mark.parametrize("case", list(GENERAL))
+def test_decode_general_normalizations(case, lnew, layout):
+    """Row statistics merged across splits (softplus: the row sum), and a length-dependent default
+    (sigmoid's bias = -log(Lk), per sequence)."""
+    attn = load(case.split("_")[0])
+    weight, normalize, inputs = GENERAL[case]
+    q, k, v, lengths = _problem("causal", lnew)
+    ref = general_formula(q, k, v, lengths, q.shape[-1] ** -0.5, weight, normalize)
+    if layout == "paged":
+        k_cache, table = paged(k, lengths, 7)
+        v_cache, _ = paged(v, lengths, 7)
+    else:
+        k_cache, v_cache, table = k, v, None
+    with launch.count_visits() as log:
+        o = attn.decode(q, k_cache, v_cache, lengths, block_table=table, **inputs)
+    assert log and all((t >= 0).all() for t in log), "the decode kernel did not run"
+    check_close("o", o, ref, 2e-3)
+
+
 def paged(cache_, lengths, seed):
     """A logical cache [B, H, CAP, D] as pages in a random order: (pages, block_table)."""
     B, H, _, D = cache_.shape
@@ -266,7 +317,7 @@ def test_decode_refuses_gradients():
         load("causal").decode(**args)
 
 
-def test_decode_general_normalization_is_a_clear_error():
+def test_decode_general_normalization_has_no_lse():
     q, k, v, lengths = _problem("causal", 1)
-    with pytest.raises(ValueError, match="softmax-family"):
-        load("sigmoid").decode(q, k, v, lengths)
+    with pytest.raises(ValueError, match="argument 'return_lse'"):
+        load("sigmoid").decode(q, k, v, lengths, return_lse=True)
