@@ -23,6 +23,7 @@ import attnc
 from attnc.runtime import launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import formulas as F
 from compare import check_close
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -94,32 +95,40 @@ def formula(q, k, v, lengths, scale, mask, logits, sink):
     return o, lse
 
 
-def general_formula(q, k, v, lengths, scale, weight, normalize):
-    """General normalizations: o = sum_j w_ij v_j over the causal keys (divided by sum_j w_ij when
-    `normalize`), w = weight(s, q position, L, visible) in float64."""
+def general_formula(q, k, v, lengths, scale, weights):
+    """General normalizations: o = sum_j w_ij v_j, w = weights(s, keep, L) over the causal keys of
+    the absolute positions, in float64."""
     B, Hq, Lnew, _ = q.shape
     Hk, Hv = k.shape[1], v.shape[1]
     o = torch.zeros(B, Hq, Lnew, v.shape[3], dtype=torch.float64)
     for b in range(B):
         L = int(lengths[b])
-        qpos = torch.arange(L - Lnew, L)[:, None]
-        kpos = torch.arange(L)[None, :]
-        keep = kpos <= qpos
-        visible = keep.sum(1, keepdim=True).double()
+        keep = torch.arange(L)[None, :] <= torch.arange(L - Lnew, L)[:, None]
         for h in range(Hq):
             s = scale * q[b, h].double() @ k[b, h * Hk // Hq, :L].double().T
-            w = torch.where(keep, weight(s, L, visible), torch.zeros((), dtype=torch.float64))
-            if normalize:
-                w = w / w.sum(1, keepdim=True)
-            o[b, h] = w @ v[b, h * Hv // Hq, :L].double()
+            o[b, h] = weights(s, keep, L) @ v[b, h * Hv // Hq, :L].double()
     return o
 
 
+def _sigmoid(bias):
+    def w(s, keep, L):
+        return torch.where(keep, torch.sigmoid(s + (-math.log(L) if bias is None else bias)), 0.0)
+    return w
+
+
+def _softplus(s, keep, L):
+    visible = keep.sum(1, keepdim=True).double()
+    w = torch.where(keep, torch.nn.functional.softplus(torch.log(visible) * s), 0.0)
+    return w / w.sum(1, keepdim=True)
+
+
 GENERAL = {
-    # name: (weight(s, L, visible), normalize, inputs)
-    "sigmoid": (lambda s, L, vis: torch.sigmoid(s - math.log(L)), False, {}),  # default bias = -log(Lk)
-    "sigmoid_bias": (lambda s, L, vis: torch.sigmoid(s - 0.5), False, {"bias": -0.5}),
-    "softplus": (lambda s, L, vis: torch.nn.functional.softplus(torch.log(vis) * s), True, {}),
+    # name: (weights(s, keep, L), inputs)
+    "sigmoid": (_sigmoid(None), {}),  # the default bias -log(Lk) differs per sequence
+    "sigmoid_bias": (_sigmoid(-0.5), {"bias": -0.5}),
+    "softplus": (_softplus, {}),
+    # two passes over the keys: r1 = rowsum(softplus), then r2 from r1 (tests/formulas.py's LSSAR)
+    "softplus_reweight": (lambda s, keep, L: F.softplus_reweight_weights(s, keep)[0], {}),
 }
 
 
@@ -128,12 +137,12 @@ GENERAL = {
 @pytest.mark.parametrize("lnew", [1, 3])
 @pytest.mark.parametrize("case", list(GENERAL))
 def test_decode_general_normalizations(case, lnew, layout):
-    """Row statistics merged across splits (softplus: the row sum), and a length-dependent default
-    (sigmoid's bias = -log(Lk), per sequence)."""
-    attn = load(case.split("_")[0])
-    weight, normalize, inputs = GENERAL[case]
+    """Row statistics merged across splits, pass by pass (softplus: the row sum; softplus_reweight: two
+    passes), and a length-dependent default (sigmoid's bias = -log(Lk), per sequence)."""
+    attn = load(case.removesuffix("_bias"))
+    weights, inputs = GENERAL[case]
     q, k, v, lengths = _problem("causal", lnew)
-    ref = general_formula(q, k, v, lengths, q.shape[-1] ** -0.5, weight, normalize)
+    ref = general_formula(q, k, v, lengths, q.shape[-1] ** -0.5, weights)
     if layout == "paged":
         k_cache, table = paged(k, lengths, 7)
         v_cache, _ = paged(v, lengths, 7)
