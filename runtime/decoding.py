@@ -5,6 +5,7 @@ the eager path, and varlen as per-sequence calls. docs/decoding.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -202,11 +203,11 @@ def _check_cu(sig: Signature, name: str, cu, total: int, device, max_len, max_na
     if not same_device(cu.device, device):
         _fail(sig, name, f"is on {cu.device} but q is on {device}")
     offsets = cu.cpu().tolist()
-    if offsets[0] != 0 or any(a > b for a, b in zip(offsets, offsets[1:])):
+    if offsets[0] != 0 or any(a > b for a, b in pairwise(offsets)):
         _fail(sig, name, f"must start at 0 and never decrease, got {offsets}")
     if offsets[-1] != total:
         _fail(sig, name, f"ends at {offsets[-1]} but the packed tensor holds {total} tokens")
-    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+    longest = max(b - a for a, b in pairwise(offsets))
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < longest:
         _fail(sig, max_name, f"expected an int >= the longest sequence ({longest}), got {max_len!r}")
     return offsets

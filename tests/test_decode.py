@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from attnc.runtime import launch
 
 import attnc
-from attnc.runtime import launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F
@@ -281,7 +281,7 @@ def test_varlen_matches_per_sequence_formula(name):
     ref = torch.cat(refs)
     check_close("o", o, ref, 2e-3)
     (ref * do.double()).sum().backward()
-    for what, got, t in zip("q k v slopes".split(), grads, (q, k, v, slopes)):
+    for what, got, t in zip(["q", "k", "v", "slopes"], grads, (q, k, v, slopes)):
         check_close(f"d{what}", got, t.grad, 5e-3)
 
 
@@ -296,7 +296,7 @@ def _bad(**overrides):
 
 
 def _table_with(value):
-    q, k, v, lengths = _problem("causal", 3)
+    _, k, _, lengths = _problem("causal", 3)
     _, table = paged(k, lengths, 5)
     table = table.clone()
     table[0, 1] = value  # sequence 0 (37 keys) reads its page 1

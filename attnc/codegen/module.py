@@ -153,13 +153,13 @@ _OPTIONAL_IMPORTS = (
     ("math.", "import math\n\n", ""),
     ("I.", "", "from attnc.runtime import intervals as I\n"),
     ("rt.", "", "from attnc.runtime import tl_helpers as rt\n"),
-    ("merge.", "", "from attnc.runtime import merge\n"),
 )
 
 
 def _imports(body: str) -> str:
     used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    ours = sorted(["from attnc.runtime import checks, decoding, launch\n", "from attnc.runtime import plan as tile_plan\n",
+    runtime = "checks, decoding, launch, merge" if re.search(r"(?<![\w.])merge\.", body) else "checks, decoding, launch"
+    ours = sorted([f"from attnc.runtime import {runtime}\n", "from attnc.runtime import plan as tile_plan\n",
                    "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
     return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"
             + "".join(ours) + "from attnc.runtime.launch import kernel_configs\n")

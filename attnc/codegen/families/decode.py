@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from ... import ir
 from ...analysis.rowstats import SoftmaxForm
 from ..printers import triton_code
-from ..skeleton import DECODE_ROW, DECODE_TILE, Load, TileCode, base_names, tensor_loads, tile_code
+from ..skeleton import (
+    DECODE_ROW,
+    DECODE_TILE,
+    Load,
+    TileCode,
+    base_names,
+    tensor_loads,
+    tile_code,
+)
 
 
 @dataclass(frozen=True)
