@@ -212,7 +212,7 @@ def test_sliding_window_decode_reads_only_the_window():
     with launch.count_visits() as log:
         attn.decode(q, k, v, lengths, window=window)
     (visits,) = log  # [B * groups, splits * query tiles]
-    per_seq = visits.view(3, -1).sum(1)  # one group (4 query heads on 2 KV heads... grouped per KV head)
+    per_seq = visits.view(3, -1).sum(1)  # rows are (sequence, KV group), sequence-major
     expected = []
     for L in lengths.tolist():
         lo = max(0, L - 3 - window + 1)
@@ -233,6 +233,26 @@ def test_decode_bf16_and_reference_path():
     check_close("o bf16", o, ref_o, 2e-2)
     o64 = attn.decode(q.double(), k.double(), v.double(), lengths)  # float64: the eager reference
     check_close("o float64", o64, ref_o, 1e-10)
+
+
+@pytest.mark.slow
+def test_decode_mqa_many_rows():
+    """MQA with 4 query heads on one KV head and Lnew = 5: 20 rows, more than one row tile (16 rows
+    under the interpreter), each row at its own head and position."""
+    attn = load("alibi")
+    g = _gen(4)
+    q = torch.randn(2, 4, 5, 16, generator=g)
+    k = torch.randn(2, 1, CAP, 16, generator=g)
+    v = torch.randn(2, 1, CAP, 16, generator=g)
+    lengths = torch.tensor([5, 41], dtype=torch.int32)
+    inputs, mask, logits, sink = _case("alibi", 2, 4)
+    ref_o, ref_lse = formula(q, k, v, lengths, 0.25, mask, logits, sink)
+    with launch.count_visits() as log:
+        o, lse = attn.decode(q, k, v, lengths, return_lse=True, **inputs)
+    (visits,) = log
+    assert visits.shape[0] == 2 and (visits >= 0).all()  # 2 sequences x 1 group; splits x 2 row tiles
+    check_close("o", o, ref_o, 2e-3)
+    check_close("lse", lse, ref_lse, 2e-3)
 
 
 # ---- varlen ----
@@ -330,3 +350,32 @@ def test_decode_general_normalization_has_no_lse():
     q, k, v, lengths = _problem("causal", 1)
     with pytest.raises(ValueError, match="argument 'return_lse'"):
         load("sigmoid").decode(q, k, v, lengths, return_lse=True)
+
+
+@pytest.mark.slow
+def test_varlen_document_inputs_per_sequence():
+    """A batch-axis input (doc_ids [num_sequences, max_seqlen]) is sliced per sequence."""
+    attn = load("document")
+    H, D, lens = 2, 16, [6, 9]
+    g = _gen(6)
+    q = torch.randn(sum(lens), H, D, generator=g, requires_grad=True)
+    k = torch.randn(sum(lens), H, D, generator=g)
+    v = torch.randn(sum(lens), H, D, generator=g)
+    doc = torch.tensor([[0, 0, 1, 1, 1, 2, 9, 9, 9], [0, 1, 1, 1, 2, 2, 2, 2, 3]])
+    cu = torch.tensor([0, 6, 15], dtype=torch.int32)
+    o = attn.varlen(q, k, v, cu, cu, 9, 9, doc_ids=doc)
+    o.sum().backward()
+    refs = []
+    for i, (a, b) in enumerate([(0, 6), (6, 15)]):
+        L = b - a
+        s = D ** -0.5 * q[a:b].double().transpose(0, 1) @ k[a:b].double().transpose(0, 1).transpose(-1, -2)
+        d = doc[i, :L]
+        keep = (d[:, None] == d[None, :]) & (torch.arange(L)[None, :] <= torch.arange(L)[:, None])
+        refs.append((torch.softmax(s.masked_fill(~keep, -math.inf), -1) @ v[a:b].double().transpose(0, 1))
+                    .transpose(0, 1))
+    ref = torch.cat(refs)
+    check_close("o", o, ref, 2e-3)
+    dq = q.grad.clone()
+    q.grad = None
+    ref.sum().backward()
+    check_close("dq", dq, q.grad, 5e-3)
