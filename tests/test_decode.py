@@ -223,6 +223,32 @@ def test_sliding_window_decode_reads_only_the_window():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sinks", [2, 20, 0])
+def test_streaming_sink_decode_reads_only_sinks_and_window(sinks):
+    """Sinks with a window (a plan-list mask, the union of two bands): a decode visits the tiles of
+    [0, sinks) and of the window, once each, overlapping or not, and equals the formula."""
+    attn = load("streaming_sink")
+    q, k, v, lengths = _problem("streaming_sink", 3)
+    lengths = torch.tensor([48, 3, 37], dtype=torch.int32)
+    window = 5
+    mask = lambda b, h, qp, kv: (kv <= qp) & ((kv < sinks) | (qp - kv < window))
+    ref_o, _ = formula(q, k, v, lengths, 0.25, mask, lambda s, *a: s, None)
+    with launch.count_visits() as log:
+        o = attn.decode(q, k, v, lengths, sinks=sinks, window=window)
+    check_close("o", o, ref_o, 2e-3)
+    (visits,) = log
+    per_seq = visits.view(3, -1).sum(1) // (visits.shape[0] // 3)
+    expected = []
+    for L in lengths.tolist():
+        tiles = set()
+        if sinks > 0:
+            tiles |= set(range(0, (min(sinks, L) - 1) // 16 + 1))
+        tiles |= set(range(max(0, L - 3 - window + 1) // 16, (L - 1) // 16 + 1))
+        expected.append(len(tiles))
+    assert per_seq.tolist() == expected
+
+
+@pytest.mark.slow
 def test_decode_bf16_and_reference_path():
     attn = load("causal")
     q, k, v, lengths = _problem("causal", 3)

@@ -24,7 +24,7 @@ from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import torch_code, wrapped
 from ..errors import BuildError
-from .skeleton import DECODE_ROW, DECODE_TILE, Signature
+from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands
 
 __all__ = ["BuildError", "generate_module"]
 
@@ -120,6 +120,7 @@ def context(a: Analyses) -> dict:
         "decode": None if is_general else decode.build(v, a.rows.softmax),
         # split-KV decoding of the general family: its passes printed for decode rows
         "gdecode": general.build(v, a.rows, DECODE_TILE, DECODE_ROW) if is_general else None,
+        "decode_bands": decode_bands(v, a.walk, a.clauses),
         "general": is_general,
         "ref": _reference(v, a),
         "has_lse": a.rows.has_lse,

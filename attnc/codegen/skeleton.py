@@ -357,6 +357,18 @@ def choose_walk(variant: ir.Variant, clauses: tuple[Clause, ...]) -> TileWalk:
     return ListTiles(**per, cell_lines=tuple(lines), cell_result=result)
 
 
+def decode_bands(variant: ir.Variant, walk: TileWalk, clauses: tuple[Clause, ...]) -> tuple[BandBounds, ...]:
+    """Split-KV decoding of a plan-list mask that is the union of two exact bands (sinks with a
+    window: kv <= min(q, sinks - 1), or q - window < kv <= q): the two key ranges in closed form, so a
+    decode reads only their tiles. () otherwise (decoding then visits every tile, masked)."""
+    if walk.mode not in ("lists", "dense") or len(clauses) != 2 or not all(c.exact for c in clauses):
+        return ()
+    try:
+        return tuple(_band_bounds(variant, c) for c in clauses)
+    except (UnsupportedExpression, BuildError):
+        return ()
+
+
 @dataclass(frozen=True)
 class Skeleton:
     """What every family's kernels share for one spec."""
