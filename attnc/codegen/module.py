@@ -22,7 +22,7 @@ from ..pipeline import Analyses, analyse
 from .families import decode, general, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
-from .printers import torch_code, wrapped
+from .printers import UnsupportedExpression, torch_code, wrapped
 from ..errors import BuildError
 from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands
 
@@ -117,9 +117,7 @@ def context(a: Analyses) -> dict:
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
         "body": body,
-        "decode": None if is_general else decode.build(v, a.rows.softmax),
-        # split-KV decoding of the general family: its passes printed for decode rows
-        "gdecode": general.build(v, a.rows, DECODE_TILE, DECODE_ROW) if is_general else None,
+        **_decoding(v, a, is_general),
         "decode_bands": decode_bands(v, a.walk, a.clauses),
         "general": is_general,
         "ref": _reference(v, a),
@@ -128,6 +126,18 @@ def context(a: Analyses) -> dict:
                                  for e in lay.extents])
                     for lay in v.layouts if lay.index in ("q", "kv")],
     }
+
+
+def _decoding(v: ir.Variant, a: Analyses, is_general: bool) -> dict:
+    """The split-KV decode body: the softmax family's (`decode`) or the general family's passes printed
+    for decode rows (`gdecode`). A spec decoding cannot print keeps its forward: its `decode` raises a
+    ValueError with the reason instead (`decode_error`)."""
+    try:
+        if is_general:
+            return {"decode": None, "gdecode": general.build(v, a.rows, DECODE_TILE, DECODE_ROW), "decode_error": ""}
+        return {"decode": decode.build(v, a.rows.softmax), "gdecode": None, "decode_error": ""}
+    except (BuildError, UnsupportedExpression) as err:
+        return {"decode": None, "gdecode": None, "decode_error": str(err)}
 
 
 def _environment() -> jinja2.Environment:
