@@ -63,6 +63,29 @@ def kernel_configs(kind: str) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in space]
 
 
+def decode_config(rows: int, page_size: int | None) -> dict:
+    """Tiles and launch options of the split-KV decode kernel: BLOCK_M holds a KV group's query heads
+    times the new queries (up to 64 rows a program), BLOCK_N divides the page size so that a key tile
+    never straddles pages."""
+    if interpreting():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    block_n = next(n for n in (64, 32, 16) if page_size is None or page_size % n == 0)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 3}
+
+
+def decode_splits(programs: int, capacity: int) -> int:
+    """How many splits of each sequence's keys: enough programs to fill the GPU (two waves of its
+    multiprocessors), but no split shorter than a few tiles. The interpreter splits tiny caches too,
+    so the split-and-merge path is what the CPU tests exercise."""
+    if interpreting():
+        target, min_keys = 16, 16
+    else:
+        target = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        min_keys = 256
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(capacity, min_keys), 256))
+
+
 def reduce_row_grad(buffer: torch.Tensor, axes: tuple) -> torch.Tensor:
     """Per-row gradient partials [B, Hq, Lq] -> the gradient of an input with shape `axes`.
 
