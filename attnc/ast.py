@@ -125,6 +125,16 @@ class Let(Stmt):
 
 
 @dataclass(frozen=True)
+class LetFunc(Stmt):
+    """`let name(a, b) = expr`: a function of its parameters, expanded (inlined) at every call."""
+
+    name: str
+    params: tuple[str, ...]
+    param_spans: tuple[Span, ...] = field(compare=False)
+    value: Expr = None
+
+
+@dataclass(frozen=True)
 class Mask(Stmt):
     value: Expr
 

@@ -71,7 +71,7 @@ class _Value:
 
 @dataclass
 class _Entry:
-    kind: str  # index | size | score | visible | param | const | tensor | let | head
+    kind: str  # index | size | score | visible | param | const | tensor | let | head | function | argument
     span: Span | None
     value: _Value | None = None
     tensor: ir.TensorInput | None = None
@@ -110,6 +110,7 @@ class Checker:
         self.seen: dict[type, Span] = {}
         self.lowering = None  # the statement being checked
         self.failed: set = set()  # names whose definition had an error
+        self.functions: dict = {}  # let functions: name -> ast.LetFunc
         self.key_learnable: dict = {}  # load of a learnable tensor indexed by kv -> its first subscript's span
 
     # ---- reporting ----
@@ -127,7 +128,7 @@ class Checker:
                 # its names stay undefined: later uses are not reported again as unknown
                 if isinstance(stmt, ast.Let):
                     self.failed.update(stmt.names)
-                elif isinstance(stmt, (ast.Binding, ast.Input)):
+                elif isinstance(stmt, (ast.Binding, ast.Input, ast.LetFunc)):
                     self.failed.add(stmt.name)
         if self.errors:
             raise SpecError(self.errors, self.spec.path, self.spec.source)
@@ -303,14 +304,115 @@ class Checker:
             self.lets.append((stmt.names, value.expr))
             return
         call = stmt.value
-        if not (isinstance(call, ast.Call) and call.func == "unravel"):
-            self.error("only unravel(...) can be unpacked into several names", stmt.value.span,
-                       f"write 'let ({', '.join(stmt.names)}) = unravel(index, ...)'")
-        coords, extents, index_text = self.unravel(call, len(stmt.names))
+        if isinstance(call, ast.Call) and call.func in self.functions:
+            coords, extents, index_text = self.expand(call, lambda body: self.unravel_body(body, stmt))
+        else:
+            coords, extents, index_text = self.unravel_body(call, stmt)
         for name, coord in zip(stmt.names, coords):
             self.define(name, stmt.span, _Entry("let", stmt.span, _Value(coord, INT)))
         self.lets.append((stmt.names, sympy.Tuple(*coords)))
         self.layouts.append(ir.Layout(index_text, stmt.names, tuple(extents), tuple(coords)))
+
+    def unravel_body(self, call, stmt: ast.Let):
+        if isinstance(call, ast.Call) and call.func in self.functions:
+            return self.expand(call, lambda body: self.unravel_body(body, stmt))
+        if not (isinstance(call, ast.Call) and call.func == "unravel"):
+            self.error("only unravel(...) can be unpacked into several names", call.span,
+                       f"write 'let ({', '.join(stmt.names)}) = unravel(index, ...)'")
+        return self.unravel(call, len(stmt.names))
+
+    def stmt_letfunc(self, stmt: ast.LetFunc):
+        """`let f(x, y) = body`: the body may use its parameters and anything defined above; it is
+        checked for unknown names now and expanded (inlined, with its own checks) at every call."""
+        self.check_identifier(stmt.name, stmt.span)
+        for i, (param, span) in enumerate(zip(stmt.params, stmt.param_spans)):
+            self.check_identifier(param, span, what="parameter")
+            if param in stmt.params[:i]:
+                self.error(f"parameter '{param}' of '{stmt.name}' is given twice", span)
+            if param == stmt.name:
+                self.error(f"parameter '{param}' has the name of its function", span)
+            # parameters are inlined, never arguments of the generated function: only the language's
+            # own names are off limits
+            if param in RESERVED - _GENERATED_ARGS or (param in self.env and self.env[param].span is None):
+                self.error(f"parameter '{param}' of '{stmt.name}' is a built-in name ({_describe_builtin(param)})",
+                           span, f"pick another name, e.g. '{param}_'")
+            if param in self.env or param in self.functions:
+                first = (self.env[param].span if param in self.env else self.functions[param].span)
+                self.error(f"parameter '{param}' of '{stmt.name}' hides '{param}' defined at line {first.line}",
+                           span, "give the parameter another name")
+        self.names_known(stmt.value, stmt, set(stmt.params))
+        self.define(stmt.name, stmt.span, _Entry("function", stmt.span))
+        self.functions[stmt.name] = stmt
+
+    def names_known(self, node, stmt: ast.LetFunc, params: set):
+        """Report the first unknown name in a let function's body (its own name: recursion)."""
+        if isinstance(node, ast.Name):
+            name = node.id
+            if name in params or name in self.env or name == "score":
+                if name in self.functions:
+                    self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
+                return
+            if name == stmt.name:
+                self.error(f"'{name}' refers to itself: let functions cannot be recursive", node.span)
+            if name in self.failed:
+                raise _Abort
+            later = self.defined_later(name)
+            if later is not None and later is not stmt.span:
+                self.error(f"'{name}' is used before its definition at line {later.line}", node.span,
+                           "move the definition above this line")
+            if name in FUNCTIONS:
+                self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
+            self.error(f"unknown name '{name}' in the body of '{stmt.name}'", node.span,
+                       did_you_mean(name, list(params) + self.all_names()))
+        if isinstance(node, ast.Call):
+            if node.func == stmt.name:
+                self.error(f"'{stmt.name}' calls itself: let functions cannot be recursive", node.span,
+                           "write the expansion out, or use a function defined above")
+            if node.func not in FUNCTIONS and node.func not in self.functions:
+                if node.func in self.failed:
+                    raise _Abort
+                if node.func in params:
+                    self.error(f"parameter '{node.func}' is a value, not a function", node.span)
+                later = self.defined_later(node.func)
+                if later is not None:
+                    self.error(f"function '{node.func}' is used before its definition at line {later.line}",
+                               node.span, "move the definition above this line")
+                self.error(f"unknown function '{node.func}'", node.span,
+                           did_you_mean(node.func, list(FUNCTIONS) + list(self.functions)))
+        if isinstance(node, ast.Index) and node.tensor not in self.env:
+            if node.tensor in self.failed:
+                raise _Abort
+            self.error(f"unknown tensor '{node.tensor}'", node.span)
+        for child in _children(node):
+            self.names_known(child, stmt, params)
+
+    def expand(self, call: ast.Call, lower_body=None):
+        """A call of a let function: its arguments lowered here, its body lowered with the parameters
+        bound to them (so the body's types and rules are checked for these arguments)."""
+        fn = self.functions[call.func]
+        if call.kwargs:
+            self.error(f"{call.func}() takes no keyword arguments", call.span)
+        if len(call.args) != len(fn.params):
+            n = len(fn.params)
+            self.error(f"{call.func}() takes {n} argument{'s' * (n != 1)} ({', '.join(fn.params)}), "
+                       f"got {len(call.args)}", call.span, f"'{call.func}' is defined at line {fn.span.line}")
+        args = [self.lower(a) for a in call.args]
+        saved = {p: self.env.get(p) for p in fn.params}
+        for p, v in zip(fn.params, args):
+            self.env[p] = _Entry("argument", None, v)
+        n_errors = len(self.errors)
+        try:
+            return (lower_body or self.lower)(fn.value)
+        finally:
+            for p, entry in saved.items():
+                if entry is None:
+                    self.env.pop(p, None)
+                else:
+                    self.env[p] = entry
+            for i in range(n_errors, len(self.errors)):  # say which call the error came from
+                d = self.errors[i]
+                where = f"in '{call.func}' called at line {call.span.line}, column {call.span.column}"
+                self.errors[i] = Diagnostic(d.message, d.span, f"{d.hint}; {where}" if d.hint else where)
 
     def unravel(self, call: ast.Call, n_names: int):
         if call.kwargs:
@@ -333,7 +435,7 @@ class Checker:
         # row-major: the last coordinate varies fastest; the first is not wrapped (it absorbs the rest)
         coords = [sympy.Mod(c, ext.expr) for c, ext in zip(coords, reversed(extents))][:-1] + [coords[-1]]
         coords.reverse()
-        index_text = call.args[0].id if isinstance(call.args[0], ast.Name) else str(index.expr)
+        index_text = {ir.q: "q", ir.kv: "kv"}.get(index.expr, str(index.expr))
         return coords, [e.expr for e in extents], index_text
 
     def stmt_mask(self, stmt: ast.Mask):
@@ -426,6 +528,8 @@ class Checker:
             if name in FUNCTIONS:
                 self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
             self.error(f"unknown name '{name}'", node.span, did_you_mean(name, self.all_names()))
+        if entry.kind == "function":
+            self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
         if entry.kind == "tensor":
             axes = ", ".join(entry.tensor.axes)
             self.error(f"tensor '{name}' must be indexed", node.span, f"write {name}[...] with indices for [{axes}]")
@@ -440,7 +544,7 @@ class Checker:
         for stmt in self.spec.statements:
             if isinstance(stmt, ast.Let):
                 names.extend(stmt.names)
-            elif isinstance(stmt, (ast.Binding, ast.Input)):
+            elif isinstance(stmt, (ast.Binding, ast.Input, ast.LetFunc)):
                 names.append(stmt.name)
         return names
 
@@ -449,7 +553,7 @@ class Checker:
             names = ()
             if isinstance(stmt, ast.Let):
                 names = stmt.names
-            elif isinstance(stmt, (ast.Binding, ast.Input)):
+            elif isinstance(stmt, (ast.Binding, ast.Input, ast.LetFunc)):
                 names = (stmt.name,)
             if name in names:
                 return stmt.span
@@ -585,6 +689,14 @@ class Checker:
 
     def expr_call(self, node: ast.Call) -> _Value:
         func = node.func
+        if func in self.functions:
+            body = self.functions[func].value
+            if isinstance(body, ast.Call) and body.func == "unravel":
+                self.error(f"'{func}' gives several coordinates (its body is unravel)", node.span,
+                           f"unpack it: let (y, x) = {func}(...)")
+            return self.expand(node)
+        if func in self.failed:
+            raise _Abort  # its definition's error is reported already
         if func not in FUNCTIONS:
             entry = self.env.get(func)
             if entry is not None and entry.kind == "tensor":
@@ -658,6 +770,23 @@ def softmax_expr(logits, sink=None):
     if sink is not None:
         denominator = denominator + sympy.exp(sink - m)
     return sympy.exp(logits - m) / denominator
+
+
+def _children(node) -> tuple:
+    """The sub-expressions of an AST expression."""
+    if isinstance(node, ast.Call):
+        return tuple(node.args) + tuple(v for _, v in node.kwargs)
+    if isinstance(node, ast.Index):
+        return tuple(node.indices)
+    if isinstance(node, (ast.BinOp, ast.BoolOp)):
+        return (node.left, node.right)
+    if isinstance(node, (ast.Neg, ast.Not)):
+        return (node.operand,)
+    if isinstance(node, ast.Compare):
+        return tuple(node.operands)
+    if isinstance(node, ast.Ternary):
+        return (node.then, node.cond, node.orelse)
+    return ()
 
 
 def _merge(expr, type_, *values: _Value) -> _Value:

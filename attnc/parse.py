@@ -159,6 +159,11 @@ class _ToAst(Transformer):
         *names, value = children
         return ast.Let(_span(meta), tuple(str(n) for n in names), value)
 
+    def let_func(self, meta, children):
+        name, *params, value = children
+        return ast.LetFunc(_span(meta), str(name), tuple(str(p) for p in params),
+                           tuple(_tok_span(p) for p in params), value)
+
     def mask(self, meta, children):
         return ast.Mask(_span(meta), children[0])
 
