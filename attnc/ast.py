@@ -114,7 +114,7 @@ class Binding(Stmt):
 class Input(Stmt):
     name: str
     dtype: str  # int | float | bool
-    axes: tuple[str, ...]
+    axes: tuple  # a name (str: B, Hq, Lq, ... or a const / param) or an extent expression (Expr)
     learnable: bool
 
 

@@ -285,17 +285,47 @@ class Checker:
         if stmt.learnable and stmt.dtype != "float":
             self.error(f"only float inputs can be learnable ('{stmt.name}' is {stmt.dtype})", stmt.span)
         seen = set()
+        names, extents = [], []
         for axis in stmt.axes:
-            if axis not in _AXIS_INDEX:
-                self.error(f"unknown axis '{axis}' in the shape of '{stmt.name}'", stmt.span,
-                           "axes are B (batch), Hq (query heads), Lq (queries), Lk (keys), L (queries = keys)")
-            if axis in seen or (axis in ("L", "Lq", "Lk") and seen & {"L"}) or (axis == "L" and seen & {"Lq", "Lk"}):
-                self.error(f"axis '{axis}' appears twice in the shape of '{stmt.name}'", stmt.span)
-            seen.add(axis)
-        tensor = ir.TensorInput(stmt.name, stmt.dtype, stmt.axes, stmt.learnable,
-                                ir.tensor_function(stmt.name, stmt.dtype))
+            if isinstance(axis, str) and axis in _AXIS_INDEX:
+                if axis in seen or (axis in ("L", "Lq", "Lk") and seen & {"L"}) or (axis == "L" and seen & {"Lq", "Lk"}):
+                    self.error(f"axis '{axis}' appears twice in the shape of '{stmt.name}'", stmt.span)
+                seen.add(axis)
+                names.append(axis)
+                extents.append(None)
+                continue
+            extent = self.axis_extent(stmt, axis)
+            names.append(str(extent))
+            extents.append(extent)
+        if stmt.learnable and any(e is not None for e in extents):
+            self.error(f"learnable input '{stmt.name}' has an axis of its own (a table): gradients of tables "
+                       "are not supported yet", stmt.span,
+                       f"drop 'learnable' (it is then a fixed input), or shape it by B, Hq, Lq and Lk only")
+        tensor = ir.TensorInput(stmt.name, stmt.dtype, tuple(names), stmt.learnable,
+                                ir.tensor_function(stmt.name, stmt.dtype), tuple(extents))
         self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
         self.tensors.append(tensor)
+
+    def axis_extent(self, stmt: ast.Input, axis):
+        """An axis of a tensor's own (a table or feature axis): its extent, an integer expression of
+        numbers, consts, int params and sizes, at least 1."""
+        node = ast.Name(stmt.span, axis) if isinstance(axis, str) else axis
+        if isinstance(axis, str) and axis not in self.env and axis not in self.failed and not self.defined_later(axis):
+            self.error(f"unknown axis '{axis}' in the shape of '{stmt.name}'", stmt.span,
+                       "axes are B (batch), Hq (query heads), Lq (queries), Lk (keys), L (queries = keys), "
+                       "or the extent of a table axis: an integer expression of consts, int params and sizes")
+        value = self.lower(node)
+        sizes_params = set(ir.SIZES.values()) | {p.symbol for p in self.params if p.dtype == "int"}
+        if value.type != INT or value.uses_score or value.uses_rowstat:
+            self.error(f"an axis extent of '{stmt.name}' must be an integer, not {value.type}", node.span)
+        expr = sympy.sympify(value.expr)
+        if (expr.free_symbols - sizes_params or expr.atoms(sympy.Function)
+                or not expr.is_polynomial(*expr.free_symbols)):
+            self.error(f"an axis extent of '{stmt.name}' may use + - * of integers, consts, int params and "
+                       "sizes (B, Hq, Lq, Lk, ...) only", node.span)
+        if expr.is_number and expr < 1:
+            self.error(f"an axis extent of '{stmt.name}' must be at least 1, got {expr}", node.span)
+        return expr
 
     def stmt_let(self, stmt: ast.Let):
         if len(stmt.names) == 1:
@@ -576,11 +606,25 @@ class Checker:
             self.error(f"'{tensor.name}' has {len(tensor.axes)} axes [{', '.join(tensor.axes)}] but is indexed "
                        f"with {len(node.indices)}", node.span)
         indices = []
-        for axis, idx in zip(tensor.axes, node.indices):
+        extents = tensor.extents or (None,) * len(tensor.axes)
+        for axis, extent, idx in zip(tensor.axes, extents, node.indices):
+            if extent is not None:
+                # a table axis: any integer expression, clamped to the axis (out-of-range reads the edge)
+                value = self.lower(idx)
+                if value.type != INT:
+                    self.error(f"an index of '{tensor.name}' must be an integer, not {value.type}", idx.span,
+                               "use floor(x) or an integer expression")
+                if value.uses_score or value.uses_rowstat:
+                    self.error(f"an index of '{tensor.name}' cannot depend on the score or on row statistics",
+                               idx.span)
+                indices.append(sympy.Min(sympy.Max(value.expr, 0), extent - 1))
+                continue
             allowed = _AXIS_INDEX[axis]
             if not (isinstance(idx, ast.Name) and idx.id in allowed):
                 want = " or ".join(f"'{a}'" for a in allowed)
-                self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span)
+                self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span,
+                           "only an axis of the tensor's own (a table axis such as float[Hq, 2 * R + 1]) takes "
+                           "an index expression")
             indices.append(ir.INDICES[idx.id])
         load = tensor.load(*indices)
         if tensor.learnable and ir.kv in indices:

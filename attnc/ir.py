@@ -196,9 +196,10 @@ class Param:
 class TensorInput:
     name: str
     dtype: str  # int | float | bool
-    axes: tuple[str, ...]  # shape symbols: B, Hq, Lq, Lk, L
+    axes: tuple[str, ...]  # shape symbols: B, Hq, Lq, Lk, L, or an axis of its own: its extent as Python code
     learnable: bool
     function: object  # the sympy function of its loads
+    extents: tuple = ()  # per axis: None for B, Hq, Lq, Lk, L; the extent (a sympy integer expression) otherwise
 
     def load(self, *indices):
         return self.function(*indices)

@@ -150,7 +150,8 @@ class _ToAst(Transformer):
 
     def input(self, meta, children):
         name, dtype, *axes, learnable = children
-        return ast.Input(_span(meta), str(name), str(dtype), tuple(str(a) for a in axes), learnable is not None)
+        axes = tuple(a.id if isinstance(a, ast.Name) else a for a in axes)
+        return ast.Input(_span(meta), str(name), str(dtype), axes, learnable is not None)
 
     def let_single(self, meta, children):
         return ast.Let(_span(meta), (str(children[0]),), children[1])

@@ -150,3 +150,8 @@ def bitxor(a, b):
 
 def lshift(a, n):
     return _as_int(a) * (1 << n)
+
+
+def index(x):
+    """A computed index (an axis of a tensor input's own, already clamped) as torch indexing takes it."""
+    return x.long() if isinstance(x, torch.Tensor) else int(x)
