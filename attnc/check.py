@@ -300,7 +300,7 @@ class Checker:
         if stmt.learnable and any(e is not None for e in extents):
             self.error(f"learnable input '{stmt.name}' has an axis of its own (a table): gradients of tables "
                        "are not supported yet", stmt.span,
-                       f"drop 'learnable' (it is then a fixed input), or shape it by B, Hq, Lq and Lk only")
+                       "drop 'learnable' (it is then a fixed input), or shape it by B, Hq, Lq and Lk only")
         tensor = ir.TensorInput(stmt.name, stmt.dtype, tuple(names), stmt.learnable,
                                 ir.tensor_function(stmt.name, stmt.dtype), tuple(extents))
         self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))

@@ -313,7 +313,7 @@ def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
     host.update({p.symbol: ident(p.name) for p in variant.params})
     from .names import torch_loads
 
-    host.update(torch_loads(clause.lo, clause.hi))
+    host.update(torch_loads(clause.lo, clause.hi, names=host))
 
     def at(expr, q_code, default):
         return default if expr is None else torch_code(expr, {**host, ir.q: q_code})
