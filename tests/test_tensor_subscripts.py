@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from attnc.runtime import launch
 
 import attnc
 from attnc.errors import SpecError
 from attnc.pipeline import compile_text
-from attnc.runtime import launch
 
 D = 16
 
