@@ -8,6 +8,8 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -223,3 +225,17 @@ def test_refused_with_file_line_col(name):
         compile_text(f"attention e\n{body}\n", "e.attn")
     text = str(err.value)
     assert f"e.attn:{line}:{col}: error: " in text and message in text, text
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def test_generated_modules_are_lint_clean(tmp_path):
+    from attnc.codegen.module import generate_module
+
+    specs = {"t5_bias": T5, "gather_mask": GATHER,
+             "rel_bias": "const R = 3\ninput rel: float[Hq, 2 * R + 1]\nmask kv <= q\nscore s + rel[h, q - kv + R]",
+             "param_table": "param n = 4\ninput t: float[n]\nmask kv <= q\nscore s + t[kv % n]"}
+    for name, body in specs.items():
+        (tmp_path / f"{name}.py").write_text(generate_module(compile_text(f"attention {name}\n{body}", f"{name}.attn")))
+    run = subprocess.run(["ruff", "check", "--isolated", "--output-format", "concise", "."],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
