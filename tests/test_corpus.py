@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from attnc.runtime import launch
 
 import attnc
-from attnc.runtime import launch
 
 D = 16
 
