@@ -119,6 +119,18 @@ CASES = {
     "softcap_alibi_causal": Case("param cap = 3.0\nmask kv <= q\nscore cap * tanh((s - 0.25 * (q - kv)) / cap)",
                                  lambda i, j, b, h, inp: j <= i,
                                  lambda s, i, j, b, h, inp: 3.0 * torch.tanh((s - 0.25 * (i - j)) / 3.0)),
+    "swin_relative_bias": Case("const WY = 3, WX = 4\ninput rpb: float[Hq, (2 * WY - 1) * (2 * WX - 1)]\n"
+                               "let coord(i) = unravel(i, WY, WX)\nlet (qy, qx) = coord(q)\nlet (ky, kx) = coord(kv)\n"
+                               "score s + rpb[h, (qy - ky + WY - 1) * (2 * WX - 1) + (qx - kx + WX - 1)]", None,
+                               lambda s, i, j, b, h, inp: s + inp["rpb"].double()[
+                                   h, (i // 4 - j // 4 + 2) * 7 + (i % 4 - j % 4 + 3)],
+                               inputs=lambda B, H, Lq, Lk, g: {"rpb": torch.randn(H, 35, generator=g)}, Lq=12, Lk=12),
+    "graphormer_spatial_bias": Case("input dist: int[B, Lq, Lk]\ninput sb: float[Hq, 6]\nmask dist[b, q, kv] < 5\n"
+                                    "score s + sb[h, dist[b, q, kv]]",
+                                    lambda i, j, b, h, inp: inp["dist"][:, None] < 5,
+                                    lambda s, i, j, b, h, inp: s + inp["sb"].double()[h, inp["dist"][:, None].clamp(0, 5)],
+                                    inputs=lambda B, H, Lq, Lk, g: {"dist": torch.randint(0, 8, (B, Lq, Lk), generator=g),
+                                                                    "sb": torch.randn(H, 6, generator=g)}),
 }
 
 
