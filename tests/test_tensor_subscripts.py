@@ -203,6 +203,21 @@ def test_table_read_in_the_mask_plans_exactly(tmp_path):
     _check(fn, q, k, v, mask, w=w)
 
 
+def test_bool_and_float_tables_in_the_mask_plan_exactly(tmp_path):
+    fn = _load(tmp_path, "tables_mask", "input tbl: float[5]\ninput allow: bool[8]\ninput keep: bool[B, Lk]\n"
+                                        "mask tbl[abs(q - kv)] > 0.5 and keep[b, kv] or allow[(q - kv) % 8] and kv <= q")
+    B, H, Lq, Lk = 2, 1, 18, 23
+    g = torch.Generator().manual_seed(12)
+    tbl = torch.tensor([0.9, 0.1, 0.7, 0.6, 0.2])  # distances past 4 read tbl[4]
+    allow = torch.tensor([True, False, False, True, True, False, True, False])
+    keep = torch.rand(B, Lk, generator=g) < 0.8
+    i, j = _ij(Lq, Lk)
+    mask = ((tbl[(i - j).abs().clamp(max=4)] > 0.5) & keep[:, None, None, :]) | (allow[(i - j) % 8] & (j <= i))
+    _check_plan(fn, mask, Lq, Lk, B, H, tbl=tbl, allow=allow, keep=keep)
+    q, k, v = _qkv(B, H, Lq, Lk, seed=13)
+    _check(fn, q, k, v, mask, tbl=tbl, allow=allow, keep=keep)
+
+
 # ---- what check refuses --------------------------------------------------------------------------------
 ERRORS = {
     "real_index": ("input t: float[4]\nscore s + t[q / 2]", 3, 13, "an index of 't' must be an integer, not real"),
