@@ -717,6 +717,8 @@ class Checker:
                     self.error(f"'{op}' needs integers, but this is real", side.span, f"for reals write {alt}")
             if c.is_number and c == 0 and op != ">>":
                 self.error(f"division by zero in '{op}'", node.right.span)
+            if op == ">>":
+                c = self.shift_count(c, node.right)
             expr = {"//": lambda: ir.FloorDiv(a, c), "%": lambda: sympy.Mod(a, c), ">>": lambda: ir.RShift(a, c)}[op]()
             return _merge(expr, INT, left, right)
         if op == "/":
@@ -730,6 +732,17 @@ class Checker:
             return _merge(sympy.Pow(a, c), INT if int_result else REAL, left, right)
         expr = {"+": a + c, "-": a - c, "*": a * c}[op]
         return _merge(expr, INT if both_int else REAL, left, right)
+
+    def shift_count(self, c, node):
+        """The count of `a >> n`, clamped to [0, 62]: a count past 62 shifts every int64 to 0 or -1,
+        exactly as 62 does, and a negative count (known only at run time) is taken as 0."""
+        if c.is_Integer and c < 0:
+            self.error("the shift count of '>>' is negative", node.span, "for a * 2 ** n write a << n")
+        if c.is_nonnegative is not True:
+            c = sympy.Max(c, 0)
+        if not ((c.is_Integer and c <= 62) or isinstance(c, ir.FloorLog2)):
+            c = sympy.Min(c, 62)
+        return c
 
     def expr_call(self, node: ast.Call) -> _Value:
         func = node.func
