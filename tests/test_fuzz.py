@@ -238,6 +238,21 @@ def test_every_valid_spec_builds_and_runs(tmp_path):
         assert build_and_run(source, tmp_path), source
 
 
+# specs the build fuzzer found: each passed check, then failed to build or run
+FOUND = [
+    "attention t\n#   heads \x00 comment\nmask kv <= q\n",  # a NUL in a comment broke the module's docstring
+    "attention t\nmask abs(q >>- kv) <= 3\n",  # a negative shift count
+    "attention t\nconst T = 4\nmask kv // T == 0 or q //   - kv // T < 2\n",  # a divisor that is 0 at run time
+    "attention t\nmask q % (2 - kv) < 1\n",
+    "attention t\ninput slopes: float[Hq] learnable\nmask kv <= q\nscore s - s\n",  # a constant score
+]
+
+
+def test_specs_the_fuzzer_found_build_and_run(tmp_path):
+    for source in FOUND:
+        assert build_and_run(source, tmp_path), source
+
+
 @BUILD
 @given(mutated())
 def test_mutated_specs_that_check_build_and_run(tmp_path_factory, source):
