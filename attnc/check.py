@@ -622,9 +622,24 @@ class Checker:
             allowed = _AXIS_INDEX[axis]
             if not (isinstance(idx, ast.Name) and idx.id in allowed):
                 want = " or ".join(f"'{a}'" for a in allowed)
-                self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span,
-                           "only an axis of the tensor's own (a table axis such as float[Hq, 2 * R + 1]) takes "
-                           "an index expression")
+                if isinstance(idx, ast.Name) and idx.id in _INDEX_DOC:  # another bare index: a mix-up
+                    self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span,
+                               "an index expression (q - 1, kv + 1, ...) is read clamped to the axis")
+                value = self.lower(idx)
+                if tensor.learnable:
+                    self.error(f"axis {axis} of learnable '{tensor.name}' must be indexed by {want}", idx.span,
+                               "the gradient of a read at another index is a scatter, which the kernels do not "
+                               "compute yet; drop 'learnable' to read it at an index expression")
+                if value.type != INT:
+                    self.error(f"an index of '{tensor.name}' must be an integer, not {value.type}", idx.span,
+                               f"axis {axis} is usually indexed by {want}")
+                if value.uses_score or value.uses_rowstat:
+                    self.error(f"an index of '{tensor.name}' cannot depend on the score or on row statistics",
+                               idx.span)
+                # another index expression on a batch, head or token axis: clamped to the axis too
+                size = ir.SIZES[{"B": "B", "Hq": "Hq", "H": "Hq", "Lq": "Lq", "Lk": "Lk", "L": "Lq"}[axis]]
+                indices.append(sympy.Min(sympy.Max(value.expr, 0), size - 1))
+                continue
             indices.append(ir.INDICES[idx.id])
         load = tensor.load(*indices)
         if tensor.learnable and ir.kv in indices:

@@ -218,11 +218,31 @@ def test_bool_and_float_tables_in_the_mask_plan_exactly(tmp_path):
     _check(fn, q, k, v, mask, tbl=tbl, allow=allow, keep=keep)
 
 
+def test_index_expressions_on_token_axes_are_clamped_to_the_length(tmp_path):
+    """`doc[b, q - 1]` (the previous token's document) and `w[b, kv + 1]` (the next key's weight):
+    token axes take index expressions too, clamped to [0, L - 1]."""
+    fn = _load(tmp_path, "shifted", "input doc: int[B, L]\ninput w: float[B, Lk]\n"
+                                    "mask doc[b, q] == doc[b, kv] or doc[b, q - 1] == doc[b, kv]\n"
+                                    "score s + w[b, kv + 1]")
+    B, H, L = 2, 2, 19
+    g = torch.Generator().manual_seed(14)
+    doc = torch.sort(torch.randint(0, 5, (B, L), generator=g), -1).values
+    w = torch.randn(B, L, generator=g)
+    i, j = _ij(L, L)
+    prev = doc[:, (i - 1).clamp(0, L - 1)]  # [B, L, 1]
+    mask = ((doc[:, :, None] == doc[:, None, :]) | (prev == doc[:, None, :]))[:, None]
+    add = w.double()[:, (j + 1).clamp(0, L - 1)][:, None]  # [B, 1, 1, L]
+    _check(fn, *_qkv(B, H, L, L, seed=15), mask, add, doc=doc, w=w)
+    _check_plan(fn, mask, L, L, B, H, doc=doc, w=w)
+
+
 # ---- what check refuses --------------------------------------------------------------------------------
 ERRORS = {
     "real_index": ("input t: float[4]\nscore s + t[q / 2]", 3, 13, "an index of 't' must be an integer, not real"),
-    "expression_on_a_token_axis": ("input t: float[Lq]\nscore s + t[q - 1]", 3, 13,
-                                   "axis Lq of 't' must be indexed by 'q'"),
+    "expression_on_a_learnable_token_axis": ("input t: float[Lq] learnable\nscore s + t[q - 1]", 3, 13,
+                                             "axis Lq of learnable 't' must be indexed by 'q'"),
+    "real_index_on_a_token_axis": ("input t: float[Lq]\nscore s + t[q * 0.5]", 3, 13,
+                                   "an index of 't' must be an integer, not real"),
     "learnable_table": ("input t: float[4] learnable\nscore s + t[q % 4]", 2, 1,
                         "learnable input 't' has an axis of its own (a table)"),
     "extent_not_integer": ("input t: float[2.5]\nscore s", 2, 16, "an axis extent of 't' must be an integer"),
