@@ -12,6 +12,8 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from attnc.runtime import launch
 
@@ -274,3 +276,40 @@ def test_generated_modules_are_lint_clean(tmp_path):
     run = subprocess.run(["ruff", "check", "--isolated", "--output-format", "concise", "."],
                          check=False, cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# ---- random table reads in masks: plans against brute force --------------------------------------------
+_INDEXES = [
+    ("q - kv", lambda i, j, doc: i - j),
+    ("kv - 2 * q + 5", lambda i, j, doc: j - 2 * i + 5),
+    ("q // 3 - kv // 2", lambda i, j, doc: i // 3 - j // 2),
+    ("(q ^ kv) % 7", lambda i, j, doc: (i ^ j) % 7),
+    ("doc[b, kv]", lambda i, j, doc: doc[:, None, None, :]),
+    ("doc[b, kv] - doc[b, kv - 3] + 2",
+     lambda i, j, doc: doc[:, None, None, :] - doc[:, (torch.arange(doc.shape[1]) - 3).clamp(min=0)][:, None, None, :] + 2),
+    ("abs(q - kv) >> 1", lambda i, j, doc: (i - j).abs() >> 1),
+]
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(index=st.sampled_from(_INDEXES), cut=st.integers(-2, 2), causal=st.booleans(), Lq=st.integers(1, 23),
+       Lk=st.integers(1, 23), seed=st.integers(0, 1000))
+def test_random_table_reads_plan_exactly(tmp_path_factory, index, cut, causal, Lq, Lk, seed):
+    text, f = index
+    path = tmp_path_factory.mktemp("tab") / "tab_mask.attn"
+    path.write_text("attention tab_mask\ninput tab: int[Hq, 6]\ninput doc: int[B, Lk]\n"
+                    f"mask tab[h, {text}] > {cut}" + (" and kv <= q" if causal else "") + "\n")
+    fn = attnc.load(path)
+    B, H = 2, 2
+    g = torch.Generator().manual_seed(seed)
+    tab = torch.randint(-3, 4, (H, 6), generator=g)
+    doc = torch.randint(-1, 8, (B, max(Lq, Lk)), generator=g)[:, :Lk]
+    i = torch.arange(Lq)[None, None, :, None]
+    j = torch.arange(Lk)[None, None, None, :]
+    h = torch.arange(H)[None, :, None, None]
+    idx = f(i, j, doc)
+    want = tab[h, torch.as_tensor(idx).clamp(0, 5)] > cut
+    if causal:
+        want = want & (j <= i)
+    _check_plan(fn, torch.broadcast_to(want, (B, H, Lq, Lk)), Lq, Lk, B, H, tab=tab, doc=doc)
