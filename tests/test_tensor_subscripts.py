@@ -12,10 +12,10 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 import torch
 from attnc.runtime import launch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attnc
 from attnc.errors import SpecError
