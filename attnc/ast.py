@@ -114,7 +114,7 @@ class Binding(Stmt):
 class Input(Stmt):
     name: str
     dtype: str  # int | float | bool
-    axes: tuple[str, ...]
+    axes: tuple  # a name (str: B, Hq, Lq, ... or a const / param) or an extent expression (Expr)
     learnable: bool
 
 
@@ -122,6 +122,16 @@ class Input(Stmt):
 class Let(Stmt):
     names: tuple[str, ...]  # one name, or several for `let (y, x) = unravel(...)`
     value: Expr
+
+
+@dataclass(frozen=True)
+class LetFunc(Stmt):
+    """`let name(a, b) = expr`: a function of its parameters, expanded (inlined) at every call."""
+
+    name: str
+    params: tuple[str, ...]
+    param_spans: tuple[Span, ...] = field(compare=False)
+    value: Expr = None
 
 
 @dataclass(frozen=True)

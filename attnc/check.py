@@ -71,7 +71,7 @@ class _Value:
 
 @dataclass
 class _Entry:
-    kind: str  # index | size | score | visible | param | const | tensor | let | head
+    kind: str  # index | size | score | visible | param | const | tensor | let | head | function | argument
     span: Span | None
     value: _Value | None = None
     tensor: ir.TensorInput | None = None
@@ -110,6 +110,7 @@ class Checker:
         self.seen: dict[type, Span] = {}
         self.lowering = None  # the statement being checked
         self.failed: set = set()  # names whose definition had an error
+        self.functions: dict = {}  # let functions: name -> ast.LetFunc
         self.key_learnable: dict = {}  # load of a learnable tensor indexed by kv -> its first subscript's span
 
     # ---- reporting ----
@@ -127,7 +128,7 @@ class Checker:
                 # its names stay undefined: later uses are not reported again as unknown
                 if isinstance(stmt, ast.Let):
                     self.failed.update(stmt.names)
-                elif isinstance(stmt, (ast.Binding, ast.Input)):
+                elif isinstance(stmt, (ast.Binding, ast.Input, ast.LetFunc)):
                     self.failed.add(stmt.name)
         if self.errors:
             raise SpecError(self.errors, self.spec.path, self.spec.source)
@@ -284,17 +285,47 @@ class Checker:
         if stmt.learnable and stmt.dtype != "float":
             self.error(f"only float inputs can be learnable ('{stmt.name}' is {stmt.dtype})", stmt.span)
         seen = set()
+        names, extents = [], []
         for axis in stmt.axes:
-            if axis not in _AXIS_INDEX:
-                self.error(f"unknown axis '{axis}' in the shape of '{stmt.name}'", stmt.span,
-                           "axes are B (batch), Hq (query heads), Lq (queries), Lk (keys), L (queries = keys)")
-            if axis in seen or (axis in ("L", "Lq", "Lk") and seen & {"L"}) or (axis == "L" and seen & {"Lq", "Lk"}):
-                self.error(f"axis '{axis}' appears twice in the shape of '{stmt.name}'", stmt.span)
-            seen.add(axis)
-        tensor = ir.TensorInput(stmt.name, stmt.dtype, stmt.axes, stmt.learnable,
-                                ir.tensor_function(stmt.name, stmt.dtype))
+            if isinstance(axis, str) and axis in _AXIS_INDEX:
+                if axis in seen or (axis in ("L", "Lq", "Lk") and seen & {"L"}) or (axis == "L" and seen & {"Lq", "Lk"}):
+                    self.error(f"axis '{axis}' appears twice in the shape of '{stmt.name}'", stmt.span)
+                seen.add(axis)
+                names.append(axis)
+                extents.append(None)
+                continue
+            extent = self.axis_extent(stmt, axis)
+            names.append(str(extent))
+            extents.append(extent)
+        if stmt.learnable and any(e is not None for e in extents):
+            self.error(f"learnable input '{stmt.name}' has an axis of its own (a table): gradients of tables "
+                       "are not supported yet", stmt.span,
+                       "drop 'learnable' (it is then a fixed input), or shape it by B, Hq, Lq and Lk only")
+        tensor = ir.TensorInput(stmt.name, stmt.dtype, tuple(names), stmt.learnable,
+                                ir.tensor_function(stmt.name, stmt.dtype), tuple(extents))
         self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
         self.tensors.append(tensor)
+
+    def axis_extent(self, stmt: ast.Input, axis):
+        """An axis of a tensor's own (a table or feature axis): its extent, an integer expression of
+        numbers, consts, int params and sizes, at least 1."""
+        node = ast.Name(stmt.span, axis) if isinstance(axis, str) else axis
+        if isinstance(axis, str) and axis not in self.env and axis not in self.failed and not self.defined_later(axis):
+            self.error(f"unknown axis '{axis}' in the shape of '{stmt.name}'", stmt.span,
+                       "axes are B (batch), Hq (query heads), Lq (queries), Lk (keys), L (queries = keys), "
+                       "or the extent of a table axis: an integer expression of consts, int params and sizes")
+        value = self.lower(node)
+        sizes_params = set(ir.SIZES.values()) | {p.symbol for p in self.params if p.dtype == "int"}
+        if value.type != INT or value.uses_score or value.uses_rowstat:
+            self.error(f"an axis extent of '{stmt.name}' must be an integer, not {value.type}", node.span)
+        expr = sympy.sympify(value.expr)
+        if (expr.free_symbols - sizes_params or expr.atoms(sympy.Function)
+                or not expr.is_polynomial(*expr.free_symbols)):
+            self.error(f"an axis extent of '{stmt.name}' may use + - * of integers, consts, int params and "
+                       "sizes (B, Hq, Lq, Lk, ...) only", node.span)
+        if expr.is_number and expr < 1:
+            self.error(f"an axis extent of '{stmt.name}' must be at least 1, got {expr}", node.span)
+        return expr
 
     def stmt_let(self, stmt: ast.Let):
         if len(stmt.names) == 1:
@@ -303,14 +334,115 @@ class Checker:
             self.lets.append((stmt.names, value.expr))
             return
         call = stmt.value
-        if not (isinstance(call, ast.Call) and call.func == "unravel"):
-            self.error("only unravel(...) can be unpacked into several names", stmt.value.span,
-                       f"write 'let ({', '.join(stmt.names)}) = unravel(index, ...)'")
-        coords, extents, index_text = self.unravel(call, len(stmt.names))
+        if isinstance(call, ast.Call) and call.func in self.functions:
+            coords, extents, index_text = self.expand(call, lambda body: self.unravel_body(body, stmt))
+        else:
+            coords, extents, index_text = self.unravel_body(call, stmt)
         for name, coord in zip(stmt.names, coords):
             self.define(name, stmt.span, _Entry("let", stmt.span, _Value(coord, INT)))
         self.lets.append((stmt.names, sympy.Tuple(*coords)))
         self.layouts.append(ir.Layout(index_text, stmt.names, tuple(extents), tuple(coords)))
+
+    def unravel_body(self, call, stmt: ast.Let):
+        if isinstance(call, ast.Call) and call.func in self.functions:
+            return self.expand(call, lambda body: self.unravel_body(body, stmt))
+        if not (isinstance(call, ast.Call) and call.func == "unravel"):
+            self.error("only unravel(...) can be unpacked into several names", call.span,
+                       f"write 'let ({', '.join(stmt.names)}) = unravel(index, ...)'")
+        return self.unravel(call, len(stmt.names))
+
+    def stmt_letfunc(self, stmt: ast.LetFunc):
+        """`let f(x, y) = body`: the body may use its parameters and anything defined above; it is
+        checked for unknown names now and expanded (inlined, with its own checks) at every call."""
+        self.check_identifier(stmt.name, stmt.span)
+        for i, (param, span) in enumerate(zip(stmt.params, stmt.param_spans)):
+            self.check_identifier(param, span, what="parameter")
+            if param in stmt.params[:i]:
+                self.error(f"parameter '{param}' of '{stmt.name}' is given twice", span)
+            if param == stmt.name:
+                self.error(f"parameter '{param}' has the name of its function", span)
+            # parameters are inlined, never arguments of the generated function: only the language's
+            # own names are off limits
+            if param in RESERVED - _GENERATED_ARGS or (param in self.env and self.env[param].span is None):
+                self.error(f"parameter '{param}' of '{stmt.name}' is a built-in name ({_describe_builtin(param)})",
+                           span, f"pick another name, e.g. '{param}_'")
+            if param in self.env or param in self.functions:
+                first = (self.env[param].span if param in self.env else self.functions[param].span)
+                self.error(f"parameter '{param}' of '{stmt.name}' hides '{param}' defined at line {first.line}",
+                           span, "give the parameter another name")
+        self.names_known(stmt.value, stmt, set(stmt.params))
+        self.define(stmt.name, stmt.span, _Entry("function", stmt.span))
+        self.functions[stmt.name] = stmt
+
+    def names_known(self, node, stmt: ast.LetFunc, params: set):
+        """Report the first unknown name in a let function's body (its own name: recursion)."""
+        if isinstance(node, ast.Name):
+            name = node.id
+            if name in params or name in self.env or name == "score":
+                if name in self.functions:
+                    self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
+                return
+            if name == stmt.name:
+                self.error(f"'{name}' refers to itself: let functions cannot be recursive", node.span)
+            if name in self.failed:
+                raise _Abort
+            later = self.defined_later(name)
+            if later is not None and later is not stmt.span:
+                self.error(f"'{name}' is used before its definition at line {later.line}", node.span,
+                           "move the definition above this line")
+            if name in FUNCTIONS:
+                self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
+            self.error(f"unknown name '{name}' in the body of '{stmt.name}'", node.span,
+                       did_you_mean(name, list(params) + self.all_names()))
+        if isinstance(node, ast.Call):
+            if node.func == stmt.name:
+                self.error(f"'{stmt.name}' calls itself: let functions cannot be recursive", node.span,
+                           "write the expansion out, or use a function defined above")
+            if node.func not in FUNCTIONS and node.func not in self.functions:
+                if node.func in self.failed:
+                    raise _Abort
+                if node.func in params:
+                    self.error(f"parameter '{node.func}' is a value, not a function", node.span)
+                later = self.defined_later(node.func)
+                if later is not None:
+                    self.error(f"function '{node.func}' is used before its definition at line {later.line}",
+                               node.span, "move the definition above this line")
+                self.error(f"unknown function '{node.func}'", node.span,
+                           did_you_mean(node.func, list(FUNCTIONS) + list(self.functions)))
+        if isinstance(node, ast.Index) and node.tensor not in self.env:
+            if node.tensor in self.failed:
+                raise _Abort
+            self.error(f"unknown tensor '{node.tensor}'", node.span)
+        for child in _children(node):
+            self.names_known(child, stmt, params)
+
+    def expand(self, call: ast.Call, lower_body=None):
+        """A call of a let function: its arguments lowered here, its body lowered with the parameters
+        bound to them (so the body's types and rules are checked for these arguments)."""
+        fn = self.functions[call.func]
+        if call.kwargs:
+            self.error(f"{call.func}() takes no keyword arguments", call.span)
+        if len(call.args) != len(fn.params):
+            n = len(fn.params)
+            self.error(f"{call.func}() takes {n} argument{'s' * (n != 1)} ({', '.join(fn.params)}), "
+                       f"got {len(call.args)}", call.span, f"'{call.func}' is defined at line {fn.span.line}")
+        args = [self.lower(a) for a in call.args]
+        saved = {p: self.env.get(p) for p in fn.params}
+        for p, v in zip(fn.params, args):
+            self.env[p] = _Entry("argument", None, v)
+        n_errors = len(self.errors)
+        try:
+            return (lower_body or self.lower)(fn.value)
+        finally:
+            for p, entry in saved.items():
+                if entry is None:
+                    self.env.pop(p, None)
+                else:
+                    self.env[p] = entry
+            for i in range(n_errors, len(self.errors)):  # say which call the error came from
+                d = self.errors[i]
+                where = f"in '{call.func}' called at line {call.span.line}, column {call.span.column}"
+                self.errors[i] = Diagnostic(d.message, d.span, f"{d.hint}; {where}" if d.hint else where)
 
     def unravel(self, call: ast.Call, n_names: int):
         if call.kwargs:
@@ -333,7 +465,7 @@ class Checker:
         # row-major: the last coordinate varies fastest; the first is not wrapped (it absorbs the rest)
         coords = [sympy.Mod(c, ext.expr) for c, ext in zip(coords, reversed(extents))][:-1] + [coords[-1]]
         coords.reverse()
-        index_text = call.args[0].id if isinstance(call.args[0], ast.Name) else str(index.expr)
+        index_text = {ir.q: "q", ir.kv: "kv"}.get(index.expr, str(index.expr))
         return coords, [e.expr for e in extents], index_text
 
     def stmt_mask(self, stmt: ast.Mask):
@@ -426,6 +558,8 @@ class Checker:
             if name in FUNCTIONS:
                 self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
             self.error(f"unknown name '{name}'", node.span, did_you_mean(name, self.all_names()))
+        if entry.kind == "function":
+            self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
         if entry.kind == "tensor":
             axes = ", ".join(entry.tensor.axes)
             self.error(f"tensor '{name}' must be indexed", node.span, f"write {name}[...] with indices for [{axes}]")
@@ -440,7 +574,7 @@ class Checker:
         for stmt in self.spec.statements:
             if isinstance(stmt, ast.Let):
                 names.extend(stmt.names)
-            elif isinstance(stmt, (ast.Binding, ast.Input)):
+            elif isinstance(stmt, (ast.Binding, ast.Input, ast.LetFunc)):
                 names.append(stmt.name)
         return names
 
@@ -449,7 +583,7 @@ class Checker:
             names = ()
             if isinstance(stmt, ast.Let):
                 names = stmt.names
-            elif isinstance(stmt, (ast.Binding, ast.Input)):
+            elif isinstance(stmt, (ast.Binding, ast.Input, ast.LetFunc)):
                 names = (stmt.name,)
             if name in names:
                 return stmt.span
@@ -472,11 +606,40 @@ class Checker:
             self.error(f"'{tensor.name}' has {len(tensor.axes)} axes [{', '.join(tensor.axes)}] but is indexed "
                        f"with {len(node.indices)}", node.span)
         indices = []
-        for axis, idx in zip(tensor.axes, node.indices):
+        extents = tensor.extents or (None,) * len(tensor.axes)
+        for axis, extent, idx in zip(tensor.axes, extents, node.indices):
+            if extent is not None:
+                # a table axis: any integer expression, clamped to the axis (out-of-range reads the edge)
+                value = self.lower(idx)
+                if value.type != INT:
+                    self.error(f"an index of '{tensor.name}' must be an integer, not {value.type}", idx.span,
+                               "use floor(x) or an integer expression")
+                if value.uses_score or value.uses_rowstat:
+                    self.error(f"an index of '{tensor.name}' cannot depend on the score or on row statistics",
+                               idx.span)
+                indices.append(sympy.Min(sympy.Max(value.expr, 0), extent - 1))
+                continue
             allowed = _AXIS_INDEX[axis]
             if not (isinstance(idx, ast.Name) and idx.id in allowed):
                 want = " or ".join(f"'{a}'" for a in allowed)
-                self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span)
+                if isinstance(idx, ast.Name) and idx.id in _INDEX_DOC:  # another bare index: a mix-up
+                    self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span,
+                               "an index expression (q - 1, kv + 1, ...) is read clamped to the axis")
+                value = self.lower(idx)
+                if tensor.learnable:
+                    self.error(f"axis {axis} of learnable '{tensor.name}' must be indexed by {want}", idx.span,
+                               "the gradient of a read at another index is a scatter, which the kernels do not "
+                               "compute yet; drop 'learnable' to read it at an index expression")
+                if value.type != INT:
+                    self.error(f"an index of '{tensor.name}' must be an integer, not {value.type}", idx.span,
+                               f"axis {axis} is usually indexed by {want}")
+                if value.uses_score or value.uses_rowstat:
+                    self.error(f"an index of '{tensor.name}' cannot depend on the score or on row statistics",
+                               idx.span)
+                # another index expression on a batch, head or token axis: clamped to the axis too
+                size = ir.SIZES[{"B": "B", "Hq": "Hq", "H": "Hq", "Lq": "Lq", "Lk": "Lk", "L": "Lq"}[axis]]
+                indices.append(sympy.Min(sympy.Max(value.expr, 0), size - 1))
+                continue
             indices.append(ir.INDICES[idx.id])
         load = tensor.load(*indices)
         if tensor.learnable and ir.kv in indices:
@@ -569,6 +732,8 @@ class Checker:
                     self.error(f"'{op}' needs integers, but this is real", side.span, f"for reals write {alt}")
             if c.is_number and c == 0 and op != ">>":
                 self.error(f"division by zero in '{op}'", node.right.span)
+            if op == ">>":
+                c = self.shift_count(c, node.right)
             expr = {"//": lambda: ir.FloorDiv(a, c), "%": lambda: sympy.Mod(a, c), ">>": lambda: ir.RShift(a, c)}[op]()
             return _merge(expr, INT, left, right)
         if op == "/":
@@ -583,8 +748,27 @@ class Checker:
         expr = {"+": a + c, "-": a - c, "*": a * c}[op]
         return _merge(expr, INT if both_int else REAL, left, right)
 
+    def shift_count(self, c, node):
+        """The count of `a >> n`, clamped to [0, 62]: a count past 62 shifts every int64 to 0 or -1,
+        exactly as 62 does, and a negative count (known only at run time) is taken as 0."""
+        if c.is_Integer and c < 0:
+            self.error("the shift count of '>>' is negative", node.span, "for a * 2 ** n write a << n")
+        if c.is_nonnegative is not True:
+            c = sympy.Max(c, 0)
+        if not ((c.is_Integer and c <= 62) or isinstance(c, ir.FloorLog2)):
+            c = sympy.Min(c, 62)
+        return c
+
     def expr_call(self, node: ast.Call) -> _Value:
         func = node.func
+        if func in self.functions:
+            body = self.functions[func].value
+            if isinstance(body, ast.Call) and body.func == "unravel":
+                self.error(f"'{func}' gives several coordinates (its body is unravel)", node.span,
+                           f"unpack it: let (y, x) = {func}(...)")
+            return self.expand(node)
+        if func in self.failed:
+            raise _Abort  # its definition's error is reported already
         if func not in FUNCTIONS:
             entry = self.env.get(func)
             if entry is not None and entry.kind == "tensor":
@@ -658,6 +842,23 @@ def softmax_expr(logits, sink=None):
     if sink is not None:
         denominator = denominator + sympy.exp(sink - m)
     return sympy.exp(logits - m) / denominator
+
+
+def _children(node) -> tuple:
+    """The sub-expressions of an AST expression."""
+    if isinstance(node, ast.Call):
+        return tuple(node.args) + tuple(v for _, v in node.kwargs)
+    if isinstance(node, ast.Index):
+        return tuple(node.indices)
+    if isinstance(node, (ast.BinOp, ast.BoolOp)):
+        return (node.left, node.right)
+    if isinstance(node, (ast.Neg, ast.Not)):
+        return (node.operand,)
+    if isinstance(node, ast.Compare):
+        return tuple(node.operands)
+    if isinstance(node, ast.Ternary):
+        return (node.then, node.cond, node.orelse)
+    return ()
 
 
 def _merge(expr, type_, *values: _Value) -> _Value:

@@ -236,7 +236,11 @@ def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
         elif name in tensors:
             t = tensors[name]
             sizes = {"B": B, "Hq": Hq, "Lq": Lq, "Lk": Lk, "L": Lq}
-            shape = [sizes[a] for a in t.axes]
+            from . import ir
+
+            defaults = {p.name: p.default.subs({ir.SIZES[n]: v for n, v in sizes.items() if n in ir.SIZES})
+                        for p in variant.params}
+            shape = t.shape(sizes, {**defaults, **{n: v for n, v in given.items() if n in params}})
             values = [_parse_value(v, t.dtype, name) for v in text.split(",")]
             if len(values) != math.prod(shape):
                 raise click.BadParameter(f"{name}: expected {math.prod(shape)} values for its shape "

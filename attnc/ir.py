@@ -196,12 +196,21 @@ class Param:
 class TensorInput:
     name: str
     dtype: str  # int | float | bool
-    axes: tuple[str, ...]  # shape symbols: B, Hq, Lq, Lk, L
+    axes: tuple[str, ...]  # shape symbols: B, Hq, Lq, Lk, L, or an axis of its own: its extent as Python code
     learnable: bool
     function: object  # the sympy function of its loads
+    extents: tuple = ()  # per axis: None for B, Hq, Lq, Lk, L; the extent (a sympy integer expression) otherwise
 
     def load(self, *indices):
         return self.function(*indices)
+
+    def shape(self, sizes: dict, params: dict) -> list[int]:
+        """Its shape for the given sizes (B, Hq, Lq, Lk, L, ...) and param values (name -> value, or the
+        params' default expressions are used where absent)."""
+        subs = {SIZES[n]: v for n, v in sizes.items() if n in SIZES}
+        subs.update({sympy.Symbol(n, integer=True): v for n, v in params.items()})
+        extents = self.extents or (None,) * len(self.axes)
+        return [sizes[a] if e is None else int(sympy.sympify(e).subs(subs)) for a, e in zip(self.axes, extents)]
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,8 @@ class _ToAst(Transformer):
 
     def input(self, meta, children):
         name, dtype, *axes, learnable = children
-        return ast.Input(_span(meta), str(name), str(dtype), tuple(str(a) for a in axes), learnable is not None)
+        axes = tuple(a.id if isinstance(a, ast.Name) else a for a in axes)
+        return ast.Input(_span(meta), str(name), str(dtype), axes, learnable is not None)
 
     def let_single(self, meta, children):
         return ast.Let(_span(meta), (str(children[0]),), children[1])
@@ -158,6 +159,11 @@ class _ToAst(Transformer):
     def let_tuple(self, meta, children):
         *names, value = children
         return ast.Let(_span(meta), tuple(str(n) for n in names), value)
+
+    def let_func(self, meta, children):
+        name, *params, value = children
+        return ast.LetFunc(_span(meta), str(name), tuple(str(p) for p in params),
+                           tuple(_tok_span(p) for p in params), value)
 
     def mask(self, meta, children):
         return ast.Mask(_span(meta), children[0])

@@ -128,7 +128,9 @@ def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -
     sizes = {"B": case.B, "Hq": case.Hq, "Lq": case.Lq, "Lk": case.Lk, "L": case.Lq}
     inputs = {}
     for t in variant.tensors:
-        shape = [sizes[a] for a in t.axes]
+        params = {p.name: p.default.subs({ir.SIZES[n]: v for n, v in sizes.items() if n in ir.SIZES})
+                  for p in variant.params}
+        shape = t.shape(sizes, {**params, **case.params})
         if t.dtype == "int":
             span = max(2, case.Lk // 4 + 2)
             x = torch.randint(0, span, shape, generator=generator)

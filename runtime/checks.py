@@ -15,7 +15,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class TensorSpec:
     name: str
     dtype: str  # int | float | bool
-    axes: tuple  # B, Hq, Lq, Lk, L
+    axes: tuple  # B, Hq, Lq, Lk, L, or an axis of its own: its extent as Python code of sizes and int params
     learnable: bool
 
 
@@ -154,16 +154,21 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
             if math.isnan(value):
                 _fail(sig, name, "is NaN")
         values[name] = value
-    sizes = {"B": shapes.B, "Hq": shapes.Hq, "Lq": shapes.Lq, "Lk": shapes.Lk, "L": shapes.Lq}
+    sizes = {"B": shapes.B, "Hq": shapes.Hq, "Hk": shapes.Hk, "Hv": shapes.Hv, "Lq": shapes.Lq, "Lk": shapes.Lk,
+             "L": shapes.Lq}
     for t in sig.tensors:
         if t.name not in inputs:
             _fail(sig, t.name, f"missing required tensor input {t.name}: {t.dtype}[{', '.join(t.axes)}]")
         x = inputs[t.name]
         if not isinstance(x, torch.Tensor):
             _fail(sig, t.name, f"expected a torch.Tensor, got {type(x).__name__}")
-        want = tuple(sizes[a] for a in t.axes)
+        want = tuple(axis_size(a, sizes, values) for a in t.axes)
+        for a, n in zip(t.axes, want):
+            if n < 1:
+                _fail(sig, t.name, f"axis [{a}] of {t.name} has extent {n} with these sizes and parameters; "
+                      "it must be at least 1")
         if tuple(x.shape) != want:
-            named = ", ".join(f"{a}={sizes[a]}" for a in t.axes)
+            named = ", ".join(f"{a}={n}" for a, n in zip(t.axes, want))
             _fail(sig, t.name, f"expected shape [{', '.join(t.axes)}] = {list(want)} ({named}), got {_shape(x)}")
         if not same_device(x.device, torch.device(device)):
             _fail(sig, t.name, f"is on {x.device} but q is on {device}")
@@ -175,6 +180,14 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
             _fail(sig, t.name, "contains NaN or infinite values")
         values[t.name] = x
     return values
+
+
+def axis_size(axis: str, sizes: dict, params: dict) -> int:
+    """The extent of a tensor input's axis: a size (B, Hq, Lq, Lk, L) or, for an axis of its own, its
+    extent: an integer polynomial of numbers, sizes and int params (written by the checker)."""
+    if axis in sizes:
+        return sizes[axis]
+    return int(eval(axis, {"__builtins__": {}}, {**sizes, **params}))  # a polynomial the checker wrote
 
 
 def resolve_scale(sig: Signature, scale, dqk: int) -> float:

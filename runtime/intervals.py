@@ -158,7 +158,9 @@ def floordiv(x, d):
     c_lo, c_hi = corners[0], corners[0]
     for c in corners[1:]:
         c_lo, c_hi = _min(c_lo, c), _max(c_hi, c)
-    return _where(one_sign, c_lo, -INF), _where(one_sign, c_hi, INF)
+    # a divisor that is exactly 0 gives 0 (the language's x // 0): exact on points
+    zero = _and(_eq(d_lo, 0), _eq(d_hi, 0))
+    return _where(zero, 0, _where(one_sign, c_lo, -INF)), _where(zero, 0, _where(one_sign, c_hi, INF))
 
 
 def mod(x, d):
@@ -170,7 +172,14 @@ def mod(x, d):
     one_period = _and(fixed, _eq(_floordiv(lo, safe_d), _floordiv(hi, safe_d)))
     bound_lo = _where(_lt(0, d_lo), 0, _min(d_lo + 1, 0))
     bound_hi = _where(_lt(0, d_lo), d_hi - 1, _max(d_hi - 1, 0))
-    return (_where(one_period, _mod(lo, safe_d), bound_lo), _where(one_period, _mod(hi, safe_d), bound_hi))
+    # x % 0 is x: a divisor that is exactly 0 gives x's own interval; one that may be 0 adds it
+    zero = _and(_eq(d_lo, 0), _eq(d_hi, 0))
+    may_be_zero = _and(_le(d_lo, 0), _le(0, d_hi))
+    bound_lo = _where(may_be_zero, _min(bound_lo, lo), bound_lo)
+    bound_hi = _where(may_be_zero, _max(bound_hi, hi), bound_hi)
+    out_lo = _where(one_period, _mod(lo, safe_d), bound_lo)
+    out_hi = _where(one_period, _mod(hi, safe_d), bound_hi)
+    return _where(zero, lo, out_lo), _where(zero, hi, out_hi)
 
 
 def _mod(a, d):

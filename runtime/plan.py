@@ -140,6 +140,24 @@ class Cells:
         return lo[index], hi[index]
 
 
+    def load_at(self, tensor: torch.Tensor, *index):
+        """Bounds of tensor[index] over each cell, for a tensor read at index expressions (a table axis,
+        a gather such as offsets[doc[q]]); `index` holds an interval (lo, hi) per axis. Where every
+        index is one point (always so on single pairs) the value itself: exact; elsewhere the whole
+        tensor's min and max, which bound a read at any index (sound, not tight)."""
+        x = tensor.to(torch.int64) if tensor.dtype == torch.bool else tensor
+        n = self.q[0].shape[0]
+        point = torch.ones(n, dtype=torch.bool, device=x.device)
+        at = []
+        for axis, (lo, hi) in enumerate(index):
+            lo = torch.as_tensor(lo, device=x.device).expand(n)
+            hi = torch.as_tensor(hi, device=x.device).expand(n)
+            point &= lo == hi
+            at.append(lo.long().clamp(0, x.shape[axis] - 1))
+        exact = x[tuple(at)]
+        return torch.where(point, exact, x.amin()), torch.where(point, exact, x.amax())
+
+
 class Runs:
     """Compressed rows of tile runs: row r holds runs[offsets[r]:offsets[r + 1]], each run a pair
     (first tile, number of tiles) along the other axis. Runs, not single tiles: a document's or a

@@ -11,11 +11,21 @@ import torch
 
 
 def floordiv(a, b):
-    return torch.div(a, b, rounding_mode="floor") if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a // b
+    """a // b, rounding down; a // 0 is 0 (the language's rule, as in the kernels)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        b = torch.as_tensor(b, device=a.device if isinstance(a, torch.Tensor) else None)
+        safe = torch.where(b == 0, torch.ones_like(b), b)
+        return torch.where(b == 0, torch.zeros_like(safe), torch.div(a, safe, rounding_mode="floor"))
+    return a // b if b != 0 else 0
 
 
 def floormod(a, b):
-    return torch.remainder(a, b) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a % b
+    """a % b with the sign of b; a % 0 is a (so that a == (a // b) * b + a % b always holds)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        b = torch.as_tensor(b, device=a.device if isinstance(a, torch.Tensor) else None)
+        safe = torch.where(b == 0, torch.ones_like(b), b)
+        return torch.where(b == 0, a, torch.remainder(a, safe))
+    return a % b if b != 0 else a
 
 
 def _t(x, like):
@@ -92,6 +102,8 @@ def rowsum(x, mask):
 
 def rowmax(x, mask):
     x = torch.as_tensor(x)
+    if not x.is_floating_point():  # a constant or integer row value (score s - s): -inf needs a float
+        x = x.to(torch.get_default_dtype())
     m = torch.where(mask, x, torch.full_like(x, float("-inf"))).amax(-1, keepdim=True)
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # safe on empty rows
 
@@ -150,3 +162,8 @@ def bitxor(a, b):
 
 def lshift(a, n):
     return _as_int(a) * (1 << n)
+
+
+def index(x):
+    """A computed index (an axis of a tensor input's own, already clamped) as torch indexing takes it."""
+    return x.long() if isinstance(x, torch.Tensor) else int(x)

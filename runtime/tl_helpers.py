@@ -11,15 +11,20 @@ import triton.language as tl
 
 @triton.jit
 def floordiv(a, b):
-    quotient = a // b
-    inexact = (a % b) != 0
-    return tl.where(inexact & ((a < 0) != (b < 0)), quotient - 1, quotient)
+    """a // b rounding down; a // 0 is 0 (the language's rule)."""
+    safe = tl.where(b == 0, 1, b)
+    quotient = a // safe
+    inexact = (a % safe) != 0
+    return tl.where(b == 0, 0, tl.where(inexact & ((a < 0) != (safe < 0)), quotient - 1, quotient))
 
 
 @triton.jit
 def floormod(a, b):
-    remainder = a % b
-    return tl.where((remainder != 0) & ((remainder < 0) != (b < 0)), remainder + b, remainder)
+    """a % b with the sign of b; a % 0 is a."""
+    safe = tl.where(b == 0, 1, b)
+    remainder = a % safe
+    wrapped = tl.where((remainder != 0) & ((remainder < 0) != (safe < 0)), remainder + safe, remainder)
+    return tl.where(b == 0, a, wrapped)
 
 
 @triton.jit

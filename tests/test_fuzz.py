@@ -47,9 +47,26 @@ probs R / rowsum(R) if rowsum(R) > 0 else A
     "attention radial\nconst F = 8, T = 64\nlet d = abs(q // T - kv // T)\n"
     "let w = T if d <= 1 else T >> floor(log2(d))\nmask kv // T == 0 or abs(q % T - kv % T) <= w\n",
     "attention sigmoid\nparam bias: float = 0 - log(Lk)\nmask kv <= q\nprobs sigmoid(score + bias)\n",
+    "attention rel_bias\nconst R = 4\ninput rel: float[Hq, 2 * R + 1]\nmask kv <= q\nscore s + rel[h, q - kv + R]\n",
+    """attention t5
+const NB = 8, E = 2
+input t5: float[Hq, NB]
+let mag(d) = abs(d) if abs(d) < E else min(E + floor(log2(max(abs(d) // E, 1))), NB // 2 - 1)
+let bucket(d) = mag(d) + (NB // 2 if d > 0 else 0)
+score s + t5[h, bucket(q - kv)]
+""",
+    """attention doc_offsets
+const NDOC = 4, Y = 2, X = 4
+input doc: int[B, L]
+input start: int[NDOC]
+let coord(i) = unravel(i, Y, X)
+let (qy, qx) = coord(q)
+let (ky, kx) = coord(kv)
+mask doc[b, q] == doc[b, kv] and kv >= start[doc[b, q]] and abs(qx - kx) <= 2
+""",
 ]
 
-KEYWORDS = ["attention", "heads", "param", "const", "input", "let", "mask", "score", "probs", "learnable",
+KEYWORDS = ["f(x)", "f(q)", "rel[h, q - kv]", "[NB]", "attention", "heads", "param", "const", "input", "let", "mask", "score", "probs", "learnable",
             "int", "float", "bool", "and", "or", "not", "if", "else", "true", "false", "unravel", "softmax",
             "rowsum", "rowmax", "visible", "exp", "log", "clamp", "abs", "min", "max", "sink", "q", "kv", "s",
             "b", "h", "Hq", "Lq", "Lk", "B", "L", "x", "_x", "lambda", "__import__"]
@@ -178,3 +195,71 @@ def test_valid_specs_compile():
 @given(mutated())
 def test_mutated_specs(source):
     front_end(source)
+
+
+# ---- everything that checks, builds ----
+def build_and_run(source: str, tmp_path) -> bool:
+    """A spec `attnc check` accepts must build, and its mask, plan and reference run at B=2, Hq=2
+    (False when check refuses it)."""
+    import torch
+
+    import attnc
+    from attnc import verify
+
+    try:
+        variant = compile_text(source, "fuzz.attn")
+    except SpecError:
+        return False
+    path = tmp_path / "fuzz.attn"
+    path.write_text(source)
+    fn = attnc.load(path)
+    L = verify._fixed_length(variant) or 12
+    hq, hk, hv = verify._heads(variant, 2, 2, 2)
+    inputs = verify.random_inputs(variant, verify.Case(2, hq, hk, hv, L, L, 8, 8), torch.Generator().manual_seed(0))
+    heads = {"Hq": hq, "Hk": hk, "Hv": hv}
+    mask = fn.mask(Lq=L, Lk=L, B=2, **heads, **inputs)
+    plan = fn.plan(Lq=L, Lk=L, B=2, **heads, block_m=4, block_n=4, **inputs)
+    dense = torch.broadcast_to(plan.to_dense(), (2, hq, -(-L // 4), -(-L // 4)))
+    tiles = torch.broadcast_to(mask, (2, hq, L, L))
+    tiles = torch.nn.functional.pad(tiles, (0, -L % 4, 0, -L % 4))
+    visible = tiles.reshape(2, hq, -(-L // 4), 4, -(-L // 4), 4).any(-1).any(-2)
+    assert (visible <= (dense > 0)).all(), f"a tile with visible pairs is EMPTY in the plan of {source!r}"
+    q, k, v = (torch.randn(2, n, L, 8, dtype=torch.float64) for n in (hq, hk, hv))
+    out = fn.reference(q, k, v, **inputs)
+    assert out.shape == (2, hq, L, 8)
+    return True
+
+
+BUILD = settings(FUZZ, max_examples=_LONG or 150)
+
+
+def test_every_valid_spec_builds_and_runs(tmp_path):
+    for source in VALID:
+        assert build_and_run(source, tmp_path), source
+
+
+# specs the build fuzzer found: each passed check, then failed to build or run
+FOUND = [
+    "attention t\n#   heads \x00 comment\nmask kv <= q\n",  # a NUL in a comment broke the module's docstring
+    "attention t\nmask abs(q >>- kv) <= 3\n",  # a negative shift count
+    "attention t\nconst T = 4\nmask kv // T == 0 or q //   - kv // T < 2\n",  # a divisor that is 0 at run time
+    "attention t\nmask q % (2 - kv) < 1\n",
+    "attention t\ninput slopes: float[Hq] learnable\nmask kv <= q\nscore s - s\n",  # a constant score
+]
+
+
+def test_specs_the_fuzzer_found_build_and_run(tmp_path):
+    for source in FOUND:
+        assert build_and_run(source, tmp_path), source
+
+
+@BUILD
+@given(mutated())
+def test_mutated_specs_that_check_build_and_run(tmp_path_factory, source):
+    build_and_run(source, tmp_path_factory.mktemp("fuzz"))
+
+
+@BUILD
+@given(st.lists(st.sampled_from(TOKENS), max_size=40).map(lambda ts: "attention t\n" + " ".join(ts)))
+def test_random_specs_that_check_build_and_run(tmp_path_factory, source):
+    build_and_run(source, tmp_path_factory.mktemp("fuzz"))

@@ -96,6 +96,13 @@ def _params(v: ir.Variant) -> list[Param]:
     return out
 
 
+def _docline(line: str) -> str:
+    """A spec line inside the module's docstring: backslashes, triple quotes and control characters
+    (a NUL in a comment cannot appear in Python source) escaped."""
+    line = line.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    return "".join(c if c >= " " and c != "\x7f" or c == "\t" else f"\\x{ord(c):02x}" for c in line)
+
+
 def context(a: Analyses) -> dict:
     v = a.variant
     is_general = a.rows.softmax is None
@@ -152,7 +159,7 @@ def _environment() -> jinja2.Environment:
     env.filters["ident"] = ident  # a spec name as generated code spells it
     env.filters["stride_splat"] = lambda tensor: f"*{tensor}.stride()"
     # a spec line inside the module's docstring: backslashes and triple quotes cannot end or bend it
-    env.filters["docline"] = lambda line: line.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    env.filters["docline"] = _docline
     env.filters["cast32"] = lambda name: f"{name} = {name}.to(tl.float32)"
     env.filters["wrap"] = lambda code: code if wrapped(code) else f"({code})"  # one pair of parentheses
     return env

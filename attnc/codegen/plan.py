@@ -24,15 +24,30 @@ def interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
         names[p.symbol] = f"({_ident(p.name)}, {_ident(p.name)})"
     bool_loads = set()
     lines = []
-    loads = sorted(mask.atoms(AppliedUndef), key=sympy.default_sort_key)
+    # inner loads first (a gather offsets[doc[q]] reads doc first); a load at an index expression (an
+    # axis of the tensor's own) stands in the mask as a plain name, so cse cannot rewrite its indices
+    gathers = {}
+    loads = sorted(mask.atoms(AppliedUndef), key=lambda a: (len(a.atoms(AppliedUndef)), sympy.default_sort_key(a)))
     for i, load in enumerate(loads):
         tensor = load.func.__name__
+        is_bool = variant.tensor(tensor).dtype == "bool"
+        if not all(a.is_Symbol and a in names for a in load.args):
+            var = f"{tensor}_{i}"
+            indices = ", ".join(interval_code(a, names, bool_loads) for a in load.args)
+            lines.append((var, f"cells.load_at({_ident(tensor)}, {indices})"))
+            gathers[load] = sympy.Symbol(var)
+            names[load] = var
+            names[gathers[load]] = f"I.truth({var})" if is_bool else var
+            if is_bool:
+                bool_loads.add(load)
+            continue
         var = f"{tensor}_{i}"
         indices = ", ".join(f'"{a}"' for a in load.args)
         lines.append((var, f"cells.load({_ident(tensor)}, {indices})"))
         names[load] = var
         if variant.tensor(tensor).dtype == "bool":
             bool_loads.add(load)
+    mask = mask.xreplace(gathers)
     replacements, (reduced,) = sympy.cse(mask, symbols=sympy.numbered_symbols("x"), optimizations=None)
     for sym, expr in replacements:
         if isinstance(expr, AppliedUndef):

@@ -73,21 +73,40 @@ class Load:
         return f"{self.var} = tl.load({self.ptr} + {self.offset}{masked})"
 
 
+def _nesting(load) -> int:
+    """How deeply tensor loads nest inside `load`'s indices (a gather `offsets[doc[q]]` is 1)."""
+    inner = [a for arg in load.args for a in arg.atoms(AppliedUndef)]
+    return 1 + max((_nesting(a) for a in inner), default=-1)
+
+
 def tensor_loads(exprs, where: dict, prefix: str) -> tuple[dict, list[Load]]:
-    """Names and loads for every tensor input read in exprs, indexed as `where` spells the indices."""
+    """Names and loads for every tensor input read in exprs, indexed as `where` spells the indices.
+
+    An index is a bare b, h, q or kv, or (an axis of the tensor's own) an integer expression, already
+    clamped to the axis by the checker; loads nested in it (gathers) are loaded first."""
     names, loads = {}, []
     found = sorted({a for e in exprs if e is not None for a in sympy.sympify(e).atoms(AppliedUndef)},
-                   key=sympy.default_sort_key)
+                   key=lambda a: (_nesting(a), sympy.default_sort_key(a)))
+    index_names = {ir.INDICES[k]: code for k, code in where.items() if code is not None}
+    index_names.update({sym: name for name, sym in ir.SIZES.items()})
     for i, load in enumerate(found):
         tensor = load.func.__name__
         parts, bounds = [], []
         for axis, index in enumerate(load.args):
-            code = where[str(index)]
-            if code is None:
+            if index.is_Symbol and str(index) in where:
+                code = where[str(index)]
+                if code is None:
+                    raise BuildError(f"{tensor} is read per key where only row values are available")
+                parts.append(f"{code} * stride_{tensor}_{axis}")
+                if str(index) in ("q", "kv") and where is not SCALAR:
+                    bounds.append(f"({code} < {'Lq' if str(index) == 'q' else 'Lk'})")
+                continue
+            if ir.kv in index.free_symbols and where["kv"] is None:
                 raise BuildError(f"{tensor} is read per key where only row values are available")
-            parts.append(f"{code} * stride_{tensor}_{axis}")
-            if str(index) in ("q", "kv") and where is not SCALAR:
-                bounds.append(f"({code} < {'Lq' if str(index) == 'q' else 'Lk'})")
+            local = dict(index_names)
+            local.update({sym: ident(sym.name) for sym in index.free_symbols if sym not in local})
+            local.update(names)
+            parts.append(f"({triton_code(index, local)}) * stride_{tensor}_{axis}")
         var = f"{prefix}{tensor}_{i}"
         names[load] = var
         loads.append(Load(var, f"{ident(tensor)}ptr", " + ".join(parts), " & ".join(bounds)))
@@ -319,7 +338,7 @@ def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
     host.update({p.symbol: ident(p.name) for p in variant.params})
     from .names import torch_loads
 
-    host.update(torch_loads(clause.lo, clause.hi))
+    host.update(torch_loads(clause.lo, clause.hi, names=host))
 
     def at(expr, q_code, default):
         return default if expr is None else torch_code(expr, {**host, ir.q: q_code})
