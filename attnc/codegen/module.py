@@ -155,7 +155,7 @@ _OPTIONAL_IMPORTS = (
 
 def _imports(body: str) -> str:
     used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    ours = sorted(["from attnc.runtime import checks, launch\n", "from attnc.runtime import plan as tile_plan\n",
+    ours = sorted(["from attnc.runtime import checks, launch, ops\n", "from attnc.runtime import plan as tile_plan\n",
                    "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
     return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"
             + "".join(ours) + "from attnc.runtime.launch import kernel_configs\n")
