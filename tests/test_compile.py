@@ -18,11 +18,11 @@ B, H, L, D = 1, 2, 16, 16
 
 CASES = {
     # spec: (inputs, gradients wanted of these inputs)
-    "causal": (lambda: {}, ()),
+    "causal": (dict, ()),
     "alibi": (lambda: {"slopes": torch.rand(H, requires_grad=True)}, ("slopes",)),  # a learnable input
     "document": (lambda: {"doc_ids": torch.tensor([[0] * 6 + [1] * 10])}, ()),  # a tile plan (lists walk)
     "sliding_window": (lambda: {"window": 5}, ()),  # a scalar parameter in the op's schema
-    "softplus": (lambda: {}, ()),  # the general family (row statistics instead of a log-sum-exp)
+    "softplus": (dict, ()),  # the general family (row statistics instead of a log-sum-exp)
 }
 
 
