@@ -194,3 +194,10 @@ def test_kernels_through_the_interpreter(monkeypatch):
     with torch.no_grad():
         want = ref(ids, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], **TOL)
+
+
+def test_example_script_runs():
+    """examples/hf_softplus.py checks itself (padding invariance, generation, gradients to the slopes)."""
+    import runpy
+
+    runpy.run_path(str(EXAMPLES / "hf_softplus.py"), run_name="__main__")
