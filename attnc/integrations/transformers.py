@@ -29,13 +29,13 @@ CPU tensors run the Triton kernels under TRITON_INTERPRET=1 and attnc's eager re
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from .. import build
 from ..pipeline import read_spec
+from ..specedit import and_mask_inputs
 
 KEEP = "attnc_hf_keep"  # the padding input of a spec's padded variant
 
@@ -45,21 +45,7 @@ __all__ = ["AttnBackend", "padded_spec", "register"]
 def padded_spec(text: str, where: str = "<spec>") -> str:
     """The spec with one more input, `attnc_hf_keep: bool[B, Lk]` (False for padding keys), ANDed into
     its mask, under the name `<name>_padded`."""
-    lines = text.splitlines()
-    heads = [i for i, line in enumerate(lines) if re.match(r"\s*attention\s+\w+", line)]
-    masks = [i for i, line in enumerate(lines) if re.match(r"\s*mask\s", line)]
-    if len(heads) != 1 or len(masks) > 1:
-        raise ValueError(f"{where}: attnc.integrations.transformers: padding masks need a spec with one "
-                         f"'attention' line and at most one 'mask' line")
-    for i in masks:
-        code = lines[i].split("#", 1)[0].strip()[len("mask"):].strip()
-        lines[i] = f"mask ({code}) and {KEEP}[b, kv]"
-    if not masks:
-        lines.append(f"mask {KEEP}[b, kv]")
-    (i,) = heads
-    lines[i] = re.sub(r"(attention\s+)(\w+)", r"\1\2_padded", lines[i].split("#", 1)[0])
-    lines.insert(i + 1, f"input {KEEP}: bool[B, Lk]")
-    return "\n".join(lines) + "\n"
+    return and_mask_inputs(text, "padded", [(KEEP, "Lk", "kv")], where)
 
 
 class AttnBackend:
