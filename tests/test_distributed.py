@@ -15,7 +15,7 @@ from attnc.distributed import unshard
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-import cp_worker  # noqa: E402
+import cp_worker
 
 EXAMPLES = TESTS.parent / "examples"
 L = 32
