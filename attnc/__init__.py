@@ -8,7 +8,7 @@ The public API (everything else is internal and may change):
 - `build_source(path)`: the generated module's source, as `attnc build` writes it.
 - `SpecError` (a spec that does not parse or type-check) and `BuildError` (one that cannot be built).
 - `attnc.integrations.transformers.register(name, spec_path, **inputs)`: a Hugging Face attention backend.
-- `attnc.distributed.context_parallel(attn, group)`: ring attention over torch.distributed (when present).
+- `attnc.distributed.context_parallel(attn, group, layout)`: ring attention over torch.distributed.
 """
 
 from .errors import BuildError, SpecError
