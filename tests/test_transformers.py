@@ -201,3 +201,17 @@ def test_example_script_runs():
     import runpy
 
     runpy.run_path(str(EXAMPLES / "hf_softplus.py"), run_name="__main__")
+
+
+def test_softcap_reaches_the_spec_and_is_refused_without_it(backends):
+    """Gemma 2's `softcap` kwarg: the softcap spec's `cap` parameter takes it; a spec without one refuses."""
+    capped = attnc_hf.register("attnc_softcap", EXAMPLES / "softcap.attn")
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 6, 8) * 3, torch.randn(2, 2, 6, 8) * 3, torch.randn(2, 2, 6, 8)
+    out, weights = capped(None, q, k, v, None, scaling=0.5, softcap=2.0)
+    assert weights is None
+    want = capped.attn.reference(q, k, v, scale=0.5, cap=2.0).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(out, capped.attn.reference(q, k, v, scale=0.5).transpose(1, 2), atol=1e-3)
+    with pytest.raises(ValueError, match="no 'softcap' or 'cap' parameter"):
+        backends["attnc_causal"](None, q, k, v, None, scaling=0.5, softcap=2.0)

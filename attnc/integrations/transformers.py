@@ -17,7 +17,8 @@ What HF hands an attention function, and what attnc does with it:
   not read: the spec says what the pattern is.
 - Sliding windows: HF's `sliding_window` (Mistral, Qwen2, Gemma configs) goes to the spec's scalar
   parameter `window_param` ("window" by default); a config with a sliding window and a spec without
-  that parameter is refused, as the window would be silently ignored.
+  that parameter is refused, as the window would be silently ignored. A model's `softcap` (Gemma 2)
+  goes to the spec's parameter `softcap` or `cap` (examples/softcap.attn), or is refused.
 - Decoding (Lq < Lk, queries at the last Lq positions of the cache: HF's dynamic caches, full or
   sliding): through `attn.decode` when the generated module has it and there is no padding; otherwise
   the queries are placed at the end of a zero-filled length-Lk query block, the full forward runs, and
@@ -85,10 +86,11 @@ class AttnBackend:
                                       f"attention_dropout to 0 (got {dropout})")
         values = self._values(sliding_window)
         if kwargs.get("softcap") is not None:  # Gemma 2's attn_logit_softcapping
-            if "softcap" not in self.params:
+            names = [p for p in ("softcap", "cap") if p in self.params]
+            if not names:
                 raise ValueError(f"{self.where}: the model caps attention logits (softcap={kwargs['softcap']}) but "
-                                 f"the spec has no 'softcap' parameter (examples/softcap.attn has one)")
-            values["softcap"] = kwargs["softcap"]
+                                 f"the spec has no 'softcap' or 'cap' parameter (examples/softcap.attn has one)")
+            values[names[0]] = float(kwargs["softcap"])
         Lq, Lk = query.shape[2], key.shape[2]
         keep = self._keep(attention_mask, query.shape[0], Lk)
         attn = self.attn
