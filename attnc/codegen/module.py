@@ -18,12 +18,12 @@ import jinja2
 import sympy
 
 from .. import __version__, ir
-from ..errors import BuildError
 from ..pipeline import Analyses, analyse
 from .families import general, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import torch_code, wrapped
+from ..errors import BuildError
 from .skeleton import Signature
 
 __all__ = ["BuildError", "generate_module"]
