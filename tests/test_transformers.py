@@ -35,7 +35,7 @@ def backends():
         "attnc_sliding": attnc_hf.register("attnc_sliding", EXAMPLES / "sliding_window.attn"),
     }
     for backend in registered.values():
-        assert backend.padded is not None  # imported now, under conftest's TRITON_INTERPRET=1 (read at import)
+        assert backend.padded is not None  # built at register time, under conftest's TRITON_INTERPRET=1
     return registered
 
 
@@ -215,3 +215,20 @@ def test_softcap_reaches_the_spec_and_is_refused_without_it(backends):
     assert not torch.allclose(out, capped.attn.reference(q, k, v, scale=0.5).transpose(1, 2), atol=1e-3)
     with pytest.raises(ValueError, match="no 'softcap' or 'cap' parameter"):
         backends["attnc_causal"](None, q, k, v, None, scaling=0.5, softcap=2.0)
+
+
+def test_compiled_model_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) of the model's forward with a padding mask: no graph break (the
+    attnc custom op is one node; the padded variant is built at register time), logits equal SDPA's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ours, ref = _pair("llama", "attnc_causal")
+    ids, mask = _batch("left")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids, mask: ours(ids, attention_mask=mask).logits, fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad(), launch.count_visits() as launches:
+        got = compiled(ids, mask)
+    assert len(launches) == 2
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], **TOL)

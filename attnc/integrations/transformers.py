@@ -59,14 +59,8 @@ class AttnBackend:
         self.inputs = dict(inputs)
         self.window_param = window_param
         self.params = {name for name, _ in self.attn.signature.params}
-        self._padded = None
-
-    @property
-    def padded(self):
-        """The spec's variant with a key-padding input (compiled on first use)."""
-        if self._padded is None:
-            self._padded = build.load_text(padded_spec(self.text, self.where), f"{self.where} (padded)")
-        return self._padded
+        # the spec's variant with a key-padding input, built now: torch.compile cannot trace a build
+        self.padded = build.load_text(padded_spec(self.text, self.where), f"{self.where} (padded)")
 
     def _values(self, sliding_window):
         values = dict(self.inputs)
