@@ -13,8 +13,9 @@ whole (global shapes, the same on every rank); gradients of learnable ones are a
 Global positions: each step runs a variant of the spec with two more inputs, `attnc_cp_q: bool[B, Lq]`
 and `attnc_cp_kv: bool[B, Lk]`, ANDed into its mask, on the global length with the local queries and the
 step's keys at their global positions (zeros elsewhere). Mask and score expressions therefore see global
-positions, and tile plans skip the tiles outside the (query shard, key shard) block; steps whose block is
-fully masked still run (and contribute nothing). The global-length placement costs O(L) memory per rank
+positions, and tile plans skip the tiles outside the (query shard, key shard) block. A step whose block
+is fully masked (its tile plan, aligned to the shards, visits nothing) is skipped, forward and backward:
+a causal rank reads no later shard, a sliding window its neighbours only; the K/V still pass through. The global-length placement costs O(L) memory per rank
 for the step's q/k/v blocks: the kernels' work is the block's, the memory is not yet the shard's.
 
 Layouts: "contiguous" (rank r holds tokens [r n, (r + 1) n)) and "zigzag" (the sequence in 2P chunks;
@@ -37,6 +38,7 @@ __all__ = ["context_parallel", "shard", "unshard"]
 
 Q_KEEP, KV_KEEP = "attnc_cp_q", "attnc_cp_kv"
 _VARIANTS: dict = {}
+_LAST_STEPS: list = []  # the owners of the K/V shards the last forward on this rank attended to (tests read it)
 
 
 def _variant(attn):
@@ -87,6 +89,15 @@ def _keep(pos, B, length, device):
     return keep
 
 
+def _needed(variant, q, k, v, length, block, values) -> bool:
+    """Whether the step's (query shard, key shard) block has a visible pair: its tile plan, with tiles
+    aligned to the shards' chunks, visits a tile. (Plans are exact on the catalog; a conservative one
+    only costs a step that adds nothing.) O(tiles visited)."""
+    plan = variant.plan(length, length, B=q.shape[0], Hq=q.shape[1], Hk=k.shape[1], Hv=v.shape[1],
+                        block_m=block, block_n=block, device=q.device, **values)
+    return plan.tiles_visited > 0
+
+
 def _ring(tensors, group, rank, world):
     """Post the sends of `tensors` to the next rank and the receives from the previous one; returns
     (requests, received buffers)."""
@@ -116,22 +127,32 @@ class _RingAttention(torch.autograd.Function):
         length = n * world
         pos_q = positions(rank, world, n, layout, q.device)
         q_full = _place(q, pos_q, length)
+        chunk = n // 2 if layout == "zigzag" else n
+        block = min(128, chunk & -chunk)  # the largest power of two dividing the chunks (tiles never straddle)
         values = {**fixed, **dict(zip(float_names, float_inputs)), Q_KEEP: _keep(pos_q, B, length, q.device)}
         o = lse = None
         k_cur, v_cur = k, v
+        steps = []  # the owners of the K/V shards this rank attended to (the others are fully masked)
         for step in range(world):
             owner = (rank - step) % world
             reqs, recv = _ring([k_cur, v_cur], group, rank, world) if step < world - 1 else ([], None)
             pos_kv = positions(owner, world, n, layout, q.device)
-            o_s, lse_s = variant(q_full, _place(k_cur, pos_kv, length), _place(v_cur, pos_kv, length), scale=scale,
-                                 return_lse=True, **values, **{KV_KEEP: _keep(pos_kv, B, length, q.device)})
-            o, lse = _merge(o, lse, o_s[:, :, pos_q], lse_s[:, :, pos_q])
+            step_values = {**values, KV_KEEP: _keep(pos_kv, B, length, q.device)}
+            if _needed(variant, q, k, v, length, block, step_values):
+                steps.append(owner)
+                o_s, lse_s = variant(q_full, _place(k_cur, pos_kv, length), _place(v_cur, pos_kv, length),
+                                     scale=scale, return_lse=True, **step_values)
+                o, lse = _merge(o, lse, o_s[:, :, pos_q], lse_s[:, :, pos_q])
             for req in reqs:
                 req.wait()
             if recv is not None:
                 k_cur, v_cur = recv
+        if o is None:  # every key masked for every local query: o = 0, lse = -inf (as attn gives)
+            o = q.new_zeros((*q.shape[:3], v.shape[3]), dtype=torch.float32)
+            lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         o = o.to(q.dtype)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.steps = cfg, steps
+        _LAST_STEPS[:] = steps
         ctx.save_for_backward(q, k, v, o, lse, *float_inputs)
         ctx.mark_non_differentiable(lse)
         return o, lse
@@ -151,28 +172,29 @@ class _RingAttention(torch.autograd.Function):
         dk_cur, dv_cur = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
         for step in range(world):
             owner = (rank - step) % world
-            with torch.enable_grad():
-                qs = q.detach().requires_grad_()
-                ks, vs = k_cur.detach().requires_grad_(), v_cur.detach().requires_grad_()
-                ins = [t.detach().requires_grad_() for t in float_inputs]
-                pos_kv = positions(owner, world, n, layout, q.device)
-                values = {**fixed, **dict(zip(float_names, ins)), Q_KEEP: _keep(pos_q, B, length, q.device),
-                          KV_KEEP: _keep(pos_kv, B, length, q.device)}
-                o_s, lse_s = variant(_place(qs, pos_q, length), _place(ks, pos_kv, length),
-                                     _place(vs, pos_kv, length), scale=scale, return_lse=True, **values)
-                o_s, lse_s = o_s[:, :, pos_q], lse_s[:, :, pos_q]
-                # o = sum_s w_s o_s, w_s = exp(lse_s - lse): dL/do_s = w_s dO, dL/dlse_s = w_s (dO.o_s - dO.o)
-                w = torch.where(torch.isfinite(lse_s) & torch.isfinite(lse), torch.exp(lse_s - lse),
-                                torch.zeros_like(lse))
-                g_o = (w[..., None] * do).to(o_s.dtype)
-                g_lse = w * ((do * o_s.detach().float()).sum(-1) - delta)
-                grads = torch.autograd.grad([o_s, lse_s], [qs, ks, vs, *ins], [g_o, g_lse], allow_unused=True)
-            dq += grads[0].float()
-            dk_cur = dk_cur + (grads[1].float() if grads[1] is not None else 0)
-            dv_cur = dv_cur + (grads[2].float() if grads[2] is not None else 0)
-            for acc, g in zip(d_inputs, grads[3:]):
-                if g is not None:
-                    acc += g.float()
+            if owner in ctx.steps:  # the steps the forward skipped (fully masked) add no gradient
+                with torch.enable_grad():
+                    qs = q.detach().requires_grad_()
+                    ks, vs = k_cur.detach().requires_grad_(), v_cur.detach().requires_grad_()
+                    ins = [t.detach().requires_grad_() for t in float_inputs]
+                    pos_kv = positions(owner, world, n, layout, q.device)
+                    values = {**fixed, **dict(zip(float_names, ins)), Q_KEEP: _keep(pos_q, B, length, q.device),
+                              KV_KEEP: _keep(pos_kv, B, length, q.device)}
+                    o_s, lse_s = variant(_place(qs, pos_q, length), _place(ks, pos_kv, length),
+                                         _place(vs, pos_kv, length), scale=scale, return_lse=True, **values)
+                    o_s, lse_s = o_s[:, :, pos_q], lse_s[:, :, pos_q]
+                    # o = sum_s w_s o_s, w_s = exp(lse_s - lse): dL/do_s = w_s dO, dL/dlse_s = w_s dO.(o_s - o)
+                    w = torch.where(torch.isfinite(lse_s) & torch.isfinite(lse), torch.exp(lse_s - lse),
+                                    torch.zeros_like(lse))
+                    g_o = (w[..., None] * do).to(o_s.dtype)
+                    g_lse = w * ((do * o_s.detach().float()).sum(-1) - delta)
+                    grads = torch.autograd.grad([o_s, lse_s], [qs, ks, vs, *ins], [g_o, g_lse], allow_unused=True)
+                dq += grads[0].float()
+                dk_cur = dk_cur + (grads[1].float() if grads[1] is not None else 0)
+                dv_cur = dv_cur + (grads[2].float() if grads[2] is not None else 0)
+                for acc, g in zip(d_inputs, grads[3:]):
+                    if g is not None:
+                        acc += g.float()
             if world > 1:  # the shard and its gradients move on; after `world` moves they are home
                 sending = [dk_cur, dv_cur] if step == world - 1 else [k_cur, v_cur, dk_cur, dv_cur]
                 reqs, recv = _ring(sending, group, rank, world)

@@ -12,6 +12,7 @@ def run(rank, world, init_file, spec, layout, kernels, out_dir, L):
     import torch.distributed as dist
 
     import attnc
+    from attnc import distributed
     from attnc.distributed import context_parallel, shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -23,9 +24,10 @@ def run(rank, world, init_file, spec, layout, kernels, out_dir, L):
                  if isinstance(x, torch.Tensor) and x.dtype.is_floating_point}
         cp = context_parallel(attn, None, layout=layout)
         o = cp(*local, **{**inputs, **learn})
+        steps = list(distributed._LAST_STEPS)
         (o.float() * shard(g, rank, world, layout)).sum().backward()
         result = {"o": o.detach(), "dq": local[0].grad, "dk": local[1].grad, "dv": local[2].grad,
-                  **{f"d_{n}": x.grad for n, x in learn.items()}}
+                  "steps": steps, **{f"d_{n}": x.grad for n, x in learn.items()}}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
