@@ -105,7 +105,10 @@ def test_installed_wheel_runs_the_quick_start(installed, tmp_path):
     spec = tmp_path / "sliding_window.attn"
     spec.write_text((ROOT / "examples" / "sliding_window.attn").read_text())
     proc = _run(["-m", "attnc.cli", "--version"], target, tmp_path)
-    assert proc.returncode == 0 and proc.stdout.strip() == "attnc, version 0.1.0", proc.stdout + proc.stderr
+    import attnc
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == f"attnc, version {attnc.__version__}", proc.stdout
     proc = _run(["-m", "attnc.cli", "build", str(spec), "-o", str(tmp_path / "gen")], target, tmp_path)
     assert proc.returncode == 0 and (tmp_path / "gen" / "sliding_window.py").is_file(), proc.stdout + proc.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
