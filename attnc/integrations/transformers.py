@@ -20,7 +20,8 @@ What HF hands an attention function, and what attnc does with it:
   that parameter is refused, as the window would be silently ignored. A model's `softcap` (Gemma 2)
   goes to the spec's parameter `softcap` or `cap` (examples/softcap.attn), or is refused.
 - Decoding (Lq < Lk, queries at the last Lq positions of the cache: HF's dynamic caches, full or
-  sliding): through `attn.decode` when the generated module has it and there is no padding; otherwise
+  sliding): through `attn.decode` (forward only) when the generated module has it, there is no padding
+  and no gradient is wanted; otherwise
   the queries are placed at the end of a zero-filled length-Lk query block, the full forward runs, and
   the last Lq rows are kept (exact, O(Lk^2) per step). Static (pre-allocated) caches are not handled.
 - Training: gradients flow through attnc's backward; attention dropout is refused.
@@ -95,7 +96,7 @@ class AttnBackend:
         elif Lq > Lk:
             raise ValueError(f"{self.where}: {Lq} queries but only {Lk} keys: attnc expects the queries to be the "
                              f"last positions of the key sequence (a static cache is not supported)")
-        elif keep is None and hasattr(attn, "decode"):
+        elif keep is None and hasattr(attn, "decode") and not (torch.is_grad_enabled() and query.requires_grad):
             seqlens = torch.full((query.shape[0],), Lk, dtype=torch.int32, device=query.device)
             out = attn.decode(query, key, value, seqlens, scale=scaling, **values)
         else:
