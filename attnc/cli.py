@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .errors import SpecError
+from .inspect import DTYPES, TARGETS
 from .pipeline import compile_file
 
 
@@ -351,6 +352,71 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
             click.echo(f"{png}: error: cannot write: {err.strerror}", err=True)
             sys.exit(1)
         click.echo(f"wrote {png}")
+
+
+# -- attnc inspect ------------------------------------------------------------------------------------
+
+
+def _input_value(pair: str):
+    """NAME=VALUE of --input: a number, or comma-separated numbers for a tensor input."""
+    name, eq, text = pair.partition("=")
+    numbers = []
+    for part in text.split(","):
+        try:
+            numbers.append(int(part))
+        except ValueError:
+            try:
+                numbers.append(float(part))
+            except ValueError:
+                numbers = None
+                break
+    if not eq or not name.strip() or numbers is None:
+        raise click.BadParameter(f"expected NAME=NUMBER or NAME=N1,N2,..., got {pair!r}", param_hint="'--input'")
+    return name.strip(), numbers[0] if len(numbers) == 1 else numbers
+
+
+@main.command("inspect")
+@click.argument("spec")
+@click.option("--target", type=click.Choice(sorted(TARGETS)), default="sm90", show_default=True,
+              help="the GPU to compile for: sm90 (H100) or sm80 (A100)")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True, help="dtype of q, k, v")
+@click.option("--head-dim", default=128, type=click.IntRange(min=1), show_default=True)
+@click.option("--L", "length", default=1024, type=click.IntRange(min=1), show_default=True,
+              help="sequence length (a spec's token layout fixes its own)")
+@click.option("--configs", type=click.IntRange(min=1), help="the first N autotune configs per kernel [default: all]")
+@click.option("--spread", is_flag=True, help="with --configs N: N configs spaced evenly over the list, not the first N")
+@click.option("--min-stages", default=1, type=click.IntRange(min=1), show_default=True,
+              help="only configs with at least this many pipeline stages")
+@click.option("--input", "pairs", multiple=True, metavar="NAME=VALUE",
+              help="a param, or a tensor input as one value or comma-separated values; repeatable")
+def inspect_command(spec, target, dtype, head_dim, length, configs, spread, min_stages, pairs):
+    """Compile SPEC's Triton kernels for an NVIDIA GPU on this machine (no GPU needed): registers, spills,
+    shared memory, tensor-core instructions and pipelined loads of every kernel and autotune config.
+    SPEC is a .attn file or a module written by `attnc build`."""
+    from . import inspect
+
+    inputs = dict(_input_value(pair) for pair in pairs)
+    if spec.endswith(".attn"):
+        attn = _load_or_report(spec)
+        if attn is None:
+            sys.exit(1)
+        known = [name for name, _ in attn.signature.params] + [t.name for t in attn.signature.tensors]
+        for name in inputs:
+            if name not in known:
+                click.echo(f"{spec}: error: --input {name}: the spec has no input {name!r} "
+                           f"(its inputs: {', '.join(known) or 'none'})", err=True)
+                sys.exit(1)
+        length = inspect.fixed_length(sys.modules[attn.__module__]) or length
+    click.echo(f"{spec}: compiling for {target} ({dtype}, head dim {head_dim}, L {length}; no GPU used)")
+    try:
+        rows = inspect.inspect_module(spec, target=target, dtype=dtype, head_dim=head_dim, L=length,
+                                      configs=configs, min_stages=min_stages, inputs=inputs, spread=spread)
+    except inspect.InspectError as err:
+        click.echo(f"{spec}: error: {err}", err=True)
+        sys.exit(1)
+    click.echo(inspect.format_table(rows))
+    click.echo(inspect.summary(rows))
+    sys.exit(0 if all(r.ok for r in rows) else 1)
 
 
 if __name__ == "__main__":

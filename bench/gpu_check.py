@@ -13,6 +13,10 @@ Sections, each with a share of the time budget (time a section leaves unused goe
 3. sparse: tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
 4. norm: the normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time
    ratios against `causal`, with the design's targets (<= 1.15x for one pass over the keys, <= 2x for two).
+5. decode: `attn.decode` (split-KV, one new query, 32 query heads on 8 KV heads, bf16) for causal,
+   sliding_window and streaming_sink on contiguous caches (causal also paged) at B = 1..64 and caches of
+   4K-128K, beside SDPA (GQA, with the same mask): ms, and the K/V bytes the mask lets through per
+   second against the H100's 3.35 TB/s (docs/decoding.md).
 
 Robustness: each section runs in its own child process (a CUDA fault or a hung compile costs one row,
 not the run); the child streams its rows to this process, which writes the Markdown table and a JSON of
@@ -39,7 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 T0 = time.monotonic()  # the budget counts from here: imports and CUDA start-up included
@@ -48,7 +52,11 @@ EXAMPLES = ROOT / "examples"
 BENCH = ["causal", "full", "sliding_window", "document", "alibi", "softcap"]
 # causal normalizations other than a plain softmax, timed against causal.attn (the same mask)
 NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_softmax1", "temperature"]
-SHARES = {"verify": 0.30, "speed": 0.40, "sparse": 0.10, "norm": 0.20}  # of the time budget
+# decoding: (spec, cache layout) at every decode shape
+DECODE = [("causal", "contiguous"), ("causal", "paged"), ("sliding_window", "contiguous"),
+          ("streaming_sink", "contiguous")]
+HBM_BYTES_S = 3.35e12  # the H100's HBM bandwidth, the decode section's yardstick
+SHARES = {"verify": 0.25, "speed": 0.35, "sparse": 0.10, "norm": 0.15, "decode": 0.15}  # of the time budget
 MARK = "@@gpu_check "  # prefix of the lines a section's child sends to the parent
 
 
@@ -69,9 +77,13 @@ class Settings:
     window: int  # sliding_window's window
     doc_len: int  # tokens per document
     verify: tuple  # example stems to verify, in order
+    bench: tuple  # specs of the speed section
     compile_flex: bool  # torch.compile FlexAttention (GPU) or run it eagerly (CPU)
     flex_backward: bool  # FlexAttention has no backward on the CPU
     min_unit_s: float  # do not start a row with less time than this left in its section
+    decode_shapes: tuple = ()  # (B, cache length) of the decode section
+    decode_heads: tuple = (32, 8)  # (Hq, Hk) of the decode section
+    page_size: int = 256  # the paged cache's page size
 
     @staticmethod
     def make(dry_run: bool) -> Settings:
@@ -79,13 +91,15 @@ class Settings:
             # L = 96 for the sparse masks: 3 x 3 of the interpreter's 32 x 32 plan tiles, some skipped
             return Settings(True, "cpu", 32, ((16, 1, 2), (48, 1, 2)), ((32, 1, 2),), (96, 1, 1),
                             (("neighborhood_2d", (24, 4, 3)), ("radial", (3, 32))), window=12, doc_len=12,
-                            verify=("causal", "softplus"), compile_flex=False, flex_backward=False,
-                            min_unit_s=0.0)
+                            verify=("causal", "softplus"), bench=tuple(BENCH), compile_flex=False, flex_backward=False,
+                            min_unit_s=0.0, decode_shapes=((2, 48),), decode_heads=(4, 2), page_size=16)
         order = BENCH + NORMALIZATIONS + sorted(p.stem for p in EXAMPLES.glob("*.attn"))
         return Settings(False, "cuda", 128, ((4096, 8, 16), (16384, 1, 32)), ((4096, 8, 16), (16384, 1, 32)),
                         (16384, 1, 32), (("neighborhood_2d", (128, 128, 7)), ("radial", (16, 1024))),
-                        window=256, doc_len=1024, verify=tuple(dict.fromkeys(order)), compile_flex=True,
-                        flex_backward=True, min_unit_s=10.0)
+                        window=256, doc_len=1024, verify=tuple(dict.fromkeys(order)), bench=tuple(BENCH), compile_flex=True,
+                        flex_backward=True, min_unit_s=10.0,
+                        decode_shapes=((1, 131072), (8, 32768), (32, 32768), (64, 4096)), decode_heads=(32, 8),
+                        page_size=256)
 
     # -- timing: the warm-up call (compile + autotune) timed apart, then the steady state
     def sync(self):
@@ -230,12 +244,17 @@ COLUMNS = {  # key, header, format of a number
     "norm": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("passes", "passes", None),
              ("pass", "pass", None), ("attnc_ms", "ms", "{:.3f}"), ("causal_ms", "causal ms", "{:.3f}"),
              ("ratio", "ratio", "{:.2f}x"), ("target", "target", "<= {}x"), ("ok", "ok", None)],
+    "decode": [("spec", "spec", None), ("layout", "cache", None), ("B", "B", None), ("cache", "cache len", None),
+               ("attnc_ms", "attnc ms", "{:.3f}"), ("sdpa_ms", "SDPA ms", "{:.3f}"), ("vs_sdpa", "SDPA/attnc", "{:.2f}x"),
+               ("attnc_gbs", "attnc GB/s", "{:.0f}"), ("hbm_pct", "% of 3.35 TB/s", "{:.0f}"),
+               ("diff_sdpa", "max abs(attnc - SDPA)", "{:.1e}")],
 }
 TITLES = {
     "verify": "Correctness (bf16 kernels vs float64 reference; one autotune config per kernel)",
     "speed": "Speed (bf16; ms, and TFLOP/s on the unmasked work; ratios: baseline time / attnc time)",
     "sparse": "Sparse masks (bf16; both plan once, outside the timed calls)",
     "norm": "Normalizations vs the causal softmax kernel (bf16; ratio = time / causal's time)",
+    "decode": "Decoding (bf16, one new query, split-KV; GB/s = K/V bytes the mask keeps / attnc time)",
 }
 
 
@@ -244,11 +263,14 @@ def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
     if section == "verify":
         return [(name, (name,)) for name in s.verify]
     if section == "speed":  # each spec at every L in turn: the second L reuses the compiled kernels
-        return [(f"{name} L={L}", (name, L, B, H)) for name in BENCH for L, B, H in s.speed_shapes]
+        return [(f"{name} L={L}", (name, L, B, H)) for name in s.bench for L, B, H in s.speed_shapes]
     if section == "sparse":
         return [(name, (name, grid)) for name, grid in s.sparse]
     if section == "norm":
         return [(f"{name} L={L}", (name, L, B, H)) for L, B, H in s.norm_shapes for name in NORMALIZATIONS]
+    if section == "decode":
+        return [(f"{name} {layout} B={B} cache={C}", (name, layout, B, C)) for B, C in s.decode_shapes
+                for name, layout in DECODE]
     raise ValueError(section)
 
 
@@ -420,7 +442,56 @@ def run_norm(s: Settings, emit, name, L, B, H):
         emit(row)
 
 
-RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm}
+def run_decode(s: Settings, emit, name, layout, B, C):
+    """attn.decode of one new query per sequence against a full cache of C keys, beside SDPA (GQA)."""
+    import torch
+
+    from attnc import load
+
+    attn = load(EXAMPLES / f"{name}.attn")
+    (Hq, Hk), D = s.decode_heads, s.D
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, 1, D, device=s.device, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hk, C, D, device=s.device, dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.full((B,), C, device=s.device, dtype=torch.int32)
+    window, sinks = min(s.window, C), 4
+    kw = {"window": window} if name == "sliding_window" else {"sinks": sinks, "window": window} \
+        if name == "streaming_sink" else {}
+    keys = torch.arange(C, device=s.device)
+    keep = {"causal": None, "sliding_window": keys >= C - window,
+            "streaming_sink": (keys < sinks) | (keys >= C - window)}[name]
+    visible = C if keep is None else int(keep.sum())
+    table = None
+    k_cache, v_cache = k, v
+    if layout == "paged":  # the same keys in pages stored in a random order
+        P = s.page_size
+        n = B * C // P
+        perm = torch.randperm(n, device=s.device)
+        k_cache, v_cache = (torch.empty((n, Hk, P, D), device=s.device, dtype=x.dtype) for x in (k, v))
+        for store, x in ((k_cache, k), (v_cache, v)):
+            store[perm] = x.view(B, Hk, C // P, P, D).permute(0, 2, 1, 3, 4).reshape(n, Hk, P, D)
+        table = perm.view(B, C // P).to(torch.int32)
+    attn_fn = lambda: attn.decode(q, k_cache, v_cache, lengths, block_table=table, **kw)
+    sdpa_mask = None if keep is None else keep[None, None, None, :]
+    sdpa_fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
+    row, notes = {"spec": name, "layout": layout, "B": B, "cache": C}, []
+    with torch.no_grad():
+        _time_runs(s, {"attnc": attn_fn, "sdpa": sdpa_fn}, "fwd", None, (), row, notes)
+        try:
+            row["diff_sdpa"] = (attn_fn().float() - sdpa_fn().float()).abs().max().item()
+        except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
+            traceback.print_exc()
+            notes.append(f"sdpa diff: {_short(err)}")
+    ms = row["attnc_ms"]
+    row["attnc_gbs"] = B * Hk * visible * D * 2 * 2 / (ms * 1e-3) / 1e9  # K and V, bf16
+    row["hbm_pct"] = 100 * row["attnc_gbs"] * 1e9 / HBM_BYTES_S
+    if isinstance(row.get("sdpa_ms"), float):
+        row["vs_sdpa"] = row["sdpa_ms"] / ms
+    row["note"] = "; ".join(notes)
+    emit(row)
+
+
+RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm, "decode": run_decode}
 
 
 def _short(err: BaseException) -> str:
@@ -600,12 +671,20 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SHARES), help="comma-separated subset of " + ",".join(SHARES))
     parser.add_argument("--autotune", choices=("full", "quick"), default="full",
                         help="autotuning of the timed sections (verify always uses quick)")
+    parser.add_argument("--verify-specs", help="comma-separated examples to verify (default: all, benchmarked first)")
+    parser.add_argument("--speed-specs", help="comma-separated specs of the speed table (default: " + ",".join(BENCH) + ")")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton
     s = Settings.make(args.dry_run)
+    # --verify-specs / --speed-specs reach the section processes through the environment
+    for option, env, field in ((args.verify_specs, "ATTNC_GPU_VERIFY", "verify"), (args.speed_specs, "ATTNC_GPU_SPEED", "bench")):
+        if option:
+            os.environ[env] = option
+        if os.environ.get(env):
+            s = replace(s, **{field: tuple(x for x in os.environ[env].split(",") if x)})
     if args.child:
         return child_main(args.child, args.start, s)
 

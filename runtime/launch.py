@@ -38,11 +38,12 @@ def upcast_dots(q: torch.Tensor) -> bool:
 # Kept from compiling the kernels for sm_90 at D = 128 in bf16 (attnc inspect; bench/results/): every
 # config below pipelines its K/V loads (num_stages >= 2) and none of the forward and dQ configs spills.
 # Dropped: forward 128x64 with 4 warps (176 B of spill), 128x128 with 3 stages (229 KB of shared memory,
-# at the sm_90 limit). dK/dV holds two [BLOCK_N, D] fp32 accumulators across the whole query walk: at
+# at the sm_90 limit). The two-pass general forward (softplus_reweight) keeps more row state: of these
+# only 64x32 with 8 warps stays out of local memory there. dK/dV holds two [BLOCK_N, D] fp32 accumulators across the whole query walk: at
 # D = 128 only BLOCK_N <= 64 with 8 warps (or 32x32 with 4) stays out of local memory; 64x64 and
 # 16x128 spill 40-200 B and 32x128 with 4 warps 1.6 KB. Small spaces also keep autotuning quick.
 CONFIGS = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 8, 3)],
     "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)],
     "dkdv": [(32, 64, 8, 3), (16, 64, 8, 2), (32, 32, 4, 2)],
 }
@@ -60,6 +61,29 @@ def kernel_configs(kind: str) -> list:
     if os.environ.get("ATTNC_AUTOTUNE") == "quick":
         space = space[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in space]
+
+
+def decode_config(rows: int, page_size: int | None) -> dict:
+    """Tiles and launch options of the split-KV decode kernel: BLOCK_M holds a KV group's query heads
+    times the new queries (up to 64 rows a program), BLOCK_N divides the page size so that a key tile
+    never straddles pages."""
+    if interpreting():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    block_n = next(n for n in (64, 32, 16) if page_size is None or page_size % n == 0)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 3}
+
+
+def decode_splits(programs: int, capacity: int) -> int:
+    """How many splits of each sequence's keys: enough programs to fill the GPU (two waves of its
+    multiprocessors), but no split shorter than a few tiles. The interpreter splits tiny caches too,
+    so the split-and-merge path is what the CPU tests exercise."""
+    if interpreting():
+        target, min_keys = 16, 16
+    else:
+        target = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        min_keys = 256
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(capacity, min_keys), 256))
 
 
 def reduce_row_grad(buffer: torch.Tensor, axes: tuple) -> torch.Tensor:

@@ -54,7 +54,7 @@ def test_dry_run_takes_every_path(tmp_path):
     for name, section in sections.items():
         assert section["status"] == "done", name
         rows = section["rows"]
-        per_unit = 1 if name == "verify" else 2  # forward, and forward + backward
+        per_unit = 1 if name in ("verify", "decode") else 2  # forward, and forward + backward
         assert len(rows) == per_unit * len(gpu_check.units(name, settings)), name
         for row in rows:
             assert not row.get("note") or row["note"] == "Flex has no backward on the CPU", row
@@ -72,6 +72,8 @@ def test_dry_run_takes_every_path(tmp_path):
     assert sdpa and all(isinstance(r["sdpa_ms"], float) and math.isfinite(r["vs_sdpa"]) for r in sdpa)
     assert any(r["density"] < 1 for r in sections["sparse"]["rows"])  # a plan that skips tiles
     assert {r["passes"] for r in sections["norm"]["rows"]} == {1, 2}
+    for row in sections["decode"]["rows"]:  # split-KV decoding equals SDPA on the same keys
+        assert isinstance(row["attnc_ms"], float) and row["diff_sdpa"] < 0.05, row
 
 
 def test_out_of_budget_still_writes_the_tables(tmp_path):

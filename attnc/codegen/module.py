@@ -19,12 +19,12 @@ import sympy
 
 from .. import __version__, ir
 from ..pipeline import Analyses, analyse
-from .families import general, softmax
+from .families import decode, general, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
-from .printers import torch_code, wrapped
+from .printers import UnsupportedExpression, torch_code, wrapped
 from ..errors import BuildError
-from .skeleton import Signature
+from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands
 
 __all__ = ["BuildError", "generate_module"]
 
@@ -117,6 +117,8 @@ def context(a: Analyses) -> dict:
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
         "body": body,
+        **_decoding(v, a, is_general),
+        "decode_bands": decode_bands(v, a.walk, a.clauses),
         "general": is_general,
         "ref": _reference(v, a),
         "has_lse": a.rows.has_lse,
@@ -124,6 +126,18 @@ def context(a: Analyses) -> dict:
                                  for e in lay.extents])
                     for lay in v.layouts if lay.index in ("q", "kv")],
     }
+
+
+def _decoding(v: ir.Variant, a: Analyses, is_general: bool) -> dict:
+    """The split-KV decode body: the softmax family's (`decode`) or the general family's passes printed
+    for decode rows (`gdecode`). A spec decoding cannot print keeps its forward: its `decode` raises a
+    ValueError with the reason instead (`decode_error`)."""
+    try:
+        if is_general:
+            return {"decode": None, "gdecode": general.build(v, a.rows, DECODE_TILE, DECODE_ROW), "decode_error": ""}
+        return {"decode": decode.build(v, a.rows.softmax), "gdecode": None, "decode_error": ""}
+    except (BuildError, UnsupportedExpression) as err:
+        return {"decode": None, "gdecode": None, "decode_error": str(err)}
 
 
 def _environment() -> jinja2.Environment:
@@ -155,7 +169,9 @@ _OPTIONAL_IMPORTS = (
 
 def _imports(body: str) -> str:
     used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    ours = sorted(["from attnc.runtime import checks, launch, ops\n", "from attnc.runtime import plan as tile_plan\n",
+    merges = re.search(r"(?<![\w.])merge\.", body)
+    runtime = "checks, decoding, launch, merge, ops" if merges else "checks, decoding, launch, ops"
+    ours = sorted([f"from attnc.runtime import {runtime}\n", "from attnc.runtime import plan as tile_plan\n",
                    "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
     return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"
             + "".join(ours) + "from attnc.runtime.launch import kernel_configs\n")

@@ -42,6 +42,10 @@ TILE = {"b": "off_b", "h": "off_h", "q": "offs_m[:, None]", "kv": "offs_n[None, 
 TILE_T = {"b": "off_b", "h": "off_h", "q": "offs_m[None, :]", "kv": "offs_n[:, None]"}
 ROW = {"b": "off_b", "h": "off_h", "q": "offs_m", "kv": None}  # [BLOCK_M]: no key index
 SCALAR = {"b": "off_b", "h": "off_h", "q": "q_pos", "kv": None}  # one query position
+# split-KV decoding packs the query heads of a KV group and the new queries into the tile's rows: each
+# row has its own head and absolute query position (templates/decode.py.j2)
+DECODE_TILE = {"b": "off_b", "h": "row_h[:, None]", "q": "row_q[:, None]", "kv": "offs_n[None, :]"}
+DECODE_ROW = {"b": "off_b", "h": "row_h", "q": "row_q", "kv": None}
 
 
 def base_names(variant: ir.Variant, where: dict) -> dict:
@@ -142,6 +146,27 @@ def tile_mask(variant: ir.Variant, names: dict, mask_loads: list[Load], where: d
         return TileMask((), "", (), where["kv"])
     lines, code = named_steps(variant.mask, names, "mask_")
     return TileMask(tuple(lines), code, tuple(mask_loads), where["kv"])
+
+
+@dataclass(frozen=True)
+class TileCode:
+    """A tile's logits, their derivative, loads and mask, printed for one tile orientation."""
+
+    score: str  # the logits (natural units)
+    dscore: str  # d logits / d s
+    loads: tuple[Load, ...]  # tensor inputs the logits and their derivatives read (every tile)
+    mask: TileMask  # the mask, with the loads only PARTIAL tiles need
+
+
+def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: dict) -> tuple[TileCode, dict]:
+    """The logits (and their derivative) of a tile whose indices `where` spells, with the mask of its
+    PARTIAL tiles; every family prints its score this way."""
+    load_names, loads = tensor_loads([variant.mask] + every_tile, where, "t_")
+    names = {**base_names(variant, where), **load_names}
+    always, mask_only = split_loads(load_names, loads, variant.mask, every_tile)
+    code = TileCode(triton_code(logits, names), triton_code(dscore, names), tuple(always),
+                    tile_mask(variant, names, mask_only, where))
+    return code, names
 
 
 def split_loads(names: dict, loads: list[Load], mask, every_tile_exprs) -> tuple[list[Load], list[Load]]:
@@ -330,6 +355,18 @@ def choose_walk(variant: ir.Variant, clauses: tuple[Clause, ...]) -> TileWalk:
     except UnsupportedExpression as err:
         return UnplannedTiles(**per, reason=str(err))
     return ListTiles(**per, cell_lines=tuple(lines), cell_result=result)
+
+
+def decode_bands(variant: ir.Variant, walk: TileWalk, clauses: tuple[Clause, ...]) -> tuple[BandBounds, ...]:
+    """Split-KV decoding of a plan-list mask that is the union of two exact bands (sinks with a
+    window: kv <= min(q, sinks - 1), or q - window < kv <= q): the two key ranges in closed form, so a
+    decode reads only their tiles. () otherwise (decoding then visits every tile, masked)."""
+    if walk.mode not in ("lists", "dense") or len(clauses) != 2 or not all(c.exact for c in clauses):
+        return ()
+    try:
+        return tuple(_band_bounds(variant, c) for c in clauses)
+    except (UnsupportedExpression, BuildError):
+        return ()
 
 
 @dataclass(frozen=True)

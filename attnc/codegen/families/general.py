@@ -140,7 +140,9 @@ def _block(outputs, names, like="s") -> list[str]:
     return lines
 
 
-def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
+def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> GeneralBody:
+    """The body printed for query-major tiles whose indices `tile` spells (and rows as `row` spells
+    them): the forward's, or split-KV decoding's rows with their own heads and positions."""
     try:
         grad = rowgrad.plan_gradients(v, rows)
     except rowgrad.UnsupportedGradient as err:
@@ -168,7 +170,7 @@ def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
         + [grad.probs] + [e for _, e in dscore_terms] + [r.term for r in grad.reductions]
     row_exprs = [c for _, c in acc_terms] + [a.value for a in grad.adjoints] \
         + ([rows.visible] if closed_vis is not None else [])
-    row_names_, row_loads = tensor_loads(row_exprs, ROW, "r_")
+    row_names_, row_loads = tensor_loads(row_exprs, row, "r_")
 
     def tile_names(where: dict, row: str) -> tuple[dict, list, list]:
         """Names of a tile oriented as `where` says (row values broadcast by `row`), and its loads."""
@@ -182,9 +184,9 @@ def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
         always, mask_only = split_loads(load_names, loads, v.mask, tile_exprs[1:])
         return names, always, mask_only
 
-    tnames, always, mask_only = tile_names(TILE, "[:, None]")  # forward, dQ, row reductions
+    tnames, always, mask_only = tile_names(tile, "[:, None]")  # forward, dQ, row reductions
     tnames_t, always_t, mask_only_t = tile_names(TILE_T, "[None, :]")  # dK/dV: key-major tiles
-    rnames = {**base_names(v, ROW), **row_names_}
+    rnames = {**base_names(v, row), **row_names_}
     for st in stats:
         rnames[st.symbol] = "vis" if st.stat == ir.visible else str(st.symbol)
     for adj in grad.adjoints:
@@ -231,7 +233,7 @@ def build(v: ir.Variant, rows: RowPlan) -> GeneralBody:
                      for i, a in enumerate(grad.adjoints)]
     return GeneralBody(
         loads=tuple(always),
-        mask=tile_mask(v, tnames, mask_only),
+        mask=tile_mask(v, tnames, mask_only, tile),
         row_loads=tuple(row_loads),
         vis_closed=None if closed_vis is None else guarded_triton_code(rows.visible, rnames),
         passes=tuple(passes),

@@ -19,12 +19,11 @@ from ..skeleton import (
     TILE_T,
     BuildError,
     Load,
-    TileMask,
+    TileCode,
     base_names,
-    split_loads,
     tensor_loads,
-    tile_mask,
 )
+from ..skeleton import tile_code as skeleton_tile_code
 
 
 @dataclass(frozen=True)
@@ -35,16 +34,6 @@ class Grad:
     var: str  # the kernel's per-row accumulator, d_<name>
     dscore: str
     dsink: str | None
-
-
-@dataclass(frozen=True)
-class TileCode:
-    """A tile's logits, their derivative, loads and mask, printed for one tile orientation."""
-
-    score: str  # the logits (natural units)
-    dscore: str  # d logits / d s
-    loads: tuple[Load, ...]  # tensor inputs the logits and their derivatives read (every tile)
-    mask: TileMask  # the mask, with the loads only PARTIAL tiles need
 
 
 @dataclass(frozen=True)
@@ -71,12 +60,7 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
     every_tile = [logits, dscore] + [g.dscore for g in grads]
 
     def tile_code(where: dict) -> tuple[TileCode, dict]:
-        load_names, loads = tensor_loads([variant.mask] + every_tile, where, "t_")
-        names = {**base_names(variant, where), **load_names}
-        always, mask_only = split_loads(load_names, loads, variant.mask, every_tile)
-        code = TileCode(triton_code(logits, names), triton_code(dscore, names), tuple(always),
-                        tile_mask(variant, names, mask_only, where))
-        return code, names
+        return skeleton_tile_code(variant, logits, dscore, every_tile, where)
 
     tile, names = tile_code(TILE)
     row_exprs = [form.sink] + [g.dsink for g in grads] if form.sink is not None else []

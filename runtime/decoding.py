@@ -1,0 +1,251 @@
+"""Host side of decoding against a KV cache and of ragged (varlen) calls, shared by generated modules:
+argument checks (every mistake a ValueError naming the argument), head grouping, cache gathering for
+the eager path, and varlen as per-sequence calls. docs/decoding.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+
+from . import checks
+from .checks import FLOAT_DTYPES, Signature, _fail, _shape, same_device
+
+
+@dataclass(frozen=True)
+class DecodeShapes:
+    B: int
+    Hq: int
+    Hk: int
+    Hv: int
+    Lnew: int
+    Dqk: int
+    Dv: int
+    capacity: int  # keys a sequence can hold: Lmax, or max_pages * page_size
+    page_size: int  # the page size (Lmax for a contiguous cache)
+    paged: bool
+
+
+def check_decode(sig: Signature, q, k_cache, v_cache, cache_seqlens, block_table) -> DecodeShapes:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            _fail(sig, name, f"expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            _fail(sig, name, f"expected a 4-D tensor, got shape {_shape(t)}")
+        if t.dtype not in FLOAT_DTYPES:
+            _fail(sig, name, f"expected float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != q.dtype:
+            _fail(sig, name, f"dtype {t.dtype} differs from q's {q.dtype}; q and the caches must share a dtype")
+        if not same_device(t.device, q.device):
+            _fail(sig, name, f"is on {t.device} but q is on {q.device}")
+        if 0 in t.shape:
+            _fail(sig, name, f"has an empty dimension: shape {_shape(t)}")
+    B, Hq, Lnew, Dqk = q.shape
+    n0, Hk, P, Dk = k_cache.shape
+    v0, Hv, Pv, Dv = v_cache.shape
+    paged = block_table is not None
+    what = "num_pages" if paged else "B"
+    if v0 != n0:
+        _fail(sig, "v_cache", f"first dimension ({what}) {v0} differs from k_cache's {n0}")
+    if Dk != Dqk:
+        _fail(sig, "k_cache", f"head dim {Dk} differs from q's {Dqk}")
+    if Pv != P:
+        _fail(sig, "v_cache", f"{'page size' if paged else 'length'} {Pv} differs from k_cache's {P}")
+    counts = {"q": Hq, "k": Hk, "v": Hv}
+    arg = {"q": "q", "k": "k_cache", "v": "v_cache"}
+    named: dict = {}
+    for role, want in sig.heads.items():
+        got = counts[role]
+        if isinstance(want, int) and got != want:
+            _fail(sig, arg[role], f"the spec fixes {want} {role} heads, got {got}")
+        if isinstance(want, str):
+            if want in named and named[want][1] != got:
+                _fail(sig, arg[role], f"the spec names both {named[want][0]} and {role} heads '{want}', so they "
+                      f"must be equal; got {named[want][1]} and {got}")
+            named.setdefault(want, (role, got))
+    if not isinstance(cache_seqlens, torch.Tensor):
+        _fail(sig, "cache_seqlens", f"expected a torch.Tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        _fail(sig, "cache_seqlens", f"expected dtype int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (B,):
+        _fail(sig, "cache_seqlens", f"expected shape [B] = [{B}], got {_shape(cache_seqlens)}")
+    if not same_device(cache_seqlens.device, q.device):
+        _fail(sig, "cache_seqlens", f"is on {cache_seqlens.device} but q is on {q.device}")
+    if paged:
+        if not isinstance(block_table, torch.Tensor):
+            _fail(sig, "block_table", f"expected a torch.Tensor or None, got {type(block_table).__name__}")
+        if block_table.dtype != torch.int32:
+            _fail(sig, "block_table", f"expected dtype int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != B or block_table.shape[1] == 0:
+            _fail(sig, "block_table", f"expected shape [B, max_pages] with B = {B}, got {_shape(block_table)}")
+        if not same_device(block_table.device, q.device):
+            _fail(sig, "block_table", f"is on {block_table.device} but q is on {q.device}")
+        if P % 16:
+            _fail(sig, "k_cache", f"page size {P} (k_cache.shape[2]) is not a multiple of 16")
+        capacity = block_table.shape[1] * P
+    else:
+        if n0 != B:
+            _fail(sig, "k_cache", f"batch size {n0} differs from q's {B} (a contiguous cache is [B, Hk, Lmax, Dqk]; "
+                  "pass block_table for a paged one)")
+        capacity = P
+    lengths = cache_seqlens.cpu().long()
+    for b, length in enumerate(lengths.tolist()):
+        if length > capacity:
+            _fail(sig, "cache_seqlens", f"cache_seqlens[{b}] = {length} exceeds the cache's capacity {capacity}")
+        if length < Lnew:
+            _fail(sig, "cache_seqlens", f"cache_seqlens[{b}] = {length} is less than Lnew = {Lnew} (q.shape[2]): "
+                  "the cache must already hold the new queries' keys")
+    if paged:
+        table = block_table.cpu().long()
+        used = torch.arange(table.shape[1])[None, :] < (lengths[:, None] + P - 1) // P  # pages a sequence reads
+        bad = used & ((table < 0) | (table >= n0))
+        if bad.any():
+            b, j = (int(x) for x in bad.nonzero()[0])
+            _fail(sig, "block_table", f"block_table[{b}, {j}] = {int(table[b, j])} is out of range: k_cache has "
+                  f"{n0} pages")
+    return DecodeShapes(B, Hq, Hk, Hv, Lnew, Dqk, Dv, capacity, P, paged)
+
+
+def length_groups(sig: Signature, shapes: DecodeShapes, cache_seqlens, inputs: dict, defaults) -> list:
+    """Scalar defaults may depend on the length (Lq = Lk = cache_seqlens[b] in decoding): the
+    sequences grouped by the defaults they get, [(batch indices, defaults)], one group when none differ."""
+    s = shapes
+    groups: dict = {}
+    for b, n in enumerate(cache_seqlens.cpu().tolist()):
+        values = defaults(n, n, s.B, s.Hq, s.Hk, s.Hv)
+        key = tuple((name, value) for name, value in values.items() if name not in inputs)
+        groups.setdefault(key, ([], values))[0].append(b)
+    return list(groups.values())
+
+
+def decode_by_groups(sig: Signature, fn, groups, q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse,
+                     inputs):
+    """One `fn` (decode) call per group of sequences with the same length-dependent defaults, given
+    explicitly; the results land in their batch rows."""
+    o = lse = None
+    for batch, values in groups:
+        idx = torch.tensor(batch, device=q.device)
+        sub = {name: value for name, value in values.items() if name not in inputs}
+        for name, x in inputs.items():
+            spec = next((t for t in sig.tensors if t.name == name), None)
+            if spec is not None and "B" in spec.axes and isinstance(x, torch.Tensor):
+                x = x.index_select(spec.axes.index("B"), idx.to(x.device))
+            sub[name] = x
+        paged = block_table is not None
+        out = fn(q[idx], k_cache if paged else k_cache[idx], v_cache if paged else v_cache[idx], cache_seqlens[idx],
+                 block_table=block_table[idx] if paged else None, scale=scale, return_lse=return_lse, **sub)
+        part, part_lse = out if return_lse else (out, None)
+        if o is None:
+            o = part.new_empty((q.shape[0], *part.shape[1:]))
+            lse = None if part_lse is None else part_lse.new_empty((q.shape[0], *part_lse.shape[1:]))
+        o[idx] = part
+        if lse is not None:
+            lse[idx] = part_lse
+    return (o, lse) if return_lse else o
+
+
+def check_decode_inputs(sig: Signature, shapes: DecodeShapes, q, k_cache, v_cache, inputs: dict, defaults: dict) -> dict:
+    """The spec's inputs for decoding: inputs indexed by query or key position span the capacity.
+    Decode is forward only: no argument may require grad."""
+    s = shapes
+    base = checks.Shapes(s.B, s.Hq, s.Hk, s.Hv, s.capacity, s.capacity, s.Dqk, s.Dv)
+    values = checks.check_inputs(sig, base, q.device, inputs, defaults)
+    if torch.is_grad_enabled():
+        tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] + [(t.name, values[t.name]) for t in sig.tensors]
+        for name, t in tensors:
+            if t.requires_grad:
+                _fail(sig, name, "requires grad, but decode is forward only: call it under torch.no_grad() or "
+                      "pass detached tensors")
+    return values
+
+
+def group_size(Hq: int, Hk: int, Hv: int) -> int:
+    """Query heads per decode program: the largest run of consecutive query heads that read one key
+    head and one value head (h reads key head h*Hk//Hq and value head h*Hv//Hq); 1 if runs are uneven."""
+    for g in range(Hq // max(Hk, Hv, 1), 0, -1):
+        if Hq % g:
+            continue
+        if all((h * Hk // Hq, h * Hv // Hq) == ((h // g * g) * Hk // Hq, (h // g * g) * Hv // Hq) for h in range(Hq)):
+            return g
+    return 1
+
+
+def gather_cache(cache, b: int, length: int, block_table):
+    """The first `length` keys (or values) of sequence b as [1, H, length, D]."""
+    if block_table is None:
+        return cache[b:b + 1, :, :length]
+    page = cache.shape[2]
+    pages = block_table[b, :(length + page - 1) // page].long()
+    seq = cache[pages].permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])
+    return seq[None, :, :length]
+
+
+def sequence_inputs(sig: Signature, values: dict, b: int, length: int) -> dict:
+    """The spec's inputs of one sequence: batch entry b, positions [0, length)."""
+    out = dict(values)
+    for t in sig.tensors:
+        x = values[t.name]
+        index = tuple(slice(b, b + 1) if a == "B" else slice(0, length) if a in ("Lq", "Lk", "L") else slice(None)
+                      for a in t.axes)
+        out[t.name] = x[index]
+    return out
+
+
+# ---- varlen: ragged batches on packed [total_tokens, H, D] tensors ----
+def _check_cu(sig: Signature, name: str, cu, total: int, device, max_len, max_name: str) -> list[int]:
+    if not isinstance(cu, torch.Tensor):
+        _fail(sig, name, f"expected a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        _fail(sig, name, f"expected dtype int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        _fail(sig, name, f"expected a 1-D tensor [num_sequences + 1], got shape {_shape(cu)}")
+    if not same_device(cu.device, device):
+        _fail(sig, name, f"is on {cu.device} but q is on {device}")
+    offsets = cu.cpu().tolist()
+    if offsets[0] != 0 or any(a > b for a, b in pairwise(offsets)):
+        _fail(sig, name, f"must start at 0 and never decrease, got {offsets}")
+    if offsets[-1] != total:
+        _fail(sig, name, f"ends at {offsets[-1]} but the packed tensor holds {total} tokens")
+    longest = max(b - a for a, b in pairwise(offsets))
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < longest:
+        _fail(sig, max_name, f"expected an int >= the longest sequence ({longest}), got {max_len!r}")
+    return offsets
+
+
+def varlen(sig: Signature, fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, inputs):
+    """Sequence i is q[cu_q[i]:cu_q[i+1]] against k, v[cu_k[i]:cu_k[i+1]], positions from 0: one call of
+    `fn` per sequence on [1, H, L, D] views (differentiable; its kernels run per sequence)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            _fail(sig, name, f"expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            _fail(sig, name, f"expected a packed 3-D tensor [total_tokens, H, D], got shape {_shape(t)}")
+    if k.shape[0] != v.shape[0]:
+        _fail(sig, "v", f"holds {v.shape[0]} tokens but k holds {k.shape[0]}")
+    cq = _check_cu(sig, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
+    ck = _check_cu(sig, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k")
+    if len(cq) != len(ck):
+        _fail(sig, "cu_seqlens_k", f"describes {len(ck) - 1} sequences but cu_seqlens_q {len(cq) - 1}")
+    outs = []
+    for i in range(len(cq) - 1):
+        lq, lk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        if lq == 0:
+            continue
+        if lk == 0:  # a sequence without keys: every row sees nothing and outputs 0
+            outs.append(q.new_zeros((lq, q.shape[1], v.shape[2])))
+            continue
+        seq_inputs = {}
+        for name, x in inputs.items():
+            spec = next((t for t in sig.tensors if t.name == name), None)
+            if spec is not None and isinstance(x, torch.Tensor):
+                index = tuple(slice(i, i + 1) if a == "B" else slice(0, lq) if a in ("Lq", "L") else
+                              slice(0, lk) if a == "Lk" else slice(None) for a in spec.axes)
+                x = x[index]
+            seq_inputs[name] = x
+        o = fn(q[cq[i]:cq[i + 1]].transpose(0, 1)[None], k[ck[i]:ck[i + 1]].transpose(0, 1)[None],
+               v[ck[i]:ck[i + 1]].transpose(0, 1)[None], scale=scale, **seq_inputs)
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return q.new_zeros((0, q.shape[1], v.shape[2]))
+    return torch.cat(outs)

@@ -1,0 +1,259 @@
+"""Compile for the GPU without one: every example's kernels for sm_90 and sm_80, through Triton's real
+compiler and its bundled ptxas (`attnc.inspect`). The interpreter forgives what the compiler does not
+(plain Python called from a kernel, say); this catches it on a CPU-only machine.
+
+Compiles run in child processes with TRITON_INTERPRET unset (this session forces the interpreter),
+two at a time. One config per kernel: its first autotune config with >= 2 stages, or its first.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from attnc.runtime.checks import Signature, TensorSpec
+
+from attnc import inspect
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))
+FIXTURE = Path(__file__).resolve().parent / "inspect_fixture.py"
+WORKERS = 2  # child processes at a time (each compiles serially)
+BATCHES = 4  # specs are split into this many child processes: few imports of torch, balanced load
+
+
+def _unsupported() -> str | None:
+    try:
+        inspect.check_supported()
+    except inspect.UnsupportedTriton as err:
+        return str(err)
+    return None
+
+
+needs_internals = pytest.mark.skipif(_unsupported() is not None, reason=_unsupported() or "")
+
+
+# ---- counting, on hand-written PTX and cuobjdump output ----------------------------------------------------
+
+FAKE_PTX = """\
+// cp.async.cg.shared.global in a comment does not count; nor does wgmma.mma_async here
+.visible .entry _fwd(
+{
+	cp.async.cg.shared.global [ %r1 + 0 ], [ %rd1 + 0 ], 0x10, %r2;
+	cp.async.ca.shared.global [ %r3 + 0 ], [ %rd2 + 0 ], 0x4, %r4;
+	@%p1 cp.async.cg.shared.global [ %r5 + 0 ], [ %rd3 + 0 ], 0x10, %r6;
+	cp.async.commit_group;
+	cp.async.wait_group 1;
+	cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r7], [%rd4, {%r8, %r9}], [%r10];
+	cp.async.bulk.commit_group;
+	cp.async.bulk.wait_group.read 0;
+	wgmma.fence.sync.aligned;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1, %f2}, %rd5, %rd6, p, 1, 1, 0, 1;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1, %f2}, %rd7, %rd8, p, 1, 1, 0, 1;
+	wgmma.commit_group.sync.aligned;
+	wgmma.wait_group.sync.aligned 0;
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f3, %f4, %f5, %f6}, {%r11, %r12}, {%r13}, {%f3, %f4, %f5, %f6};
+	ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r14, %r15, %r16, %r17}, [%r18];
+}
+"""
+
+
+def test_count_ptx_counts_instructions_not_bookkeeping_or_comments():
+    assert inspect.count_ptx(FAKE_PTX) == {"wgmma": 2, "mma": 1, "cp_async": 3, "tma": 1}
+
+
+def test_count_ptx_of_plain_code_is_zero():
+    assert inspect.count_ptx("ld.global.b32 %r1, [%rd1];\nst.global.b32 [%rd2], %r1;\nret;\n") == {
+        "wgmma": 0, "mma": 0, "cp_async": 0, "tma": 0}
+
+
+def test_parse_resource_usage():
+    text = ("\nResource usage:\n Common:\n  GLOBAL:0\n Function _bwd_dkdv:\n  REG:255 STACK:1784 SHARED:0 "
+            "LOCAL:0 CONSTANT[0]:552 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+    assert inspect.parse_resource_usage(text) == {"registers": 255, "spill_bytes": 1784}
+    assert inspect.parse_resource_usage("no resource lines") == {"registers": None, "spill_bytes": None}
+
+
+def test_format_table_aligns_and_spells_out_errors():
+    rows = [inspect.KernelReport("_fwd", 90, 128, 64, 8, 3, 168, 0, 49152, 24, 12, 0),
+            inspect.KernelReport("_bwd", 80, 64, 32, 4, 2, error="CompilationError: at 3:4 | boom")]
+    lines = inspect.format_table(rows).splitlines()
+    assert lines[0].split() == ["kernel", "target", "tile", "warps", "stages", "regs", "spill", "B", "smem", "KB",
+                                "tensor-core", "cp.async", "TMA"]
+    assert lines[1].split() == ["_fwd", "sm_90", "128x64", "8", "3", "168", "0", "48", "24", "12", "0"]
+    assert lines[2].split() == ["_bwd", "sm_80", "64x32", "4", "2", "COMPILE", "ERROR"]
+    assert lines[3] == "_bwd 64x32 w4 s2 sm_80: CompilationError: at 3:4 | boom"
+    assert len(lines[0]) == len(lines[1])  # right-aligned numbers end in the same column
+    assert inspect.summary(rows) == ("1/2 kernel configs compile; asynchronous (pipelined) loads in 1/2 kernels "
+                                     "(none in: _bwd)")
+
+
+# ---- inputs made from a signature --------------------------------------------------------------------------
+
+SIG = Signature(spec="s", params=(("window", "int"),),
+                tensors=(TensorSpec("doc_ids", "int", ("B", "L"), False), TensorSpec("band", "int", ("Hq",), False),
+                         TensorSpec("slopes", "float", ("Hq",), True)),
+                heads={"q": "Hq", "k": "Hq", "v": "Hq"}, equal_lengths=True)
+SIZES = {"B": 2, "Hq": 4, "Hk": 4, "Hv": 4, "Lq": 1024, "Lk": 1024, "L": 1024}
+
+
+def test_made_up_inputs_have_the_shapes_and_ranges_a_spec_expects():
+    made = inspect.make_inputs(SIG, SIZES, {})
+    assert set(made) == {"doc_ids", "band", "slopes"}  # the param keeps its default
+    doc = made["doc_ids"]
+    assert doc.shape == (2, 1024) and not doc.is_floating_point()
+    assert bool((doc[:, 1:] >= doc[:, :-1]).all())  # sorted: contiguous documents
+    assert doc.unique().numel() > 1
+    band = made["band"]
+    assert band.shape == (4,) and not band.is_floating_point() and 1 <= int(band.min()) and int(band.max()) <= 256
+    assert made["slopes"].shape == (4,) and float(made["slopes"].detach().min()) > 0 and made["slopes"].requires_grad
+
+
+def test_given_inputs_override_fill_and_reshape():
+    made = inspect.make_inputs(SIG, SIZES, {"window": 7, "band": 64, "slopes": [1.0, 2.0, 3.0, 4.0]})
+    assert made["window"] == 7
+    assert made["band"].tolist() == [64, 64, 64, 64]
+    assert made["slopes"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(inspect.InspectError, match="no input 'windw'"):
+        inspect.make_inputs(SIG, SIZES, {"windw": 3})
+    with pytest.raises(inspect.InspectError, match="band: expected one value or 4"):
+        inspect.make_inputs(SIG, SIZES, {"band": [1, 2, 3]})
+
+
+def test_request_for_maps_every_option():
+    request = inspect.request_for("x.attn", target=["sm90", 80], dtype="fp16", head_dim=64, L=256, configs=3,
+                                  min_stages=2, inputs={"band": 3}, spread=True)
+    assert request == inspect.Request(module="x.attn", targets=(90, 80), dtype="fp16", head_dim=64, L=256,
+                                      configs=3, min_stages=2, spread=True, inputs={"band": 3})
+    with pytest.raises(inspect.InspectError, match="dtype 'fp8'"):
+        inspect.request_for("x.attn", dtype="fp8")
+
+
+def test_changed_triton_internals_are_named_with_the_version(monkeypatch):
+    import triton
+    from triton.runtime import jit
+
+    monkeypatch.setattr(jit, "create_function_from_signature", lambda sig, kparams: None)  # an older binder
+    with pytest.raises(inspect.UnsupportedTriton) as err:
+        inspect.check_supported()
+    assert f"Triton {triton.__version__} has no create_function_from_signature(sig, kparams, backend)" in str(err.value)
+
+
+# ---- a hand-written module: the compiled facts are known without attnc's templates ---------------------------
+
+
+@needs_internals
+def test_a_pipelined_loop_shows_cp_async_and_tensor_cores(monkeypatch):
+    monkeypatch.delenv("FIXTURE_BROKEN", raising=False)
+    rows = inspect.inspect_module(FIXTURE, target=[80, 90], L=256, head_dim=64)
+    by = {(r.target, r.num_stages): r for r in rows}
+    assert sorted(by) == [(80, 1), (80, 3), (90, 1), (90, 3)] and {r.kernel for r in rows} == {"_stream"}
+    for target in (80, 90):
+        assert by[target, 3].cp_async > 0, "3 stages: the loop's loads are asynchronous copies"
+        assert by[target, 1].cp_async == 0, "1 stage: nothing to overlap"
+        assert by[target, 3].tensor_core > 0 and by[target, 3].registers > 0
+        assert by[target, 3].shared_bytes > by[target, 1].shared_bytes  # the extra stages' buffers
+
+
+@needs_internals
+def test_what_the_interpreter_forgives_is_a_compile_error(monkeypatch):
+    monkeypatch.setenv("FIXTURE_BROKEN", "1")
+    rows = inspect.inspect_module(FIXTURE, target=90, L=256, head_dim=64, configs=1)
+    broken = [r for r in rows if not r.ok]
+    assert [r.kernel for r in broken] == ["_forgiven"]
+    assert "twice" in broken[0].error
+
+
+# ---- every example, sm_90 and sm_80 ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{spec stem: rows or InspectError}, compiled in BATCHES child processes, WORKERS at a time."""
+    requests = [inspect.request_for(path, target=[90, 80], configs=1, min_stages=2) for path in EXAMPLES]
+    batches = [list(range(i, len(requests), BATCHES)) for i in range(BATCHES)]
+    start = time.time()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        answers = list(pool.map(lambda batch: inspect.run_requests([requests[i] for i in batch]), batches))
+    results = {}
+    for batch, answer in zip(batches, answers):
+        for i, result in zip(batch, answer):
+            results[EXAMPLES[i].stem] = result
+    print(f"compiled {len(EXAMPLES)} examples for sm_90 and sm_80 in {time.time() - start:.0f} s")
+    return results
+
+
+@needs_internals
+@pytest.mark.parametrize("spec", [p.stem for p in EXAMPLES])
+def test_example_compiles_for_sm90_and_sm80(compiled, spec):
+    result = compiled[spec]
+    if isinstance(result, inspect.InspectError):
+        pytest.fail(f"{spec}: {result}")
+    errors = [f"{spec}: {r.kernel} ({r.tile} w{r.num_warps} s{r.num_stages}) on sm_{r.target}: {r.error}"
+              for r in result if not r.ok]
+    assert not errors, "\n".join(errors)
+    kernels = {r.kernel for r in result}
+    assert len(kernels) >= 2, f"{spec}: expected forward and backward kernels, got {sorted(kernels)}"
+    for r in result:
+        assert {(r.kernel, 90), (r.kernel, 80)} <= {(x.kernel, x.target) for x in result}
+        assert r.registers and r.registers > 0, f"{spec}: {r}"
+    for target in (90, 80):  # the dots of q.k and p.v run on tensor cores (a row-reduction kernel may have none)
+        assert any(r.tensor_core > 0 for r in result if r.target == target), f"{spec}: no tensor cores on sm_{target}"
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+
+
+@needs_internals
+def test_cli_inspect_prints_a_plausible_table():
+    code, out = run_cli("inspect", ROOT / "examples" / "causal.attn", "--configs", "1", "--min-stages", "2")
+    assert code == 0, out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("kernel"))
+    rows = [line.split() for line in lines[header + 1:] if line.split() and line.split()[1] == "sm_90"]
+    assert len(rows) >= 2, out  # a forward and a backward kernel at least
+    for cells in rows:
+        assert re.fullmatch(r"\d+x\d+", cells[2]) and int(cells[4]) >= 2, cells  # the first >= 2-stage config
+        regs, spill, smem, tensor_core, cp_async, tma = cells[5:11]
+        assert 0 < int(regs) <= 255 and int(spill) >= 0 and 0 < float(smem) <= 228, cells
+        assert int(tensor_core) > 0 and int(cp_async) >= 0 and int(tma) >= 0, cells
+    assert re.search(r"^\d+/\d+ kernel configs compile", lines[-1], re.MULTILINE), out
+
+
+def test_cli_inspect_errors_are_one_line(tmp_path):
+    code, out = run_cli("inspect", tmp_path / "missing.attn")
+    assert code == 1 and "missing.attn: error:" in out
+    assert len(set(out.strip().splitlines())) == 1  # one line (run_cli may repeat stderr after the output)
+    bad = tmp_path / "bad.attn"
+    bad.write_text("attention bad\nmask kv <= q and q - kv < windw\n")
+    code, out = run_cli("inspect", bad)
+    assert code == 1 and f"{bad}:2:" in out and "unknown name 'windw'" in out
+    code, out = run_cli("inspect", ROOT / "examples" / "moa.attn", "--input", "bnd=3")
+    assert code == 1 and "no input 'bnd'" in out and "band" in out
+    code, out = run_cli("inspect", ROOT / "examples" / "moa.attn", "--input", "band=x")
+    assert code == 2 and "'--input'" in out
+
+
+def test_recording_restores_what_it_patches():
+    """Recording patches Triton's launch methods and attnc's launch decisions; even when the call inside
+    fails, they are restored (the compile itself runs in a child process, away from this one)."""
+    from attnc.runtime import launch
+    from triton.runtime import jit
+
+    def state():
+        return jit.JITFunction.run, launch.use_kernels, launch.upcast_dots
+
+    before = state()
+    with pytest.raises(ZeroDivisionError), inspect.recording(set()) as launches:
+        assert launch.use_kernels(torch.zeros(1)) is True  # inside, CPU tensors take the kernel path
+        assert jit.JITFunction.run is not before[0]
+        1 / 0  # noqa: B018
+    assert launches == [] and state() == before
