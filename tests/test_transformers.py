@@ -95,11 +95,20 @@ def test_logits_equal_sdpa(kind, impl, padding, backends):
 
 @pytest.mark.parametrize("kind, impl", CASES)
 @pytest.mark.parametrize("padding", ["none", "left"])
-def test_greedy_generation_equals_sdpa(kind, impl, padding):
+def test_greedy_generation_equals_sdpa(kind, impl, padding, backends):
     ours, ref = _pair(kind, impl)
     ids, mask = _batch(padding)
-    with torch.no_grad():
+    attn, decodes = backends[impl].attn, []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        if hasattr(attn, "decode"):  # the decoding steps without padding go through attn.decode
+            decode = attn.decode
+            mp.setattr(attn, "decode", lambda *a, **k: decodes.append(1) or decode(*a, **k))
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if hasattr(attn, "decode") and padding == "none":
+        assert len(decodes) == 7 * 2  # 7 steps after the prefill, 2 layers
+    if hasattr(attn, "decode") and kind == "llama" and padding == "left":
+        assert not decodes  # padding keys stay in the cache: the padded spec runs instead
+    with torch.no_grad():
         want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert got.shape == (3, L + 8)
     assert torch.equal(got, want), (got[:, L:], want[:, L:])
