@@ -408,7 +408,8 @@ def _load_module(path: str):
 
 
 def record_launches(request: Request) -> list[Launch]:
-    """Call the module's function forward and backward once, returning the distinct launches seen."""
+    """Call the module's function forward and backward once, and its decode step where it has one,
+    returning the distinct launches seen."""
     import torch
 
     module = _load_module(request.module)
@@ -431,6 +432,10 @@ def record_launches(request: Request) -> list[Launch]:
             out = fn(q, k, v, **inputs)
             out = out[0] if isinstance(out, tuple) else out
             out.float().sum().backward()
+            if hasattr(fn, "decode"):  # one new query per sequence against the whole cache
+                with torch.no_grad():
+                    seqlens = torch.full((sizes["B"],), L, dtype=torch.int32)
+                    fn.decode(q[:, :, -1:].detach(), k.detach(), v.detach(), seqlens, **inputs)
         except (ValueError, TypeError, RuntimeError) as err:
             done = ", ".join(launch.name for launch in launches) or "none"
             raise InspectError(f"{signature.spec}: the call failed (kernels launched before: {done}): "

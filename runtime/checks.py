@@ -50,21 +50,27 @@ def _shape(t) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
-def check_qkv(sig: Signature, q, k, v) -> Shapes:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_head_tensors(sig: Signature, q, named: dict, layouts: dict, shared: str) -> None:
+    """q and the tensors beside it (k and v, or the caches): 4-D float tensors of q's dtype, on q's
+    device, none empty. `layouts` names each one's dims for the message, `shared` the sharing rule."""
+    for name, t in {"q": q, **named}.items():
         if not isinstance(t, torch.Tensor):
             _fail(sig, name, f"expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            layout = {"q": "[B, Hq, Lq, Dqk]", "k": "[B, Hk, Lk, Dqk]", "v": "[B, Hv, Lk, Dv]"}[name]
-            _fail(sig, name, f"expected a 4-D tensor {layout}, got shape {_shape(t)}")
+            _fail(sig, name, f"expected a 4-D tensor {layouts[name]}, got shape {_shape(t)}")
         if t.dtype not in FLOAT_DTYPES:
             _fail(sig, name, f"expected float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.dtype != q.dtype:
-            _fail(sig, name, f"dtype {t.dtype} differs from q's {q.dtype}; q, k and v must share a dtype")
-        if t.device != q.device:
+            _fail(sig, name, f"dtype {t.dtype} differs from q's {q.dtype}; {shared} must share a dtype")
+        if not same_device(t.device, q.device):
             _fail(sig, name, f"is on {t.device} but q is on {q.device}")
         if 0 in t.shape:
             _fail(sig, name, f"has an empty dimension: shape {_shape(t)}")
+
+
+def check_qkv(sig: Signature, q, k, v) -> Shapes:
+    check_head_tensors(sig, q, {"k": k, "v": v},
+                       {"q": "[B, Hq, Lq, Dqk]", "k": "[B, Hk, Lk, Dqk]", "v": "[B, Hv, Lk, Dv]"}, "q, k and v")
     B, Hq, Lq, Dqk = q.shape
     _, Hk, Lk, Dk = k.shape
     _, Hv, Lv, Dv = v.shape

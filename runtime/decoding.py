@@ -10,7 +10,7 @@ from itertools import pairwise
 import torch
 
 from . import checks
-from .checks import FLOAT_DTYPES, Signature, _fail, _shape, same_device
+from .checks import Signature, _fail, _shape, check_head_tensors, same_device
 
 
 @dataclass(frozen=True)
@@ -28,19 +28,9 @@ class DecodeShapes:
 
 
 def check_decode(sig: Signature, q, k_cache, v_cache, cache_seqlens, block_table) -> DecodeShapes:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            _fail(sig, name, f"expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            _fail(sig, name, f"expected a 4-D tensor, got shape {_shape(t)}")
-        if t.dtype not in FLOAT_DTYPES:
-            _fail(sig, name, f"expected float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.dtype != q.dtype:
-            _fail(sig, name, f"dtype {t.dtype} differs from q's {q.dtype}; q and the caches must share a dtype")
-        if not same_device(t.device, q.device):
-            _fail(sig, name, f"is on {t.device} but q is on {q.device}")
-        if 0 in t.shape:
-            _fail(sig, name, f"has an empty dimension: shape {_shape(t)}")
+    check_head_tensors(sig, q, {"k_cache": k_cache, "v_cache": v_cache},
+                       {"q": "[B, Hq, Lnew, Dqk]", "k_cache": "[B or num_pages, Hk, Lmax or page_size, Dqk]",
+                        "v_cache": "[B or num_pages, Hv, Lmax or page_size, Dv]"}, "q and the caches")
     B, Hq, Lnew, Dqk = q.shape
     n0, Hk, P, Dk = k_cache.shape
     v0, Hv, Pv, Dv = v_cache.shape
