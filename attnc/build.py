@@ -59,7 +59,8 @@ def cache_key(source_text: str) -> str:
     import torch
     import triton
 
-    material = "\0".join([source_text, __version__, compiler_fingerprint(), torch.__version__, triton.__version__])
+    parts = [source_text, __version__, compiler_fingerprint(), torch.__version__, triton.__version__]
+    material = "\0".join(parts)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 
 
@@ -84,7 +85,12 @@ def load(path: str | Path):
     `attn.reference`, `attn.Module` and `attn.signature`.
     """
     name, text = read_spec(path)
-    variant = compile_text(text, name)
+    return load_text(text, name)
+
+
+def load_text(text: str, path: str = "<spec>"):
+    """`load` for a spec given as text (`path` names it in error messages)."""
+    variant = compile_text(text, path)
     key = cache_key(text)
     target = cache_dir() / f"{variant.name}_{key}.py"
     if not target.exists():

@@ -176,7 +176,8 @@ _OPTIONAL_IMPORTS = (
 
 def _imports(body: str) -> str:
     used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    runtime = "checks, decoding, launch, merge" if re.search(r"(?<![\w.])merge\.", body) else "checks, decoding, launch"
+    merges = re.search(r"(?<![\w.])merge\.", body)
+    runtime = "checks, decoding, launch, merge, ops" if merges else "checks, decoding, launch, ops"
     ours = sorted([f"from attnc.runtime import {runtime}\n", "from attnc.runtime import plan as tile_plan\n",
                    "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
     return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"

@@ -1,0 +1,1 @@
+"""Integrations of attnc specs with other libraries: `attnc.integrations.transformers` (Hugging Face)."""

@@ -1,0 +1,243 @@
+"""attnc specs as Hugging Face attention backends: tiny random Llama and Mistral models (2 layers, CPU)
+against the same models on attn_implementation="sdpa".
+
+The CPU runs attnc's eager reference here (TRITON_INTERPRET unset: the interpreter would make a
+generate() loop slow); one test runs the Triton kernels through the interpreter on a single forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from attnc.runtime import launch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+)
+
+import attnc.integrations.transformers as attnc_hf
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+VOCAB, L = 64, 10
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backends():
+    registered = {
+        "attnc_causal": attnc_hf.register("attnc_causal", EXAMPLES / "causal.attn"),
+        "attnc_sliding": attnc_hf.register("attnc_sliding", EXAMPLES / "sliding_window.attn"),
+    }
+    for backend in registered.values():
+        assert backend.padded is not None  # built at register time, under conftest's TRITON_INTERPRET=1
+    return registered
+
+
+@pytest.fixture(autouse=True)
+def _reference_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _config(kind, **extra):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, **extra)  # GQA: 4 query heads, 2 KV heads
+    return LlamaConfig(**common) if kind == "llama" else MistralConfig(sliding_window=4, **common)
+
+
+def _pair(kind, impl):
+    """The same random weights twice: one model on attnc, one on SDPA (built with from_config)."""
+    models = []
+    for attn in (impl, "sdpa"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_config(kind), attn_implementation=attn).eval()
+        assert model.config._attn_implementation == attn
+        models.append(model)
+    return models
+
+
+def _batch(padding):
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, L))
+    mask = torch.ones(3, L, dtype=torch.long)
+    if padding in ("left", "mixed"):
+        mask[0, :3] = 0
+    if padding in ("right", "mixed"):
+        mask[1, 6:] = 0
+    return ids, mask
+
+
+CASES = [("llama", "attnc_causal"), ("mistral", "attnc_sliding")]
+
+
+@pytest.mark.parametrize("kind, impl", CASES)
+@pytest.mark.parametrize("padding", ["none", "left", "right", "mixed"])
+def test_logits_equal_sdpa(kind, impl, padding, backends):
+    ours, ref = _pair(kind, impl)
+    ids, mask = _batch(padding)
+    calls = []
+    backend = backends[impl]
+    original = type(backend).__call__
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(backend), "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        got = ours(ids, attention_mask=mask).logits
+    assert len(calls) == 2  # one call per layer: the backend is what ran
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    keep = mask.bool()  # padding queries' rows are garbage in both (and differ: attnc gives 0, SDPA a mean)
+    torch.testing.assert_close(got[keep], want[keep], **TOL)
+
+
+@pytest.mark.parametrize("kind, impl", CASES)
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_greedy_generation_equals_sdpa(kind, impl, padding, backends):
+    ours, ref = _pair(kind, impl)
+    ids, mask = _batch(padding)
+    attn, decodes = backends[impl].attn, []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        if hasattr(attn, "decode"):  # the decoding steps without padding go through attn.decode
+            decode = attn.decode
+            mp.setattr(attn, "decode", lambda *a, **k: decodes.append(1) or decode(*a, **k))
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if hasattr(attn, "decode") and padding == "none":
+        assert len(decodes) == 7 * 2  # 7 steps after the prefill, 2 layers
+    if hasattr(attn, "decode") and kind == "llama" and padding == "left":
+        assert not decodes  # padding keys stay in the cache: the padded spec runs instead
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert got.shape == (3, L + 8)
+    assert torch.equal(got, want), (got[:, L:], want[:, L:])
+
+
+def test_the_window_is_applied():
+    """The Mistral config's window reaches the spec: without it the logits differ from SDPA's."""
+    ours, ref = _pair("mistral", "attnc_sliding")
+    ids, _ = _batch("none")
+    with torch.no_grad():
+        want = ref(ids).logits
+        ref.config.sliding_window = None  # SDPA without the window: a different answer
+        ref.model.config.sliding_window = None
+        for layer in ref.model.layers:
+            layer.self_attn.config.sliding_window = None
+        assert not torch.allclose(ref(ids).logits, want, atol=1e-3)
+        torch.testing.assert_close(ours(ids).logits, want, **TOL)
+
+
+def test_a_window_the_spec_cannot_take_is_refused():
+    model = AutoModelForCausalLM.from_config(_config("mistral"), attn_implementation="attnc_causal").eval()
+    ids, _ = _batch("none")
+    with pytest.raises(ValueError, match="sliding_window=4, but the spec has no parameter 'window'"):
+        model(ids)
+
+
+def test_gradients_equal_sdpa():
+    ours, ref = _pair("llama", "attnc_causal")
+    ours.train()
+    ref.train()
+    ids, mask = _batch("left")
+    keep = mask.bool()
+    for model in (ours, ref):
+        model(ids, attention_mask=mask).logits[keep].square().mean().backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_from_pretrained(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(_config("llama")).save_pretrained(tmp_path)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="attnc_causal").eval()
+    ref = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert ours.config._attn_implementation == "attnc_causal"
+    ids, mask = _batch("mixed")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],
+                                   ref(ids, attention_mask=mask).logits[mask.bool()], **TOL)
+
+
+def test_decode_goes_through_attn_decode_when_present(backends):
+    """A module with `decode` gets the decoding step (issue 11's API: q at the last Lq of cache_seqlens
+    positions); here a stand-in decode built from the reference checks the call and its arguments."""
+    backend = backends["attnc_causal"]
+    seen = []
+
+    def decode(q, k_cache, v_cache, cache_seqlens, block_table=None, scale=None, return_lse=False, **inputs):
+        seen.append((q.shape[2], k_cache.shape[2], cache_seqlens.tolist(), block_table))
+        Lk = int(cache_seqlens[0])
+        return attnc_hf.decode_by_forward(backend.attn.reference, q, k_cache[:, :, :Lk], v_cache[:, :, :Lk],
+                                          scale=scale, **inputs)
+
+    ours, ref = _pair("llama", "attnc_causal")
+    ids, mask = _batch("none")
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(backend.attn, "decode", decode, raising=False)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert seen and all(lq == 1 and lk == cache and lens == [cache] * 3 and bt is None
+                        for lq, lk, lens, bt in seen for cache in [lk])
+
+
+def test_padded_spec_text():
+    text = (EXAMPLES / "sliding_window.attn").read_text()
+    padded = attnc_hf.padded_spec(text)
+    assert "attention sliding_window_padded" in padded
+    assert "input attnc_hf_keep: bool[B, Lk]" in padded
+    assert "mask (kv <= q and q - kv < window) and attnc_hf_keep[b, kv]" in padded
+    full = attnc_hf.padded_spec("attention full\n")
+    assert "mask attnc_hf_keep[b, kv]" in full
+
+
+def test_kernels_through_the_interpreter(monkeypatch):
+    """The Triton kernels (interpreted) in the model: one padded forward of the tiny Llama."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ours, ref = _pair("llama", "attnc_causal")
+    ids, mask = _batch("left")
+    with torch.no_grad(), launch.count_visits() as launches:
+        got = ours(ids, attention_mask=mask).logits
+    assert len(launches) == 2  # one forward kernel launch per layer: the kernels ran
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], **TOL)
+
+
+def test_example_script_runs():
+    """examples/hf_softplus.py checks itself (padding invariance, generation, gradients to the slopes)."""
+    import runpy
+
+    runpy.run_path(str(EXAMPLES / "hf_softplus.py"), run_name="__main__")
+
+
+def test_softcap_reaches_the_spec_and_is_refused_without_it(backends):
+    """Gemma 2's `softcap` kwarg: the softcap spec's `cap` parameter takes it; a spec without one refuses."""
+    capped = attnc_hf.register("attnc_softcap", EXAMPLES / "softcap.attn")
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 6, 8) * 3, torch.randn(2, 2, 6, 8) * 3, torch.randn(2, 2, 6, 8)
+    out, weights = capped(None, q, k, v, None, scaling=0.5, softcap=2.0)
+    assert weights is None
+    want = capped.attn.reference(q, k, v, scale=0.5, cap=2.0).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(out, capped.attn.reference(q, k, v, scale=0.5).transpose(1, 2), atol=1e-3)
+    with pytest.raises(ValueError, match="no 'softcap' or 'cap' parameter"):
+        backends["attnc_causal"](None, q, k, v, None, scaling=0.5, softcap=2.0)
+
+
+def test_compiled_model_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) of the model's forward with a padding mask: no graph break (the
+    attnc custom op is one node; the padded variant is built at register time), logits equal SDPA's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ours, ref = _pair("llama", "attnc_causal")
+    ids, mask = _batch("left")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids, mask: ours(ids, attention_mask=mask).logits, fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad(), launch.count_visits() as launches:
+        got = compiled(ids, mask)
+    assert len(launches) == 2
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], **TOL)
