@@ -44,7 +44,7 @@ _REAL_FUNCS = {
     "tan": sympy.tan,
     "erf": sympy.erf,
 }
-_OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel"}
+_OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel", "dot", "elu"}
 FUNCTIONS = frozenset(_REAL_FUNCS) | _OTHER_FUNCS
 
 # Names a user may not define: the language's own, Python's keywords, and the generated function's
@@ -111,6 +111,8 @@ class Checker:
         self.lowering = None  # the statement being checked
         self.failed: set = set()  # names whose definition had an error
         self.key_learnable: dict = {}  # load of a learnable tensor indexed by kv -> its first subscript's span
+        self.features: list = []  # (name, body of ir.FEATURE_X): `feature phi(x) = ...` (linear attention)
+        self.in_feature = False  # lowering a feature map's body
 
     # ---- reporting ----
     def error(self, message: str, span: Span | None, hint: str | None = None):
@@ -149,6 +151,7 @@ class Checker:
             score=sympy.sympify(score),
             probs=probs,
             probs_written=probs_written,
+            features=tuple(self.features),
         )
 
     def statement(self, stmt):
@@ -348,6 +351,44 @@ class Checker:
         if value.uses_rowstat:
             self.error("the mask cannot depend on row statistics", value.uses_rowstat)
         self.mask = value.expr
+
+    def stmt_feature(self, stmt: ast.Feature):
+        """`feature phi(x) = EXPR`: a map applied to every element of a head vector (docs/linear.md)."""
+        self.check_identifier(stmt.name, stmt.span)
+        if stmt.arg in self.env or stmt.arg in RESERVED:
+            self.error(f"the argument of feature '{stmt.name}' must be a new name, not '{stmt.arg}'", stmt.span,
+                       f"write 'feature {stmt.name}(x) = ...'")
+        self.env[stmt.arg] = _Entry("let", stmt.span, _Value(ir.FEATURE_X, REAL))
+        self.in_feature = True
+        try:
+            value = self.lower(stmt.value)
+        finally:
+            self.in_feature = False
+            del self.env[stmt.arg]
+        if value.type == BOOL:
+            self.error(f"feature '{stmt.name}' must be a number, not a condition", stmt.value.span)
+        extra = sympy.sympify(value.expr).free_symbols - {ir.FEATURE_X}
+        if extra or value.uses_score or value.uses_rowstat or sympy.sympify(value.expr).atoms(AppliedUndef):
+            self.error(f"feature '{stmt.name}' may use only its argument '{stmt.arg}', numbers and consts",
+                       stmt.value.span, "a feature map acts on each element of one head vector")
+        self.define(stmt.name, stmt.span, _Entry("feature", stmt.span, _Value(value.expr, REAL)))
+        self.features.append((stmt.name, value.expr))
+
+    def call_dot(self, node: ast.Call) -> _Value:
+        """`dot(phi(q), phi(k))`: the dot product of the query's and the key's feature vectors."""
+        hint = "write dot(phi(q), phi(k)) with a map declared by 'feature phi(x) = ...'"
+        if len(node.args) != 2 or node.kwargs:
+            self.error(f"dot() takes 2 arguments, got {len(node.args)}", node.span, hint)
+        names = []
+        for arg, role in zip(node.args, ("q", "k")):
+            entry = self.env.get(arg.func) if isinstance(arg, ast.Call) else None
+            if entry is None or entry.kind != "feature" or len(arg.args) != 1 or not (
+                    isinstance(arg.args[0], ast.Name) and arg.args[0].id == role):
+                self.error(f"argument {1 + (role == 'k')} of dot() must be a feature map of '{role}'", arg.span, hint)
+            names.append(arg.func)
+        if names[0] != names[1]:
+            self.error("dot() must apply the same feature map to q and k", node.span, hint)
+        return _Value(ir.feature_dot(names[0]), REAL, node.span, None)
 
     def stmt_score(self, stmt: ast.Score):
         self.once(stmt, "score")
@@ -585,6 +626,19 @@ class Checker:
 
     def expr_call(self, node: ast.Call) -> _Value:
         func = node.func
+        entry = self.env.get(func)
+        if entry is not None and entry.kind == "feature":
+            self.error(f"feature map '{func}' is used inside dot({func}(q), {func}(k))", node.span)
+        if func == "dot":
+            return self.call_dot(node)
+        if func == "elu":
+            if not self.in_feature:
+                self.error("elu() is a feature-map function: use it inside 'feature phi(x) = ...'", node.span)
+            if len(node.args) != 1 or node.kwargs:
+                self.error(f"elu() takes 1 argument, got {len(node.args)}", node.span)
+            x = self.lower(node.args[0])
+            self.need_number(x, node.args[0], "elu()")
+            return _merge(sympy.Piecewise((x.expr, x.expr > 0), (sympy.exp(x.expr) - 1, True)), REAL, x)
         if func not in FUNCTIONS:
             entry = self.env.get(func)
             if entry is not None and entry.kind == "tensor":

@@ -181,6 +181,20 @@ def row_stats(expr) -> set:
     return found
 
 
+# ---- feature maps (linear attention, attnc/analysis/factorize.py) ----
+FEATURE_X = Symbol("_fx", real=True)  # one element of the head vector a feature map acts on
+
+
+def feature_dot(name: str) -> Symbol:
+    """`dot(phi(q), phi(k))` of feature map `name`: a real number per (q, kv), like `s`."""
+    return Symbol(f"_fdot_{name}", real=True)
+
+
+def feature_dot_name(sym) -> str | None:
+    name = getattr(sym, "name", "")
+    return name[len("_fdot_"):] if name.startswith("_fdot_") else None
+
+
 # ---- the variant ----
 @dataclass(frozen=True)
 class Param:
@@ -229,6 +243,7 @@ class Variant:
     score: sympy.Expr  # of s
     probs: sympy.Expr  # of score, row statistics
     probs_written: bool = field(default=False)  # False when probs defaulted to softmax(score)
+    features: tuple = field(default=())  # (name, body of FEATURE_X): `feature phi(x) = ...`
 
     @property
     def learnable(self) -> tuple[TensorInput, ...]:

@@ -155,6 +155,10 @@ def dump(analyses: Analyses) -> str:
     out.append(f"passes     {rows.passes} over the keys")
     if rows.softmax is None:
         out += _backward_lines(variant, rows)
+    if analyses.algorithm is not None:
+        alg = analyses.algorithm
+        out.append(f"algorithm  {alg.name}: {alg.reason}" if alg.name == "chunked" else
+                   f"algorithm  quadratic (not linear attention: {alg.reason})")
     return "\n".join(out) + "\n"
 
 

@@ -66,14 +66,20 @@ class Analyses:
     rows: object  # analysis.rowstats.RowPlan: softmax or general, row statistics, passes
     clauses: tuple  # analysis.bounds.Clause: the mask as key ranges lo(q) <= kv <= hi(q)
     walk: object  # codegen.skeleton.TileWalk: how kernels find their tiles
+    algorithm: object = None  # analysis.factorize.Algorithm: "chunked" (linear attention) or "quadratic"
 
 
 def analyse(variant: ir.Variant) -> Analyses:
     """IR -> the analyses, in order: row statistics, key ranges, then the tile walk they imply."""
-    from .analysis import bounds, rowstats
+    from .analysis import bounds, factorize, rowstats
     from .codegen.skeleton import choose_walk
 
     rows = rowstats.plan_rows(variant)  # 3. row statistics, passes, softmax recognition
     clauses = bounds.key_clauses(variant.mask)  # 4. key ranges of the mask
     walk = choose_walk(variant, clauses)  # 5. tile walk: closed-form band, plan lists, all, or unplanned
-    return Analyses(variant, rows, clauses, walk)
+    algorithm = factorize.factorize(variant)  # 6. linear attention: chunked when the weight factorizes
+    if variant.features and algorithm.name != "chunked":
+        raise SpecError.at(f"this spec uses a feature map but cannot run as linear attention: {algorithm.reason}",
+                           None, "feature maps need a full or causal mask and probs = alpha * W + beta "
+                           "(see docs/linear.md)", path=variant.path, source=variant.source)
+    return Analyses(variant, rows, clauses, walk, algorithm)
