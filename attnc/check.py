@@ -44,7 +44,7 @@ _REAL_FUNCS = {
     "tan": sympy.tan,
     "erf": sympy.erf,
 }
-_OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel", "dot", "elu"}
+_OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel", "dot", "elu", "cat"}
 FUNCTIONS = frozenset(_REAL_FUNCS) | _OTHER_FUNCS
 
 # Names a user may not define: the language's own, Python's keywords, and the generated function's
@@ -287,7 +287,19 @@ class Checker:
         if stmt.learnable and stmt.dtype != "float":
             self.error(f"only float inputs can be learnable ('{stmt.name}' is {stmt.dtype})", stmt.span)
         seen = set()
-        for axis in stmt.axes:
+        axes = stmt.axes
+        if "Dqk" in stmt.axes:  # a feature map's weights (linear attention): [Hq, Dqk, F]
+            const = self.consts.get(stmt.axes[-1])
+            if stmt.dtype != "float" or len(stmt.axes) != 3 or stmt.axes[:2] != ("Hq", "Dqk") or not (
+                    isinstance(const, int) and const >= 1):
+                self.error(f"a feature map's weights are declared '{stmt.name}: float[Hq, Dqk, F]' with F an int "
+                           "const", stmt.span, "e.g. const F = 32 and input W: float[Hq, Dqk, F] learnable")
+            tensor = ir.TensorInput(stmt.name, stmt.dtype, ("Hq", "Dqk", str(const)), stmt.learnable,
+                                    ir.tensor_function(stmt.name, stmt.dtype))
+            self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
+            self.tensors.append(tensor)
+            return
+        for axis in axes:
             if axis not in _AXIS_INDEX:
                 self.error(f"unknown axis '{axis}' in the shape of '{stmt.name}'", stmt.span,
                            "axes are B (batch), Hq (query heads), Lq (queries), Lk (keys), L (queries = keys)")
@@ -367,7 +379,7 @@ class Checker:
             del self.env[stmt.arg]
         if value.type == BOOL:
             self.error(f"feature '{stmt.name}' must be a number, not a condition", stmt.value.span)
-        extra = sympy.sympify(value.expr).free_symbols - {ir.FEATURE_X}
+        extra = {x for x in sympy.sympify(value.expr).free_symbols - {ir.FEATURE_X} if not x.name.startswith("_fw_")}
         if extra or value.uses_score or value.uses_rowstat or sympy.sympify(value.expr).atoms(AppliedUndef):
             self.error(f"feature '{stmt.name}' may use only its argument '{stmt.arg}', numbers and consts",
                        stmt.value.span, "a feature map acts on each element of one head vector")
@@ -509,6 +521,13 @@ class Checker:
                            did_you_mean(node.tensor, tensors) or "declare it with 'input name: float[...]'")
             self.error(f"'{node.tensor}' is not a tensor input and cannot be indexed", node.span)
         tensor = entry.tensor
+        if "Dqk" in tensor.axes:
+            if not self.in_feature:
+                self.error(f"'{tensor.name}' holds a feature map's weights: use it as 'x @ {tensor.name}[h]' inside "
+                           "'feature phi(x) = ...'", node.span)
+            if not (len(node.indices) == 1 and isinstance(node.indices[0], ast.Name) and node.indices[0].id == "h"):
+                self.error(f"a feature map reads '{tensor.name}[h]' (head h's [Dqk, F] matrix)", node.span)
+            return _Value(ir.feature_weight(tensor.name), REAL)
         if len(node.indices) != len(tensor.axes):
             self.error(f"'{tensor.name}' has {len(tensor.axes)} axes [{', '.join(tensor.axes)}] but is indexed "
                        f"with {len(node.indices)}", node.span)
@@ -587,6 +606,16 @@ class Checker:
     def expr_binop(self, node: ast.BinOp) -> _Value:
         left, right = self.lower(node.left), self.lower(node.right)
         op = node.op
+        weights = [x for x in sympy.sympify(left.expr).free_symbols | sympy.sympify(right.expr).free_symbols
+                   if x.name.startswith("_fw_")]
+        if op == "@" or weights:
+            if not self.in_feature:
+                self.error("'@' multiplies a head vector by a feature map's weights, inside 'feature phi(x) = ...'",
+                           node.span)
+            if op != "@" or not (right.expr.is_Symbol and right.expr.name.startswith("_fw_")) or (
+                    sympy.sympify(left.expr).free_symbols & set(weights)):
+                self.error("a feature map's weights are used as 'v @ W[h]' (v a vector of length Dqk)", node.span)
+            return _merge(ir.FMatMul(left.expr, right.expr), REAL, left, right)
         self.need_number(left, node.left, f"'{op}'")
         self.need_number(right, node.right, f"'{op}'")
         both_int = left.type == INT and right.type == INT
@@ -648,6 +677,15 @@ class Checker:
         if func == "unravel":
             self.error("unravel(...) gives several coordinates", node.span,
                        "unpack it: let (y, x) = unravel(q, Y, X)")
+        if func in ("softmax", "cat") and self.in_feature:  # vectors: over the feature axis
+            if node.kwargs or not node.args or (func == "softmax" and len(node.args) != 1):
+                self.error(f"in a feature map, {func}() takes {'1 vector' if func == 'softmax' else 'vectors'}",
+                           node.span)
+            args = [self.lower(a) for a in node.args]
+            fn = ir.FSoftmax if func == "softmax" else ir.FCat
+            return _merge(fn(*[a.expr for a in args]), REAL, *args)
+        if func == "cat":
+            self.error("cat() joins feature vectors: use it inside 'feature phi(x) = ...'", node.span)
         if func == "softmax":
             return self.call_softmax(node)
         if node.kwargs:

@@ -190,6 +190,27 @@ def feature_dot(name: str) -> Symbol:
     return Symbol(f"_fdot_{name}", real=True)
 
 
+def feature_weight(name: str) -> Symbol:
+    """`W[h]` of an input `W: float[Hq, Dqk, F]` inside a feature map: head h's matrix [Dqk, F]."""
+    return Symbol(f"_fw_{name}", real=True)
+
+
+class FMatMul(Function):
+    """`v @ W[h]` in a feature map: the vector v [Dqk] times head h's matrix [Dqk, F]."""
+
+    nargs = 2
+
+
+class FSoftmax(Function):
+    """`softmax(v)` in a feature map: over the feature axis."""
+
+    nargs = 1
+
+
+class FCat(Function):
+    """`cat(a, b, ...)` in a feature map: the vectors one after the other."""
+
+
 def feature_dot_name(sym) -> str | None:
     name = getattr(sym, "name", "")
     return name[len("_fdot_"):] if name.startswith("_fdot_") else None

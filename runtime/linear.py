@@ -100,6 +100,11 @@ def poly_features(x, coeffs, scale, query: bool):
     return torch.cat(parts, dim=-1)
 
 
+def head_matmul(x, w):
+    """x [B, H, L, D] times each head's matrix w [H, D, F] -> [B, H, L, F] (a feature map's linear layer)."""
+    return torch.einsum("bhld,hdf->bhlf", x, w.to(x.dtype))
+
+
 def row_factor(x, like):
     """A row-constant factor (a number, [Lq], [1, H, 1] or [B, H, Lq]) as a multiplier of [B, H, Lq, Dv]."""
     x = torch.as_tensor(x, dtype=like.dtype, device=like.device)

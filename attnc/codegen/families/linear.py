@@ -41,6 +41,32 @@ def _names(v: ir.Variant, expr) -> dict:
     return names
 
 
+_VECTOR = (ir.FMatMul, ir.FSoftmax, ir.FCat)
+
+
+def feature_code(v: ir.Variant, expr) -> str:
+    """Torch code of a feature map's body: `x` is [B, H, L, Dqk]; elementwise functions act on every
+    element, `softmax` and `cat` on the last (feature) axis, `v @ W[h]` multiplies by head h's matrix."""
+    if isinstance(expr, ir.FCat):
+        return "torch.cat([" + ", ".join(feature_code(v, a) for a in expr.args) + "], dim=-1)"
+    if isinstance(expr, ir.FSoftmax):
+        return f"torch.softmax({feature_code(v, expr.args[0])}, dim=-1)"
+    if isinstance(expr, ir.FMatMul):
+        weight = expr.args[1].name[len("_fw_"):]
+        return f"linear.head_matmul({feature_code(v, expr.args[0])}, values[{weight!r}])"
+    dummies = {}
+
+    def strip(e):
+        if isinstance(e, _VECTOR):
+            d = sympy.Symbol(f"_vec{len(dummies)}", real=True)
+            dummies[d] = feature_code(v, e)
+            return d
+        return e.func(*[strip(a) for a in e.args]) if e.args else e
+
+    stripped = strip(sympy.sympify(expr))
+    return torch_code(stripped, {**_names(v, stripped), **dummies})
+
+
 def _code(v, expr) -> str:
     return torch_code(sympy.sympify(expr), _names(v, expr))
 
@@ -60,7 +86,7 @@ def build(v: ir.Variant, fact: Factorization) -> LinearBody:
     return LinearBody(
         causal=fact.causal,
         describe=fact.describe().replace('"', "'"),
-        feature_code=None if fact.feature_body is None else _code(v, fact.feature_body),
+        feature_code=None if fact.feature_body is None else feature_code(v, fact.feature_body),
         poly=fact.poly,
         log_decay=log_decay,
         coef=repr(float(fact.coef)),
