@@ -73,10 +73,11 @@ class Algorithm:
 def _mask_kind(mask) -> str | None:
     if mask is sympy.true:
         return "full"
-    if not (mask.free_symbols <= {ir.q, ir.kv}):
+    if not (mask.free_symbols <= {ir.q, ir.kv}) or mask.atoms(AppliedUndef):
         return None
     for i, j in itertools.product(range(10), repeat=2):
-        if bool(mask.subs({ir.q: i, ir.kv: j})) != (j <= i):
+        value = mask.subs({ir.q: i, ir.kv: j})
+        if value not in (sympy.true, sympy.false) or (value is sympy.true) != (j <= i):
             return None
     return "causal"
 
@@ -110,7 +111,7 @@ def factorize(v: ir.Variant) -> Algorithm:
         return Algorithm("quadratic", "the mask is neither full nor causal (kv <= q), so no running state covers it")
     probs = sympy.sympify(v.probs)
     if probs.atoms(ir.RowMax):
-        return Algorithm("quadratic", "probs uses rowmax (a softmax does not factorize)")
+        return Algorithm("quadratic", "probs uses rowmax: a softmax does not factorize")
     sums = probs.atoms(ir.RowSum)
     if len(sums) > 1:
         return Algorithm("quadratic", "probs uses more than one row sum")
@@ -140,7 +141,7 @@ def factorize(v: ir.Variant) -> Algorithm:
         feature = ir.feature_dot_name(dot)
         body = dict(v.features)[feature]
     else:
-        if core.free_symbols != {ir.s}:
+        if core.free_symbols != {ir.s} or not core.is_polynomial(ir.s):
             return Algorithm("quadratic", "the weight is not a polynomial of s alone (times a decay)")
         p = sympy.Poly(sympy.expand(core), ir.s)
         if p.degree() > 2 or not all(c.is_number for c in p.all_coeffs()):
