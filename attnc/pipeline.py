@@ -71,15 +71,34 @@ class Analyses:
 
 def analyse(variant: ir.Variant) -> Analyses:
     """IR -> the analyses, in order: row statistics, key ranges, then the tile walk they imply."""
-    from .analysis import bounds, factorize, rowstats
+    from .analysis import bounds, rowstats
     from .codegen.skeleton import choose_walk
 
     rows = rowstats.plan_rows(variant)  # 3. row statistics, passes, softmax recognition
     clauses = bounds.key_clauses(variant.mask)  # 4. key ranges of the mask
     walk = choose_walk(variant, clauses)  # 5. tile walk: closed-form band, plan lists, all, or unplanned
-    algorithm = factorize.factorize(variant)  # 6. linear attention: chunked when the weight factorizes
-    if variant.features and algorithm.name != "chunked":
-        raise SpecError.at(f"this spec uses a feature map but cannot run as linear attention: {algorithm.reason}",
-                           None, "feature maps need a full or causal mask and probs = alpha * W + beta "
-                           "(see docs/linear.md)", path=variant.path, source=variant.source)
+    algorithm = choose_algorithm(variant)  # 6. linear attention: chunked when the weight factorizes
     return Analyses(variant, rows, clauses, walk, algorithm)
+
+
+def choose_algorithm(variant: ir.Variant):
+    """"chunked" where the weight factorizes (attnc/analysis/factorize.py), else "quadratic"; a spec with
+    a feature map must factorize (the quadratic kernels cannot evaluate one)."""
+    from .analysis import factorize
+
+    algorithm = factorize.factorize(variant)
+    if variant.features and algorithm.name != "chunked":
+        import re
+
+        from .errors import Span
+
+        keyword = "mask" if "mask" in algorithm.reason else "probs"
+        span = None
+        for n, line in enumerate(variant.source.splitlines(), 1):
+            match = re.match(rf"\s*({keyword})\b", line)
+            if match:
+                span = Span(n, match.start(1) + 1, n, match.end(1) + 1)
+        raise SpecError.at(f"this spec uses a feature map but cannot run as linear attention: {algorithm.reason}",
+                           span, "feature maps need a full or causal mask and probs = alpha * W + beta "
+                           "(see docs/linear.md)", path=variant.path, source=variant.source)
+    return algorithm

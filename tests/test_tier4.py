@@ -187,8 +187,9 @@ def test_softmax_stays_quadratic():
 def test_feature_map_needs_a_factorizable_mask():
     src = ("attention bad\nparam window = 8\nfeature phi(x) = elu(x) + 1\nmask kv <= q and q - kv < window\n"
            "let a = dot(phi(q), phi(k))\nprobs a / rowsum(a)\n")
-    with pytest.raises(SpecError, match="feature map but cannot run as linear attention"):
+    with pytest.raises(SpecError, match="feature map but cannot run as linear attention") as err:
         analyse(compile_text(src, "bad.attn"))
+    assert "bad.attn:4:1: error:" in err.value.render()
 
 
 @pytest.mark.parametrize("src, message", [
