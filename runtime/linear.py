@@ -118,3 +118,135 @@ def expand_heads(x, Hq):
         return x
     idx = torch.arange(Hq, device=x.device) * Hx // Hq
     return x.index_select(1, idx)
+
+
+# ---- the Triton kernel of the causal chunked forward ----------------------------------------------
+# One program per (feature block, value block, batch * head): its slice S[f-block, d-block] of the
+# state stays in registers while it walks the chunks. The intra-chunk weights and the inter-chunk
+# term are partial sums over its feature block; the feature blocks' partial outputs are summed
+# afterwards in a fixed order (deterministic, no atomics). The backward recomputes through the PyTorch
+# form above (autograd), also deterministic.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency; the PyTorch form works without it
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _causal_chunk_fwd(fq, fk, v, log_decay, s0, z0, num_part, den_part, s_out, z_out,
+                          H, L, F, Dv,
+                          HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
+                          BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+        pid_f = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        bh = tl.program_id(2)
+        n_bh = tl.num_programs(2)
+        offs_f = pid_f * BF + tl.arange(0, BF)
+        offs_d = pid_d * BD + tl.arange(0, BD)
+        rel = tl.arange(0, BC)
+        f_ok = offs_f < F
+        d_ok = offs_d < Dv
+        g = tl.load(log_decay + bh % H).to(tl.float32)  # log(decay) <= 0; 0 without a decay
+        if HAS_STATE:
+            S = tl.load(s0 + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :],
+                        mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z0 + bh * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+        else:
+            S = tl.zeros((BF, BD), dtype=tl.float32)
+            z = tl.zeros((BF,), dtype=tl.float32)
+        causal = rel[:, None] >= rel[None, :]
+        dist = tl.where(causal, rel[:, None] - rel[None, :], 0).to(tl.float32)
+        intra_decay = tl.where(causal, tl.exp(g * dist), 0.0)  # chunk-relative: exponents in [0, BC)
+        q_decay = tl.exp(g * (rel + 1).to(tl.float32))
+        for start in range(0, L, BC):
+            offs_t = start + rel
+            t_ok = offs_t < L
+            qc = tl.load(fq + (bh * L + offs_t[:, None]) * F + offs_f[None, :],
+                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+            kc = tl.load(fk + (bh * L + offs_t[:, None]) * F + offs_f[None, :],
+                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+            vc = tl.load(v + (bh * L + offs_t[:, None]) * Dv + offs_d[None, :],
+                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.dot(qc, tl.trans(kc)) * intra_decay
+            qd = qc * q_decay[:, None]
+            num = tl.dot(a, vc) + tl.dot(qd, S)
+            tl.store(num_part + ((pid_f * n_bh + bh) * L + offs_t[:, None]) * Dv + offs_d[None, :], num,
+                     mask=t_ok[:, None] & d_ok[None, :])
+            if NEED_DEN:
+                if pid_d == 0:
+                    den = tl.sum(a, axis=1) + tl.sum(qd * z[None, :], axis=1)
+                    tl.store(den_part + (pid_f * n_bh + bh) * L + offs_t, den, mask=t_ok)
+            c = tl.minimum(L - start, BC)
+            k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
+            kd = kc * k_decay[:, None]
+            carry = tl.exp(g * c.to(tl.float32))
+            S = carry * S + tl.dot(tl.trans(kd), vc)
+            z = carry * z + tl.sum(kd, axis=0)
+        tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
+        if pid_d == 0:
+            tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
+
+
+def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk):
+    B, H, L, F = fq.shape
+    Dv = v.shape[-1]
+    BF = min(64, max(16, triton.next_power_of_2(F)))
+    BD = min(64, max(16, triton.next_power_of_2(Dv)))
+    NF = triton.cdiv(F, BF)
+    f32 = dict(dtype=torch.float32, device=fq.device)
+    fq, fk, v = fq.float().contiguous(), fk.float().contiguous(), v.float().contiguous()
+    num_part = torch.empty(NF, B * H, L, Dv, **f32)
+    den_part = torch.empty(NF, B * H, L, **f32) if need_den else num_part
+    S = torch.empty(B * H, F, Dv, **f32)
+    z = torch.empty(B * H, F, **f32)
+    g = torch.zeros(H, **f32) if log_decay is None else log_decay.detach().float().expand(H).contiguous()
+    has_state = S0 is not None
+    s0 = S0.detach().float().contiguous() if has_state else S
+    zz0 = z0.detach().float().contiguous() if has_state else z
+    grid = (NF, triton.cdiv(Dv, BD), B * H)
+    _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, H, L, F, Dv,
+                            HAS_STATE=has_state, NEED_DEN=need_den, BC=max(16, chunk), BF=BF, BD=BD)
+    num = num_part.sum(0).view(B, H, L, Dv)
+    den = den_part.sum(0).view(B, H, L) if need_den else None
+    return num, den, S.view(B, H, F, Dv), z.view(B, H, F)
+
+
+class _CausalChunked(torch.autograd.Function):
+    """Forward: the Triton kernel; backward: autograd through the PyTorch form (recomputed)."""
+
+    @staticmethod
+    def forward(ctx, fq, fk, v, log_decay, S0, z0, need_den, chunk):
+        ctx.save_for_backward(fq, fk, v, log_decay, S0, z0)
+        ctx.need_den, ctx.chunk = need_den, chunk
+        num, den, S, z = _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk)
+        if den is None:
+            den = num.new_zeros(0)
+        return num, den, S, z
+
+    @staticmethod
+    def backward(ctx, d_num, d_den, d_S, d_z):
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [None if x is None else x.detach().float().requires_grad_(x.requires_grad) for x in saved]
+            fq, fk, v, log_decay, S0, z0 = leaves
+            state = None if S0 is None else (S0, z0)
+            num, den, (S, z) = causal_chunked(fq, fk, v, log_decay, state, ctx.need_den, ctx.chunk)
+            outs, grads = [num, S, z], [d_num, d_S, d_z]
+            if ctx.need_den:
+                outs.append(den)
+                grads.append(d_den)
+            wrt = [x for x in leaves if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True)) if wrt else iter(())
+        result = [next(got) if (x is not None and x.requires_grad) else None for x in leaves]
+        result = [None if r is None else r.to(x.dtype) for r, x in zip(result, saved)]
+        return (*result, None, None)
+
+
+def causal_chunked_kernel(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
+    """As causal_chunked, with the forward in Triton (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    S0, z0 = (None, None) if state is None else state
+    num, den, S, z = _CausalChunked.apply(fq, fk, v, log_decay, S0, z0, need_den, chunk)
+    dtype = fq.dtype
+    return num.to(dtype), (den.to(dtype) if need_den else None), (S, z)

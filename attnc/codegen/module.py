@@ -190,7 +190,7 @@ def generate_module(variant: ir.Variant) -> str:
         source = _environment().get_template("linear.py.j2").render(**_linear_context(a))
         uses_r = re.search(r"(?<![\w.])R\.", source) is not None
         imports = ("import math\n\n" if re.search(r"(?<![\w.])math\.", source) else "") + "import torch\n" + (
-            "from attnc.runtime import checks, linear\nfrom attnc.runtime import plan as tile_plan\n" + ("from attnc.runtime import ref_helpers as R\n" if uses_r else ""))
+            ("from attnc.runtime import checks, launch, linear\n" if "launch." in source else "from attnc.runtime import checks, linear\n") + "from attnc.runtime import plan as tile_plan\n" + ("from attnc.runtime import ref_helpers as R\n" if uses_r else ""))
         source = wrap_long_lines(source.replace("#@IMPORTS@#\n", imports))
         compile(source, f"<attnc:{variant.name}>", "exec")
         return source
