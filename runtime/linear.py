@@ -174,10 +174,9 @@ if triton is not None:
             num = tl.dot(a, vc) + tl.dot(qd, S)
             tl.store(num_part + ((pid_f * n_bh + bh) * L + offs_t[:, None]) * Dv + offs_d[None, :], num,
                      mask=t_ok[:, None] & d_ok[None, :])
-            if NEED_DEN:
-                if pid_d == 0:
-                    den = tl.sum(a, axis=1) + tl.sum(qd * z[None, :], axis=1)
-                    tl.store(den_part + (pid_f * n_bh + bh) * L + offs_t, den, mask=t_ok)
+            if NEED_DEN:  # one value block writes the row sums
+                den = tl.sum(a, axis=1) + tl.sum(qd * z[None, :], axis=1)
+                tl.store(den_part + (pid_f * n_bh + bh) * L + offs_t, den, mask=t_ok & ((rel * 0 + pid_d) == 0))
             c = tl.minimum(L - start, BC)
             k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
             kd = kc * k_decay[:, None]
@@ -195,7 +194,7 @@ def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk):
     BF = min(64, max(16, triton.next_power_of_2(F)))
     BD = min(64, max(16, triton.next_power_of_2(Dv)))
     NF = triton.cdiv(F, BF)
-    f32 = dict(dtype=torch.float32, device=fq.device)
+    f32 = {"dtype": torch.float32, "device": fq.device}
     fq, fk, v = fq.float().contiguous(), fk.float().contiguous(), v.float().contiguous()
     num_part = torch.empty(NF, B * H, L, Dv, **f32)
     den_part = torch.empty(NF, B * H, L, **f32) if need_den else num_part
