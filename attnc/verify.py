@@ -125,10 +125,10 @@ def _on_cpu_interpreter() -> bool:
 
 
 def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -> dict:
-    sizes = {"B": case.B, "Hq": case.Hq, "Lq": case.Lq, "Lk": case.Lk, "L": case.Lq}
+    sizes = {"B": case.B, "Hq": case.Hq, "Lq": case.Lq, "Lk": case.Lk, "L": case.Lq, "Dqk": case.Dqk}
     inputs = {}
     for t in variant.tensors:
-        shape = [sizes[a] for a in t.axes]
+        shape = [sizes[a] if a in sizes else int(a) for a in t.axes]  # a feature map's width is a number
         if t.dtype == "int":
             span = max(2, case.Lk // 4 + 2)
             x = torch.randint(0, span, shape, generator=generator)
