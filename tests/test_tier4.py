@@ -241,3 +241,23 @@ def test_triton_kernel_fp32_forward_backward_and_state(name, monkeypatch):
     first, state = attn(q32[:, :, :20], k32[:, :, :20], v32[:, :, :20], return_state=True, **extra)
     second = attn(q32[:, :, 20:], k32[:, :, 20:], v32[:, :, 20:], initial_state=state, **extra)
     assert (torch.cat([first, second], 2) - whole).abs().max() <= 1e-4 * whole.abs().max()
+
+
+def test_a_row_whose_weights_sum_to_zero_outputs_zero(tmp_path):
+    """relu features: a query with no positive element has weights 0 everywhere: output 0, no NaN,
+    forward and backward."""
+    spec = tmp_path / "relu_lin.attn"
+    spec.write_text("attention relu_lin\nfeature phi(x) = relu(x)\nmask kv <= q\nlet a = dot(phi(q), phi(k))\n"
+                    "probs a / rowsum(a)\n")
+    attn = attnc.load(spec)
+    q, k, v, _ = make("linear_elu", L=21, D=4, seed=6)
+    q[:, :, 3] = -1.0  # row 3 sees only zero features
+    q.requires_grad_(True)
+    o = attn(q, k, v)
+    a = torch.relu(q) @ torch.relu(k).transpose(-1, -2)
+    a = torch.where(torch.arange(21)[None, :] <= torch.arange(21)[:, None], a, torch.zeros((), dtype=a.dtype))
+    r = a.sum(-1, keepdim=True)
+    ref = torch.where(r == 0, torch.zeros((), dtype=a.dtype), (a @ v) / torch.where(r == 0, 1, r))
+    assert torch.allclose(o, ref, rtol=1e-10, atol=1e-12) and (o[:, :, 3] == 0).all()
+    (g,) = torch.autograd.grad(o.sum(), [q])
+    assert torch.isfinite(g).all()
