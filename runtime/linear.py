@@ -188,9 +188,54 @@ if triton is not None:
             tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
 
 
-def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk):
+    @triton.jit
+    def _full_fwd(fq, fk, v, s0, z0, num_part, den_part, s_out, z_out, Lq, Lk, F, Dv,
+                  HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
+                  BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+        """Every key visible: the state over all keys first, then every query reads it."""
+        pid_f = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        bh = tl.program_id(2)
+        n_bh = tl.num_programs(2)
+        offs_f = pid_f * BF + tl.arange(0, BF)
+        offs_d = pid_d * BD + tl.arange(0, BD)
+        rel = tl.arange(0, BC)
+        f_ok = offs_f < F
+        d_ok = offs_d < Dv
+        if HAS_STATE:
+            S = tl.load(s0 + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :],
+                        mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z0 + bh * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+        else:
+            S = tl.zeros((BF, BD), dtype=tl.float32)
+            z = tl.zeros((BF,), dtype=tl.float32)
+        for start in range(0, Lk, BC):
+            offs_t = start + rel
+            t_ok = offs_t < Lk
+            kc = tl.load(fk + (bh * Lk + offs_t[:, None]) * F + offs_f[None, :],
+                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+            vc = tl.load(v + (bh * Lk + offs_t[:, None]) * Dv + offs_d[None, :],
+                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            S += tl.dot(tl.trans(kc), vc)
+            z += tl.sum(kc, axis=0)
+        for start in range(0, Lq, BC):
+            offs_t = start + rel
+            t_ok = offs_t < Lq
+            qc = tl.load(fq + (bh * Lq + offs_t[:, None]) * F + offs_f[None, :],
+                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+            tl.store(num_part + ((pid_f * n_bh + bh) * Lq + offs_t[:, None]) * Dv + offs_d[None, :],
+                     tl.dot(qc, S), mask=t_ok[:, None] & d_ok[None, :])
+            if NEED_DEN:  # one value block writes the row sums
+                tl.store(den_part + (pid_f * n_bh + bh) * Lq + offs_t, tl.sum(qc * z[None, :], axis=1),
+                         mask=t_ok & ((rel * 0 + pid_d) == 0))
+        tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
+        if pid_d == 0:
+            tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
+
+
+def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True):
     B, H, L, F = fq.shape
-    Dv = v.shape[-1]
+    Lk, Dv = v.shape[2], v.shape[-1]
     BF = min(64, max(16, triton.next_power_of_2(F)))
     BD = min(64, max(16, triton.next_power_of_2(Dv)))
     NF = triton.cdiv(F, BF)
@@ -205,8 +250,12 @@ def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk):
     s0 = S0.detach().float().contiguous() if has_state else S
     zz0 = z0.detach().float().contiguous() if has_state else z
     grid = (NF, triton.cdiv(Dv, BD), B * H)
-    _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, H, L, F, Dv,
-                            HAS_STATE=has_state, NEED_DEN=need_den, BC=max(16, chunk), BF=BF, BD=BD)
+    if causal:
+        _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, H, L, F, Dv,
+                                HAS_STATE=has_state, NEED_DEN=need_den, BC=max(16, chunk), BF=BF, BD=BD)
+    else:
+        _full_fwd[grid](fq, fk, v, s0, zz0, num_part, den_part, S, z, L, Lk, F, Dv,
+                        HAS_STATE=has_state, NEED_DEN=need_den, BC=max(16, chunk), BF=BF, BD=BD)
     num = num_part.sum(0).view(B, H, L, Dv)
     den = den_part.sum(0).view(B, H, L) if need_den else None
     return num, den, S.view(B, H, F, Dv), z.view(B, H, F)
@@ -216,10 +265,10 @@ class _CausalChunked(torch.autograd.Function):
     """Forward: the Triton kernel; backward: autograd through the PyTorch form (recomputed)."""
 
     @staticmethod
-    def forward(ctx, fq, fk, v, log_decay, S0, z0, need_den, chunk):
+    def forward(ctx, fq, fk, v, log_decay, S0, z0, need_den, chunk, causal):
         ctx.save_for_backward(fq, fk, v, log_decay, S0, z0)
-        ctx.need_den, ctx.chunk = need_den, chunk
-        num, den, S, z = _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk)
+        ctx.need_den, ctx.chunk, ctx.causal = need_den, chunk, causal
+        num, den, S, z = _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal)
         if den is None:
             den = num.new_zeros(0)
         return num, den, S, z
@@ -231,7 +280,10 @@ class _CausalChunked(torch.autograd.Function):
             leaves = [None if x is None else x.detach().float().requires_grad_(x.requires_grad) for x in saved]
             fq, fk, v, log_decay, S0, z0 = leaves
             state = None if S0 is None else (S0, z0)
-            num, den, (S, z) = causal_chunked(fq, fk, v, log_decay, state, ctx.need_den, ctx.chunk)
+            if ctx.causal:
+                num, den, (S, z) = causal_chunked(fq, fk, v, log_decay, state, ctx.need_den, ctx.chunk)
+            else:
+                num, den, (S, z) = full(fq, fk, v, state, ctx.need_den)
             outs, grads = [num, S, z], [d_num, d_S, d_z]
             if ctx.need_den:
                 outs.append(den)
@@ -240,12 +292,20 @@ class _CausalChunked(torch.autograd.Function):
             got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True)) if wrt else iter(())
         result = [next(got) if (x is not None and x.requires_grad) else None for x in leaves]
         result = [None if r is None else r.to(x.dtype) for r, x in zip(result, saved)]
-        return (*result, None, None)
+        return (*result, None, None, None)
 
 
 def causal_chunked_kernel(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
     """As causal_chunked, with the forward in Triton (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     S0, z0 = (None, None) if state is None else state
-    num, den, S, z = _CausalChunked.apply(fq, fk, v, log_decay, S0, z0, need_den, chunk)
+    num, den, S, z = _CausalChunked.apply(fq, fk, v, log_decay, S0, z0, need_den, chunk, True)
+    dtype = fq.dtype
+    return num.to(dtype), (den.to(dtype) if need_den else None), (S, z)
+
+
+def full_kernel(fq, fk, v, state=None, need_den=True, chunk=CHUNK):
+    """As full, with the forward in Triton."""
+    S0, z0 = (None, None) if state is None else state
+    num, den, S, z = _CausalChunked.apply(fq, fk, v, None, S0, z0, need_den, chunk, False)
     dtype = fq.dtype
     return num.to(dtype), (den.to(dtype) if need_den else None), (S, z)

@@ -211,7 +211,7 @@ def _rel(a, b):
     return ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
-@pytest.mark.parametrize("name", sorted(CAUSAL))
+@pytest.mark.parametrize("name", TIER_4)
 def test_triton_kernel_fp32_forward_backward_and_state(name, monkeypatch):
     """fp32 runs the Triton forward kernel (the interpreter on the CPU); checked against the float64
     formula with the design tolerances (2e-3 forward, 5e-3 backward), and pieces equal one call."""
@@ -235,6 +235,8 @@ def test_triton_kernel_fp32_forward_backward_and_state(name, monkeypatch):
     want = torch.autograd.grad((ref * do).sum(), leaves64)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all() and _rel(a, b) <= 5e-3
+    if name not in CAUSAL:
+        return
     q32, k32, v32 = (x.detach() for x in leaves32[:3])
     extra = {n: x.detach() for n, x in zip([n for n in ("W", "decay") if n in inputs], leaves32[3:])}
     whole = attn(q32, k32, v32, **extra)
