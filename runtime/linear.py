@@ -19,6 +19,8 @@ Gradients come from autograd through these tensor operations: deterministic, no 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 CHUNK = 64
@@ -26,6 +28,10 @@ CPU_CHUNK = 16  # small sequences on the CPU (tests) still cross several chunks
 
 
 def chunk_size(device) -> int:
+    """64 on the GPU, 16 on the CPU; ATTNC_LINEAR_CHUNK (16, 32, 64, 128) overrides both."""
+    forced = os.environ.get("ATTNC_LINEAR_CHUNK")
+    if forced:
+        return int(forced)
     return CHUNK if torch.device(device).type == "cuda" else CPU_CHUNK
 
 
@@ -250,12 +256,14 @@ def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True):
     s0 = S0.detach().float().contiguous() if has_state else S
     zz0 = z0.detach().float().contiguous() if has_state else z
     grid = (NF, triton.cdiv(Dv, BD), B * H)
+    BC = max(16, chunk)
+    warps = 8 if BC * BF >= 64 * 64 else 4  # 64 x 64 tiles: 8 warps keep them in registers (no spills)
     if causal:
         _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, H, L, F, Dv,
-                                HAS_STATE=has_state, NEED_DEN=need_den, BC=max(16, chunk), BF=BF, BD=BD)
+                                HAS_STATE=has_state, NEED_DEN=need_den, BC=BC, BF=BF, BD=BD, num_warps=warps)
     else:
         _full_fwd[grid](fq, fk, v, s0, zz0, num_part, den_part, S, z, L, Lk, F, Dv,
-                        HAS_STATE=has_state, NEED_DEN=need_den, BC=max(16, chunk), BF=BF, BD=BD)
+                        HAS_STATE=has_state, NEED_DEN=need_den, BC=BC, BF=BF, BD=BD, num_warps=warps)
     num = num_part.sum(0).view(B, H, L, Dv)
     den = den_part.sum(0).view(B, H, L) if need_den else None
     return num, den, S.view(B, H, F, Dv), z.view(B, H, F)
