@@ -269,6 +269,47 @@ def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True):
     return num, den, S.view(B, H, F, Dv), z.view(B, H, F)
 
 
+def _kernel_backward(fq, fk, v, log_decay, S0, z0, d_num, d_den, d_S, d_z, need_den, chunk):
+    """The causal backward as three more runs of the forward kernel (fixed decay): with the row sums as a
+    ones column of v (v+ = [v, 1], dn = [d_num, d_den]) and lam = exp(log_decay),
+        dfq_i = sum_{j <= i} lam^(i-j) (dn_i . v+_j) fk_j + lam^(i+1) S0+ dn_i      (a causal scan)
+        dfk_j = sum_{i >= j} lam^(i-j) (v+_j . dn_i) fq_i + lam^(L-1-j) dS+ v+_j    (reversed in time)
+        dv_j  = sum_{i >= j} lam^(i-j) (fq_i . fk_j) dn_i + lam^(L-1-j) dS+^T fk_j  (reversed in time)
+    and dS0+ = sum_i lam^(i+1) fq_i dn_i^T + lam^L dS+. Exponents stay non-negative."""
+    B, H, L = fq.shape[:3]
+    Dv = v.shape[-1]
+    fq, fk, v = fq.float(), fk.float(), v.float()
+    ones = torch.ones(B, H, L, 1, dtype=torch.float32, device=fq.device)
+    v_aug = torch.cat([v, ones], -1) if need_den else v
+    dn = torch.cat([d_num.float(), d_den.float().unsqueeze(-1)], -1) if need_den else d_num.float()
+    dS = torch.cat([d_S.float(), d_z.float().unsqueeze(-1)], -1)  # [B, H, F, Dv + 1]: z is S's ones column
+    if not need_den:
+        dS = dS[..., :Dv]
+    g = torch.zeros(H, dtype=torch.float32, device=fq.device) if log_decay is None else log_decay.detach().float()
+    state = None
+    if S0 is not None:
+        S0_aug = torch.cat([S0.float(), z0.float().unsqueeze(-1)], -1) if need_den else S0.float()
+        state = (S0_aug.transpose(-1, -2).contiguous(), torch.zeros(B, H, S0_aug.shape[-1], device=fq.device))
+    dfq = _kernel_forward(dn, v_aug, fk, g, *(state or (None, None)), False, chunk)[0]
+
+    def flip(x):  # reversed in time: the scans over later queries become causal scans
+        return x.flip(2)
+
+    dfk = flip(_kernel_forward(flip(v_aug), flip(dn), flip(fq), g, None, None, False, chunk)[0])
+    dv = flip(_kernel_forward(flip(fk), flip(fq), flip(dn), g, None, None, False, chunk)[0])[..., :Dv]
+    t = torch.arange(L, dtype=torch.float32, device=fq.device)
+    lam_end = torch.exp(g.view(1, H, 1, 1) * (L - 1 - t).view(1, 1, L, 1))  # lam^(L-1-j)
+    dfk = dfk + lam_end * (v_aug @ dS.transpose(-1, -2))
+    dv = dv + lam_end * (fk @ dS[..., :Dv])
+    dS0 = dz0 = None
+    if S0 is not None:
+        lam_q = torch.exp(g.view(1, H, 1, 1) * (t + 1).view(1, 1, L, 1))
+        dS0_aug = (fq * lam_q).transpose(-1, -2) @ dn + torch.exp(g * L).view(1, H, 1, 1) * dS
+        dS0 = dS0_aug[..., :Dv]
+        dz0 = dS0_aug[..., Dv] if need_den else torch.exp(g * L).view(1, H, 1) * d_z.float()
+    return dfq, dfk, dv, dS0, dz0
+
+
 class _CausalChunked(torch.autograd.Function):
     """Forward: the Triton kernel; backward: autograd through the PyTorch form (recomputed)."""
 
@@ -284,6 +325,12 @@ class _CausalChunked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_num, d_den, d_S, d_z):
         saved = ctx.saved_tensors
+        fq, fk, v, log_decay, S0, z0 = saved
+        if ctx.causal and (log_decay is None or not ctx.needs_input_grad[3]):  # Triton scans
+            grads = _kernel_backward(fq, fk, v, log_decay, S0, z0, d_num, d_den, d_S, d_z, ctx.need_den, ctx.chunk)
+            dfq, dfk, dv, dS0, dz0 = (None if g is None else g.to(x.dtype) if x is not None else None
+                                      for g, x in zip(grads, (fq, fk, v, S0, z0)))
+            return dfq, dfk, dv, None, dS0, dz0, None, None, None
         with torch.enable_grad():
             leaves = [None if x is None else x.detach().float().requires_grad_(x.requires_grad) for x in saved]
             fq, fk, v, log_decay, S0, z0 = leaves
