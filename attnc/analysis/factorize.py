@@ -106,6 +106,14 @@ def _split_weight(w):
 
 
 def factorize(v: ir.Variant) -> Algorithm:
+    """The algorithm for `v`: "chunked" with its factorization, or "quadratic" with the reason."""
+    try:
+        return _factorize(v)
+    except (TypeError, ValueError, AttributeError, sympy.PolynomialError) as err:  # sympy on odd input
+        return Algorithm("quadratic", f"the factorization analysis gave up ({type(err).__name__})")
+
+
+def _factorize(v: ir.Variant) -> Algorithm:
     kind = _mask_kind(v.mask)
     if kind is None:
         return Algorithm("quadratic", "the mask is neither full nor causal (kv <= q), so no running state covers it")
