@@ -9,7 +9,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from ... import ir
-from ...analysis.factorize import R, Factorization
+from ...analysis.factorize import Factorization, R
 from ...errors import BuildError
 from ..printers import torch_code
 
