@@ -150,6 +150,15 @@ class Probs(Stmt):
 
 
 @dataclass(frozen=True)
+class Feature(Stmt):
+    """`feature phi(x) = EXPR`: a feature map applied to each element of a head vector."""
+
+    name: str
+    arg: str
+    value: Expr
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     name_span: Span

@@ -44,7 +44,7 @@ _REAL_FUNCS = {
     "tan": sympy.tan,
     "erf": sympy.erf,
 }
-_OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel"}
+_OTHER_FUNCS = {"abs", "min", "max", "clamp", "floor", "ceil", "rowmax", "rowsum", "softmax", "unravel", "dot", "elu", "cat"}
 FUNCTIONS = frozenset(_REAL_FUNCS) | _OTHER_FUNCS
 
 # Names a user may not define: the language's own, Python's keywords, and the generated function's
@@ -112,6 +112,8 @@ class Checker:
         self.failed: set = set()  # names whose definition had an error
         self.functions: dict = {}  # let functions: name -> ast.LetFunc
         self.key_learnable: dict = {}  # load of a learnable tensor indexed by kv -> its first subscript's span
+        self.features: list = []  # (name, body of ir.FEATURE_X): `feature phi(x) = ...` (linear attention)
+        self.in_feature = False  # lowering a feature map's body
 
     # ---- reporting ----
     def error(self, message: str, span: Span | None, hint: str | None = None):
@@ -150,6 +152,7 @@ class Checker:
             score=sympy.sympify(score),
             probs=probs,
             probs_written=probs_written,
+            features=tuple(self.features),
         )
 
     def statement(self, stmt):
@@ -285,6 +288,18 @@ class Checker:
         if stmt.learnable and stmt.dtype != "float":
             self.error(f"only float inputs can be learnable ('{stmt.name}' is {stmt.dtype})", stmt.span)
         seen = set()
+        if "Dqk" in stmt.axes:  # a feature map's weights (linear attention): [Hq, Dqk, F]
+            const = self.consts.get(stmt.axes[-1])
+            if stmt.dtype != "float" or len(stmt.axes) != 3 or stmt.axes[:2] != ("Hq", "Dqk") or not (
+                    isinstance(const, int) and const >= 1):
+                self.error(f"a feature map's weights are declared '{stmt.name}: float[Hq, Dqk, F]' with F an int "
+                           "const", stmt.span, "e.g. const F = 32 and input W: float[Hq, Dqk, F] learnable")
+            tensor = ir.TensorInput(stmt.name, stmt.dtype, ("Hq", "Dqk", str(const)), stmt.learnable,
+                                    ir.tensor_function(stmt.name, stmt.dtype),
+                                    (None, ir.DQK, sympy.Integer(const if isinstance(const, int) else 1)))
+            self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
+            self.tensors.append(tensor)
+            return
         names, extents = [], []
         for axis in stmt.axes:
             if isinstance(axis, str) and axis in _AXIS_INDEX:
@@ -481,6 +496,44 @@ class Checker:
             self.error("the mask cannot depend on row statistics", value.uses_rowstat)
         self.mask = value.expr
 
+    def stmt_feature(self, stmt: ast.Feature):
+        """`feature phi(x) = EXPR`: a map applied to every element of a head vector (docs/linear.md)."""
+        self.check_identifier(stmt.name, stmt.span)
+        if stmt.arg in self.env or stmt.arg in RESERVED:
+            self.error(f"the argument of feature '{stmt.name}' must be a new name, not '{stmt.arg}'", stmt.span,
+                       f"write 'feature {stmt.name}(x) = ...'")
+        self.env[stmt.arg] = _Entry("let", stmt.span, _Value(ir.FEATURE_X, REAL))
+        self.in_feature = True
+        try:
+            value = self.lower(stmt.value)
+        finally:
+            self.in_feature = False
+            del self.env[stmt.arg]
+        if value.type == BOOL:
+            self.error(f"feature '{stmt.name}' must be a number, not a condition", stmt.value.span)
+        extra = {x for x in sympy.sympify(value.expr).free_symbols - {ir.FEATURE_X} if not x.name.startswith("_fw_")}
+        if extra or value.uses_score or value.uses_rowstat or sympy.sympify(value.expr).atoms(AppliedUndef):
+            self.error(f"feature '{stmt.name}' may use only its argument '{stmt.arg}', numbers and consts",
+                       stmt.value.span, "a feature map acts on each element of one head vector")
+        self.define(stmt.name, stmt.span, _Entry("feature", stmt.span, _Value(value.expr, REAL)))
+        self.features.append((stmt.name, value.expr))
+
+    def call_dot(self, node: ast.Call) -> _Value:
+        """`dot(phi(q), phi(k))`: the dot product of the query's and the key's feature vectors."""
+        hint = "write dot(phi(q), phi(k)) with a map declared by 'feature phi(x) = ...'"
+        if len(node.args) != 2 or node.kwargs:
+            self.error(f"dot() takes 2 arguments, got {len(node.args)}", node.span, hint)
+        names = []
+        for arg, role in zip(node.args, ("q", "k")):
+            entry = self.env.get(arg.func) if isinstance(arg, ast.Call) else None
+            if entry is None or entry.kind != "feature" or len(arg.args) != 1 or not (
+                    isinstance(arg.args[0], ast.Name) and arg.args[0].id == role):
+                self.error(f"argument {1 + (role == 'k')} of dot() must be a feature map of '{role}'", arg.span, hint)
+            names.append(arg.func)
+        if names[0] != names[1]:
+            self.error("dot() must apply the same feature map to q and k", node.span, hint)
+        return _Value(ir.feature_dot(names[0]), REAL, node.span, None)
+
     def stmt_score(self, stmt: ast.Score):
         self.once(stmt, "score")
         value = self.lower(stmt.value)
@@ -602,6 +655,13 @@ class Checker:
                            did_you_mean(node.tensor, tensors) or "declare it with 'input name: float[...]'")
             self.error(f"'{node.tensor}' is not a tensor input and cannot be indexed", node.span)
         tensor = entry.tensor
+        if "Dqk" in tensor.axes:
+            if not self.in_feature:
+                self.error(f"'{tensor.name}' holds a feature map's weights: use it as 'x @ {tensor.name}[h]' inside "
+                           "'feature phi(x) = ...'", node.span)
+            if not (len(node.indices) == 1 and isinstance(node.indices[0], ast.Name) and node.indices[0].id == "h"):
+                self.error(f"a feature map reads '{tensor.name}[h]' (head h's [Dqk, F] matrix)", node.span)
+            return _Value(ir.feature_weight(tensor.name), REAL)
         if len(node.indices) != len(tensor.axes):
             self.error(f"'{tensor.name}' has {len(tensor.axes)} axes [{', '.join(tensor.axes)}] but is indexed "
                        f"with {len(node.indices)}", node.span)
@@ -709,6 +769,16 @@ class Checker:
     def expr_binop(self, node: ast.BinOp) -> _Value:
         left, right = self.lower(node.left), self.lower(node.right)
         op = node.op
+        weights = [x for x in sympy.sympify(left.expr).free_symbols | sympy.sympify(right.expr).free_symbols
+                   if x.name.startswith("_fw_")]
+        if op == "@" or weights:
+            if not self.in_feature:
+                self.error("'@' multiplies a head vector by a feature map's weights, inside 'feature phi(x) = ...'",
+                           node.span)
+            if op != "@" or not (right.expr.is_Symbol and right.expr.name.startswith("_fw_")) or (
+                    sympy.sympify(left.expr).free_symbols & set(weights)):
+                self.error("a feature map's weights are used as 'v @ W[h]' (v a vector of length Dqk)", node.span)
+            return _merge(ir.FMatMul(left.expr, right.expr), REAL, left, right)
         self.need_number(left, node.left, f"'{op}'")
         self.need_number(right, node.right, f"'{op}'")
         both_int = left.type == INT and right.type == INT
@@ -769,6 +839,19 @@ class Checker:
             return self.expand(node)
         if func in self.failed:
             raise _Abort  # its definition's error is reported already
+        entry = self.env.get(func)
+        if entry is not None and entry.kind == "feature":
+            self.error(f"feature map '{func}' is used inside dot({func}(q), {func}(k))", node.span)
+        if func == "dot":
+            return self.call_dot(node)
+        if func == "elu":
+            if not self.in_feature:
+                self.error("elu() is a feature-map function: use it inside 'feature phi(x) = ...'", node.span)
+            if len(node.args) != 1 or node.kwargs:
+                self.error(f"elu() takes 1 argument, got {len(node.args)}", node.span)
+            x = self.lower(node.args[0])
+            self.need_number(x, node.args[0], "elu()")
+            return _merge(sympy.Piecewise((x.expr, x.expr > 0), (sympy.exp(x.expr) - 1, True)), REAL, x)
         if func not in FUNCTIONS:
             entry = self.env.get(func)
             if entry is not None and entry.kind == "tensor":
@@ -778,6 +861,15 @@ class Checker:
         if func == "unravel":
             self.error("unravel(...) gives several coordinates", node.span,
                        "unpack it: let (y, x) = unravel(q, Y, X)")
+        if func in ("softmax", "cat") and self.in_feature:  # vectors: over the feature axis
+            if node.kwargs or not node.args or (func == "softmax" and len(node.args) != 1):
+                self.error(f"in a feature map, {func}() takes {'1 vector' if func == 'softmax' else 'vectors'}",
+                           node.span)
+            args = [self.lower(a) for a in node.args]
+            fn = ir.FSoftmax if func == "softmax" else ir.FCat
+            return _merge(fn(*[a.expr for a in args]), REAL, *args)
+        if func == "cat":
+            self.error("cat() joins feature vectors: use it inside 'feature phi(x) = ...'", node.span)
         if func == "softmax":
             return self.call_softmax(node)
         if node.kwargs:

@@ -51,9 +51,17 @@ def check(specs):
             failed = True
             continue
         from .analysis.rowstats import plan_rows
+        from .pipeline import choose_algorithm
 
         rows = plan_rows(variant)
         kind = "softmax" if rows.softmax is not None else "general"
+        try:
+            if choose_algorithm(variant).name == "chunked":
+                kind = "linear attention, chunked"
+        except SpecError as err:
+            _fail(err)
+            failed = True
+            continue
         params = [p.name for p in variant.params]
         inputs = [t.name + ("*" if t.learnable else "") for t in variant.tensors]
         click.echo(f"{path}: ok: attention {variant.name} ({kind}, {rows.passes} pass"

@@ -247,7 +247,7 @@ def make_inputs(signature, sizes: dict, given: dict, seed: int = 0) -> dict:
         raise InspectError(f"the spec has no input {unknown[0]!r} (its inputs: {', '.join(sorted(known)) or 'none'})")
     inputs = {name: given[name] for name, _ in signature.params if name in given}
     for t in signature.tensors:
-        shape = [sizes[axis] for axis in t.axes]
+        shape = [sizes[axis] if axis in sizes else int(axis) for axis in t.axes]  # a feature map's width
         value = given.get(t.name)
         if isinstance(value, torch.Tensor):
             x = value
@@ -416,7 +416,7 @@ def record_launches(request: Request) -> list[Launch]:
     fn = _entry(module)
     signature = getattr(fn, "signature", None) or module.SIGNATURE
     L = fixed_length(module) or request.L
-    sizes = _sizes(signature, L)
+    sizes = {**_sizes(signature, L), "Dqk": request.head_dim}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[request.dtype]
     generator = torch.Generator().manual_seed(0)
 

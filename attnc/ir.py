@@ -29,6 +29,7 @@ kv = Symbol("kv", integer=True, nonnegative=True)
 INDICES = {"b": b, "h": h, "q": q, "kv": kv}
 
 SIZES = {name: Symbol(name, integer=True, positive=True) for name in ("B", "Hq", "Hk", "Hv", "Lq", "Lk")}
+DQK = Symbol("Dqk", integer=True, positive=True)  # the head dim: the extent of a feature map's input axis
 
 s = Symbol("s", real=True)  # the raw score, scale * dot(q, k)
 visible = Symbol("visible", integer=True, nonnegative=True)  # unmasked keys in the row
@@ -181,6 +182,41 @@ def row_stats(expr) -> set:
     return found
 
 
+# ---- feature maps (linear attention, attnc/analysis/factorize.py) ----
+FEATURE_X = Symbol("_fx", real=True)  # one element of the head vector a feature map acts on
+
+
+def feature_dot(name: str) -> Symbol:
+    """`dot(phi(q), phi(k))` of feature map `name`: a real number per (q, kv), like `s`."""
+    return Symbol(f"_fdot_{name}", real=True)
+
+
+def feature_weight(name: str) -> Symbol:
+    """`W[h]` of an input `W: float[Hq, Dqk, F]` inside a feature map: head h's matrix [Dqk, F]."""
+    return Symbol(f"_fw_{name}", real=True)
+
+
+class FMatMul(Function):
+    """`v @ W[h]` in a feature map: the vector v [Dqk] times head h's matrix [Dqk, F]."""
+
+    nargs = 2
+
+
+class FSoftmax(Function):
+    """`softmax(v)` in a feature map: over the feature axis."""
+
+    nargs = 1
+
+
+class FCat(Function):
+    """`cat(a, b, ...)` in a feature map: the vectors one after the other."""
+
+
+def feature_dot_name(sym) -> str | None:
+    name = getattr(sym, "name", "")
+    return name[len("_fdot_"):] if name.startswith("_fdot_") else None
+
+
 # ---- the variant ----
 @dataclass(frozen=True)
 class Param:
@@ -208,6 +244,8 @@ class TensorInput:
         """Its shape for the given sizes (B, Hq, Lq, Lk, L, ...) and param values (name -> value, or the
         params' default expressions are used where absent)."""
         subs = {SIZES[n]: v for n, v in sizes.items() if n in SIZES}
+        if "Dqk" in sizes:
+            subs[DQK] = sizes["Dqk"]
         subs.update({sympy.Symbol(n, integer=True): v for n, v in params.items()})
         extents = self.extents or (None,) * len(self.axes)
         return [sizes[a] if e is None else int(sympy.sympify(e).subs(subs)) for a, e in zip(self.axes, extents)]
@@ -238,6 +276,7 @@ class Variant:
     score: sympy.Expr  # of s
     probs: sympy.Expr  # of score, row statistics
     probs_written: bool = field(default=False)  # False when probs defaulted to softmax(score)
+    features: tuple = field(default=())  # (name, body of FEATURE_X): `feature phi(x) = ...`
 
     @property
     def learnable(self) -> tuple[TensorInput, ...]:

@@ -27,6 +27,23 @@ class SpecPrinter(StrPrinter):
 
     _print_Abs = _print_Min = _print_Max = _print_Function
 
+    def _print_Symbol(self, expr):  # feature maps (linear attention)
+        if expr.name.startswith("_fdot_"):
+            name = expr.name[len("_fdot_"):]
+            return f"dot({name}(q), {name}(k))"
+        if expr.name.startswith("_fw_"):
+            return f"{expr.name[len('_fw_'):]}[h]"
+        return "x" if expr.name == "_fx" else super()._print_Symbol(expr)
+
+    def _print_FMatMul(self, expr):
+        return f"{self.parenthesize(expr.args[0], 50)} @ {self._print(expr.args[1])}"
+
+    def _print_FSoftmax(self, expr):
+        return f"softmax({self._print(expr.args[0])})"
+
+    def _print_FCat(self, expr):
+        return f"cat({', '.join(self._print(a) for a in expr.args)})"
+
     def _print_AppliedUndef(self, expr):
         return f"{expr.func.__name__}[{', '.join(self._print(a) for a in expr.args)}]"
 
@@ -126,6 +143,8 @@ def dump(analyses: Analyses) -> str:
         coords = ", ".join(f"{n} = {spec_str(c)}" for n, c in zip(lay.names, lay.coords))
         out.append(f"layout     {lay.index} -> ({', '.join(lay.names)}) over "
                    f"{' x '.join(spec_str(e) for e in lay.extents)}: {coords}")
+    for name, body in variant.features:
+        out.append(f"feature    {name}(x) = {spec_str(body)}")
     out.append(f"mask       {spec_str(variant.mask)}")
     out.append(f"tiles      {analyses.walk.ir_line()}")
     out.append(f"score      {spec_str(variant.score)}")
@@ -153,8 +172,15 @@ def dump(analyses: Analyses) -> str:
     if rows.visible is not None and rows.softmax is not None:
         out.append(f"visible    {spec_str(rows.visible)}")
     out.append(f"passes     {rows.passes} over the keys")
-    if rows.softmax is None:
+    chunked = analyses.algorithm is not None and analyses.algorithm.name == "chunked"
+    if rows.softmax is None and not chunked:
         out += _backward_lines(variant, rows)
+    if chunked:
+        out.append("backward   autograd through the chunked form (deterministic; docs/linear.md)")
+    if analyses.algorithm is not None:
+        alg = analyses.algorithm
+        out.append(f"algorithm  {alg.name}: {alg.reason}" if alg.name == "chunked" else
+                   f"algorithm  quadratic (not linear attention: {alg.reason})")
     return "\n".join(out) + "\n"
 
 

@@ -44,7 +44,7 @@ _TERMINAL_WORDS = {
     "$END": "the end of the file",
 }
 
-_STATEMENT_KEYWORDS = ("heads", "param", "const", "input", "let", "mask", "score", "probs")
+_STATEMENT_KEYWORDS = ("heads", "param", "const", "input", "let", "mask", "score", "probs", "feature")
 
 # How deeply expressions may nest (parentheses alone do not count). Real specs need a handful of levels;
 # the limit keeps the recursive passes after parsing (AST builder, checker, sympy) far from Python's
@@ -173,6 +173,9 @@ class _ToAst(Transformer):
 
     def probs(self, meta, children):
         return ast.Probs(_span(meta), children[0])
+
+    def feature(self, meta, children):
+        return ast.Feature(_span(meta), str(children[0]), str(children[1]), children[2])
 
     def start(self, meta, children):
         header, *statements = children

@@ -66,6 +66,7 @@ class Analyses:
     rows: object  # analysis.rowstats.RowPlan: softmax or general, row statistics, passes
     clauses: tuple  # analysis.bounds.Clause: the mask as key ranges lo(q) <= kv <= hi(q)
     walk: object  # codegen.skeleton.TileWalk: how kernels find their tiles
+    algorithm: object = None  # analysis.factorize.Algorithm: "chunked" (linear attention) or "quadratic"
 
 
 def analyse(variant: ir.Variant) -> Analyses:
@@ -76,4 +77,28 @@ def analyse(variant: ir.Variant) -> Analyses:
     rows = rowstats.plan_rows(variant)  # 3. row statistics, passes, softmax recognition
     clauses = bounds.key_clauses(variant.mask)  # 4. key ranges of the mask
     walk = choose_walk(variant, clauses)  # 5. tile walk: closed-form band, plan lists, all, or unplanned
-    return Analyses(variant, rows, clauses, walk)
+    algorithm = choose_algorithm(variant)  # 6. linear attention: chunked when the weight factorizes
+    return Analyses(variant, rows, clauses, walk, algorithm)
+
+
+def choose_algorithm(variant: ir.Variant):
+    """"chunked" where the weight factorizes (attnc/analysis/factorize.py), else "quadratic"; a spec with
+    a feature map must factorize (the quadratic kernels cannot evaluate one)."""
+    from .analysis import factorize
+
+    algorithm = factorize.factorize(variant)
+    if variant.features and algorithm.name != "chunked":
+        import re
+
+        from .errors import Span
+
+        keyword = "mask" if "mask" in algorithm.reason else "probs"
+        span = None
+        for n, line in enumerate(variant.source.splitlines(), 1):
+            match = re.match(rf"\s*({keyword})\b", line)
+            if match:
+                span = Span(n, match.start(1) + 1, n, match.end(1) + 1)
+        raise SpecError.at(f"this spec uses a feature map but cannot run as linear attention: {algorithm.reason}",
+                           span, "feature maps need a full or causal mask and probs = alpha * W + beta "
+                           "(see docs/linear.md)", path=variant.path, source=variant.source)
+    return algorithm

@@ -93,6 +93,11 @@ def cases(variant: ir.Variant, length: int | None = None) -> list[Case]:
     fixed = _fixed_length(variant)
     L = fixed or length or default_length(variant)
     equal = variant.needs_equal_lengths or fixed is not None
+    if not equal:  # causal linear attention (the chunked algorithm) runs queries and keys on one axis
+        from .pipeline import choose_algorithm
+
+        algorithm = choose_algorithm(variant)
+        equal = algorithm.name == "chunked" and algorithm.factorization.causal
     out = []
     if fixed is not None and fixed > 128:
         # Long multi-dimensional layouts cost minutes per case in Triton's interpreter: one grouped-head
@@ -125,7 +130,7 @@ def _on_cpu_interpreter() -> bool:
 
 
 def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -> dict:
-    sizes = {"B": case.B, "Hq": case.Hq, "Lq": case.Lq, "Lk": case.Lk, "L": case.Lq}
+    sizes = {"B": case.B, "Hq": case.Hq, "Lq": case.Lq, "Lk": case.Lk, "L": case.Lq, "Dqk": case.Dqk}
     inputs = {}
     for t in variant.tensors:
         params = {p.name: p.default.subs({ir.SIZES[n]: v for n, v in sizes.items() if n in ir.SIZES})

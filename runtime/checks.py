@@ -155,7 +155,8 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
                 _fail(sig, name, "is NaN")
         values[name] = value
     sizes = {"B": shapes.B, "Hq": shapes.Hq, "Hk": shapes.Hk, "Hv": shapes.Hv, "Lq": shapes.Lq, "Lk": shapes.Lk,
-             "L": shapes.Lq}
+             "L": shapes.Lq, "Dqk": shapes.Dqk}
+    sizes.update({a: int(a) for t in sig.tensors for a in t.axes if a.isdigit()})  # a feature map's width
     for t in sig.tensors:
         if t.name not in inputs:
             _fail(sig, t.name, f"missing required tensor input {t.name}: {t.dtype}[{', '.join(t.axes)}]")

@@ -26,6 +26,7 @@ from compare import run_cli
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))
 FIXTURE = Path(__file__).resolve().parent / "inspect_fixture.py"
+LINEAR = {"linear_elu", "linear_elu_full", "based", "hedgehog", "lightning", "mala"}  # chunked, one kernel
 WORKERS = 2  # child processes at a time (each compiles serially)
 BATCHES = 4  # specs are split into this many child processes: few imports of torch, balanced load
 
@@ -201,7 +202,8 @@ def test_example_compiles_for_sm90_and_sm80(compiled, spec):
               for r in result if not r.ok]
     assert not errors, "\n".join(errors)
     kernels = {r.kernel for r in result}
-    assert len(kernels) >= 2, f"{spec}: expected forward and backward kernels, got {sorted(kernels)}"
+    # linear attention (tier 4) runs its backward as scans of its one forward kernel (docs/linear.md)
+    assert len(kernels) >= (1 if spec in LINEAR else 2), f"{spec}: expected forward and backward kernels, got {sorted(kernels)}"
     for r in result:
         assert {(r.kernel, 90), (r.kernel, 80)} <= {(x.kernel, x.target) for x in result}
         assert r.registers and r.registers > 0, f"{spec}: {r}"

@@ -30,7 +30,7 @@ SYNTAX = {
     "extra_close_paren": (H + "mask kv <= q)\n", 2, 13, "unexpected ')'"),
     "extra_close_paren_probs": (H + "probs (score))\n", 2, 14, "unexpected ')'"),
     "dollar": (H + "mask kv $ q\n", 2, 9, "unexpected character '$'"),
-    "at_sign": (H + "mask kv @ q\n", 2, 9, "unexpected character '@'"),
+    "backtick": (H + "mask kv ` q\n", 2, 9, "unexpected character '`'"),
     "semicolon": (H + "mask kv <= q;\n", 2, 13, "unexpected character ';'"),
     "single_quotes": (H + "mask kv <= 'q'\n", 2, 12, "strings are not part of the language"),
     "double_quotes": (H + 'mask kv <= "q"\n', 2, 12, "strings are not part of the language"),

@@ -184,9 +184,40 @@ def _imports(body: str) -> str:
             + "".join(ours) + "from attnc.runtime.launch import kernel_configs\n")
 
 
+def _linear_context(a: Analyses) -> dict:
+    """The context of templates/linear.py.j2: a chunked linear-attention module."""
+    from .families import linear
+
+    v = a.variant
+    tensors = [TensorInput(t.name, ident(t.name), t.dtype, tuple(t.axes), t.learnable) for t in v.tensors]
+    return {
+        "name": v.name,
+        "camel": "".join(part.capitalize() for part in v.name.split("_")) or "Attention",
+        "version": __version__,
+        "source": v.source,
+        "path": v.path,
+        "spec_hash": hashlib.sha256(v.source.encode()).hexdigest()[:16],
+        "heads": v.heads,
+        "equal_lengths": v.needs_equal_lengths,
+        "tensors": tensors,
+        "learnable": [t for t in tensors if t.learnable],
+        "params": _params(v),
+        "lin": linear.build(v, a.algorithm.factorization),
+    }
+
+
 def generate_module(variant: ir.Variant) -> str:
     """The full source of the generated module for `variant`."""
-    source = _environment().get_template("module.py.j2").render(**context(analyse(variant)))
+    a = analyse(variant)
+    if a.algorithm is not None and a.algorithm.name == "chunked":
+        source = _environment().get_template("linear.py.j2").render(**_linear_context(a))
+        uses_r = re.search(r"(?<![\w.])R\.", source) is not None
+        imports = ("import math\n\n" if re.search(r"(?<![\w.])math\.", source) else "") + "import torch\n" + (
+            ("from attnc.runtime import checks, launch, linear\n" if "launch." in source else "from attnc.runtime import checks, linear\n") + "from attnc.runtime import plan as tile_plan\n" + ("from attnc.runtime import ref_helpers as R\n" if uses_r else ""))
+        source = wrap_long_lines(source.replace("#@IMPORTS@#\n", imports))
+        compile(source, f"<attnc:{variant.name}>", "exec")
+        return source
+    source = _environment().get_template("module.py.j2").render(**context(a))
     source = wrap_long_lines(source.replace("#@IMPORTS@#\n", _imports(source)))
     compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
     return source
