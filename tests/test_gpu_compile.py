@@ -222,6 +222,8 @@ def test_cli_inspect_prints_a_plausible_table():
     header = next(i for i, line in enumerate(lines) if line.startswith("kernel"))
     rows = [line.split() for line in lines[header + 1:] if line.split() and line.split()[1] == "sm_90"]
     assert len(rows) >= 2, out  # a forward and a backward kernel at least
+    assert any(cells[0] == "_decode" for cells in rows), out  # the decode step is compiled too
+    rows = [cells for cells in rows if cells[2] != "-"]  # kernels without tiles (the decode merge) aside
     for cells in rows:
         assert re.fullmatch(r"\d+x\d+", cells[2]) and int(cells[4]) >= 2, cells  # the first >= 2-stage config
         regs, spill, smem, tensor_core, cp_async, tma = cells[5:11]
