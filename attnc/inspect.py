@@ -392,8 +392,7 @@ def _load_module(path: str):
     """The generated module of a .attn spec (built and cached by attnc.load) or a module file."""
     from . import load
     from .build import import_module_from
-    from .errors import BuildError
-    from .errors import SpecError
+    from .errors import BuildError, SpecError
 
     if not Path(path).is_file():
         raise InspectError(f"{path}: no such file")

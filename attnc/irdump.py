@@ -190,7 +190,7 @@ def _backward_lines(variant, rows) -> list[str]:
     from .analysis.rowgrad import plan_gradients
 
     grad = plan_gradients(variant, rows)
-    out = [f"backward   dS = dp * dP/ds" + "".join(f" + {a.symbol} * dg{str(a.stat.symbol)[1:]}/ds" for a in reversed(grad.adjoints))
+    out = ["backward   dS = dp * dP/ds" + "".join(f" + {a.symbol} * dg{str(a.stat.symbol)[1:]}/ds" for a in reversed(grad.adjoints))
            + "   (dp = dO . v" + ("; r_k = rowsum(g_k) or rowmax(g_k), rbar_k = dLoss/dr_k)" if grad.adjoints else ")")]
     for adj in grad.adjoints:
         out.append(f"  adjoint     {adj.symbol} = {spec_str(adj.value)}")

@@ -18,12 +18,12 @@ import jinja2
 import sympy
 
 from .. import __version__, ir
+from ..errors import BuildError
 from ..pipeline import Analyses, analyse
 from .families import decode, general, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import UnsupportedExpression, torch_code, wrapped
-from ..errors import BuildError
 from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands
 
 __all__ = ["BuildError", "generate_module"]
@@ -103,12 +103,9 @@ def _docline(line: str) -> str:
     return "".join(c if c >= " " and c != "\x7f" or c == "\t" else f"\\x{ord(c):02x}" for c in line)
 
 
-def context(a: Analyses) -> dict:
-    v = a.variant
-    is_general = a.rows.softmax is None
-    body = general.build(v, a.rows) if is_general else softmax.build(v, a.rows.softmax)
+def _spec_context(v: ir.Variant) -> dict:
+    """What every generated module says about its spec: name, source, heads, inputs and params."""
     tensors = [TensorInput(t.name, ident(t.name), t.dtype, tuple(t.axes), t.learnable) for t in v.tensors]
-    sizes = {sym: n for n, sym in ir.SIZES.items()}
     return {
         "name": v.name,
         "camel": "".join(part.capitalize() for part in v.name.split("_")) or "Attention",
@@ -121,6 +118,16 @@ def context(a: Analyses) -> dict:
         "tensors": tensors,
         "learnable": [t for t in tensors if t.learnable],
         "params": _params(v),
+    }
+
+
+def context(a: Analyses) -> dict:
+    v = a.variant
+    is_general = a.rows.softmax is None
+    body = general.build(v, a.rows) if is_general else softmax.build(v, a.rows.softmax)
+    sizes = {sym: n for n, sym in ir.SIZES.items()}
+    return {
+        **_spec_context(v),
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
         "body": body,
@@ -188,21 +195,9 @@ def _linear_context(a: Analyses) -> dict:
     """The context of templates/linear.py.j2: a chunked linear-attention module."""
     from .families import linear
 
-    v = a.variant
-    tensors = [TensorInput(t.name, ident(t.name), t.dtype, tuple(t.axes), t.learnable) for t in v.tensors]
     return {
-        "name": v.name,
-        "camel": "".join(part.capitalize() for part in v.name.split("_")) or "Attention",
-        "version": __version__,
-        "source": v.source,
-        "path": v.path,
-        "spec_hash": hashlib.sha256(v.source.encode()).hexdigest()[:16],
-        "heads": v.heads,
-        "equal_lengths": v.needs_equal_lengths,
-        "tensors": tensors,
-        "learnable": [t for t in tensors if t.learnable],
-        "params": _params(v),
-        "lin": linear.build(v, a.algorithm.factorization),
+        **_spec_context(a.variant),
+        "lin": linear.build(a.variant, a.algorithm.factorization),
     }
 
 

@@ -35,7 +35,6 @@ from .names import ident
 from .plan import interval_function
 from .printers import UnsupportedExpression, torch_code, triton_code
 
-
 # ---- names: how IR symbols read inside a kernel -----------------------------------------------------
 TILE = {"b": "off_b", "h": "off_h", "q": "offs_m[:, None]", "kv": "offs_n[None, :]"}  # [BLOCK_M, BLOCK_N]
 # dK/dV tiles are key-major, [BLOCK_N, BLOCK_M] (see [Note] key-major tiles in templates/skeleton.py.j2)
