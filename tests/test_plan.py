@@ -61,8 +61,8 @@ def _inputs(fn, B, H, L, seed=0):
         elif t.name == "band":
             out[t.name] = torch.randint(1, L, (H,), generator=g)
         else:
-            sizes = {"B": B, "Hq": H, "Lq": L, "Lk": L, "L": L}
-            out[t.name] = 0.5 + torch.rand([sizes[a] for a in t.axes], generator=g)
+            sizes = {"B": B, "Hq": H, "Lq": L, "Lk": L, "L": L, "Dqk": 8}  # Dqk: a feature map's input width
+            out[t.name] = 0.5 + torch.rand([sizes[a] if a in sizes else int(a) for a in t.axes], generator=g)
     return out
 
 
