@@ -50,18 +50,18 @@ def check(specs):
             _fail(err)
             failed = True
             continue
-        from .analysis.rowstats import plan_rows
-        from .pipeline import choose_algorithm
+        from .pipeline import analyse
 
-        rows = plan_rows(variant)
-        kind = "softmax" if rows.softmax is not None else "general"
         try:
-            if choose_algorithm(variant).name == "chunked":
-                kind = "linear attention, chunked"
-        except SpecError as err:
+            analyses = analyse(variant)  # the pipeline's one record of analyses
+        except SpecError as err:  # a feature map whose weight does not factorize
             _fail(err)
             failed = True
             continue
+        rows = analyses.rows
+        kind = "softmax" if rows.softmax is not None else "general"
+        if analyses.algorithm.name == "chunked":
+            kind = "linear attention, chunked"
         params = [p.name for p in variant.params]
         inputs = [t.name + ("*" if t.learnable else "") for t in variant.tensors]
         click.echo(f"{path}: ok: attention {variant.name} ({kind}, {rows.passes} pass"

@@ -409,10 +409,9 @@ def run_sparse(s: Settings, emit, name, grid):
 def _passes(path):
     """Passes over the keys of a normalization (compiler internals: None if they moved)."""
     try:
-        from attnc.analysis.rowstats import plan_rows
-        from attnc.pipeline import compile_file
+        from attnc.pipeline import analyse, compile_file
 
-        return plan_rows(compile_file(path)).passes
+        return analyse(compile_file(path)).rows.passes
     except Exception:  # noqa: BLE001 -- passes shown as "?", traceback on stderr
         traceback.print_exc()
         return None
