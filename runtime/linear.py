@@ -141,6 +141,19 @@ except ImportError:  # pragma: no cover - triton is a dependency; the PyTorch fo
 if triton is not None:
 
     @triton.jit
+    def _initial_state(s0, z0, bh, offs_f, offs_d, f_ok, d_ok, F, Dv,
+                       HAS_STATE: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+        """This program's block of the state (S [F, Dv], z [F]) to start from: the caller's, or zeros."""
+        if HAS_STATE:
+            S = tl.load(s0 + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :],
+                        mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z0 + bh * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+        else:
+            S = tl.zeros((BF, BD), dtype=tl.float32)
+            z = tl.zeros((BF,), dtype=tl.float32)
+        return S, z
+
+    @triton.jit
     def _causal_chunk_fwd(fq, fk, v, log_decay, s0, z0, num_part, den_part, s_out, z_out,
                           H, L, F, Dv,
                           HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
@@ -155,13 +168,7 @@ if triton is not None:
         f_ok = offs_f < F
         d_ok = offs_d < Dv
         g = tl.load(log_decay + bh % H).to(tl.float32)  # log(decay) <= 0; 0 without a decay
-        if HAS_STATE:
-            S = tl.load(s0 + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :],
-                        mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z0 + bh * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-        else:
-            S = tl.zeros((BF, BD), dtype=tl.float32)
-            z = tl.zeros((BF,), dtype=tl.float32)
+        S, z = _initial_state(s0, z0, bh, offs_f, offs_d, f_ok, d_ok, F, Dv, HAS_STATE, BF, BD)
         causal = rel[:, None] >= rel[None, :]
         dist = tl.where(causal, rel[:, None] - rel[None, :], 0).to(tl.float32)
         intra_decay = tl.where(causal, tl.exp(g * dist), 0.0)  # chunk-relative: exponents in [0, BC)
@@ -208,13 +215,7 @@ if triton is not None:
         rel = tl.arange(0, BC)
         f_ok = offs_f < F
         d_ok = offs_d < Dv
-        if HAS_STATE:
-            S = tl.load(s0 + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :],
-                        mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z0 + bh * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-        else:
-            S = tl.zeros((BF, BD), dtype=tl.float32)
-            z = tl.zeros((BF,), dtype=tl.float32)
+        S, z = _initial_state(s0, z0, bh, offs_f, offs_d, f_ok, d_ok, F, Dv, HAS_STATE, BF, BD)
         for start in range(0, Lk, BC):
             offs_t = start + rel
             t_ok = offs_t < Lk
