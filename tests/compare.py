@@ -29,3 +29,15 @@ def run_cli(*args):
     assert "Traceback" not in output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, output
+
+
+def brute_force(mask, block_m, block_n):
+    """The exact tile plan of an element mask, by brute force: [B, H, Lq, Lk] bool -> per-tile classes (0 EMPTY, 1 PARTIAL, 2 FULL), tiles cut at the edges."""
+    Bm, Hm, Lq, Lk = mask.shape
+    tq, tk = -(-Lq // block_m), -(-Lk // block_n)
+    out = torch.zeros(Bm, Hm, tq, tk, dtype=torch.int8)
+    for i in range(tq):
+        for j in range(tk):
+            tile = mask[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].reshape(Bm, Hm, -1)
+            out[:, :, i, j] = torch.where(tile.all(-1), 2, torch.where(tile.any(-1), 1, 0))
+    return out

@@ -7,13 +7,18 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 from attnc.runtime import launch
 
 import attnc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import brute_force
 
 D = 16
 
@@ -134,17 +139,6 @@ CASES = {
 }
 
 
-def _brute_force(mask, block_m, block_n):
-    Bm, Hm, Lq, Lk = mask.shape
-    tq, tk = -(-Lq // block_m), -(-Lk // block_n)
-    out = torch.zeros(Bm, Hm, tq, tk, dtype=torch.int8)
-    for i in range(tq):
-        for j in range(tk):
-            tile = mask[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].reshape(Bm, Hm, -1)
-            out[:, :, i, j] = torch.where(tile.all(-1), 2, torch.where(tile.any(-1), 1, 0))
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_corpus(tmp_path, name):
     c = CASES[name]
@@ -183,7 +177,7 @@ def test_corpus(tmp_path, name):
 
     for blocks in [(1, 1), (4, 4), (8, 4), (16, 16)]:
         plan = fn.plan(Lq=c.Lq, Lk=c.Lk, B=c.B, Hq=c.H, block_m=blocks[0], block_n=blocks[1], **inp, **c.kw)
-        expected = _brute_force(mask, *blocks)
+        expected = brute_force(mask, *blocks)
         dense = torch.broadcast_to(plan.to_dense(), expected.shape)
         assert ((expected > 0) <= (dense > 0)).all(), f"unsound EMPTY tile at blocks {blocks}"
         assert ((dense == 2) <= (expected == 2)).all(), f"unsound FULL tile at blocks {blocks}"

@@ -10,6 +10,9 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from attnc.runtime import launch
@@ -17,6 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import brute_force
 
 B, H = 2, 3
 DECLS = (
@@ -131,18 +137,6 @@ def _cond(draw, depth):
 @st.composite
 def tensor_masks(draw):
     return _cond(draw, 3)
-
-
-def brute_force(mask, block_m, block_n):
-    """[B, H, Lq, Lk] bool -> per-tile classes (0 EMPTY, 1 PARTIAL, 2 FULL), tiles cut at the edges."""
-    Bm, Hm, Lq, Lk = mask.shape
-    tq, tk = -(-Lq // block_m), -(-Lk // block_n)
-    out = torch.zeros(Bm, Hm, tq, tk, dtype=torch.int8)
-    for i in range(tq):
-        for j in range(tk):
-            tile = mask[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].reshape(Bm, Hm, -1)
-            out[:, :, i, j] = torch.where(tile.all(-1), 2, torch.where(tile.any(-1), 1, 0))
-    return out
 
 
 def _spec(tmp_path_factory, text):

@@ -10,6 +10,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 import math
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import brute_force
+
 from attnc.errors import SpecError
 from attnc.pipeline import compile_text
 
@@ -65,18 +71,6 @@ def _check(fn, q, k, v, mask, add=0.0, **inputs):
 
 def _ij(Lq, Lk):
     return torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
-
-
-def brute_force(mask, block_m, block_n):
-    """[B, H, Lq, Lk] bool -> per-tile classes (0 EMPTY, 1 PARTIAL, 2 FULL), tiles cut at the edges."""
-    Bm, Hm, Lq, Lk = mask.shape
-    tq, tk = -(-Lq // block_m), -(-Lk // block_n)
-    out = torch.zeros(Bm, Hm, tq, tk, dtype=torch.int8)
-    for i in range(tq):
-        for j in range(tk):
-            tile = mask[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].reshape(Bm, Hm, -1)
-            out[:, :, i, j] = torch.where(tile.all(-1), 2, torch.where(tile.any(-1), 1, 0))
-    return out
 
 
 def _check_plan(fn, want, Lq, Lk, B, H, **inputs):
