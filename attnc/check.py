@@ -111,7 +111,6 @@ class Checker:
         self.lowering = None  # the statement being checked
         self.failed: set = set()  # names whose definition had an error
         self.functions: dict = {}  # let functions: name -> ast.LetFunc
-        self.key_learnable: dict = {}  # load of a learnable tensor indexed by kv -> its first subscript's span
         self.features: list = []  # (name, body of ir.FEATURE_X): `feature phi(x) = ...` (linear attention)
         self.in_feature = False  # lowering a feature map's body
 
@@ -312,10 +311,6 @@ class Checker:
             extent = self.axis_extent(stmt, axis)
             names.append(str(extent))
             extents.append(extent)
-        if stmt.learnable and any(e is not None for e in extents):
-            self.error(f"learnable input '{stmt.name}' has an axis of its own (a table): gradients of tables "
-                       "are not supported yet", stmt.span,
-                       "drop 'learnable' (it is then a fixed input), or shape it by B, Hq, Lq and Lk only")
         tensor = ir.TensorInput(stmt.name, stmt.dtype, tuple(names), stmt.learnable,
                                 ir.tensor_function(stmt.name, stmt.dtype), tuple(extents))
         self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
@@ -542,7 +537,6 @@ class Checker:
                        "use 'x if cond else y' to choose between numbers")
         if value.uses_rowstat:
             self.error("the score cannot use row statistics; use them in 'probs'", value.uses_rowstat)
-        self.no_key_gradients(value.expr)
         self.score_value = _Value(value.expr, REAL, value.uses_score, None)
         self.score = value.expr
 
@@ -554,18 +548,7 @@ class Checker:
         if not value.uses_score:
             self.error("probs does not depend on the score", stmt.value.span,
                        "write the weights as a function of 'score', e.g. softmax(score)")
-        self.no_key_gradients(value.expr)
         self.probs = value.expr
-
-    def no_key_gradients(self, expr):
-        """The backward computes gradients of learnable inputs read per batch entry, head or query;
-        one read per key (`bias[kv]`) has no gradient kernel yet, so check refuses what build would."""
-        for load in sorted(sympy.sympify(expr).atoms(AppliedUndef), key=sympy.default_sort_key):
-            if load in self.key_learnable:
-                name = load.func.__name__
-                self.error(f"learnable input '{name}' is read per key (indexed by 'kv'): gradients of inputs "
-                           "read per key are not supported yet", self.key_learnable[load],
-                           f"drop 'learnable' from '{name}' (it is then a fixed input), or index it by b, h or q")
 
     # ---- expressions ----
     def lower_int(self, node, what: str) -> _Value:
@@ -686,10 +669,6 @@ class Checker:
                     self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span,
                                "an index expression (q - 1, kv + 1, ...) is read clamped to the axis")
                 value = self.lower(idx)
-                if tensor.learnable:
-                    self.error(f"axis {axis} of learnable '{tensor.name}' must be indexed by {want}", idx.span,
-                               "the gradient of a read at another index is a scatter, which the kernels do not "
-                               "compute yet; drop 'learnable' to read it at an index expression")
                 if value.type != INT:
                     self.error(f"an index of '{tensor.name}' must be an integer, not {value.type}", idx.span,
                                f"axis {axis} is usually indexed by {want}")
@@ -702,8 +681,6 @@ class Checker:
                 continue
             indices.append(ir.INDICES[idx.id])
         load = tensor.load(*indices)
-        if tensor.learnable and ir.kv in indices:
-            self.key_learnable.setdefault(load, node.span)
         if tensor.dtype == "bool":
             # a condition: sympy's and/or/not/if take only Booleans, and every printer knows `!=`
             return _Value(sympy.Ne(load, 0, evaluate=False), BOOL)

@@ -88,18 +88,6 @@ def decode_splits(programs: int, capacity: int) -> int:
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(capacity, min_keys), 256))
 
 
-def reduce_row_grad(buffer: torch.Tensor, axes: tuple) -> torch.Tensor:
-    """Per-row gradient partials [B, Hq, Lq] -> the gradient of an input with shape `axes`.
-
-    A fixed-order sum: deterministic, unlike atomics."""
-    position = {"B": 0, "Hq": 1, "Lq": 2, "L": 2}
-    kept = [position[a] for a in axes]
-    summed = tuple(d for d in range(3) if d not in kept)
-    out = buffer.sum(dim=summed) if summed else buffer
-    order = sorted(range(len(kept)), key=lambda i: kept[i])  # out's dims are in increasing position
-    return out.permute(*[order.index(i) for i in range(len(kept))]) if len(kept) > 1 else out
-
-
 def plan_blocks() -> tuple[int, int]:
     """Tile sizes of tile plans (query x key). The kernels' own tiles divide them: a plan tile is
     visited as (plan / block)^2 sub-tiles, so autotuning keeps its whole space. The interpreter's plan

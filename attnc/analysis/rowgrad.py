@@ -9,8 +9,9 @@ With dP_ij = dO_i . v_j, the chain rule through the statistics gives
     Rbar_k = sum_l dP_il * dF/dr_k(s_il) + sum_{m > k} Rbar_m * sum_l sel_m(s_il) * dg_m/dr_k(s_il)
 
 where Rbar_k = dLoss/dr_k (the row adjoints, computed in reverse pass order) and sel_k is 1 for a sum
-and the indicator of the maximizing key for a max. A learnable input t read per row gets
-dt_i = sum_j dP_ij dF/dt + sum_k Rbar_k sel_k dg_k/dt: the same form with t in place of s.
+and the indicator of the maximizing key for a max. Each read t of a learnable input gets
+dt_ij = dP_ij dF/dt + sum_k Rbar_k sel_k dg_k/dt: the same form with t in place of s, summed over the
+row when t does not depend on the key, kept per (query, key) pair otherwise.
 
 Each `sum_l` above is a row reduction over the keys: one backward "row-adjoint" pass. Two forms need no
 pass, because sympy proves them proportional to what the forward already has:
@@ -26,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy
-from sympy.core.function import AppliedUndef
 
 from .. import ir
+from .derivatives import tensor_reads
 from .rowstats import RowPlan, is_row_constant
 
 DP = sympy.Symbol("dp", real=True)  # dO_i . v_j
@@ -151,16 +152,7 @@ def plan_gradients(variant: ir.Variant, rows: RowPlan) -> GradPlan:
     dscore = grad_term(ir.s)
     learnable = []
     for tensor in variant.learnable:
-        exprs = [F] + [st.arg for st in reducible]
-        loads = {a for e in exprs for a in e.atoms(AppliedUndef) if a.func == tensor.function}
-        if any(ir.kv in a.free_symbols for a in loads):
-            raise UnsupportedGradient(
-                f"learnable input '{tensor.name}' is read per key (indexed by kv); gradients of key-side "
-                "inputs are not supported yet: index it by b, h or q")
-        if len(loads) > 1:
-            raise UnsupportedGradient(f"learnable input '{tensor.name}' is read at several indices")
-        if loads:
-            load = loads.pop()
+        for load in tensor_reads(tensor, [F] + [st.arg for st in reducible]):
             learnable.append((tensor, load, grad_term(load)))
 
     # row adjoints, latest statistic first: Rbar_m is known before any Rbar_k (k < m) reads it

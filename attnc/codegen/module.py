@@ -183,8 +183,9 @@ _OPTIONAL_IMPORTS = (
 
 def _imports(body: str) -> str:
     used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    merges = re.search(r"(?<![\w.])merge\.", body)
-    runtime = "checks, decoding, launch, merge, ops" if merges else "checks, decoding, launch, ops"
+    modules = ["checks", "decoding", "launch", "ops"]
+    modules += [m for m in ("merge", "scatter") if re.search(rf"(?<![\w.]){m}\.", body)]
+    runtime = ", ".join(sorted(modules))
     ours = sorted([f"from attnc.runtime import {runtime}\n", "from attnc.runtime import plan as tile_plan\n",
                    "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
     return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"

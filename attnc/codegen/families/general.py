@@ -20,6 +20,7 @@ import sympy
 from ... import ir
 from ...analysis import rowgrad
 from ...analysis.rowstats import RowPlan, is_row_constant
+from ..grads import InputGrad, input_grads
 from ..printers import guarded_triton_code
 from ..skeleton import (
     ROW,
@@ -73,13 +74,6 @@ class Reduction:
 
 
 @dataclass(frozen=True)
-class GeneralGrad:
-    name: str
-    var: str  # per-row accumulator d_<name>
-    term: str  # its per-tile term dt_<name>
-
-
-@dataclass(frozen=True)
 class GeneralBody:
     loads: tuple[Load, ...]  # tensor inputs every tile reads
     mask: TileMask
@@ -100,11 +94,11 @@ class GeneralBody:
     loads_t: tuple[Load, ...]  # dK/dV's key-major tiles: loads, mask and lines
     mask_t: TileMask
     dkdv_lines: tuple[str, ...]
-    grads: tuple[GeneralGrad, ...]
+    grads: tuple[InputGrad, ...]
 
     @property
     def grad_arrays(self) -> list[str]:
-        return [f"D_{g.name}" for g in self.grads]
+        return [g.array for g in self.grads]
 
     @staticmethod
     def reads(code: str, var: str) -> bool:
@@ -165,7 +159,8 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
             folded += c * w
     acc_terms = ([(folded, sympy.Integer(1))] if folded != 0 else []) + accumulated
 
-    dscore_terms = [("ds", grad.dscore)] + [(f"dt_{t.name}", e) for t, _, e in grad.learnable]
+    reads = input_grads([(t, load) for t, load, _ in grad.learnable])
+    dscore_terms = [("ds", grad.dscore)] + [(read.term, e) for read, (_, _, e) in zip(reads, grad.learnable)]
     tile_exprs = [v.mask] + [st.arg for st in reducible] + [w for w, _ in acc_terms] \
         + [grad.probs] + [e for _, e in dscore_terms] + [r.term for r in grad.reductions]
     row_exprs = [c for _, c in acc_terms] + [a.value for a in grad.adjoints] \
@@ -252,5 +247,5 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         loads_t=tuple(always_t),
         mask_t=tile_mask(v, tnames_t, mask_only_t, TILE_T),
         dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)], tnames_t)),
-        grads=tuple(GeneralGrad(t.name, f"d_{t.name}", f"dt_{t.name}") for t, _, _ in grad.learnable),
+        grads=tuple(reads),
     )

@@ -1,8 +1,8 @@
 """The softmax family: what its kernels compute per tile, printed for templates/softmax.py.j2.
 
 The probabilities are `exp(logits) / (sum exp(logits) + exp(sink))` (attnc/analysis/rowstats.py). The
-forward runs the online softmax; the backward recomputes p from the log-sum-exp, and learnable inputs
-read per row get per-row gradient partials that the host reduces in a fixed order.
+forward runs the online softmax; the backward recomputes p from the log-sum-exp, and each read of a
+learnable input gets a gradient buffer that the host reduces in a fixed order (attnc/codegen/grads.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from ... import ir
 from ...analysis import derivatives
 from ...analysis.rowstats import SoftmaxForm
+from ..grads import InputGrad, input_grads
 from ..printers import triton_code
 from ..skeleton import (
     ROW,
     TILE,
     TILE_T,
-    BuildError,
     Load,
     TileCode,
     base_names,
@@ -27,11 +27,9 @@ from ..skeleton import tile_code as skeleton_tile_code
 
 
 @dataclass(frozen=True)
-class Grad:
-    """A learnable input's gradient: per row, sum_j dS[i, j] * dscore/d input + its sink term."""
+class Grad(InputGrad):
+    """One read of a learnable input: dS[i, j] * dscore/d read (+ its sink term, for a row read)."""
 
-    name: str
-    var: str  # the kernel's per-row accumulator, d_<name>
     dscore: str
     dsink: str | None
 
@@ -47,14 +45,12 @@ class SoftmaxBody:
 
     @property
     def grad_arrays(self) -> list[str]:
-        return [f"D_{g.name}" for g in self.grads]
+        return [g.array for g in self.grads]
 
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
-    try:
-        grads = derivatives.learnable_gradients(variant, form.sink)
-    except derivatives.UnsupportedGradient as err:
-        raise BuildError(str(err)) from None
+    grads = derivatives.learnable_gradients(variant, form.sink)
+    reads = input_grads([(g.tensor, g.load) for g in grads])
     logits = form.logits  # the score up to a row constant, which softmax ignores
     dscore = derivatives.score_derivative(logits)
     every_tile = [logits, dscore] + [g.dscore for g in grads]
@@ -72,6 +68,6 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         tile_t=tile_code(TILE_T)[0],
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
-        grads=tuple(Grad(g.tensor.name, f"d_{g.tensor.name}", triton_code(g.dscore, names),
-                         None if g.dsink is None else triton_code(g.dsink, rnames)) for g in grads),
+        grads=tuple(Grad(read.name, read.var, read.per_pair, read.reduce, triton_code(g.dscore, names),
+                         None if g.dsink is None else triton_code(g.dsink, rnames)) for read, g in zip(reads, grads)),
     )
