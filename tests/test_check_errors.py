@@ -58,8 +58,6 @@ TYPES = {
                                     "the default of bool param 'w' must be true or false"),
     "int_param_bool_default": (H + "param w: int = true\n", 2, 16, "param 'w' must be a number, not a condition"),
     "bool_const": (H + "const C = true\n", 2, 7, "const 'C' cannot be bool"),
-    "learnable_per_key": (H + "input bias: float[Lk] learnable\nscore s + bias[kv]\n", 3, 11,
-                          "learnable input 'bias' is read per key"),
     "bool_compared_with_number": (H + "input g: bool[Lq]\nmask g[q] == 1\n", 3, 6,
                                   "'==' compares two conditions or two numbers"),
     "param_depends_on_index": (H + "param w = q\n", 2, 11, "a parameter's default may use numbers"),

@@ -127,10 +127,19 @@ def test_two_processes_building_the_same_spec_at_once(tmp_path):
     compile(modules[0].read_text(), str(modules[0]), "exec")
 
 
-def test_learnable_input_read_per_key_is_a_check_error():
-    """check refuses what build cannot build (a gradient per key), at the subscript."""
-    with pytest.raises(SpecError) as info:
-        compile_text("attention keybias\ninput bias: float[Lk] learnable\nscore s + bias[kv]\n", "k.attn")
-    assert info.value.render().startswith("k.attn:3:11: error: learnable input 'bias' is read per key")
-    # the same input, not learnable, builds
-    generate_module(compile_text("attention keybias\ninput bias: float[Lk]\nscore s + bias[kv]\n"))
+def test_learnable_reads_of_every_kind_check_and_build():
+    """check accepts exactly what build builds: learnable inputs read per key, per (query, key) pair,
+    at an index expression (a table) and at several places all get gradient buffers."""
+    specs = {
+        "per_key": ("input bias: float[Lk] learnable\nscore s + bias[kv]", "scatter.direct(d_bias_0, (3,))"),
+        "table": ("const R = 2\ninput rel: float[Hq, 2 * R + 1] learnable\nscore s + rel[h, q - kv + R]",
+                  "scatter.scatter(d_rel_0, rel_.shape, (1, 2, 3), "),
+        "two_reads": ("input pos: float[L] learnable\nscore s + pos[q] - pos[kv]",
+                      "scatter.direct(d_pos_0, (2,)) + scatter.direct(d_pos_1, (3,))"),
+        "row_table": ("input w: float[4] learnable\nscore s * w[q % 4]",
+                      "scatter.scatter(d_w_0, w_.shape, (2,), "),
+    }
+    for name, (body, host) in specs.items():
+        source = generate_module(compile_text(f"attention {name}\n{body}\n"))
+        assert host.replace(" ", "") in "".join(source.split()), name  # long lines are wrapped
+        assert ("torch.zeros((B, Hq, Lq, Lk)" in source) == ("kv" in body), name

@@ -34,6 +34,7 @@ class Case:
     B: int = 2
     H: int = 2
     kw: dict = field(default_factory=dict)
+    learn: tuple = ()  # learnable inputs: their gradients are checked against the formula's too
 
 
 def _doc(B, L, g, n=4):
@@ -86,6 +87,36 @@ CASES = {
                     "let bucket(d) = mag(d) + (NB // 2 if d > 0 else 0)\nscore s + t5[h, bucket(q - kv)]", None,
                     lambda s, i, j, b, h, inp: s + inp["t5"].double()[h, _t5_bucket(i - j)],
                     inputs=lambda B, H, Lq, Lk, g: {"t5": torch.randn(H, 8, generator=g)}),
+    # trained biases: gradients of reads per key, per (query, key) pair and per table entry
+    "relative_bias_table_learned": Case(
+        "const R = 4\ninput rel: float[Hq, 2 * R + 1] learnable\nmask kv <= q\nscore s + rel[h, q - kv + R]",
+        lambda i, j, b, h, inp: j <= i,
+        lambda s, i, j, b, h, inp: s + inp["rel"][h, (i - j + 4).clamp(0, 8)],
+        inputs=lambda B, H, Lq, Lk, g: {"rel": torch.randn(H, 9, generator=g)}, learn=("rel",)),
+    "t5_bias_learned": Case("const NB = 8, E = 2\ninput t5: float[Hq, NB] learnable\n"
+                            "let mag(d) = abs(d) if abs(d) < E else min(E + floor(log2(max(abs(d) // E, 1))), NB // 2 - 1)\n"
+                            "let bucket(d) = mag(d) + (NB // 2 if d > 0 else 0)\nscore s + t5[h, bucket(q - kv)]", None,
+                            lambda s, i, j, b, h, inp: s + inp["t5"][h, _t5_bucket(i - j)],
+                            inputs=lambda B, H, Lq, Lk, g: {"t5": torch.randn(H, 8, generator=g)}, Lq=17, Lk=23,
+                            learn=("t5",)),
+    "key_bias_learned": Case("input kb: float[B, Lk] learnable\ninput keep: bool[B, Lk]\nmask keep[b, kv]\n"
+                             "score s + kb[b, kv]", lambda i, j, b, h, inp: inp["keep"][:, None, None, :],
+                             lambda s, i, j, b, h, inp: s + inp["kb"][:, None, None, :],
+                             inputs=lambda B, H, Lq, Lk, g: {"kb": torch.randn(B, Lk, generator=g),
+                                                             "keep": torch.rand(B, Lk, generator=g) < 0.7},
+                             Lq=15, Lk=26, learn=("kb",)),
+    "position_difference_learned": Case("input pos: float[L] learnable\nmask kv <= q\nscore s + pos[q] - pos[kv]",
+                                        lambda i, j, b, h, inp: j <= i,
+                                        lambda s, i, j, b, h, inp: s + inp["pos"][i] - inp["pos"][j],
+                                        inputs=lambda B, H, Lq, Lk, g: {"pos": torch.randn(Lq, generator=g)},
+                                        learn=("pos",)),
+    "pair_bias_learned": Case("input bias: float[Hq, Lq, Lk] learnable\nscore s + bias[h, q, kv]", None,
+                              lambda s, i, j, b, h, inp: s + inp["bias"][None],
+                              inputs=lambda B, H, Lq, Lk, g: {"bias": torch.randn(H, Lq, Lk, generator=g)},
+                              Lq=19, Lk=13, learn=("bias",)),
+    "row_table_learned": Case("input w: float[4] learnable\nmask kv <= q\nscore s * w[q % 4]",
+                              lambda i, j, b, h, inp: j <= i, lambda s, i, j, b, h, inp: s * inp["w"][i % 4],
+                              inputs=lambda B, H, Lq, Lk, g: {"w": torch.rand(4, generator=g) + 0.5}, learn=("w",)),
     "padding": Case("input keep: bool[B, Lk]\nmask keep[b, kv]", lambda i, j, b, h, inp: inp["keep"][:, None, None, :],
                     inputs=lambda B, H, Lq, Lk, g: {"keep": torch.rand(B, Lk, generator=g) < 0.7}),
     "padding_causal": Case("input keep: bool[B, Lk]\nmask kv <= q and keep[b, kv]",
@@ -136,6 +167,19 @@ CASES = {
                                     lambda s, i, j, b, h, inp: s + inp["sb"].double()[h, inp["dist"][:, None].clamp(0, 5)],
                                     inputs=lambda B, H, Lq, Lk, g: {"dist": torch.randint(0, 8, (B, Lq, Lk), generator=g),
                                                                     "sb": torch.randn(H, 6, generator=g)}),
+    "swin_relative_bias_learned": Case(
+        "const WY = 3, WX = 4\ninput rpb: float[Hq, (2 * WY - 1) * (2 * WX - 1)] learnable\n"
+        "let coord(i) = unravel(i, WY, WX)\nlet (qy, qx) = coord(q)\nlet (ky, kx) = coord(kv)\n"
+        "score s + rpb[h, (qy - ky + WY - 1) * (2 * WX - 1) + (qx - kx + WX - 1)]", None,
+        lambda s, i, j, b, h, inp: s + inp["rpb"][h, (i // 4 - j // 4 + 2) * 7 + (i % 4 - j % 4 + 3)],
+        inputs=lambda B, H, Lq, Lk, g: {"rpb": torch.randn(H, 35, generator=g)}, Lq=12, Lk=12, learn=("rpb",)),
+    "graphormer_spatial_bias_learned": Case(
+        "input dist: int[B, Lq, Lk]\ninput sb: float[Hq, 6] learnable\nmask dist[b, q, kv] < 5\n"
+        "score s + sb[h, dist[b, q, kv]]",
+        lambda i, j, b, h, inp: inp["dist"][:, None] < 5,
+        lambda s, i, j, b, h, inp: s + inp["sb"][h, inp["dist"][:, None].clamp(0, 5)],
+        inputs=lambda B, H, Lq, Lk, g: {"dist": torch.randint(0, 8, (B, Lq, Lk), generator=g),
+                                        "sb": torch.randn(H, 6, generator=g)}, Lq=14, Lk=18, learn=("sb",)),
 }
 
 
@@ -157,22 +201,27 @@ def test_corpus(tmp_path, name):
     q = torch.randn(c.B, c.H, c.Lq, D, generator=g, requires_grad=True)
     k = torch.randn(c.B, c.H, c.Lk, D, generator=g, requires_grad=True)
     v = torch.randn(c.B, c.H, c.Lk, D, generator=g, requires_grad=True)
+    for name in c.learn:
+        inp[name].requires_grad_(True)
     with launch.count_visits() as log:
         o = fn(q, k, v, **inp, **c.kw)
     assert log and sum(int(x.clamp(min=0).sum()) for x in log) > 0, "the kernels did not run"
 
+    # the formula, in float64; learnable inputs are float64 leaves of their own
+    ind = {n: x.detach().double().requires_grad_(True) if n in c.learn else x for n, x in inp.items()}
     qd, kd, vd = (x.detach().double().requires_grad_(True) for x in (q, k, v))
     s = qd @ kd.transpose(-1, -2) / math.sqrt(D)
     if c.score is not None:
-        s = c.score(s, i, j, b, h, inp)
+        s = c.score(s, i, j, b, h, {n: x.double() if x.is_floating_point() else x for n, x in ind.items()})
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
     want = p @ vd
     tol = max(want.abs().max().item(), 1e-3)
     assert (o.double() - want).abs().max().item() <= 2e-3 * tol, "forward"
     grad = torch.randn_like(want)
-    got = torch.autograd.grad(o, (q, k, v), grad.float())
-    ref = torch.autograd.grad(want, (qd, kd, vd), grad)
-    for what, a, r in zip("qkv", got, ref):
+    got = torch.autograd.grad(o, (q, k, v) + tuple(inp[n] for n in c.learn), grad.float())
+    ref = torch.autograd.grad(want, (qd, kd, vd) + tuple(ind[n] for n in c.learn), grad)
+    for what, a, r in zip(["q", "k", "v", *c.learn], got, ref):
+        assert a.shape == r.shape, f"d{what} shape"
         assert (a.double() - r).abs().max().item() <= 5e-3 * max(r.abs().max().item(), 1e-3), f"d{what}"
 
     for blocks in [(1, 1), (4, 4), (8, 4), (16, 16)]:

@@ -36,3 +36,15 @@ def test_strings_comments_and_docstrings_are_left_alone():
               '"""\n' + ", ".join(["word"] * 40) + "\n\"\"\"\n"
               "y = (a, b)  # " + ", ".join(["c"] * 40) + "\n")
     assert wrap_long_lines(source, width=40) == source
+
+
+def test_a_trailing_comma_without_a_space_is_kept_once():
+    # `(x, g(...),)`: the last part ends with the tuple's own comma, which must not be doubled
+    env = {"g": lambda *a: sum(a)}
+    source = "t = (1, g(" + ", ".join(f"{i} * 3 + {i}" for i in range(12)) + "),)\n"
+    wrapped = wrap_long_lines(source, width=40)
+    assert _same_program(source, wrapped)
+    a, b = {}, {}
+    exec(source, dict(env), a)
+    exec(wrapped, dict(env), b)
+    assert a == b

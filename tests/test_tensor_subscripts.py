@@ -235,12 +235,8 @@ def test_index_expressions_on_token_axes_are_clamped_to_the_length(tmp_path):
 # ---- what check refuses --------------------------------------------------------------------------------
 ERRORS = {
     "real_index": ("input t: float[4]\nscore s + t[q / 2]", 3, 13, "an index of 't' must be an integer, not real"),
-    "expression_on_a_learnable_token_axis": ("input t: float[Lq] learnable\nscore s + t[q - 1]", 3, 13,
-                                             "axis Lq of learnable 't' must be indexed by 'q'"),
     "real_index_on_a_token_axis": ("input t: float[Lq]\nscore s + t[q * 0.5]", 3, 13,
                                    "an index of 't' must be an integer, not real"),
-    "learnable_table": ("input t: float[4] learnable\nscore s + t[q % 4]", 2, 1,
-                        "learnable input 't' has an axis of its own (a table)"),
     "extent_not_integer": ("input t: float[2.5]\nscore s", 2, 16, "an axis extent of 't' must be an integer"),
     "extent_from_an_index": ("input t: float[q]\nscore s", 2, 1, "an axis extent of 't' may use"),
     "extent_zero": ("const Z = 0\ninput t: float[Z]\nscore s", 3, 1, "must be at least 1"),

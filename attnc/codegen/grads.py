@@ -68,4 +68,4 @@ def _host_reduce(var: str, tensor: ir.TensorInput, load) -> str:
     for arg in load.args:
         names.update({sym: ident(sym.name) for sym in sympy.sympify(arg).free_symbols if sym not in names})
     indices = [names[arg] if arg in GRID_AXIS else f"R.index({torch_code(arg, names)})" for arg in load.args]
-    return f"scatter.scatter({var}, {ident(tensor.name)}.shape, {reads!r}, ({', '.join(indices)},))"
+    return f"scatter.scatter({var}, {ident(tensor.name)}.shape, {reads!r}, [{', '.join(indices)}])"

@@ -72,6 +72,8 @@ def wrap_line(line: str, width: int = 120) -> list[str]:
         body = []
         for n, part in enumerate(parts):
             part = part.strip()
+            if sep == ", " and n == len(parts) - 1:
+                part = part.removesuffix(",")  # a trailing comma, as in `(a, b,)`: added below like any other
             if not part:  # after a trailing separator, as in `f(a, b, )`: every part gets its comma already
                 continue
             if sep == ", ":
