@@ -135,7 +135,7 @@ def test_learnable_reads_of_every_kind_check_and_build():
         "table": ("const R = 2\ninput rel: float[Hq, 2 * R + 1] learnable\nscore s + rel[h, q - kv + R]",
                   "scatter.scatter(d_rel_0, rel_.shape, (1, 2, 3), "),
         "two_reads": ("input pos: float[L] learnable\nscore s + pos[q] - pos[kv]",
-                      "scatter.direct(d_pos_0, (2,)) + scatter.direct(d_pos_1, (3,))"),
+                      "scatter.direct(d_pos_0, (3,)) + scatter.direct(d_pos_1, (2,))"),
         "row_table": ("input w: float[4] learnable\nscore s * w[q % 4]",
                       "scatter.scatter(d_w_0, w_.shape, (2,), "),
     }
