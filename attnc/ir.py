@@ -145,6 +145,9 @@ class Step(Function):
 class Log2(Function):
     is_real = True
 
+    def _eval_evalf(self, prec):
+        return (sympy.log(self.args[0]) / sympy.log(2)).evalf(prec)
+
     def fdiff(self, argindex=1):
         return 1 / (self.args[0] * sympy.log(2))
 

@@ -48,10 +48,21 @@ def _close(a, b, tol=1e-5):
 
 @pytest.mark.parametrize("spec", sorted(CASES))
 def test_compiled_fullgraph_equals_eager(spec):
-    attn = load(ROOT / "examples" / f"{spec}.attn")
     make_inputs, grad_inputs = CASES[spec]
+    _check_compiled(load(ROOT / "examples" / f"{spec}.attn"), make_inputs(), grad_inputs)
+
+
+def test_compiled_learnable_table(tmp_path):
+    """A learnable table read per (query, key) pair: its gradient is a scatter-sum in the backward op."""
+    path = tmp_path / "rel_table.attn"
+    path.write_text("attention rel_table\nconst R = 3\ninput rel: float[Hq, 2 * R + 1] learnable\n"
+                    "input kb: float[Lk] learnable\nmask kv <= q\nscore s + rel[h, q - kv + R] + kb[kv]\n")
+    inputs = {"rel": torch.randn(H, 7, requires_grad=True), "kb": torch.randn(L, requires_grad=True)}
+    _check_compiled(load(path), inputs, ("rel", "kb"))
+
+
+def _check_compiled(attn, inputs, grad_inputs):
     q, k, v = _qkv()
-    inputs = make_inputs()
     leaves = [q, k, v, *(inputs[n] for n in grad_inputs)]
 
     def fn(q, k, v, inputs):

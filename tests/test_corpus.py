@@ -47,6 +47,13 @@ def _t5_bucket(d, NB=8, E=2):
     return torch.where(a < E, a, big) + torch.where(d > 0, NB // 2, 0)
 
 
+def _t5_log_bucket(d, NB=8, E=2, MAXD=16):
+    """T5's bucket: exact below E, then logarithmic up to MAXD (constants folded: log2(MAXD / E))."""
+    a = d.abs()
+    far = E + torch.floor(torch.log2(a.clamp(min=1).double() / E) / math.log2(MAXD / E) * (NB // 2 - E)).long()
+    return torch.where(a < E, a, far.clamp(max=NB // 2 - 1)) + torch.where(d > 0, NB // 2, 0)
+
+
 def _morton(i, X=4):
     y, x = i // X, i % X
     return (x & 1) | (y & 1) << 1 | (x & 2) << 1 | (y & 2) << 2
@@ -99,6 +106,12 @@ CASES = {
                             lambda s, i, j, b, h, inp: s + inp["t5"][h, _t5_bucket(i - j)],
                             inputs=lambda B, H, Lq, Lk, g: {"t5": torch.randn(H, 8, generator=g)}, Lq=17, Lk=23,
                             learn=("t5",)),
+    "t5_log_buckets_learned": Case(
+        "const NB = 8, E = 2, MAXD = 16\ninput t5: float[Hq, NB] learnable\n"
+        "let mag(d) = abs(d) if abs(d) < E else min(E + floor(log2(max(abs(d), 1) / E) / log2(MAXD / E) * (NB // 2 - E)), "
+        "NB // 2 - 1)\nlet bucket(d) = mag(d) + (NB // 2 if d > 0 else 0)\nmask kv <= q\nscore s + t5[h, bucket(q - kv)]",
+        lambda i, j, b, h, inp: j <= i, lambda s, i, j, b, h, inp: s + inp["t5"][h, _t5_log_bucket(i - j)],
+        inputs=lambda B, H, Lq, Lk, g: {"t5": torch.randn(H, 8, generator=g)}, Lq=30, Lk=30, learn=("t5",)),
     "key_bias_learned": Case("input kb: float[B, Lk] learnable\ninput keep: bool[B, Lk]\nmask keep[b, kv]\n"
                              "score s + kb[b, kv]", lambda i, j, b, h, inp: inp["keep"][:, None, None, :],
                              lambda s, i, j, b, h, inp: s + inp["kb"][:, None, None, :],

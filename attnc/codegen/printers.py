@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import sympy
+from sympy.core.function import AppliedUndef
 from sympy.printing.str import StrPrinter
 
 from .. import ir
@@ -228,7 +229,23 @@ class _BasePrinter(_NamedPrinter):
             printed = [printed[0][1:-1]]
         return f"{fn}({', '.join(printed)})"
 
+    def _folded(self, expr) -> str | None:
+        """A function of numbers only (`log2(MAXD / E)` with consts) prints as its value: torch's and
+        Triton's functions take tensors, not Python numbers."""
+        if not expr.is_number or expr.atoms(AppliedUndef):
+            return None
+        try:
+            value = complex(sympy.N(expr))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if value.imag != 0 or value.real != value.real or abs(value.real) == float("inf"):
+            return None
+        return repr(value.real)
+
     def _print_Function(self, expr):
+        folded = self._folded(expr)
+        if folded is not None:
+            return folded
         name = type(expr).__name__
         if name not in self.functions:
             raise UnsupportedExpression(f"function {name} has no {type(self).__name__} spelling")
@@ -261,7 +278,7 @@ class TritonPrinter(_BasePrinter):
 
     def _print_Function(self, expr):
         name = type(expr).__name__
-        if name in self._real_args and len(expr.args) == 1 and expr.args[0].is_integer:
+        if self._folded(expr) is None and name in self._real_args and len(expr.args) == 1 and expr.args[0].is_integer:
             if name not in self.functions:
                 raise UnsupportedExpression(f"function {name} has no {type(self).__name__} spelling")
             return f"{self.functions[name]}({self._print(expr.args[0])} + 0.0)"

@@ -33,7 +33,7 @@ from ..analysis.bounds import Clause
 from ..errors import BuildError
 from .names import ident
 from .plan import interval_function
-from .printers import UnsupportedExpression, torch_code, triton_code
+from .printers import UnsupportedExpression, torch_code, triton_code, wrapped
 
 # ---- names: how IR symbols read inside a kernel -----------------------------------------------------
 TILE = {"b": "off_b", "h": "off_h", "q": "offs_m[:, None]", "kv": "offs_n[None, :]"}  # [BLOCK_M, BLOCK_N]
@@ -105,7 +105,10 @@ def tensor_loads(exprs, where: dict, prefix: str) -> tuple[dict, list[Load]]:
             local = dict(index_names)
             local.update({sym: ident(sym.name) for sym in index.free_symbols if sym not in local})
             local.update(names)
-            parts.append(f"({triton_code(index, local)}) * stride_{tensor}_{axis}")
+            code = triton_code(index, local)
+            if index.atoms(sympy.floor, sympy.ceiling):  # Triton's floor and ceil return floats
+                code = f"{code}.to(tl.int32)" if wrapped(code) else f"({code}).to(tl.int32)"
+            parts.append(f"({code}) * stride_{tensor}_{axis}")
         var = f"{prefix}{tensor}_{i}"
         names[load] = var
         loads.append(Load(var, f"{ident(tensor)}ptr", " + ".join(parts), " & ".join(bounds)))

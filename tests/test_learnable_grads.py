@@ -1,0 +1,155 @@
+"""Gradients of learnable inputs read per key, per (query, key) pair and per table entry.
+
+The kernels keep one buffer per read (attnc/codegen/grads.py) and the host reduces it in a fixed order
+(runtime/scatter.py). Checked here:
+- the scatter-sum against a float64 loop written in this file;
+- the general normalizations (softplus over a row sum) with a learnable key bias and a learnable
+  relative-position table, forward and backward against a float64 formula written here;
+- out-of-range table reads (clamped to the edge entries) get their gradient at the edge;
+- determinism: two backward passes agree bit for bit;
+- GQA (Hk < Hq) and Lq != Lk.
+The softmax family's trained biases (T5, Swin, Graphormer, per-key, per-pair, row tables) are in
+tests/test_corpus.py.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import math
+
+import pytest
+import torch
+from attnc.runtime import scatter
+
+import attnc
+
+D = 16
+
+
+def _load(tmp_path, name: str, body: str):
+    path = tmp_path / f"{name}.attn"
+    path.write_text(f"attention {name}\n{body}\n")
+    return attnc.load(path)
+
+
+def _qkv(B, Hq, Hk, Lq, Lk, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hk, Lk, D, generator=g)
+    v = torch.randn(B, Hk, Lk, D, generator=g)
+    return [x.requires_grad_(True) for x in (q, k, v)], g
+
+
+def _close(what, got, ref, tol):
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = (got.double() - ref).abs().max().item()
+    assert err <= tol * max(ref.abs().max().item(), 1e-3), f"{what}: max error {err:.3g}"
+
+
+# ---- the host's deterministic scatter-sum ------------------------------------------------------------
+def test_segment_sums_match_a_float64_loop():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3000, generator=g)
+    index = torch.randint(0, 7, (3000,), generator=g)
+    index[index == 4] = 5  # an entry nobody reads stays 0
+    got = scatter.segment_sums(values, index, 9)
+    want = [sum(float(x) for x, i in zip(values.double(), index) if int(i) == e) for e in range(9)]
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-4)
+    assert got[4] == 0 and got[7] == 0 and got[8] == 0
+
+
+def test_scatter_sums_unread_grid_axes_and_broadcasts_indices():
+    # a [B=2, Hq=3, Lq=4, Lk=5] buffer read as table[h, q - kv + 4] (extent 8, clamped at 7)
+    g = torch.Generator().manual_seed(1)
+    buf = torch.randn(2, 3, 4, 5, generator=g)
+    h = torch.arange(3).view(1, 3, 1, 1)
+    i = torch.arange(4).view(1, 1, 4, 1)
+    j = torch.arange(5).view(1, 1, 1, 5)
+    got = scatter.scatter(buf, (3, 8), (1, 2, 3), [h, (i - j + 4).clamp(0, 7)])
+    want = torch.zeros(3, 8, dtype=torch.float64)
+    for b in range(2):
+        for hh in range(3):
+            for ii in range(4):
+                for jj in range(5):
+                    want[hh, min(max(ii - jj + 4, 0), 7)] += float(buf[b, hh, ii, jj])
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_direct_permutes_to_the_inputs_axis_order():
+    buf = torch.randn(2, 3, 4, 5)
+    assert torch.allclose(scatter.direct(buf, (3, 1)), buf.sum(dim=(0, 2)).T)
+    assert torch.allclose(scatter.direct(buf[..., 0], (2,)), buf[..., 0].sum(dim=(0, 1)))
+
+
+# ---- general normalizations ----------------------------------------------------------------------------
+SOFTPLUS = ("const R = 3\ninput kb: float[Lk] learnable\ninput rel: float[Hq, 2 * R + 1] learnable\n"
+            "mask kv <= q + (Lk - Lq)\nscore s + kb[kv] + rel[h, q - kv + R]\n"
+            "probs softplus(score) / rowsum(softplus(score))")
+
+
+def _softplus_formula(q, k, v, kb, rel, Hq):
+    Lq, Lk = q.shape[2], k.shape[2]
+    rep = Hq // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    i = torch.arange(Lq)[:, None]
+    j = torch.arange(Lk)[None, :]
+    s = q @ k.transpose(-1, -2) / math.sqrt(D) + kb + rel[:, (i - j + 3).clamp(0, 6)][None]
+    w = torch.nn.functional.softplus(s) * (j <= i + (Lk - Lq))
+    return (w / w.sum(-1, keepdim=True)) @ v
+
+
+def test_general_family_learnable_key_bias_and_table(tmp_path):
+    fn = _load(tmp_path, "softplus_bias", SOFTPLUS)
+    B, Hq, Hk, Lq, Lk = 2, 4, 2, 13, 22  # GQA, Lq != Lk; tables read past +-R are clamped
+    (q, k, v), g = _qkv(B, Hq, Hk, Lq, Lk, seed=3)
+    kb = torch.randn(Lk, generator=g).requires_grad_(True)
+    rel = torch.randn(Hq, 7, generator=g).requires_grad_(True)
+    o = fn(q, k, v, kb=kb, rel=rel)
+    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, kb, rel)]
+    want = _softplus_formula(*leaves, Hq)
+    _close("o", o, want.detach(), 2e-3)
+    do = torch.randn_like(want)
+    got = torch.autograd.grad(o, (q, k, v, kb, rel), do.float())
+    ref = torch.autograd.grad(want, leaves, do)
+    for what, a, r in zip(["dq", "dk", "dv", "dkb", "drel"], got, ref):
+        _close(what, a, r, 5e-3)
+
+
+# ---- clamped reads and determinism ---------------------------------------------------------------------
+def test_out_of_range_reads_send_their_gradient_to_the_edge_entry(tmp_path):
+    # t[kv + 2] reads t's last entry for the last three keys: its gradient collects all three
+    fn = _load(tmp_path, "shifted", "input t: float[Lk] learnable\nscore s + t[kv + 2]")
+    (q, k, v), g = _qkv(1, 2, 2, 9, 11, seed=4)
+    t = torch.randn(11, generator=g).requires_grad_(True)
+    o = fn(q, k, v, t=t)
+    td = t.detach().double().requires_grad_(True)
+    qd, kd, vd = (x.detach().double() for x in (q, k, v))
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(D) + td[(torch.arange(11) + 2).clamp(max=10)]
+    want = torch.softmax(s, -1) @ vd
+    do = torch.randn_like(want)
+    (dt,) = torch.autograd.grad(o, (t,), do.float())
+    (ref,) = torch.autograd.grad(want, (td,), do)
+    _close("dt", dt, ref, 5e-3)
+    assert dt[0] == 0 and dt[1] == 0  # entries no key reads
+    assert ref[10].abs() > 0
+
+
+def test_table_gradients_are_deterministic(tmp_path):
+    fn = _load(tmp_path, "rel_det", "const R = 5\ninput rel: float[Hq, 2 * R + 1] learnable\nmask kv <= q\n"
+                                    "score s + rel[h, q - kv + R]")
+    (q, k, v), g = _qkv(2, 2, 2, 40, 40, seed=5)
+    rel = torch.randn(2, 11, generator=g).requires_grad_(True)
+    do = torch.randn(2, 2, 40, D, generator=g)
+    runs = [torch.autograd.grad(fn(q, k, v, rel=rel), (rel, k), do) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_table_gradient_keeps_the_inputs_dtype(tmp_path, dtype):
+    fn = _load(tmp_path, "rel_dtype", "const R = 2\ninput rel: float[Hq, 2 * R + 1] learnable\n"
+                                      "score s + rel[h, q - kv + R]")
+    (q, k, v), g = _qkv(1, 2, 2, 8, 8, seed=6)
+    rel = torch.randn(2, 5, generator=g).to(dtype).requires_grad_(True)
+    o = fn(q.detach().to(dtype), k.detach().to(dtype), v.detach().to(dtype), rel=rel)
+    (drel,) = torch.autograd.grad(o.float().sum(), (rel,))
+    assert drel.dtype == dtype and drel.shape == rel.shape and torch.isfinite(drel.float()).all()
