@@ -201,8 +201,11 @@ def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu",
                 kw[n] = kw[n].detach().requires_grad_()
             out = fn(*leaves, return_lse=has_lse, **kw, **case.params)
             o, lse = out if has_lse else (out, None)
-            grads = torch.autograd.grad(o, leaves + [kw[n] for n in learnable], do.to(device=device, dtype=cast))
-            return o, lse, grads
+            wrt = leaves + [kw[n] for n in learnable]
+            # a learnable input the output does not depend on (read in the mask only, or in a row
+            # constant that softmax cancels) has gradient 0, which autograd reports as None
+            grads = torch.autograd.grad(o, wrt, do.to(device=device, dtype=cast), allow_unused=True)
+            return o, lse, [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
 
         o, lse, grads = run(attn, dtype)
         ro, rlse, rgrads = run(attn.reference, torch.float64)

@@ -153,3 +153,34 @@ def test_table_gradient_keeps_the_inputs_dtype(tmp_path, dtype):
     o = fn(q.detach().to(dtype), k.detach().to(dtype), v.detach().to(dtype), rel=rel)
     (drel,) = torch.autograd.grad(o.float().sum(), (rel,))
     assert drel.dtype == dtype and drel.shape == rel.shape and torch.isfinite(drel.float()).all()
+
+
+def test_a_learnable_input_inside_an_index_differentiates_as_piecewise_constant(tmp_path):
+    # w[h] is read both as a factor and (through floor) inside t's index: the index part has gradient 0
+    fn = _load(tmp_path, "index_of_learnable", "input w: float[Hq] learnable\ninput t: float[8]\nmask kv <= q\n"
+                                               "score s + t[kv % 4 + floor(w[h])] * w[h] * (q - kv) * 0.1")
+    (q, k, v), g = _qkv(1, 2, 2, 12, 12, seed=7)
+    w = torch.tensor([1.3, 2.6]).requires_grad_(True)
+    t = torch.randn(8, generator=g)
+    o = fn(q, k, v, w=w, t=t)
+    wd = w.detach().double().requires_grad_(True)
+    qd, kd, vd = (x.detach().double() for x in (q, k, v))
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    index = (j % 4 + torch.floor(wd.detach())[:, None, None].long()).clamp(0, 7)  # [H, 1, L]
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(D) + t.double()[index] * wd[:, None, None] * (i - j) * 0.1
+    want = torch.softmax(s.masked_fill(j > i, float("-inf")), -1) @ vd
+    _close("o", o, want.detach(), 2e-3)
+    do = torch.randn_like(want)
+    (dw,) = torch.autograd.grad(o, (w,), do.float())
+    (ref,) = torch.autograd.grad(want, (wd,), do)
+    _close("dw", dw, ref, 5e-3)
+
+
+def test_a_learnable_row_constant_that_softmax_cancels_has_gradient_zero(tmp_path):
+    fn = _load(tmp_path, "cancelled", "input w: float[Hq] learnable\nscore s + 3 * w[h]")
+    (q, k, v), _ = _qkv(1, 2, 2, 9, 9, seed=8)
+    w = torch.tensor([0.5, -1.0], requires_grad=True)
+    o = fn(q, k, v, w=w)
+    (dw,) = torch.autograd.grad(o, (w,), torch.randn_like(o))
+    assert dw.abs().max() < 1e-5
+    _close("o", o, (torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1) @ v).detach().double(), 2e-3)

@@ -30,8 +30,16 @@ class LearnableGradient:
         return ir.kv in self.load.free_symbols
 
 
+def diff(expr, x) -> sympy.Expr:
+    """d expr / d x, where an integer index (`t[floor(w[h])]`, a table read at an index computed from
+    x) contributes 0: indices are piecewise constant, so sympy's Derivative(floor(..)) and
+    Subs(Derivative(t(..))) terms of the chain rule vanish almost everywhere."""
+    out = sympy.diff(expr, x)
+    return out.replace(lambda e: isinstance(e, (sympy.Derivative, sympy.Subs)), lambda e: sympy.Integer(0))
+
+
 def score_derivative(score) -> sympy.Expr:
-    return sympy.diff(score, ir.s)
+    return diff(score, ir.s)
 
 
 def learnable_gradients(variant: ir.Variant, sink) -> list[LearnableGradient]:
@@ -39,8 +47,8 @@ def learnable_gradients(variant: ir.Variant, sink) -> list[LearnableGradient]:
     exprs = [variant.score] + ([sink] if sink is not None else [])
     for tensor in variant.learnable:
         for load in tensor_reads(tensor, exprs):
-            dsink = None if sink is None else sympy.diff(sink, load)
-            out.append(LearnableGradient(tensor, load, sympy.diff(variant.score, load),
+            dsink = None if sink is None else diff(sink, load)
+            out.append(LearnableGradient(tensor, load, diff(variant.score, load),
                                          dsink if dsink != 0 else None))
     return out
 

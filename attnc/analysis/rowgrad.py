@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import sympy
 
 from .. import ir
-from .derivatives import tensor_reads
+from .derivatives import diff, tensor_reads
 from .rowstats import RowPlan, is_row_constant
 
 DP = sympy.Symbol("dp", real=True)  # dO_i . v_j
@@ -118,7 +118,7 @@ def _stats(rows: RowPlan) -> list[Stat]:
 
 def _diff(expr, x):
     # powsimp turns sympy's p*x**p/x into p*x**(p - 1): finite at x = 0
-    return sympy.powsimp(sympy.diff(expr, x), deep=True)
+    return sympy.powsimp(diff(expr, x), deep=True)
 
 
 def proportional(expr, base):

@@ -63,7 +63,7 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
     row_names, row_loads = tensor_loads(row_exprs, ROW, "r_")
     rnames = {**base_names(variant, ROW), **row_names}
     return SoftmaxBody(
-        plain=logits == ir.s,
+        plain=logits == ir.s and not tile.loads,  # (loads: a learnable input in a row constant)
         tile=tile,
         tile_t=tile_code(TILE_T)[0],
         sink=None if form.sink is None else triton_code(form.sink, rnames),
