@@ -716,7 +716,7 @@ class Checker:
             return _Value(ir.feature_weight(tensor.name), REAL)
         if len(node.indices) != len(tensor.axes):
             if len(node.indices) == len(tensor.axes) - 1 and tensor.extents and tensor.extents[-1] is not None:
-                self.error(f"'{tensor.name}' read without its last axis ({tensor.axes[-1]}) is a feature vector, "
+                self.error(f"'{tensor.name}' read without its last axis (of extent {tensor.axes[-1]}) is a feature vector, "
                            "not a number", node.span,
                            f"use it inside dot(), e.g. dot({tensor.name}[...], kr[b, kv]), or subscript its last "
                            "axis too for one entry")
