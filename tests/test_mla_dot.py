@@ -8,12 +8,15 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
 from attnc.runtime import launch
 
 import attnc
+from attnc.codegen.module import generate_module
 from attnc.errors import SpecError
 from attnc.pipeline import compile_text
 
@@ -150,12 +153,46 @@ score s + qr[b, h, q, 1] * kr[b, kv, 2] + dot(qr[b, h, q], kr[b, kv])
         transform=lambda s, d: s + qd[..., 1:2] * kd[:, None, None, :, 2] + d), qr=qr, kr=kr)
 
 
+def test_one_tensor_on_both_sides(tmp_path):
+    """dot(x[b, q], x[b, kv]) of one token axis L (Lq == Lk): the two tiles are two loads of one tensor."""
+    fn = _load(tmp_path, "rope_self", """const R = 3
+input x: float[B, L, R]
+mask kv <= q
+score s + dot(x[b, q], x[b, kv])
+""")
+    B, H, L, R = 2, 2, 21, 3
+    q, k, v = _randn(B, H, L, D, seed=0), _randn(B, H, L, D, seed=1), _randn(B, H, L, D, seed=2)
+    x = _randn(B, L, R, seed=3)
+    xd = x.double()[:, None]
+    _check(fn, q, k, v, lambda q, k, v: _formula(q, k, v, xd, xd, True, 1.0), x=x)
+
+
 def test_decode_refused(tmp_path):
     fn = _load(tmp_path, "mla_decode", MLA)
     q, kc, vc = _randn(1, 2, 1, D, seed=0), _randn(1, 2, 8, D, seed=1), _randn(1, 2, 8, D, seed=2)
     with pytest.raises(ValueError, match="dot\\(\\) of feature vectors"):
         fn.decode(q, kc, vc, torch.tensor([8], dtype=torch.int32), qr=_randn(1, 2, 1, 16, seed=3),
                   kr=_randn(1, 8, 16, seed=4))
+
+
+PARAM_LENGTH = """param R = 5
+input qr: float[B, Hq, Lq, R]
+input kr: float[B, Hq, Lk, R]
+probs sigmoid(s - dot(kr[b, h, kv], qr[b, h, q]) / 2)
+"""
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
+def test_generated_modules_are_lint_clean(tmp_path):
+    """ruff's default rules; a param read only by the feature length is not assigned in the reference."""
+    for name, body in (("mla_rope", MLA), ("rope_param", PARAM_LENGTH)):
+        source = generate_module(compile_text(f"attention {name}\n{body}", f"{name}.attn"))
+        assert "tl.dot(t_qr_qvec0, t_kr_kvec0)" in source and "tl.dot(t_kr_kvec0, t_qr_qvec0)" in source
+        (tmp_path / f"{name}.py").write_text(source)
+    assert "BLOCK_R_qr_: tl.constexpr" in (tmp_path / "rope_param.py").read_text()
+    run = subprocess.run(["ruff", "check", "--isolated", "--output-format", "concise", "."],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 _HEAD = "attention bad\nconst R = 16\ninput qr: float[B, Hq, Lq, R]\ninput kr: float[B, Lk, R]\n"

@@ -143,13 +143,13 @@ def _vector_dot(dot, j: int, where: dict, prefix: str, names: dict) -> tuple[str
     length = triton_code(dot.length, {**names, **{sym: ident(sym.name) for sym in dot.length.free_symbols
                                                    if sym not in names}})
     tiles = []
-    for read, rows in ((dot.query, query_rows), (dot.key, not query_rows)):
+    for read, rows, side in ((dot.query, query_rows, "q"), (dot.key, not query_rows, "k")):
         tensor = read.func.__name__
         feature = f"{offs}[None, :]" if rows else f"{offs}[:, None]"
         parts, bounds = _offsets(read, where, names)
         parts.append(f"{feature} * stride_{tensor}_{len(read.args)}")
         bounds.append(f"({feature} < {length})")
-        var = f"{prefix}{tensor}_vec{j}"
+        var = f"{prefix}{tensor}_{side}vec{j}"  # one tensor may be read on both sides: dot(x[q], x[kv])
         tiles.append(var)
         lines.append(Load(var, f"{ident(tensor)}ptr", " + ".join(parts), " & ".join(bounds)))
     var = f"{prefix}dot{j}"
