@@ -113,6 +113,7 @@ class Checker:
         self.functions: dict = {}  # let functions: name -> ast.LetFunc
         self.features: list = []  # (name, body of ir.FEATURE_X): `feature phi(x) = ...` (linear attention)
         self.in_feature = False  # lowering a feature map's body
+        self.vec_dot_span: Span | None = None  # the first dot() of feature vectors (tensor reads)
 
     # ---- reporting ----
     def error(self, message: str, span: Span | None, hint: str | None = None):
@@ -484,6 +485,9 @@ class Checker:
         if value.type != BOOL:
             self.error(f"the mask must be a condition (bool), not {value.type}", stmt.value.span,
                        "compare with <, <=, ==, ... and combine with and, or, not")
+        if value.uses_score and sympy.sympify(value.expr).atoms(ir.VecDot):
+            self.error("the mask cannot use dot() of feature vectors (a per-pair score term)", value.uses_score,
+                       "put it in 'score' or 'probs'")
         if value.uses_score:
             self.error("the mask cannot depend on the score", value.uses_score,
                        "put score-dependent terms in 'score' or 'probs'")
@@ -497,6 +501,9 @@ class Checker:
         if stmt.arg in self.env or stmt.arg in RESERVED:
             self.error(f"the argument of feature '{stmt.name}' must be a new name, not '{stmt.arg}'", stmt.span,
                        f"write 'feature {stmt.name}(x) = ...'")
+        if self.vec_dot_span is not None:
+            self.error("feature maps (linear attention) cannot be combined with dot() of feature vectors "
+                       f"(line {self.vec_dot_span.line})", stmt.span)
         self.env[stmt.arg] = _Entry("let", stmt.span, _Value(ir.FEATURE_X, REAL))
         self.in_feature = True
         try:
@@ -515,6 +522,8 @@ class Checker:
 
     def call_dot(self, node: ast.Call) -> _Value:
         """`dot(phi(q), phi(k))`: the dot product of the query's and the key's feature vectors."""
+        if len(node.args) == 2 and any(isinstance(a, ast.Index) for a in node.args):
+            return self.dot_vectors(node)
         hint = "write dot(phi(q), phi(k)) with a map declared by 'feature phi(x) = ...'"
         if len(node.args) != 2 or node.kwargs:
             self.error(f"dot() takes 2 arguments, got {len(node.args)}", node.span, hint)
@@ -528,6 +537,66 @@ class Checker:
         if names[0] != names[1]:
             self.error("dot() must apply the same feature map to q and k", node.span, hint)
         return _Value(ir.feature_dot(names[0]), REAL, node.span, None)
+
+    def dot_vectors(self, node: ast.Call) -> _Value:
+        """`dot(qr[b, h, q], kr[b, kv])`: the inner product over the feature axis (the last) of a vector
+        read once per query and a vector read once per key (DeepSeek MLA's decoupled rotary part)."""
+        if node.kwargs:
+            self.error("dot() takes no keyword arguments", node.span)
+        if self.in_feature:
+            self.error("dot() of feature vectors cannot be used inside a feature map", node.span)
+        if self.features:
+            self.error("dot() of feature vectors cannot be combined with feature maps (linear attention)",
+                       node.span, "use either 'feature phi(x) = ...' with dot(phi(q), phi(k)) or tensor vectors")
+        reads = [self.vector_read(arg) for arg in node.args]
+        for load, arg in reads:
+            uses_q, uses_kv = ir.q in load.free_symbols, ir.kv in load.free_symbols
+            if uses_q and uses_kv:
+                self.error(f"the feature vector '{arg.tensor}[...]' is read at both q and kv; dot() takes one "
+                           "vector per query and one per key", arg.span,
+                           "index the query-side vector by q (not kv) and the key-side vector by kv (not q)")
+            if not (uses_q or uses_kv):
+                self.error(f"the feature vector '{arg.tensor}[...]' must be read at q (one vector per query) or "
+                           "at kv (one per key)", arg.span)
+        sides = [ir.kv in load.free_symbols for load, _ in reads]
+        if sides[0] == sides[1]:
+            which = "key-side vectors (both read at kv)" if sides[0] else "query-side vectors (both read at q)"
+            self.error(f"dot() of two {which}", node.span,
+                       "one argument is read per query (at q), the other per key (at kv): "
+                       "dot(qr[b, h, q], kr[b, kv])")
+        (qload, qarg), (kload, karg) = reads if not sides[0] else reads[::-1]
+        qlen = self.env[qarg.tensor].tensor.extents[-1]
+        klen = self.env[karg.tensor].tensor.extents[-1]
+        if sympy.simplify(qlen - klen) != 0:
+            self.error(f"the feature vectors of dot() have different lengths: {qlen} ('{qarg.tensor}') and "
+                       f"{klen} ('{karg.tensor}')", node.span, "declare both feature axes with the same extent")
+        self.vec_dot_span = self.vec_dot_span or node.span
+        return _Value(ir.VecDot(qload, kload, qlen), REAL, node.span, None)
+
+    def vector_read(self, node) -> tuple:
+        """One argument of dot() over a feature axis: a tensor read with every axis but its last."""
+        hint = "e.g. dot(qr[b, h, q], kr[b, kv]) for inputs qr: float[B, Hq, Lq, R] and kr: float[B, Lk, R]"
+        if not isinstance(node, ast.Index):
+            self.error("an argument of dot() over a feature axis must be a tensor read with every axis but its "
+                       "last subscripted", node.span, hint)
+        entry = self.env.get(node.tensor)
+        if entry is None or entry.kind != "tensor" or "Dqk" in entry.tensor.axes:
+            self.expr_index(node)  # reports the unknown or misused tensor
+        tensor = entry.tensor
+        extents = tensor.extents or (None,) * len(tensor.axes)
+        if extents[-1] is None:
+            self.error(f"'{tensor.name}' has no feature axis: its last axis {tensor.axes[-1]} is not an extent",
+                       node.span, "declare the feature axis last, e.g. input kr: float[B, Lk, R] with const R = 64")
+        if len(node.indices) != len(tensor.axes) - 1:
+            self.error(f"a feature vector of '{tensor.name}' subscripts every axis but the last: "
+                       f"{len(tensor.axes) - 1} indices for [{', '.join(tensor.axes[:-1])}], got {len(node.indices)}",
+                       node.span, hint)
+        if tensor.dtype != "float":
+            self.error(f"dot() needs float feature vectors ('{tensor.name}' is {tensor.dtype})", node.span)
+        if tensor.learnable:
+            self.error(f"'{tensor.name}' is learnable, but gradients of feature vectors read by dot() are not "
+                       "computed yet", node.span, f"drop 'learnable' from the input '{tensor.name}' (a fixed input)")
+        return tensor.load(*self.lower_indices(tensor, node.indices)), node
 
     def stmt_score(self, stmt: ast.Score):
         self.once(stmt, "score")
@@ -646,11 +715,24 @@ class Checker:
                 self.error(f"a feature map reads '{tensor.name}[h]' (head h's [Dqk, F] matrix)", node.span)
             return _Value(ir.feature_weight(tensor.name), REAL)
         if len(node.indices) != len(tensor.axes):
+            if len(node.indices) == len(tensor.axes) - 1 and tensor.extents and tensor.extents[-1] is not None:
+                self.error(f"'{tensor.name}' read without its last axis (of extent {tensor.axes[-1]}) is a feature vector, "
+                           "not a number", node.span,
+                           f"use it inside dot(), e.g. dot({tensor.name}[...], kr[b, kv]), or subscript its last "
+                           "axis too for one entry")
             self.error(f"'{tensor.name}' has {len(tensor.axes)} axes [{', '.join(tensor.axes)}] but is indexed "
                        f"with {len(node.indices)}", node.span)
+        load = tensor.load(*self.lower_indices(tensor, node.indices))
+        if tensor.dtype == "bool":
+            # a condition: sympy's and/or/not/if take only Booleans, and every printer knows `!=`
+            return _Value(sympy.Ne(load, 0, evaluate=False), BOOL)
+        return _Value(load, _DTYPE_TYPE[tensor.dtype])
+
+    def lower_indices(self, tensor: ir.TensorInput, subscripts) -> list:
+        """The IR indices of a read of `tensor` with `subscripts` (its first len(subscripts) axes)."""
         indices = []
         extents = tensor.extents or (None,) * len(tensor.axes)
-        for axis, extent, idx in zip(tensor.axes, extents, node.indices):
+        for axis, extent, idx in zip(tensor.axes, extents, subscripts):
             if extent is not None:
                 # a table axis: any integer expression, clamped to the axis (out-of-range reads the edge)
                 value = self.lower(idx)
@@ -680,11 +762,7 @@ class Checker:
                 indices.append(sympy.Min(sympy.Max(value.expr, 0), size - 1))
                 continue
             indices.append(ir.INDICES[idx.id])
-        load = tensor.load(*indices)
-        if tensor.dtype == "bool":
-            # a condition: sympy's and/or/not/if take only Booleans, and every printer knows `!=`
-            return _Value(sympy.Ne(load, 0, evaluate=False), BOOL)
-        return _Value(load, _DTYPE_TYPE[tensor.dtype])
+        return indices
 
     def expr_neg(self, node: ast.Neg) -> _Value:
         v = self.lower(node.operand)

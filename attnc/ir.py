@@ -220,6 +220,43 @@ def feature_dot_name(sym) -> str | None:
     return name[len("_fdot_"):] if name.startswith("_fdot_") else None
 
 
+# ---- dot products of feature vectors (`dot(qr[b, h, q], kr[b, kv])`, DeepSeek MLA's rotary part) ----
+class VecDot(Function):
+    """`dot(a[..., q], b[..., kv])`: the inner product over the last (feature) axis of a vector read once
+    per query and a vector read once per key, a real number per (query, key) pair like `s`.
+
+    args: the query-side read and the key-side read (tensor loads with every axis but the feature
+    axis subscripted: `qr(b, h, q)`, `kr(b, kv)`), and the feature axis' extent."""
+
+    nargs = 3
+    is_real = True
+
+    @property
+    def query(self):
+        return self.args[0]
+
+    @property
+    def key(self):
+        return self.args[1]
+
+    @property
+    def length(self):
+        return self.args[2]
+
+
+def vec_dots(*exprs) -> list:
+    """The VecDot terms in exprs, in a fixed order."""
+    found = {d for e in exprs if isinstance(e, sympy.Basic) for d in e.atoms(VecDot)}
+    return sorted(found, key=sympy.default_sort_key)
+
+
+def scalar_loads(expr) -> set:
+    """Tensor loads of one entry in expr: every load but the vector reads of a `VecDot`."""
+    expr = sympy.sympify(expr)
+    vector_reads = {a for d in expr.atoms(VecDot) for a in d.args[:2]}
+    return expr.atoms(sympy.core.function.AppliedUndef) - vector_reads
+
+
 # ---- the variant ----
 @dataclass(frozen=True)
 class Param:

@@ -47,6 +47,9 @@ class SpecPrinter(StrPrinter):
     def _print_AppliedUndef(self, expr):
         return f"{expr.func.__name__}[{', '.join(self._print(a) for a in expr.args)}]"
 
+    def _print_VecDot(self, expr):
+        return f"dot({self._print(expr.query)}, {self._print(expr.key)})"
+
     def _print_FloorDiv(self, expr):
         a, d = expr.args
         return f"({self.parenthesize(a, 50)} // {self.parenthesize(d, 51)})"

@@ -62,6 +62,13 @@ class Reference:
         pieces = [self.mask or "", self.score, self.softmax_logits or "", self.sink or "", self.probs]
         return any(name in piece for piece in pieces + [code for _, code in self.stats])
 
+    def reads_name(self, name: str) -> bool:
+        """Whether any printed piece reads the identifier `name` (a param read only by a feature axis'
+        length, as in dot(qr[b, h, q], kr[b, kv]) with `param R`, is not)."""
+        pieces = [self.mask or "", self.score, self.softmax_logits or "", self.sink or "", self.probs]
+        return any(re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", piece)
+                   for piece in pieces + [code for _, code in self.stats])
+
 
 def _reference(v: ir.Variant, a: Analyses) -> Reference:
     names = {ir.b: TORCH_INDEX["b"], ir.h: TORCH_INDEX["h"], ir.q: TORCH_INDEX["q"], ir.kv: TORCH_INDEX["kv"],

@@ -39,4 +39,9 @@ def torch_loads(*exprs, names: dict | None = None) -> dict:
             local = {**base, **{sym: ident(sym.name) for sym in a.free_symbols if sym not in base}, **out}
             parts.append(f"R.index({torch_code(a, local)})")
         out[load] = f"{ident(load.func.__name__)}[{', '.join(parts)}]"
+    # dot(qr[b, h, q], kr[b, kv]): a read of all axes but the feature axis is [B', H', Lq', 1, R] per query
+    # (or [B', H', 1, Lk', R] per key); drop the other token axis and multiply over the features
+    for dot in ir.vec_dots(*[sympy.sympify(e) for e in exprs if e is not None]):
+        out[dot] = (f"torch.matmul({out[dot.query]}[..., 0, :], "
+                    f"{out[dot.key]}[..., 0, :, :].transpose(-1, -2))")
     return out

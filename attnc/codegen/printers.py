@@ -50,6 +50,9 @@ class _NamedPrinter(StrPrinter):
     def _print_AppliedUndef(self, expr):
         return self._named(expr)
 
+    def _print_VecDot(self, expr):  # a dot of feature vectors: computed per tile by the caller
+        return self._named(expr)
+
 
 def wrapped(code: str) -> bool:
     """Whether code is one parenthesized group, "(a + b)" (not "(a) + (b)")."""

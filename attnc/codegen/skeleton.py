@@ -82,37 +82,91 @@ def tensor_loads(exprs, where: dict, prefix: str) -> tuple[dict, list[Load]]:
     """Names and loads for every tensor input read in exprs, indexed as `where` spells the indices.
 
     An index is a bare b, h, q or kv, or (an axis of the tensor's own) an integer expression, already
-    clamped to the axis by the checker; loads nested in it (gathers) are loaded first."""
+    clamped to the axis by the checker; loads nested in it (gathers) are loaded first. A dot of feature
+    vectors (`ir.VecDot`) is a `tl.dot` of its two vector tiles, after every other load."""
     names, loads = {}, []
-    found = sorted({a for e in exprs if e is not None for a in sympy.sympify(e).atoms(AppliedUndef)},
+    found = sorted({a for e in exprs if e is not None for a in ir.scalar_loads(e)},
                    key=lambda a: (_nesting(a), sympy.default_sort_key(a)))
     index_names = {ir.INDICES[k]: code for k, code in where.items() if code is not None}
     index_names.update({sym: name for name, sym in ir.SIZES.items()})
     for i, load in enumerate(found):
         tensor = load.func.__name__
-        parts, bounds = [], []
-        for axis, index in enumerate(load.args):
-            if index.is_Symbol and str(index) in where:
-                code = where[str(index)]
-                if code is None:
-                    raise BuildError(f"{tensor} is read per key where only row values are available")
-                parts.append(f"{code} * stride_{tensor}_{axis}")
-                if str(index) in ("q", "kv") and where is not SCALAR:
-                    bounds.append(f"({code} < {'Lq' if str(index) == 'q' else 'Lk'})")
-                continue
-            if ir.kv in index.free_symbols and where["kv"] is None:
-                raise BuildError(f"{tensor} is read per key where only row values are available")
-            local = dict(index_names)
-            local.update({sym: ident(sym.name) for sym in index.free_symbols if sym not in local})
-            local.update(names)
-            code = triton_code(index, local)
-            if index.atoms(sympy.floor, sympy.ceiling):  # Triton's floor and ceil return floats
-                code = f"{code}.to(tl.int32)" if wrapped(code) else f"({code}).to(tl.int32)"
-            parts.append(f"({code}) * stride_{tensor}_{axis}")
+        parts, bounds = _offsets(load, where, {**index_names, **names})
         var = f"{prefix}{tensor}_{i}"
         names[load] = var
         loads.append(Load(var, f"{ident(tensor)}ptr", " + ".join(parts), " & ".join(bounds)))
+    for j, dot in enumerate(ir.vec_dots(*[e for e in exprs if e is not None])):
+        var, lines = _vector_dot(dot, j, where, prefix, {**index_names, **names})
+        names[dot] = var
+        loads += lines
     return names, loads
+
+
+def _offsets(load, where: dict, names: dict) -> tuple[list[str], list[str]]:
+    """The address terms of `load`'s subscripts (`off_b * stride_doc_0`, ...) and its bounds masks."""
+    tensor = load.func.__name__
+    parts, bounds = [], []
+    for axis, index in enumerate(load.args):
+        if index.is_Symbol and str(index) in where:
+            code = where[str(index)]
+            if code is None:
+                raise BuildError(f"{tensor} is read per key where only row values are available")
+            parts.append(f"{code} * stride_{tensor}_{axis}")
+            if str(index) in ("q", "kv") and where is not SCALAR:
+                bounds.append(f"({code} < {'Lq' if str(index) == 'q' else 'Lk'})")
+            continue
+        if ir.kv in index.free_symbols and where["kv"] is None:
+            raise BuildError(f"{tensor} is read per key where only row values are available")
+        local = {**names, **{sym: ident(sym.name) for sym in index.free_symbols if sym not in names}}
+        code = triton_code(index, local)
+        if index.atoms(sympy.floor, sympy.ceiling):  # Triton's floor and ceil return floats
+            code = f"{code}.to(tl.int32)" if wrapped(code) else f"({code}).to(tl.int32)"
+        parts.append(f"({code}) * stride_{tensor}_{axis}")
+    return parts, bounds
+
+
+def vector_block(dot) -> str:
+    """BLOCK_R of a dot of feature vectors: the next power of two >= the length and >= 16 (tl.dot's
+    minimum), a number for a const length, else a constexpr the launch computes (`Signature.of`)."""
+    if dot.length.is_Integer:
+        return str(max(16, 1 << (int(dot.length) - 1).bit_length()))
+    return f"BLOCK_R_{ident(dot.query.func.__name__)}"
+
+
+def _vector_dot(dot, j: int, where: dict, prefix: str, names: dict) -> tuple[str, list]:
+    """`dot(qr[b, h, q], kr[b, kv])` on a tile: [BLOCK_M, BLOCK_R] query vectors times [BLOCK_R, BLOCK_N]
+    key vectors (query-major tiles), or key vectors times query vectors (key-major tiles, TILE_T)."""
+    if where is DECODE_TILE:
+        raise BuildError("split-KV decoding does not support dot() of feature vectors yet")
+    if where["kv"] is None or where["q"] is None:
+        raise BuildError("dot() of feature vectors is a per-pair term, read where only row values are available")
+    query_rows = where["q"].endswith("[:, None]")  # query-major: queries are the tile's rows
+    offs = f"{prefix}offs_r{j}"
+    lines = [Line(offs, f"{offs} = tl.arange(0, {vector_block(dot)})")]
+    length = triton_code(dot.length, {**names, **{sym: ident(sym.name) for sym in dot.length.free_symbols
+                                                   if sym not in names}})
+    tiles = []
+    for read, rows, side in ((dot.query, query_rows, "q"), (dot.key, not query_rows, "k")):
+        tensor = read.func.__name__
+        feature = f"{offs}[None, :]" if rows else f"{offs}[:, None]"
+        parts, bounds = _offsets(read, where, names)
+        parts.append(f"{feature} * stride_{tensor}_{len(read.args)}")
+        bounds.append(f"({feature} < {length})")
+        var = f"{prefix}{tensor}_{side}vec{j}"  # one tensor may be read on both sides: dot(x[q], x[kv])
+        tiles.append(var)
+        lines.append(Load(var, f"{ident(tensor)}ptr", " + ".join(parts), " & ".join(bounds)))
+    var = f"{prefix}dot{j}"
+    first, second = tiles if query_rows else tiles[::-1]
+    lines.append(Line(var, f"{var} = tl.dot({first}, {second})"))
+    return var, lines
+
+
+@dataclass(frozen=True)
+class Line:
+    """One statement of a tile's loads that is not a load (a feature offset, a dot of vectors)."""
+
+    var: str
+    code: str
 
 
 def named_steps(expr, names: dict, prefix: str, width: int = 72) -> tuple[list[str], str]:
@@ -192,10 +246,11 @@ def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: dict
 
 def split_loads(names: dict, loads: list[Load], mask, every_tile_exprs) -> tuple[list[Load], list[Load]]:
     """(loads every tile needs, loads only the mask needs): FULL tiles skip the mask's own loads."""
-    used = {a for e in every_tile_exprs if e is not None for a in sympy.sympify(e).atoms(AppliedUndef)}
+    used = {a for e in every_tile_exprs if e is not None for a in ir.scalar_loads(e)}
     by_var = {names[a]: a for a in names if isinstance(a, AppliedUndef)}
-    always = [ld for ld in loads if by_var[ld.var] in used]
-    return always, [ld for ld in loads if by_var[ld.var] not in used]
+    # a dot of feature vectors (never in the mask) is computed on every tile
+    always = [ld for ld in loads if ld.var not in by_var or by_var[ld.var] in used]
+    return always, [ld for ld in loads if ld.var in by_var and by_var[ld.var] not in used]
 
 
 
@@ -222,12 +277,18 @@ class Signature:
             inputs.append(Arg(f"{ident(t.name)}ptr", ident(t.name)))
             inputs += [Arg(f"stride_{t.name}_{i}", f"{ident(t.name)}.stride({i})") for i in range(len(t.axes))]
         inputs += [Arg(ident(p.name), ident(p.name)) for p in variant.params]
+        for dot in ir.vec_dots(variant.score, variant.probs):  # BLOCK_R of a feature length not a const
+            block = vector_block(dot)
+            if not dot.length.is_Integer and all(a.name != f"{block}: tl.constexpr" for a in inputs):
+                length = torch_code(dot.length, {**{sym: name for name, sym in ir.SIZES.items()},
+                                                 **{p.symbol: ident(p.name) for p in variant.params}})
+                inputs.append(Arg(f"{block}: tl.constexpr", f"max(16, triton.next_power_of_2(int({length})))"))
         return Signature(tuple(inputs), walk.plan_args())
 
     # the same names in a kernel and in the tile functions it calls: pass them through by name
     @property
     def input_names(self) -> str:
-        return "".join(f"{a.name}, " for a in self.inputs)
+        return "".join(f"{a.name.split(':')[0]}, " for a in self.inputs)
 
     @property
     def size_names(self) -> str:
