@@ -184,3 +184,15 @@ def test_a_learnable_row_constant_that_softmax_cancels_has_gradient_zero(tmp_pat
     (dw,) = torch.autograd.grad(o, (w,), torch.randn_like(o))
     assert dw.abs().max() < 1e-5
     _close("o", o, (torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1) @ v).detach().double(), 2e-3)
+
+
+def test_functions_of_constants_print_as_numbers(tmp_path):
+    # torch.sqrt(3) and tl.log2(16) take tensors: constant sub-expressions must reach the code as numbers
+    fn = _load(tmp_path, "constants", "const MAXD = 128, E = 8\nparam x = 1 / sqrt(192)\n"
+                                      "score s * x + log2(MAXD / E) * 0.01 * (q - kv)")
+    (q, k, v), _ = _qkv(1, 1, 1, 6, 6, seed=9)
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    s = (q @ k.transpose(-1, -2)).double() / math.sqrt(D) / math.sqrt(192) + 4 * 0.01 * (i - j)
+    want = torch.softmax(s, -1) @ v.double()
+    _close("o", fn(q, k, v), want.detach(), 2e-3)
+    _close("reference", fn.reference(q, k, v), want.detach(), 1e-6)

@@ -171,6 +171,9 @@ class _BasePrinter(_NamedPrinter):
         return any(ir.row_stats(f) for f in denom)
 
     def _print_Pow(self, expr):
+        folded = self._folded(expr)  # sqrt(3) of a const or param default: a number, not torch.sqrt(3)
+        if folded is not None:
+            return folded
         base, exp = expr.args
         if exp == sympy.Rational(1, 2):
             return self._call(self.functions["sqrt"], [base])
@@ -233,8 +236,8 @@ class _BasePrinter(_NamedPrinter):
         return f"{fn}({', '.join(printed)})"
 
     def _folded(self, expr) -> str | None:
-        """A function of numbers only (`log2(MAXD / E)` with consts) prints as its value: torch's and
-        Triton's functions take tensors, not Python numbers."""
+        """A function or power of numbers only (`log2(MAXD / E)`, `sqrt(3)` with consts) prints as its
+        value: torch's and Triton's functions take tensors, not Python numbers."""
         if not expr.is_number or expr.atoms(AppliedUndef):
             return None
         try:
