@@ -357,6 +357,8 @@ class BandBounds:
     torch_hi: str
     torch_full_lo: str
     torch_full_hi: str
+    torch_row_lo: str  # per query row: q_rows [tiles, BLOCK_M], b_idx / h_idx per tile
+    torch_row_hi: str
     text: str
 
 
@@ -406,12 +408,21 @@ def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
     def at(expr, q_code, default):
         return default if expr is None else torch_code(expr, {**host, ir.q: q_code})
 
+    rows = {ir.b: "b_idx[:, None]", ir.h: "h_idx[:, None]", ir.q: "q_rows"}
+    rows.update({sym: name for name, sym in ir.SIZES.items()})
+    rows.update({p.symbol: ident(p.name) for p in variant.params})
+    rows.update(torch_loads(clause.lo, clause.hi, names=rows))
+
+    def per_row(expr, default):
+        return default if expr is None else torch_code(expr, rows)
+
     return BandBounds(
         lo="0" if clause.lo is None else triton_code(clause.lo, names),
         hi="Lk - 1" if clause.hi is None else triton_code(clause.hi, names),
         loads=tuple(loads),
         torch_lo=at(clause.lo, "q_first", "0"), torch_hi=at(clause.hi, "q_last", "Lk - 1"),
         torch_full_lo=at(clause.lo, "q_last", "0"), torch_full_hi=at(clause.hi, "q_first", "Lk - 1"),
+        torch_row_lo=per_row(clause.lo, "0"), torch_row_hi=per_row(clause.hi, "Lk - 1"),
         text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
     )
 
