@@ -593,10 +593,12 @@ class Checker:
                        node.span, hint)
         if tensor.dtype != "float":
             self.error(f"dot() needs float feature vectors ('{tensor.name}' is {tensor.dtype})", node.span)
-        if tensor.learnable:
-            self.error(f"'{tensor.name}' is learnable, but gradients of feature vectors read by dot() are not "
-                       "computed yet", node.span, f"drop 'learnable' from the input '{tensor.name}' (a fixed input)")
-        return tensor.load(*self.lower_indices(tensor, node.indices)), node
+        load = tensor.load(*self.lower_indices(tensor, node.indices))
+        if tensor.learnable and not all(arg in (ir.b, ir.h, ir.q, ir.kv) for arg in load.args):
+            self.error(f"a learnable feature vector is read at bare indices: '{tensor.name}' has an index "
+                       "expression", node.span, f"read it as {tensor.name}[b, h, q] or {tensor.name}[b, kv], or drop "
+                       f"'learnable' from '{tensor.name}'")
+        return load, node
 
     def stmt_score(self, stmt: ast.Score):
         self.once(stmt, "score")

@@ -230,6 +230,7 @@ class VecDot(Function):
 
     nargs = 3
     is_real = True
+    _diff_wrt = True  # the backward differentiates the score by the dot itself (learnable vectors)
 
     @property
     def query(self):

@@ -7,6 +7,7 @@ input's gradient here:
 
 - `direct`: a read at bare indices (`bias[h, kv]`) is a sum over the grid axes it does not index and
   a permutation;
+- `vector_grad`: one side of a dot of feature vectors is the buffer times the other side's vectors;
 - `scatter`: a read at index expressions (a table) is a scatter-sum. Many grid entries read the same
   table entry; their contributions are summed by `_segment_sums` in sorted order (a stable sort of the
   entries by table index), one program per table entry. No float atomics: the result is the same bit
@@ -46,6 +47,30 @@ def direct(buffer: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     out = grid.sum(dim=summed) if summed else grid
     kept = sorted(dims)  # out's axes, in grid order
     return out.permute(*[kept.index(d) for d in dims]) if len(dims) > 1 else out
+
+
+def vector_grad(buffer: torch.Tensor, other: torch.Tensor, dims: tuple[int, ...], other_dims: tuple[int, ...]):
+    """The gradient of one side of `dot(qr[b, h, q], kr[b, kv])`: buffer [B, Hq, Lq, Lk] holds dL/d(dot)
+    per pair; `other` is the other side's input, whose axes are the grid axes `other_dims` and then the
+    feature axis; `dims` are this side's grid axes (a query side's among b, h, q; a key side's among
+    b, h, kv). Both sides are read at bare indices. A matmul over the other side's tokens, then the
+    sums of `direct`."""
+    key_side = 3 in dims
+    grid = buffer.transpose(2, 3) if key_side else buffer  # [B, Hq, this side's tokens, other side's]
+    out = torch.matmul(grid, _on_grid(other.to(grid.dtype), other_dims))  # [B, Hq, this side's tokens, R]
+    return direct(out, tuple(2 if d == 3 else d for d in dims) + (3,))
+
+
+def _on_grid(vectors: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Feature vectors whose axes are the grid axes `dims` then the feature axis, as a
+    [B | 1, Hq | 1, tokens | 1, R] tensor (the token axis, q or kv, third)."""
+    place = [min(d, 2) for d in dims]
+    order = sorted(range(len(dims)), key=lambda i: place[i])
+    out = vectors.permute(*order, len(dims))
+    for axis in range(3):
+        if axis not in place:
+            out = out.unsqueeze(axis)
+    return out
 
 
 def scatter(buffer: torch.Tensor, shape: tuple[int, ...], reads: tuple[int, ...], indices) -> torch.Tensor:

@@ -210,8 +210,8 @@ _HEAD = "attention bad\nconst R = 16\ninput qr: float[B, Hq, Lq, R]\ninput kr: f
     ("score s + dot(qr[b, h], kr[b, kv])\n", "5:15", "subscripts every axis but the last"),
     ("input t: float[B, Lk]\nscore s + dot(qr[b, h, q], t[b])\n", "6:28", "'t' has no feature axis"),
     ("mask dot(qr[b, h, q], kr[b, kv]) > 0\n", "5:6", "the mask cannot use dot() of feature vectors"),
-    ("input w: float[B, Lk, R] learnable\nscore s + dot(qr[b, h, q], w[b, kv])\n", "6:28",
-     "'w' is learnable, but gradients of feature vectors read by dot() are not computed yet"),
+    ("input w: float[B, Lk, R] learnable\nscore s + dot(qr[b, h, q], w[b, kv - 1])\n", "6:28",
+     "a learnable feature vector is read at bare indices: 'w' has an index expression"),
     ("probs softmax(score, sink=dot(qr[b, h, q], kr[b, kv]))\n", "5", "sink"),
     ("score s + dot(qr[b, h, q], 1)\n", "5:28", "must be a tensor read"),
     ("feature phi(x) = elu(x) + 1\nscore dot(qr[b, h, q], kr[b, kv])\n", "6:7", "combined with feature maps"),
@@ -222,3 +222,51 @@ def test_errors(body, where, message):
     text = str(err.value)
     assert f"bad.attn:{where}" in text, text
     assert message in text, text
+
+
+# ---- learnable feature vectors: MLA's rotary parts are activations that need gradients ----------------
+@pytest.mark.parametrize("general", [False, True])
+def test_learnable_feature_vectors_get_gradients(tmp_path, general):
+    body = ("const R = 5\ninput qr: float[B, Hq, Lq, R] learnable\ninput kr: float[B, Lk, R] learnable\n"
+            "mask kv <= q + (Lk - Lq)\nscore s + 0.5 * dot(qr[b, h, q], kr[b, kv])\n")
+    if general:
+        body += "probs sigmoid(score) / rowsum(sigmoid(score))\n"
+    fn = _load(tmp_path, "mla_learn_general" if general else "mla_learn", body)
+    B, Hq, Hk, Lq, Lk = 2, 4, 2, 11, 19  # GQA, Lq != Lk, R not a power of two
+    q, k, v = _randn(B, Hq, Lq, D, seed=1), _randn(B, Hk, Lk, D, seed=2), _randn(B, Hk, Lk, D, seed=3)
+    qr, kr = _randn(B, Hq, Lq, 5, seed=4), _randn(B, Lk, 5, seed=5)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, qr, kr)]
+    o = fn(*leaves[:3], qr=leaves[3], kr=leaves[4])
+    ref = [x.double().requires_grad_(True) for x in (q, k, v, qr, kr)]
+    qd, kd, vd, qrd, krd = ref
+    kd, vd = kd.repeat_interleave(2, 1), vd.repeat_interleave(2, 1)
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(D) + 0.5 * qrd @ krd[:, None].transpose(-1, -2)
+    keep = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
+    if general:
+        w = torch.sigmoid(s) * keep
+        want = w / w.sum(-1, keepdim=True) @ vd
+    else:
+        want = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vd
+    assert (o.double() - want).abs().max().item() <= 2e-3 * want.abs().max().item()
+    g = _randn(*want.shape, seed=9).double()
+    got = torch.autograd.grad(o, leaves, g.float())
+    exp = torch.autograd.grad(want, ref, g)
+    for name, a, e in zip(["dq", "dk", "dv", "dqr", "dkr"], got, exp):
+        assert a.shape == e.shape, name
+        assert (a.double() - e).abs().max().item() <= 5e-3 * max(e.abs().max().item(), 1e-3), name
+
+
+def test_one_learnable_tensor_on_both_sides(tmp_path):
+    # dot(x[b, q], x[b, kv]): x gets the gradient of both sides, summed
+    fn = _load(tmp_path, "self_dot", "const R = 8\ninput x: float[B, L, R] learnable\n"
+                                     "score s + 0.3 * dot(x[b, q], x[b, kv])\n")
+    q, k, v = (_randn(2, 2, 13, D, seed=i).requires_grad_(True) for i in (1, 2, 3))
+    x = _randn(2, 13, 8, seed=4).requires_grad_(True)
+    o = fn(q, k, v, x=x)
+    qd, kd, vd, xd = (t.detach().double().requires_grad_(True) for t in (q, k, v, x))
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(D) + 0.3 * (xd @ xd.transpose(-1, -2))[:, None]
+    want = torch.softmax(s, -1) @ vd
+    g = _randn(*want.shape, seed=5).double()
+    (dx,) = torch.autograd.grad(o, (x,), g.float())
+    (ref,) = torch.autograd.grad(want, (xd,), g)
+    assert (dx.double() - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()

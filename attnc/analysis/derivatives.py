@@ -18,16 +18,36 @@ from .. import ir
 
 
 @dataclass(frozen=True)
-class LearnableGradient:
+class Read:
+    """One read of a learnable input: a tensor load (`slopes(h)`), or one side of a dot of feature
+    vectors (`VecDot(qr(b, h, q), kr(b, kv), R)` with side "query" or "key")."""
+
     tensor: ir.TensorInput
-    load: sympy.Expr  # the tensor load, e.g. slopes(h)
-    dscore: sympy.Expr  # d score / d load (elementwise)
-    dsink: sympy.Expr | None  # d sink / d load (row-wise), when the sink reads it
+    expr: sympy.Expr  # what the score is differentiated by: the load, or the VecDot
+    side: str = ""  # "query" / "key" for a feature vector, "" for a load
+
+    @property
+    def load(self) -> sympy.Expr:
+        """The tensor's own load: the vector read of its side of a dot."""
+        if not self.side:
+            return self.expr
+        return self.expr.query if self.side == "query" else self.expr.key
 
     @property
     def per_pair(self) -> bool:
-        """Whether the read depends on the key: its gradient is then kept per (query, key) pair."""
-        return ir.kv in self.load.free_symbols
+        """Whether the read's gradient is kept per (query, key) pair (it depends on the key)."""
+        return ir.kv in self.expr.free_symbols
+
+
+@dataclass(frozen=True)
+class LearnableGradient:
+    read: Read
+    dscore: sympy.Expr  # d score / d read (elementwise)
+    dsink: sympy.Expr | None  # d sink / d read (row-wise), when the sink reads it
+
+    @property
+    def tensor(self) -> ir.TensorInput:
+        return self.read.tensor
 
 
 def diff(expr, x) -> sympy.Expr:
@@ -45,16 +65,26 @@ def score_derivative(score) -> sympy.Expr:
 def learnable_gradients(variant: ir.Variant, sink) -> list[LearnableGradient]:
     out = []
     exprs = [variant.score] + ([sink] if sink is not None else [])
+    for read in learnable_reads(variant, exprs):
+        dsink = None if sink is None else diff(sink, read.expr)
+        out.append(LearnableGradient(read, diff(variant.score, read.expr), dsink if dsink != 0 else None))
+    return out
+
+
+def learnable_reads(variant: ir.Variant, exprs) -> list[Read]:
+    """Every read of a learnable input in exprs, in a fixed order: its loads of one entry, then the
+    dots that read it as a feature vector (one Read per side it is on)."""
+    exprs = [e for e in exprs if e is not None]
+    out = []
     for tensor in variant.learnable:
-        for load in tensor_reads(tensor, exprs):
-            dsink = None if sink is None else diff(sink, load)
-            out.append(LearnableGradient(tensor, load, diff(variant.score, load),
-                                         dsink if dsink != 0 else None))
+        out += [Read(tensor, load) for load in tensor_reads(tensor, exprs)]
+        for dot in ir.vec_dots(*exprs):
+            out += [Read(tensor, dot, side) for side, load in (("query", dot.query), ("key", dot.key))
+                    if load.func == tensor.function]
     return out
 
 
 def tensor_reads(tensor: ir.TensorInput, exprs) -> list:
-    """The distinct loads of `tensor` in exprs, in a fixed order."""
-    loads = {a for e in exprs if e is not None for a in sympy.sympify(e).atoms(sympy.core.function.AppliedUndef)
-             if a.func == tensor.function}
+    """The distinct loads of one entry of `tensor` in exprs, in a fixed order."""
+    loads = {a for e in exprs if e is not None for a in ir.scalar_loads(e) if a.func == tensor.function}
     return sorted(loads, key=sympy.default_sort_key)

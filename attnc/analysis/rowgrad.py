@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import sympy
 
 from .. import ir
-from .derivatives import diff, tensor_reads
+from .derivatives import diff, learnable_reads
 from .rowstats import RowPlan, is_row_constant
 
 DP = sympy.Symbol("dp", real=True)  # dO_i . v_j
@@ -81,7 +81,7 @@ class GradPlan:
     stats: tuple[Stat, ...]  # every statistic, visible included, in pass order
     probs: sympy.Expr  # F(s, r)
     dscore: sympy.Expr  # dS, of s, dp, the statistics and the adjoints
-    learnable: tuple  # (TensorInput, load, elementwise gradient term)
+    learnable: tuple  # (derivatives.Read, its elementwise gradient term)
     adjoints: tuple[Adjoint, ...]  # in the order they are computed (reverse pass order)
     reductions: tuple[RowReduction, ...]  # the row-adjoint pass; empty: no pass needed
 
@@ -150,10 +150,7 @@ def plan_gradients(variant: ir.Variant, rows: RowPlan) -> GradPlan:
         return sympy.factor_terms(out)
 
     dscore = grad_term(ir.s)
-    learnable = []
-    for tensor in variant.learnable:
-        for load in tensor_reads(tensor, [F] + [st.arg for st in reducible]):
-            learnable.append((tensor, load, grad_term(load)))
+    learnable = [(read, grad_term(read.expr)) for read in learnable_reads(variant, [F] + [st.arg for st in reducible])]
 
     # row adjoints, latest statistic first: Rbar_m is known before any Rbar_k (k < m) reads it
     adjoints: list[Adjoint] = []

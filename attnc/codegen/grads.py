@@ -4,10 +4,12 @@ it into the input's gradient (runtime/scatter.py).
 Every read (tensor load) of a learnable input gets its own buffer, named `d_<name>_<i>`:
 - a read that does not depend on the key (`slopes[h]`, `gate[b, q]`) is summed over the row's keys in
   the dQ kernel: a row buffer [B, Hq, Lq];
-- a read that does (`bias[kv]`, `rel[h, q - kv + R]`, `spatial[h, dist[b, q, kv]]`) is kept per
-  (query, key) pair: a pair buffer [B, Hq, Lq, Lk] that the dQ kernel writes tile by tile.
+- a read that does (`bias[kv]`, `rel[h, q - kv + R]`, `spatial[h, dist[b, q, kv]]`, either side of
+  `dot(qr[b, h, q], kr[b, kv])`) is kept per (query, key) pair: a pair buffer [B, Hq, Lq, Lk] that
+  the dQ kernel writes tile by tile.
 The host then sums the grid axes the read does not index and, for a read at index expressions (a
-table), scatter-sums by table entry in a fixed order. Reads of the same input add up.
+table), scatter-sums by table entry in a fixed order; a feature vector's gradient is the pair buffer
+times the other side's vectors. Reads of the same input add up.
 """
 
 from __future__ import annotations
@@ -49,12 +51,25 @@ class InputGrad:
 
 
 def input_grads(reads) -> list[InputGrad]:
-    """reads: (tensor, load) pairs in the family's order -> one InputGrad each."""
+    """reads (derivatives.Read, in the family's order) -> one InputGrad each."""
     out = []
-    for i, (tensor, load) in enumerate(reads):
-        var = f"d_{tensor.name}_{i}"
-        out.append(InputGrad(tensor.name, var, ir.kv in load.free_symbols, _host_reduce(var, tensor, load)))
+    for i, read in enumerate(reads):
+        var = f"d_{read.tensor.name}_{i}"
+        reduce = _vector_reduce(var, read) if read.side else _host_reduce(var, read.tensor, read.load)
+        out.append(InputGrad(read.tensor.name, var, read.per_pair, reduce))
     return out
+
+
+def _grid_axes(load) -> tuple[int, ...]:
+    return tuple(GRID_AXIS[arg] for arg in load.args)
+
+
+def _vector_reduce(var: str, read) -> str:
+    """A feature vector read by dot(): the pair buffer holds dL/d(dot); the vector's gradient is it times
+    the other side's vectors (a matmul over the other side's tokens), summed like a direct read."""
+    other = read.expr.key if read.side == "query" else read.expr.query
+    return (f"scatter.vector_grad({var}, {ident(other.func.__name__)}, {_grid_axes(read.load)!r}, "
+            f"{_grid_axes(other)!r})")
 
 
 def _host_reduce(var: str, tensor: ir.TensorInput, load) -> str:

@@ -50,7 +50,7 @@ class SoftmaxBody:
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
     grads = derivatives.learnable_gradients(variant, form.sink)
-    reads = input_grads([(g.tensor, g.load) for g in grads])
+    reads = input_grads([g.read for g in grads])
     logits = form.logits  # the score up to a row constant, which softmax ignores
     dscore = derivatives.score_derivative(logits)
     every_tile = [logits, dscore] + [g.dscore for g in grads]
