@@ -664,6 +664,10 @@ class Checker:
                            "move the definition above this line")
             if name in FUNCTIONS:
                 self.error(f"'{name}' is a function; call it as {name}(...)", node.span)
+            if name in ("inf", "nan"):
+                self.error(f"'{name}' is not a number of the language", node.span,
+                           "a score of -inf is a masked pair: write the condition as 'mask COND' (e.g. "
+                           "'mask kv <= q' for 'score s if kv <= q else -inf'); masked pairs never reach the score")
             self.error(f"unknown name '{name}'", node.span, did_you_mean(name, self.all_names()))
         if entry.kind == "function":
             self.error(f"'{name}' is a function; call it as {name}(...)", node.span)

@@ -12,6 +12,7 @@ H = "attention t\n"
 
 NAMES = {
     "unknown_name_with_hint": (H + "param window = 3\nmask q - kv < windw\n", 3, 15, "unknown name 'windw'"),
+    "infinity_is_a_mask": (H + "score s if kv <= q else -inf\n", 2, 26, "'inf' is not a number of the language"),
     "use_before_definition": (H + "mask kv <= w\nparam w = 3\n", 2, 12, "'w' is used before its definition at line 3"),
     "duplicate_param": (H + "param w = 3\nparam w = 4\n", 3, 7, "'w' is already defined at line 2"),
     "duplicate_in_one_statement": (H + "param w = 3, w = 4\n", 2, 14, "'w' is already defined at line 2"),
