@@ -196,3 +196,28 @@ def test_functions_of_constants_print_as_numbers(tmp_path):
     want = torch.softmax(s, -1) @ v.double()
     _close("o", fn(q, k, v), want.detach(), 2e-3)
     _close("reference", fn.reference(q, k, v), want.detach(), 1e-6)
+
+
+@pytest.mark.parametrize("Hk,Hv", [(2, 2), (2, 1)])
+def test_per_key_reads_are_summed_by_the_dkdv_kernel(tmp_path, Hk, Hv):
+    # kb[h, kv] depends on the key only: dK/dV sums it per key (no [B, Hq, Lq, Lk] buffer), over every
+    # query head of a shared key head, also when key and value heads differ (two dK/dV launches)
+    fn = _load(tmp_path, "key_bias", "input kb: float[Hq, Lk] learnable\nmask kv <= q + (Lk - Lq)\n"
+                                     "score s + kb[h, kv]")
+    B, Hq, Lq, Lk = 2, 4, 9, 21
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(B, Hq, Lq, D, generator=g).requires_grad_(True)
+    k = torch.randn(B, Hk, Lk, D, generator=g).requires_grad_(True)
+    v = torch.randn(B, Hv, Lk, D, generator=g).requires_grad_(True)
+    kb = torch.randn(Hq, Lk, generator=g).requires_grad_(True)
+    o = fn(q, k, v, kb=kb)
+    qd, kd, vd, kbd = (x.detach().double().requires_grad_(True) for x in (q, k, v, kb))
+    s = qd @ kd.repeat_interleave(Hq // Hk, 1).transpose(-1, -2) / math.sqrt(D) + kbd[None, :, None, :]
+    keep = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
+    want = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vd.repeat_interleave(Hq // Hv, 1)
+    _close("o", o, want.detach(), 2e-3)
+    do = torch.randn_like(want)
+    got = torch.autograd.grad(o, (q, k, v, kb), do.float())
+    ref = torch.autograd.grad(want, (qd, kd, vd, kbd), do)
+    for what, a, r in zip(["dq", "dk", "dv", "dkb"], got, ref):
+        _close(what, a, r, 5e-3)

@@ -38,6 +38,11 @@ class Read:
         """Whether the read's gradient is kept per (query, key) pair (it depends on the key)."""
         return ir.kv in self.expr.free_symbols
 
+    @property
+    def per_key(self) -> bool:
+        """Whether the read depends on the key but not on the query (`bias[b, kv]`)."""
+        return self.per_pair and ir.q not in self.expr.free_symbols
+
 
 @dataclass(frozen=True)
 class LearnableGradient:

@@ -4,7 +4,9 @@ it into the input's gradient (runtime/scatter.py).
 Every read (tensor load) of a learnable input gets its own buffer, named `d_<name>_<i>`:
 - a read that does not depend on the key (`slopes[h]`, `gate[b, q]`) is summed over the row's keys in
   the dQ kernel: a row buffer [B, Hq, Lq];
-- a read that does (`bias[kv]`, `rel[h, q - kv + R]`, `spatial[h, dist[b, q, kv]]`, either side of
+- in the softmax family, a read that depends on the key but not on the query (`bias[b, kv]`) is summed
+  over the queries in the dK/dV kernel, which owns a key tile: a key buffer [B, Hq, Lk];
+- any other read that depends on the key (`rel[h, q - kv + R]`, `spatial[h, dist[b, q, kv]]`, either side of
   `dot(qr[b, h, q], kr[b, kv])`) is kept per (query, key) pair: a pair buffer [B, Hq, Lq, Lk] that
   the dQ kernel writes tile by tile.
 The host then sums the grid axes the read does not index and, for a read at index expressions (a
@@ -31,9 +33,18 @@ class InputGrad:
     """One read of a learnable input, as the kernels and the host see it."""
 
     name: str  # the input's spec name
-    var: str  # the kernel's row accumulator / pair buffer pointer, and the host's buffer
-    per_pair: bool  # kept per (query, key) pair, else summed per query row
+    var: str  # the kernel's accumulator or buffer pointer, and the host's buffer
+    kind: str  # "row": summed per query row by dQ; "key": summed per key by dK/dV; "pair": kept per pair
     reduce: str  # host code: the buffer -> a tensor of the input's shape
+
+    @property
+    def per_pair(self) -> bool:
+        return self.kind == "pair"
+
+    @property
+    def buffer_shape(self) -> str:
+        """The host buffer's shape, 4-D like the grid [B, Hq, Lq, Lk] (runtime/scatter.py)."""
+        return {"row": "(B, Hq, Lq, 1)", "key": "(B, Hq, 1, Lk)", "pair": "(B, Hq, Lq, Lk)"}[self.kind]
 
     @property
     def array(self) -> str:
@@ -50,13 +61,16 @@ class InputGrad:
         return self.reduce.startswith("scatter.scatter(")
 
 
-def input_grads(reads) -> list[InputGrad]:
-    """reads (derivatives.Read, in the family's order) -> one InputGrad each."""
+def input_grads(reads, key_reads: bool) -> list[InputGrad]:
+    """reads (derivatives.Read, in the family's order) -> one InputGrad each. With key_reads, a read that
+    depends on the key only is summed per key by the family's dK/dV kernel (O(Lk) memory, not a pair
+    buffer)."""
     out = []
     for i, read in enumerate(reads):
         var = f"d_{read.tensor.name}_{i}"
+        kind = "key" if key_reads and read.per_key else "pair" if read.per_pair else "row"
         reduce = _vector_reduce(var, read) if read.side else _host_reduce(var, read.tensor, read.load)
-        out.append(InputGrad(read.tensor.name, var, read.per_pair, reduce))
+        out.append(InputGrad(read.tensor.name, var, kind, reduce))
     return out
 
 

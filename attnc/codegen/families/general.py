@@ -159,7 +159,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
             folded += c * w
     acc_terms = ([(folded, sympy.Integer(1))] if folded != 0 else []) + accumulated
 
-    reads = input_grads([read for read, _ in grad.learnable])
+    reads = input_grads([read for read, _ in grad.learnable], key_reads=False)
     dscore_terms = [("ds", grad.dscore)] + [(g.term, e) for g, (_, e) in zip(reads, grad.learnable)]
     tile_exprs = [v.mask] + [st.arg for st in reducible] + [w for w, _ in acc_terms] \
         + [grad.probs] + [e for _, e in dscore_terms] + [r.term for r in grad.reductions]

@@ -30,7 +30,8 @@ from ..skeleton import tile_code as skeleton_tile_code
 class Grad(InputGrad):
     """One read of a learnable input: dS[i, j] * dscore/d read (+ its sink term, for a row read)."""
 
-    dscore: str
+    dscore: str  # in a query-major tile (dQ)
+    dscore_t: str  # in a key-major tile (dK/dV: reads summed per key)
     dsink: str | None
 
 
@@ -45,12 +46,18 @@ class SoftmaxBody:
 
     @property
     def grad_arrays(self) -> list[str]:
-        return [g.array for g in self.grads]
+        """The dQ kernel's gradient buffers (reads per row or per pair)."""
+        return [g.array for g in self.grads if g.kind != "key"]
+
+    @property
+    def key_grads(self) -> list[Grad]:
+        """Reads summed per key by the dK/dV kernel."""
+        return [g for g in self.grads if g.kind == "key"]
 
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
     grads = derivatives.learnable_gradients(variant, form.sink)
-    reads = input_grads([g.read for g in grads])
+    reads = input_grads([g.read for g in grads], key_reads=True)
     logits = form.logits  # the score up to a row constant, which softmax ignores
     dscore = derivatives.score_derivative(logits)
     every_tile = [logits, dscore] + [g.dscore for g in grads]
@@ -59,15 +66,17 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         return skeleton_tile_code(variant, logits, dscore, every_tile, where)
 
     tile, names = tile_code(TILE)
+    tile_t, names_t = tile_code(TILE_T)
     row_exprs = [form.sink] + [g.dsink for g in grads] if form.sink is not None else []
     row_names, row_loads = tensor_loads(row_exprs, ROW, "r_")
     rnames = {**base_names(variant, ROW), **row_names}
     return SoftmaxBody(
         plain=logits == ir.s and not tile.loads,  # (loads: a learnable input in a row constant)
         tile=tile,
-        tile_t=tile_code(TILE_T)[0],
+        tile_t=tile_t,
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
-        grads=tuple(Grad(read.name, read.var, read.per_pair, read.reduce, triton_code(g.dscore, names),
-                         None if g.dsink is None else triton_code(g.dsink, rnames)) for read, g in zip(reads, grads)),
+        grads=tuple(Grad(read.name, read.var, read.kind, read.reduce, triton_code(g.dscore, names),
+                         triton_code(g.dscore, names_t), None if g.dsink is None else triton_code(g.dsink, rnames))
+                    for read, g in zip(reads, grads)),
     )
