@@ -198,12 +198,14 @@ def test_functions_of_constants_print_as_numbers(tmp_path):
     _close("reference", fn.reference(q, k, v), want.detach(), 1e-6)
 
 
+@pytest.mark.parametrize("general", [False, True])
 @pytest.mark.parametrize("Hk,Hv", [(2, 2), (2, 1)])
-def test_per_key_reads_are_summed_by_the_dkdv_kernel(tmp_path, Hk, Hv):
+def test_per_key_reads_are_summed_by_the_dkdv_kernel(tmp_path, Hk, Hv, general):
     # kb[h, kv] depends on the key only: dK/dV sums it per key (no [B, Hq, Lq, Lk] buffer), over every
     # query head of a shared key head, also when key and value heads differ (two dK/dV launches)
-    fn = _load(tmp_path, "key_bias", "input kb: float[Hq, Lk] learnable\nmask kv <= q + (Lk - Lq)\n"
-                                     "score s + kb[h, kv]")
+    probs = "\nprobs sigmoid(score) / rowsum(sigmoid(score))" if general else ""
+    fn = _load(tmp_path, "key_bias_general" if general else "key_bias",
+               "input kb: float[Hq, Lk] learnable\nmask kv <= q + (Lk - Lq)\nscore s + kb[h, kv]" + probs)
     B, Hq, Lq, Lk = 2, 4, 9, 21
     g = torch.Generator().manual_seed(10)
     q = torch.randn(B, Hq, Lq, D, generator=g).requires_grad_(True)
@@ -214,7 +216,11 @@ def test_per_key_reads_are_summed_by_the_dkdv_kernel(tmp_path, Hk, Hv):
     qd, kd, vd, kbd = (x.detach().double().requires_grad_(True) for x in (q, k, v, kb))
     s = qd @ kd.repeat_interleave(Hq // Hk, 1).transpose(-1, -2) / math.sqrt(D) + kbd[None, :, None, :]
     keep = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
-    want = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vd.repeat_interleave(Hq // Hv, 1)
+    if general:
+        w = torch.sigmoid(s) * keep
+        want = w / w.sum(-1, keepdim=True) @ vd.repeat_interleave(Hq // Hv, 1)
+    else:
+        want = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ vd.repeat_interleave(Hq // Hv, 1)
     _close("o", o, want.detach(), 2e-3)
     do = torch.randn_like(want)
     got = torch.autograd.grad(o, (q, k, v, kb), do.float())

@@ -98,7 +98,13 @@ class GeneralBody:
 
     @property
     def grad_arrays(self) -> list[str]:
-        return [g.array for g in self.grads]
+        """The dQ kernel's gradient buffers (reads per row or per pair)."""
+        return [g.array for g in self.grads if g.kind != "key"]
+
+    @property
+    def key_grads(self) -> list[InputGrad]:
+        """Reads summed per key by the dK/dV kernel."""
+        return [g for g in self.grads if g.kind == "key"]
 
     @staticmethod
     def reads(code: str, var: str) -> bool:
@@ -159,10 +165,12 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
             folded += c * w
     acc_terms = ([(folded, sympy.Integer(1))] if folded != 0 else []) + accumulated
 
-    reads = input_grads([read for read, _ in grad.learnable], key_reads=False)
-    dscore_terms = [("ds", grad.dscore)] + [(g.term, e) for g, (_, e) in zip(reads, grad.learnable)]
+    reads = input_grads([read for read, _ in grad.learnable], key_reads=True)
+    terms = [(g.term, e, g.kind == "key") for g, (_, e) in zip(reads, grad.learnable)]
+    dscore_terms = [("ds", grad.dscore)] + [(t, e) for t, e, per_key in terms if not per_key]
+    key_terms = [(t, e) for t, e, per_key in terms if per_key]  # summed per key by dK/dV
     tile_exprs = [v.mask] + [st.arg for st in reducible] + [w for w, _ in acc_terms] \
-        + [grad.probs] + [e for _, e in dscore_terms] + [r.term for r in grad.reductions]
+        + [grad.probs] + [e for _, e in dscore_terms + key_terms] + [r.term for r in grad.reductions]
     row_exprs = [c for _, c in acc_terms] + [a.value for a in grad.adjoints] \
         + ([rows.visible] if closed_vis is not None else [])
     row_names_, row_loads = tensor_loads(row_exprs, row, "r_")
@@ -246,6 +254,6 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         dq_lines=tuple(_block(dscore_terms, tnames)),
         loads_t=tuple(always_t),
         mask_t=tile_mask(v, tnames_t, mask_only_t, TILE_T),
-        dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)], tnames_t)),
+        dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)] + key_terms, tnames_t)),
         grads=tuple(reads),
     )
