@@ -13,6 +13,9 @@ Sections, each with a share of the time budget (time a section leaves unused goe
 3. sparse: tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
 4. norm: the normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time
    ratios against `causal`, with the design's targets (<= 1.15x for one pass over the keys, <= 2x for two).
+6. learn: trained biases (a learnable T5 bucket table, read per pair; a learnable key bias, read per
+   key): forward+backward ms beside the same spec with the bias fixed (the cost of its gradient), and
+   the gradient's largest relative error against the float64 reference at a small length.
 5. decode: `attn.decode` (split-KV, one new query, 32 query heads on 8 KV heads, bf16) for causal,
    sliding_window and streaming_sink on contiguous caches (causal also paged) at B = 1..64 and caches of
    4K-128K, beside SDPA (GQA, with the same mask): ms, and the K/V bytes the mask lets through per
@@ -56,7 +59,16 @@ NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_soft
 DECODE = [("causal", "contiguous"), ("causal", "paged"), ("sliding_window", "contiguous"),
           ("streaming_sink", "contiguous")]
 HBM_BYTES_S = 3.35e12  # the H100's HBM bandwidth, the decode section's yardstick
-SHARES = {"verify": 0.25, "speed": 0.35, "sparse": 0.10, "norm": 0.15, "decode": 0.15}  # of the time budget
+SHARES = {"verify": 0.25, "speed": 0.30, "sparse": 0.10, "norm": 0.15, "decode": 0.15, "learn": 0.05}  # of the budget
+# trained biases: (spec body, its bias input's name and shape from (B, H, L))
+LEARNED = {
+    "t5_table": ("const NB = 32, E = 8, MAXD = 128\ninput t5: float[Hq, NB] learnable\n"
+                 "let mag(d) = abs(d) if abs(d) < E else min(E + floor(log2(max(abs(d), 1) / E) / log2(MAXD / E) "
+                 "* (NB // 2 - E)), NB // 2 - 1)\nlet bucket(d) = mag(d) + (NB // 2 if d > 0 else 0)\n"
+                 "mask kv <= q\nscore s + t5[h, bucket(q - kv)]\n", "t5", lambda B, H, L: (H, 32)),
+    "key_bias": ("input kb: float[B, Lk] learnable\nmask kv <= q\nscore s + kb[b, kv]\n", "kb",
+                 lambda B, H, L: (B, L)),
+}
 MARK = "@@gpu_check "  # prefix of the lines a section's child sends to the parent
 
 
@@ -82,6 +94,8 @@ class Settings:
     flex_backward: bool  # FlexAttention has no backward on the CPU
     min_unit_s: float  # do not start a row with less time than this left in its section
     decode_shapes: tuple = ()  # (B, cache length) of the decode section
+    learn_shapes: tuple = ()  # (L, B, H) of the learn section; its gradient check runs at L = learn_check_L
+    learn_check_L: int = 512
     decode_heads: tuple = (32, 8)  # (Hq, Hk) of the decode section
     page_size: int = 256  # the paged cache's page size
 
@@ -92,14 +106,15 @@ class Settings:
             return Settings(True, "cpu", 32, ((16, 1, 2), (48, 1, 2)), ((32, 1, 2),), (96, 1, 1),
                             (("neighborhood_2d", (24, 4, 3)), ("radial", (3, 32))), window=12, doc_len=12,
                             verify=("causal", "softplus"), bench=tuple(BENCH), compile_flex=False, flex_backward=False,
-                            min_unit_s=0.0, decode_shapes=((2, 48),), decode_heads=(4, 2), page_size=16)
+                            min_unit_s=0.0, decode_shapes=((2, 48),), decode_heads=(4, 2), page_size=16,
+                            learn_shapes=((40, 1, 2),), learn_check_L=24)
         order = BENCH + NORMALIZATIONS + sorted(p.stem for p in EXAMPLES.glob("*.attn"))
         return Settings(False, "cuda", 128, ((4096, 8, 16), (16384, 1, 32)), ((4096, 8, 16), (16384, 1, 32)),
                         (16384, 1, 32), (("neighborhood_2d", (128, 128, 7)), ("radial", (16, 1024))),
                         window=256, doc_len=1024, verify=tuple(dict.fromkeys(order)), bench=tuple(BENCH), compile_flex=True,
                         flex_backward=True, min_unit_s=10.0,
                         decode_shapes=((1, 131072), (8, 32768), (32, 32768), (64, 4096)), decode_heads=(32, 8),
-                        page_size=256)
+                        page_size=256, learn_shapes=((4096, 2, 16),), learn_check_L=512)
 
     # -- timing: the warm-up call (compile + autotune) timed apart, then the steady state
     def sync(self):
@@ -244,6 +259,9 @@ COLUMNS = {  # key, header, format of a number
     "norm": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("passes", "passes", None),
              ("pass", "pass", None), ("attnc_ms", "ms", "{:.3f}"), ("causal_ms", "causal ms", "{:.3f}"),
              ("ratio", "ratio", "{:.2f}x"), ("target", "target", "<= {}x"), ("ok", "ok", None)],
+    "learn": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("pass", "pass", None),
+              ("attnc_ms", "learnable ms", "{:.3f}"), ("fixed_ms", "fixed ms", "{:.3f}"),
+              ("ratio", "learnable/fixed", "{:.2f}x"), ("grad_err", "bias grad rel. err (fp32, small L)", "{:.1e}")],
     "decode": [("spec", "spec", None), ("layout", "cache", None), ("B", "B", None), ("cache", "cache len", None),
                ("attnc_ms", "attnc ms", "{:.3f}"), ("sdpa_ms", "SDPA ms", "{:.3f}"), ("vs_sdpa", "SDPA/attnc", "{:.2f}x"),
                ("attnc_gbs", "attnc GB/s", "{:.0f}"), ("hbm_pct", "% of 3.35 TB/s", "{:.0f}"),
@@ -255,6 +273,7 @@ TITLES = {
     "sparse": "Sparse masks (bf16; both plan once, outside the timed calls)",
     "norm": "Normalizations vs the causal softmax kernel (bf16; ratio = time / causal's time)",
     "decode": "Decoding (bf16, one new query, split-KV; GB/s = K/V bytes the mask keeps / attnc time)",
+    "learn": "Trained biases (bf16; the cost of a learnable bias's gradient, and its error)",
 }
 
 
@@ -271,6 +290,8 @@ def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
     if section == "decode":
         return [(f"{name} {layout} B={B} cache={C}", (name, layout, B, C)) for B, C in s.decode_shapes
                 for name, layout in DECODE]
+    if section == "learn":
+        return [(f"{name} L={L}", (name, L, B, H)) for L, B, H in s.learn_shapes for name in LEARNED]
     raise ValueError(section)
 
 
@@ -490,7 +511,47 @@ def run_decode(s: Settings, emit, name, layout, B, C):
     emit(row)
 
 
-RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm, "decode": run_decode}
+def _load_learned(name: str, learnable: bool):
+    """The spec LEARNED[name], with its bias learnable or fixed, compiled from a temporary file."""
+    from attnc import load
+
+    body = LEARNED[name][0] if learnable else LEARNED[name][0].replace(" learnable", "")
+    path = Path(tempfile.mkdtemp()) / f"{name}{'' if learnable else '_fixed'}.attn"
+    path.write_text(f"attention {path.stem}\n{body}")
+    return load(path)
+
+
+def run_learn(s: Settings, emit, name, L, B, H):
+    import torch
+
+    attn, fixed = _load_learned(name, True), _load_learned(name, False)
+    bias_name, shape = LEARNED[name][1], LEARNED[name][2]
+    q, k, v = s.qkv(B, H, L)
+    bias = (0.1 * torch.randn(shape(B, H, L), device=s.device)).requires_grad_(True)
+    do = torch.randn_like(q)
+    row, notes = {"spec": name, "L": L, "BH": B * H, "pass": "fwd+bwd"}, []
+    runs = {"attnc": lambda: attn(q, k, v, **{bias_name: bias}),
+            "fixed": lambda: fixed(q, k, v, **{bias_name: bias.detach()})}
+    _time_runs(s, runs, "fwd+bwd", do, (q, k, v, bias), row, notes)
+    if isinstance(row.get("fixed_ms"), float):
+        row["ratio"] = row["attnc_ms"] / row["fixed_ms"]
+    # the bias's gradient against the float64 reference, in fp32 at a small length
+    n = s.learn_check_L
+    qs, ks, vs = (x.detach()[:, :, :n].float() for x in (q, k, v))
+    small = bias.detach()[..., :n] if name == "key_bias" else bias.detach()
+    dos = do[:, :, :n].float()
+    leaf = small.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(attn(qs, ks, vs, **{bias_name: leaf}), (leaf,), dos)
+    leaf64 = small.double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(attn.reference(qs.double(), ks.double(), vs.double(), **{bias_name: leaf64}),
+                                 (leaf64,), dos.double())
+    row["grad_err"] = ((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
+    row["note"] = "; ".join(notes)
+    emit(row)
+
+
+RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm, "decode": run_decode,
+           "learn": run_learn}
 
 
 def _short(err: BaseException) -> str:

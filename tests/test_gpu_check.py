@@ -54,7 +54,7 @@ def test_dry_run_takes_every_path(tmp_path):
     for name, section in sections.items():
         assert section["status"] == "done", name
         rows = section["rows"]
-        per_unit = 1 if name in ("verify", "decode") else 2  # forward, and forward + backward
+        per_unit = 1 if name in ("verify", "decode", "learn") else 2  # forward, and forward + backward
         assert len(rows) == per_unit * len(gpu_check.units(name, settings)), name
         for row in rows:
             assert not row.get("note") or row["note"] == "Flex has no backward on the CPU", row
@@ -74,6 +74,10 @@ def test_dry_run_takes_every_path(tmp_path):
     assert {r["passes"] for r in sections["norm"]["rows"]} == {1, 2}
     for row in sections["decode"]["rows"]:  # split-KV decoding equals SDPA on the same keys
         assert isinstance(row["attnc_ms"], float) and row["diff_sdpa"] < 0.05, row
+    learn = sections["learn"]["rows"]  # a learnable bias's gradient: timed, and right
+    assert {r["spec"] for r in learn} == set(gpu_check.LEARNED)
+    for row in learn:
+        assert isinstance(row["fixed_ms"], float) and row["grad_err"] < 1e-3, row
 
 
 def test_out_of_budget_still_writes_the_tables(tmp_path):
