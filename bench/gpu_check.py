@@ -62,10 +62,10 @@ HBM_BYTES_S = 3.35e12  # the H100's HBM bandwidth, the decode section's yardstic
 SHARES = {"verify": 0.25, "speed": 0.30, "sparse": 0.10, "norm": 0.15, "decode": 0.15, "learn": 0.05}  # of the budget
 # trained biases: (spec body, its bias input's name and shape from (B, H, L))
 LEARNED = {
-    "t5_table": ("const NB = 32, E = 8, MAXD = 128\ninput t5: float[Hq, NB] learnable\n"
-                 "let mag(d) = abs(d) if abs(d) < E else min(E + floor(log2(max(abs(d), 1) / E) / log2(MAXD / E) "
-                 "* (NB // 2 - E)), NB // 2 - 1)\nlet bucket(d) = mag(d) + (NB // 2 if d > 0 else 0)\n"
-                 "mask kv <= q\nscore s + t5[h, bucket(q - kv)]\n", "t5", lambda B, H, L: (H, 32)),
+    "t5_table": (("const NB = 32, E = 8, MAXD = 128\ninput t5: float[Hq, NB] learnable\n"
+                  "let mag(d) = abs(d) if abs(d) < E else min(E + floor(log2(max(abs(d), 1) / E) / log2(MAXD / E) "
+                  "* (NB // 2 - E)), NB // 2 - 1)\nlet bucket(d) = mag(d) + (NB // 2 if d > 0 else 0)\n"
+                  "mask kv <= q\nscore s + t5[h, bucket(q - kv)]\n"), "t5", lambda B, H, L: (H, 32)),
     "key_bias": ("input kb: float[B, Lk] learnable\nmask kv <= q\nscore s + kb[b, kv]\n", "kb",
                  lambda B, H, L: (B, L)),
 }
