@@ -1,4 +1,4 @@
-"""Generated code is part of the product: snapshots of five modules (one per tile walk and family, so
+"""Generated code is part of the product: snapshots of six modules (one per tile walk and family, so
 every code-generation change shows its effect in review), a lint check of every example's module, and
 the kernel skeleton's invariants read from the generated source.
 
@@ -22,12 +22,23 @@ from attnc.pipeline import analyse, compile_text
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
+# specs written here, not examples: what the catalog does not show
+INLINE = {
+    # learnable reads per (query, key) pair (a table: dQ's pair buffer, a scatter-sum on the host) and
+    # per key (summed by dK/dV), with a feature-vector dot
+    "trained_biases": "attention trained_biases\nconst R = 8, F = 16\ninput rel: float[Hq, 2 * R + 1] learnable\n"
+                      "input kb: float[B, Lk] learnable\ninput qr: float[B, Hq, Lq, F]\ninput kr: float[B, Lk, F]\n"
+                      "mask kv <= q\nscore s + rel[h, q - kv + R] + kb[b, kv] + 0.1 * dot(qr[b, h, q], kr[b, kv])\n",
+}
 # one spec per walk and family: band (causal), learnable per-head input (alibi), plan lists
-# (document), no mask (full), the general family with two passes (softplus_reweight)
-SNAPSHOT_SPECS = ["causal", "alibi", "document", "full", "softplus_reweight"]
+# (document), no mask (full), the general family with two passes (softplus_reweight), and the
+# gradients of learnable reads per pair and per key (trained_biases)
+SNAPSHOT_SPECS = ["causal", "alibi", "document", "full", "softplus_reweight", "trained_biases"]
 
 
 def _source(name: str) -> str:
+    if name in INLINE:
+        return generate_module(compile_text(INLINE[name], f"{name}.attn"))
     path = EXAMPLES / f"{name}.attn"
     return generate_module(compile_text(path.read_text(), f"examples/{name}.attn"))
 
@@ -48,8 +59,8 @@ def test_generated_module_matches_its_snapshot(name):
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
 def test_every_generated_module_is_lint_clean(tmp_path):
     """ruff's default rules, outside any project configuration (as in a user's gen/ folder)."""
-    for path in sorted(EXAMPLES.glob("*.attn")):
-        (tmp_path / f"{path.stem}.py").write_text(_source(path.stem))
+    for name in [path.stem for path in sorted(EXAMPLES.glob("*.attn"))] + list(INLINE):
+        (tmp_path / f"{name}.py").write_text(_source(name))
     run = subprocess.run(["ruff", "check", "--isolated", "--output-format", "concise", "."],
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
