@@ -232,6 +232,20 @@ def test_cli_inspect_prints_a_plausible_table():
     assert re.search(r"^\d+/\d+ kernel configs compile", lines[-1], re.MULTILINE), out
 
 
+@needs_internals
+def test_cli_inspect_a_spec_without_decode_kernels(tmp_path):
+    """dot() of feature vectors has no split-KV decode (attn.decode raises): inspect compiles the rest,
+    including the backward's learnable-gradient kernels (pair buffers, per-key sums, the scatter-sum)."""
+    spec = tmp_path / "mla_tables.attn"
+    spec.write_text("attention mla_tables\nconst R = 4, F = 16\ninput rel: float[Hq, 2 * R + 1] learnable\n"
+                    "input kb: float[B, Lk] learnable\ninput qr: float[B, Hq, Lq, F]\ninput kr: float[B, Lk, F]\n"
+                    "mask kv <= q\nscore s + rel[h, q - kv + R] + kb[b, kv] + dot(qr[b, h, q], kr[b, kv])\n")
+    code, out = run_cli("inspect", spec, "--configs", "1", "--head-dim", "64", "--L", "256")
+    assert code == 0, out
+    kernels = {line.split()[0] for line in out.splitlines() if len(line.split()) > 1 and line.split()[1] == "sm_90"}
+    assert {"_fwd", "_bwd_dq", "_bwd_dkdv", "_segment_sums"} <= kernels and "_decode" not in kernels, out
+
+
 def test_cli_inspect_errors_are_one_line(tmp_path):
     code, out = run_cli("inspect", tmp_path / "missing.attn")
     assert code == 1 and "missing.attn: error:" in out
