@@ -63,6 +63,13 @@ def kernel_configs(kind: str) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in space]
 
 
+def query_tiles(Lq: int, kind: str = "dq") -> int:
+    """The most query tiles (programs along Lq) any config of a kernel kind launches: the rows of a
+    per-program buffer, whichever config autotuning picks."""
+    smallest = min(config.kwargs["BLOCK_M"] for config in kernel_configs(kind))
+    return triton.cdiv(Lq, smallest)
+
+
 def decode_config(rows: int, page_size: int | None) -> dict:
     """Tiles and launch options of the split-KV decode kernel: BLOCK_M holds a KV group's query heads
     times the new queries (up to 64 rows a program), BLOCK_N divides the page size so that a key tile

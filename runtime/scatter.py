@@ -7,6 +7,8 @@ input's gradient here:
 
 - `direct`: a read at bare indices (`bias[h, kv]`) is a sum over the grid axes it does not index and
   a permutation;
+- `table_grad`: a small table whose entries the dQ kernel summed already: the query tiles' partials
+  summed, then the axes the read does not index;
 - `vector_grad`: one side of a dot of feature vectors is the buffer times the other side's vectors;
 - `scatter`: a read at index expressions (a table) is a scatter-sum. Many grid entries read the same
   table entry; their contributions are summed by `_segment_sums` in sorted order (a stable sort of the
@@ -47,6 +49,21 @@ def direct(buffer: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     out = grid.sum(dim=summed) if summed else grid
     kept = sorted(dims)  # out's axes, in grid order
     return out.permute(*[kept.index(d) for d in dims]) if len(dims) > 1 else out
+
+
+def table_grad(buffer: torch.Tensor, dims: tuple[int, ...], shape) -> torch.Tensor:
+    """The gradient of a small table summed per entry by the dQ kernel: buffer [B, Hq, query tiles,
+    entries (padded to a power of two)]; `dims`: the grid axes (0 = b, 1 = h) of the table's leading
+    subscripts, its own axes following. Sums the query tiles and the grid axes the read does not index."""
+    own = 1
+    for size in shape[len(dims):]:
+        own *= size
+    per_head = buffer.sum(dim=2)[..., :own]  # [B, Hq, entries]
+    summed = tuple(d for d in (0, 1) if d not in dims)
+    out = per_head.sum(dim=summed) if summed else per_head
+    kept = sorted(dims)
+    out = out.permute(*[kept.index(d) for d in dims], len(dims))
+    return out.reshape(tuple(shape))
 
 
 def vector_grad(buffer: torch.Tensor, other: torch.Tensor, dims: tuple[int, ...], other_dims: tuple[int, ...]):

@@ -132,8 +132,10 @@ def test_learnable_reads_of_every_kind_check_and_build():
     at an index expression (a table) and at several places all get gradient buffers."""
     specs = {
         "per_key": ("input bias: float[Lk] learnable\nscore s + bias[kv]", "scatter.direct(d_bias_0, (3,))"),
-        "table": ("const R = 2\ninput rel: float[Hq, 2 * R + 1] learnable\nscore s + rel[h, q - kv + R]",
-                  "scatter.scatter(d_rel_0, rel_.shape, (1, 2, 3), "),
+        "table": ("const R = 40\ninput rel: float[Hq, 2 * R + 1] learnable\nscore s + rel[h, q - kv + R]",
+                  "scatter.scatter(d_rel_0, rel_.shape, (1, 2, 3), "),  # 81 entries: kept per pair
+        "small_table": ("const R = 2\ninput rel: float[Hq, 2 * R + 1] learnable\nscore s + rel[h, q - kv + R]",
+                        "scatter.table_grad(d_rel_0, (1,), rel_.shape)"),  # 5 entries: summed by dQ
         "two_reads": ("input pos: float[L] learnable\nscore s + pos[q] - pos[kv]",
                       "scatter.direct(d_pos_0, (3,)) + scatter.direct(d_pos_1, (2,))"),
         "row_table": ("input w: float[4] learnable\nscore s * w[q % 4]",

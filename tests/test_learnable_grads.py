@@ -134,14 +134,21 @@ def test_out_of_range_reads_send_their_gradient_to_the_edge_entry(tmp_path):
     assert ref[10].abs() > 0
 
 
-def test_table_gradients_are_deterministic(tmp_path):
-    fn = _load(tmp_path, "rel_det", "const R = 5\ninput rel: float[Hq, 2 * R + 1] learnable\nmask kv <= q\n"
-                                    "score s + rel[h, q - kv + R]")
+@pytest.mark.parametrize("R", [5, 40])  # 11 entries: summed per entry by dQ; 81: kept per pair, scattered
+def test_table_gradients_are_right_and_deterministic(tmp_path, R):
+    fn = _load(tmp_path, f"rel_det_{R}", f"const R = {R}\ninput rel: float[Hq, 2 * R + 1] learnable\nmask kv <= q\n"
+                                         "score s + rel[h, q - kv + R]")
     (q, k, v), g = _qkv(2, 2, 2, 40, 40, seed=5)
-    rel = torch.randn(2, 11, generator=g).requires_grad_(True)
+    rel = torch.randn(2, 2 * R + 1, generator=g).requires_grad_(True)
     do = torch.randn(2, 2, 40, D, generator=g)
     runs = [torch.autograd.grad(fn(q, k, v, rel=rel), (rel, k), do) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    reld = rel.detach().double().requires_grad_(True)
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    s = (q @ k.transpose(-1, -2)).detach().double() / math.sqrt(D) + reld[:, (i - j + R).clamp(0, 2 * R)][None]
+    want = torch.softmax(s.masked_fill(j > i, float("-inf")), -1) @ v.detach().double()
+    (ref,) = torch.autograd.grad(want, (reld,), do.double())
+    _close("drel", runs[0][0], ref, 5e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

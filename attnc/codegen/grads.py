@@ -6,6 +6,8 @@ Every read (tensor load) of a learnable input gets its own buffer, named `d_<nam
   the dQ kernel: a row buffer [B, Hq, Lq];
 - in the softmax family, a read that depends on the key but not on the query (`bias[b, kv]`) is summed
   over the queries in the dK/dV kernel, which owns a key tile: a key buffer [B, Hq, Lk];
+- in the softmax family, a read of a small table (at most SMALL_TABLE entries, `t5[h, bucket(q - kv)]`)
+  is summed per entry by the dQ kernel: a buffer [B, Hq, query tiles, entries];
 - any other read that depends on the key (`rel[h, q - kv + R]`, `spatial[h, dist[b, q, kv]]`, either side of
   `dot(qr[b, h, q], kr[b, kv])`) is kept per (query, key) pair: a pair buffer [B, Hq, Lq, Lk] that
   the dQ kernel writes tile by tile.
@@ -34,8 +36,15 @@ class InputGrad:
 
     name: str  # the input's spec name
     var: str  # the kernel's accumulator or buffer pointer, and the host's buffer
-    kind: str  # "row": summed per query row by dQ; "key": summed per key by dK/dV; "pair": kept per pair
+    kind: str  # "row": summed per query row by dQ; "key": summed per key by dK/dV; "table": summed per
+    # entry of a small table by dQ; "pair": kept per (query, key) pair
     reduce: str  # host code: the buffer -> a tensor of the input's shape
+    entries: int  # a small table: its entries (the product of its own axes' extents), else 0
+    entry_index: object  # a small table: the entry a pair reads (sympy, flat over its own axes), else None
+
+    @property
+    def entries_pow2(self) -> int:
+        return 1 << max(self.entries - 1, 0).bit_length()
 
     @property
     def per_pair(self) -> bool:
@@ -44,6 +53,8 @@ class InputGrad:
     @property
     def buffer_shape(self) -> str:
         """The host buffer's shape, 4-D like the grid [B, Hq, Lq, Lk] (runtime/scatter.py)."""
+        if self.kind == "table":  # one row of entry partials per dQ program
+            return f"(B, Hq, table_tiles, {self.entries_pow2})"
         return {"row": "(B, Hq, Lq, 1)", "key": "(B, Hq, 1, Lk)", "pair": "(B, Hq, Lq, Lk)"}[self.kind]
 
     @property
@@ -61,17 +72,48 @@ class InputGrad:
         return self.reduce.startswith("scatter.scatter(")
 
 
-def input_grads(reads, key_reads: bool) -> list[InputGrad]:
+# a table read per pair with at most this many entries is summed per entry inside the dQ kernel (one
+# masked tile reduction per entry); a larger one is kept per pair and scatter-summed on the host
+SMALL_TABLE = 64
+
+
+def input_grads(reads, key_reads: bool, table_reads: bool = False) -> list[InputGrad]:
     """reads (derivatives.Read, in the family's order) -> one InputGrad each. With key_reads, a read that
     depends on the key only is summed per key by the family's dK/dV kernel (O(Lk) memory, not a pair
-    buffer)."""
+    buffer); with table_reads, a small table read per pair (T5's buckets) is summed per entry by dQ."""
     out = []
     for i, read in enumerate(reads):
         var = f"d_{read.tensor.name}_{i}"
+        table = _small_table(read) if table_reads and read.per_pair and not read.side else None
+        if table is not None:
+            dims, entries, index = table
+            reduce = f"scatter.table_grad({var}, {dims!r}, {ident(read.tensor.name)}.shape)"
+            out.append(InputGrad(read.tensor.name, var, "table", reduce, entries, index))
+            continue
         kind = "key" if key_reads and read.per_key else "pair" if read.per_pair else "row"
         reduce = _vector_reduce(var, read) if read.side else _host_reduce(var, read.tensor, read.load)
-        out.append(InputGrad(read.tensor.name, var, kind, reduce))
+        out.append(InputGrad(read.tensor.name, var, kind, reduce, 0, None))
     return out
+
+
+def _small_table(read):
+    """(grid axes of its leading bare b/h subscripts, entries, flat entry index) of a read of a table
+    whose own axes come last, are read at index expressions and hold at most SMALL_TABLE entries in
+    all: `t5[h, bucket(q - kv)]`, `sb[h, dist[b, q, kv]]`. None for any other read."""
+    extents = read.tensor.extents or (None,) * len(read.load.args)
+    own = [i for i, e in enumerate(extents) if e is not None]
+    if not own or own != list(range(own[0], len(extents))):
+        return None
+    lead = read.load.args[:own[0]]
+    if any(arg not in (ir.b, ir.h) for arg in lead) or not all(extents[i].is_Integer for i in own):
+        return None
+    entries, index = 1, sympy.Integer(0)
+    for i in own:
+        entries *= int(extents[i])
+        index = index * int(extents[i]) + read.load.args[i]
+    if entries > SMALL_TABLE:
+        return None
+    return tuple(GRID_AXIS[arg] for arg in lead), entries, index
 
 
 def _grid_axes(load) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ class Grad(InputGrad):
     dscore: str  # in a query-major tile (dQ)
     dscore_t: str  # in a key-major tile (dK/dV: reads summed per key)
     dsink: str | None
+    entry: str  # a small table: the entry each pair of a query-major tile reads, else ""
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class SoftmaxBody:
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
     grads = derivatives.learnable_gradients(variant, form.sink)
-    reads = input_grads([g.read for g in grads], key_reads=True)
+    reads = input_grads([g.read for g in grads], key_reads=True, table_reads=True)
     logits = form.logits  # the score up to a row constant, which softmax ignores
     dscore = derivatives.score_derivative(logits)
     every_tile = [logits, dscore] + [g.dscore for g in grads]
@@ -76,7 +77,9 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         tile_t=tile_t,
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
-        grads=tuple(Grad(read.name, read.var, read.kind, read.reduce, triton_code(g.dscore, names),
-                         triton_code(g.dscore, names_t), None if g.dsink is None else triton_code(g.dsink, rnames))
+        grads=tuple(Grad(read.name, read.var, read.kind, read.reduce, read.entries, read.entry_index,
+                         triton_code(g.dscore, names), triton_code(g.dscore, names_t),
+                         None if g.dsink is None else triton_code(g.dsink, rnames),
+                         "" if read.entry_index is None else triton_code(read.entry_index, names))
                     for read, g in zip(reads, grads)),
     )
