@@ -235,9 +235,10 @@ def test_cli_inspect_prints_a_plausible_table():
 @needs_internals
 def test_cli_inspect_a_spec_without_decode_kernels(tmp_path):
     """dot() of feature vectors has no split-KV decode (attn.decode raises): inspect compiles the rest,
-    including the backward's learnable-gradient kernels (pair buffers, per-key sums, the scatter-sum)."""
+    including the backward's learnable-gradient kernels (a table of 81 entries: pair buffer and the
+    host's scatter-sum; a key bias: per-key sums)."""
     spec = tmp_path / "mla_tables.attn"
-    spec.write_text("attention mla_tables\nconst R = 4, F = 16\ninput rel: float[Hq, 2 * R + 1] learnable\n"
+    spec.write_text("attention mla_tables\nconst R = 40, F = 16\ninput rel: float[Hq, 2 * R + 1] learnable\n"
                     "input kb: float[B, Lk] learnable\ninput qr: float[B, Hq, Lq, F]\ninput kr: float[B, Lk, F]\n"
                     "mask kv <= q\nscore s + rel[h, q - kv + R] + kb[b, kv] + dot(qr[b, h, q], kr[b, kv])\n")
     code, out = run_cli("inspect", spec, "--configs", "1", "--head-dim", "64", "--L", "256")
