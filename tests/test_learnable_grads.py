@@ -82,31 +82,32 @@ def test_direct_permutes_to_the_inputs_axis_order():
 
 
 # ---- general normalizations ----------------------------------------------------------------------------
-SOFTPLUS = ("const R = 3\ninput kb: float[Lk] learnable\ninput rel: float[Hq, 2 * R + 1] learnable\n"
+SOFTPLUS = ("const R = {R}\ninput kb: float[Lk] learnable\ninput rel: float[Hq, 2 * R + 1] learnable\n"
             "mask kv <= q + (Lk - Lq)\nscore s + kb[kv] + rel[h, q - kv + R]\n"
             "probs softplus(score) / rowsum(softplus(score))")
 
 
-def _softplus_formula(q, k, v, kb, rel, Hq):
+def _softplus_formula(q, k, v, kb, rel, Hq, R):
     Lq, Lk = q.shape[2], k.shape[2]
     rep = Hq // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     i = torch.arange(Lq)[:, None]
     j = torch.arange(Lk)[None, :]
-    s = q @ k.transpose(-1, -2) / math.sqrt(D) + kb + rel[:, (i - j + 3).clamp(0, 6)][None]
+    s = q @ k.transpose(-1, -2) / math.sqrt(D) + kb + rel[:, (i - j + R).clamp(0, 2 * R)][None]
     w = torch.nn.functional.softplus(s) * (j <= i + (Lk - Lq))
     return (w / w.sum(-1, keepdim=True)) @ v
 
 
-def test_general_family_learnable_key_bias_and_table(tmp_path):
-    fn = _load(tmp_path, "softplus_bias", SOFTPLUS)
+@pytest.mark.parametrize("R", [3, 40])  # a small table (summed per entry by dQ) and a large one (per pair)
+def test_general_family_learnable_key_bias_and_table(tmp_path, R):
+    fn = _load(tmp_path, f"softplus_bias_{R}", SOFTPLUS.format(R=R))
     B, Hq, Hk, Lq, Lk = 2, 4, 2, 13, 22  # GQA, Lq != Lk; tables read past +-R are clamped
     (q, k, v), g = _qkv(B, Hq, Hk, Lq, Lk, seed=3)
     kb = torch.randn(Lk, generator=g).requires_grad_(True)
-    rel = torch.randn(Hq, 7, generator=g).requires_grad_(True)
+    rel = torch.randn(Hq, 2 * R + 1, generator=g).requires_grad_(True)
     o = fn(q, k, v, kb=kb, rel=rel)
     leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, kb, rel)]
-    want = _softplus_formula(*leaves, Hq)
+    want = _softplus_formula(*leaves, Hq, R)
     _close("o", o, want.detach(), 2e-3)
     do = torch.randn_like(want)
     got = torch.autograd.grad(o, (q, k, v, kb, rel), do.float())

@@ -4,9 +4,9 @@ it into the input's gradient (runtime/scatter.py).
 Every read (tensor load) of a learnable input gets its own buffer, named `d_<name>_<i>`:
 - a read that does not depend on the key (`slopes[h]`, `gate[b, q]`) is summed over the row's keys in
   the dQ kernel: a row buffer [B, Hq, Lq];
-- in the softmax family, a read that depends on the key but not on the query (`bias[b, kv]`) is summed
+- a read that depends on the key but not on the query (`bias[b, kv]`) is summed
   over the queries in the dK/dV kernel, which owns a key tile: a key buffer [B, Hq, Lk];
-- in the softmax family, a read of a small table (at most SMALL_TABLE entries, `t5[h, bucket(q - kv)]`)
+- a read of a small table (at most SMALL_TABLE entries, `t5[h, bucket(q - kv)]`)
   is summed per entry by the dQ kernel: a buffer [B, Hq, query tiles, entries];
 - any other read that depends on the key (`rel[h, q - kv + R]`, `spatial[h, dist[b, q, kv]]`, either side of
   `dot(qr[b, h, q], kr[b, kv])`) is kept per (query, key) pair: a pair buffer [B, Hq, Lq, Lk] that
@@ -41,6 +41,7 @@ class InputGrad:
     reduce: str  # host code: the buffer -> a tensor of the input's shape
     entries: int  # a small table: its entries (the product of its own axes' extents), else 0
     entry_index: object  # a small table: the entry a pair reads (sympy, flat over its own axes), else None
+    entry: str  # ... and that entry in a query-major tile, as the family prints it ("" until then)
 
     @property
     def entries_pow2(self) -> int:
@@ -88,11 +89,11 @@ def input_grads(reads, key_reads: bool, table_reads: bool = False) -> list[Input
         if table is not None:
             dims, entries, index = table
             reduce = f"scatter.table_grad({var}, {dims!r}, {ident(read.tensor.name)}.shape)"
-            out.append(InputGrad(read.tensor.name, var, "table", reduce, entries, index))
+            out.append(InputGrad(read.tensor.name, var, "table", reduce, entries, index, ""))
             continue
         kind = "key" if key_reads and read.per_key else "pair" if read.per_pair else "row"
         reduce = _vector_reduce(var, read) if read.side else _host_reduce(var, read.tensor, read.load)
-        out.append(InputGrad(read.tensor.name, var, kind, reduce, 0, None))
+        out.append(InputGrad(read.tensor.name, var, kind, reduce, 0, None, ""))
     return out
 
 

@@ -13,7 +13,7 @@ Row values are [BLOCK_M] vectors; tile expressions read them as `r1[:, None]`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -102,6 +102,11 @@ class GeneralBody:
         return [g.array for g in self.grads if g.kind != "key"]
 
     @property
+    def tables(self) -> list[InputGrad]:
+        """Small tables summed per entry by the dQ kernel."""
+        return [g for g in self.grads if g.kind == "table"]
+
+    @property
     def key_grads(self) -> list[InputGrad]:
         """Reads summed per key by the dK/dV kernel."""
         return [g for g in self.grads if g.kind == "key"]
@@ -165,7 +170,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
             folded += c * w
     acc_terms = ([(folded, sympy.Integer(1))] if folded != 0 else []) + accumulated
 
-    reads = input_grads([read for read, _ in grad.learnable], key_reads=True)
+    reads = input_grads([read for read, _ in grad.learnable], key_reads=True, table_reads=True)
     terms = [(g.term, e, g.kind == "key") for g, (_, e) in zip(reads, grad.learnable)]
     dscore_terms = [("ds", grad.dscore)] + [(t, e) for t, e, per_key in terms if not per_key]
     key_terms = [(t, e) for t, e, per_key in terms if per_key]  # summed per key by dK/dV
@@ -255,5 +260,6 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         loads_t=tuple(always_t),
         mask_t=tile_mask(v, tnames_t, mask_only_t, TILE_T),
         dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)] + key_terms, tnames_t)),
-        grads=tuple(reads),
+        grads=tuple(g if g.entry_index is None else replace(g, entry=guarded_triton_code(g.entry_index, tnames))
+                    for g in reads),
     )

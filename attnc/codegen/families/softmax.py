@@ -33,7 +33,6 @@ class Grad(InputGrad):
     dscore: str  # in a query-major tile (dQ)
     dscore_t: str  # in a key-major tile (dK/dV: reads summed per key)
     dsink: str | None
-    entry: str  # a small table: the entry each pair of a query-major tile reads, else ""
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,8 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
         grads=tuple(Grad(read.name, read.var, read.kind, read.reduce, read.entries, read.entry_index,
+                         "" if read.entry_index is None else triton_code(read.entry_index, names),
                          triton_code(g.dscore, names), triton_code(g.dscore, names_t),
-                         None if g.dsink is None else triton_code(g.dsink, rnames),
-                         "" if read.entry_index is None else triton_code(read.entry_index, names))
+                         None if g.dsink is None else triton_code(g.dsink, rnames))
                     for read, g in zip(reads, grads)),
     )
