@@ -20,6 +20,8 @@ Every buffer is 4-D here: a row buffer [B, Hq, Lq] is viewed as [B, Hq, Lq, 1].
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -55,10 +57,7 @@ def table_grad(buffer: torch.Tensor, dims: tuple[int, ...], shape) -> torch.Tens
     """The gradient of a small table summed per entry by the dQ kernel: buffer [B, Hq, query tiles,
     entries (padded to a power of two)]; `dims`: the grid axes (0 = b, 1 = h) of the table's leading
     subscripts, its own axes following. Sums the query tiles and the grid axes the read does not index."""
-    own = 1
-    for size in shape[len(dims):]:
-        own *= size
-    per_head = buffer.sum(dim=2)[..., :own]  # [B, Hq, entries]
+    per_head = buffer.sum(dim=2)[..., :math.prod(shape[len(dims):])]  # [B, Hq, entries]
     summed = tuple(d for d in (0, 1) if d not in dims)
     out = per_head.sum(dim=summed) if summed else per_head
     kept = sorted(dims)
@@ -101,10 +100,7 @@ def scatter(buffer: torch.Tensor, shape: tuple[int, ...], reads: tuple[int, ...]
     for size, index in zip(shape, indices):
         flat = flat * size + torch.as_tensor(index, device=values.device).to(torch.int64)
     flat = torch.broadcast_to(flat, values.shape)
-    numel = 1
-    for size in shape:
-        numel *= size
-    return segment_sums(values, flat, numel).view(shape)
+    return segment_sums(values, flat, math.prod(shape)).view(shape)
 
 
 def segment_sums(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

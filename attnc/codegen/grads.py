@@ -73,6 +73,34 @@ class InputGrad:
         return self.reduce.startswith("scatter.scatter(")
 
 
+class ReadGrads:
+    """What a family's body (SoftmaxBody, GeneralBody) derives from its `grads` for the templates: which
+    reads the dQ kernel keeps (and its buffers), the small tables among them, and the reads per key that
+    the dK/dV kernel sums."""
+
+    @property
+    def dq_grads(self) -> list[InputGrad]:
+        return [g for g in self.grads if g.kind != "key"]
+
+    @property
+    def dq_sums(self) -> list[InputGrad]:
+        """The dQ reads kept as program state (per row, per table entry) and stored at its end."""
+        return [g for g in self.grads if g.kind in ("row", "table")]
+
+    @property
+    def grad_arrays(self) -> list[str]:
+        """The dQ kernel's gradient buffers."""
+        return [g.array for g in self.dq_grads]
+
+    @property
+    def tables(self) -> list[InputGrad]:
+        return [g for g in self.grads if g.kind == "table"]
+
+    @property
+    def key_grads(self) -> list[InputGrad]:
+        return [g for g in self.grads if g.kind == "key"]
+
+
 # a table read per pair with at most this many entries is summed per entry inside the dQ kernel (one
 # masked tile reduction per entry); a larger one is kept per pair and scatter-summed on the host
 SMALL_TABLE = 64

@@ -353,13 +353,16 @@ class BandBounds:
     lo: str
     hi: str
     loads: tuple[Load, ...]  # b- and h-indexed inputs the bounds read (scalars per program)
-    torch_lo: str  # in terms of q_first / q_last tensors on the host
-    torch_hi: str
-    torch_full_lo: str
+    torch_full_lo: str  # in terms of q_first / q_last tensors on the host
     torch_full_hi: str
     torch_row_lo: str  # per query row: q_rows [tiles, BLOCK_M], b_idx / h_idx per tile
     torch_row_hi: str
     text: str
+
+    @property
+    def full_reads_last_query(self) -> bool:
+        """Whether the keys every query of a tile sees depend on its last query (lo reads q)."""
+        return "q_last" in self.torch_full_lo
 
 
 @dataclass(frozen=True)
@@ -420,7 +423,6 @@ def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
         lo="0" if clause.lo is None else triton_code(clause.lo, names),
         hi="Lk - 1" if clause.hi is None else triton_code(clause.hi, names),
         loads=tuple(loads),
-        torch_lo=at(clause.lo, "q_first", "0"), torch_hi=at(clause.hi, "q_last", "Lk - 1"),
         torch_full_lo=at(clause.lo, "q_last", "0"), torch_full_hi=at(clause.hi, "q_first", "Lk - 1"),
         torch_row_lo=per_row(clause.lo, "0"), torch_row_hi=per_row(clause.hi, "Lk - 1"),
         text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",

@@ -20,7 +20,7 @@ import sympy
 from ... import ir
 from ...analysis import rowgrad
 from ...analysis.rowstats import RowPlan, is_row_constant
-from ..grads import InputGrad, input_grads
+from ..grads import InputGrad, ReadGrads, input_grads
 from ..printers import guarded_triton_code
 from ..skeleton import (
     ROW,
@@ -74,7 +74,7 @@ class Reduction:
 
 
 @dataclass(frozen=True)
-class GeneralBody:
+class GeneralBody(ReadGrads):
     loads: tuple[Load, ...]  # tensor inputs every tile reads
     mask: TileMask
     row_loads: tuple[Load, ...]
@@ -95,21 +95,6 @@ class GeneralBody:
     mask_t: TileMask
     dkdv_lines: tuple[str, ...]
     grads: tuple[InputGrad, ...]
-
-    @property
-    def grad_arrays(self) -> list[str]:
-        """The dQ kernel's gradient buffers (reads per row or per pair)."""
-        return [g.array for g in self.grads if g.kind != "key"]
-
-    @property
-    def tables(self) -> list[InputGrad]:
-        """Small tables summed per entry by the dQ kernel."""
-        return [g for g in self.grads if g.kind == "table"]
-
-    @property
-    def key_grads(self) -> list[InputGrad]:
-        """Reads summed per key by the dK/dV kernel."""
-        return [g for g in self.grads if g.kind == "key"]
 
     @staticmethod
     def reads(code: str, var: str) -> bool:

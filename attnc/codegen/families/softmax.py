@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ... import ir
 from ...analysis import derivatives
 from ...analysis.rowstats import SoftmaxForm
-from ..grads import InputGrad, input_grads
+from ..grads import InputGrad, ReadGrads, input_grads
 from ..printers import triton_code
 from ..skeleton import (
     ROW,
@@ -36,7 +36,7 @@ class Grad(InputGrad):
 
 
 @dataclass(frozen=True)
-class SoftmaxBody:
+class SoftmaxBody(ReadGrads):
     plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
     tile: TileCode  # query-major tiles [BLOCK_M, BLOCK_N]: forward and dQ
     tile_t: TileCode  # key-major tiles [BLOCK_N, BLOCK_M]: dK/dV
@@ -44,15 +44,6 @@ class SoftmaxBody:
     row_loads: tuple[Load, ...]  # per-row inputs the sink reads
     grads: tuple[Grad, ...]
 
-    @property
-    def grad_arrays(self) -> list[str]:
-        """The dQ kernel's gradient buffers (reads per row or per pair)."""
-        return [g.array for g in self.grads if g.kind != "key"]
-
-    @property
-    def key_grads(self) -> list[Grad]:
-        """Reads summed per key by the dK/dV kernel."""
-        return [g for g in self.grads if g.kind == "key"]
 
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
@@ -76,9 +67,13 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         tile_t=tile_t,
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
-        grads=tuple(Grad(read.name, read.var, read.kind, read.reduce, read.entries, read.entry_index,
-                         "" if read.entry_index is None else triton_code(read.entry_index, names),
-                         triton_code(g.dscore, names), triton_code(g.dscore, names_t),
-                         None if g.dsink is None else triton_code(g.dsink, rnames))
+        grads=tuple(Grad(**{**vars(read), "entry": _entry(read, names)}, dscore=triton_code(g.dscore, names),
+                         dscore_t=triton_code(g.dscore, names_t),
+                         dsink=None if g.dsink is None else triton_code(g.dsink, rnames))
                     for read, g in zip(reads, grads)),
     )
+
+
+def _entry(read: InputGrad, names: dict) -> str:
+    """A small table's entry each pair of a query-major tile reads ("" for other reads)."""
+    return "" if read.entry_index is None else triton_code(read.entry_index, names)
