@@ -37,9 +37,10 @@ def chunk_size(device) -> int:
 
 def causal_chunked(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
     """Causal (`j <= i`) num, den and the final state. `log_decay`: [H] (<= 0) or None; `state`: (S, z) or None."""
+    dt = _compute_dtype(fq, fk, v)  # fp32 (fp64 for fp64) whatever the inputs' dtypes
+    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
     B, H, L, F = fq.shape
     Dv = v.shape[-1]
-    dt = fq.dtype
     if state is None:
         S = fq.new_zeros(B, H, F, Dv)
         z = fq.new_zeros(B, H, F)
@@ -79,6 +80,8 @@ def causal_chunked(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=C
 
 def full(fq, fk, v, state=None, need_den=True):
     """Every key visible (no decay): num = fq @ S, den = fq @ z with S, z over all keys (and the given state)."""
+    dt = _compute_dtype(fq, fk, v)
+    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
     S = fk.transpose(-1, -2) @ v
     z = fk.sum(-2)
     if state is not None:
@@ -126,12 +129,19 @@ def expand_heads(x, Hq):
     return x.index_select(1, idx)
 
 
-# ---- the Triton kernel of the causal chunked forward ----------------------------------------------
+# ---- the Triton kernels -----------------------------------------------------------------------------
 # One program per (feature block, value block, batch * head): its slice S[f-block, d-block] of the
 # state stays in registers while it walks the chunks. The intra-chunk weights and the inter-chunk
 # term are partial sums over its feature block; the feature blocks' partial outputs are summed
-# afterwards in a fixed order (deterministic, no atomics). The backward recomputes through the PyTorch
-# form above (autograd), also deterministic.
+# afterwards in a fixed order (deterministic, no atomics).
+#
+# Inputs are read where they are, as they are: every operand comes with its four strides (b, h, l, d),
+# so a transposed [B, L, H, D] tensor needs no copy, and in its own dtype (fp32, fp16, bf16). The tiles
+# go to tl.dot as DOT (their common 16-bit dtype, else fp32) with fp32 accumulation; decays, row sums and
+# the running state are fp32. Under the interpreter bf16 tiles are upcast (launch.upcast_dots).
+# The flags serve the backward, which runs the same kernel as scans: REVERSE walks the sequence from
+# its end (row L-1-t at step t, outputs written in place: no flipped copies), Q_ONE / K_ONE append a
+# column of ones to the feature axis of q / k (the row sums' `v+ = [v, 1]` without a concatenated copy).
 try:
     import triton
     import triton.language as tl
@@ -154,20 +164,47 @@ if triton is not None:
         return S, z
 
     @triton.jit
+    def _rows(offs_t, L, REVERSE: tl.constexpr):
+        """The sequence rows of steps offs_t (int64: row * stride never overflows)."""
+        if REVERSE:
+            rows = (L - 1 - offs_t).to(tl.int64)
+        else:
+            rows = offs_t.to(tl.int64)
+        return rows
+
+    @triton.jit
+    def _tile(x, base, rows, t_ok, offs_c, C, s_l, s_c, ONE: tl.constexpr):
+        """Rows x columns of one operand in its stored dtype, zero outside; with ONE the column C - 1 (past
+        the stored C - 1 columns) is ones."""
+        stored = C - ONE
+        tile = tl.load(x + base + rows[:, None] * s_l + offs_c[None, :] * s_c,
+                       mask=t_ok[:, None] & (offs_c < stored)[None, :], other=0.0)
+        if ONE:
+            tile = tl.where((offs_c == stored)[None, :], 1.0, tile.to(tl.float32)).to(tile.dtype)
+        return tile
+
+    @triton.jit
     def _causal_chunk_fwd(fq, fk, v, log_decay, s0, z0, num_part, den_part, s_out, z_out,
+                          sq_b, sq_h, sq_l, sq_f, sk_b, sk_h, sk_l, sk_f, sv_b, sv_h, sv_l, sv_d,
                           H, L, F, Dv,
-                          HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
+                          HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr, REVERSE: tl.constexpr,
+                          Q_ONE: tl.constexpr, K_ONE: tl.constexpr, DOT: tl.constexpr,
                           BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
         pid_f = tl.program_id(0)
         pid_d = tl.program_id(1)
         bh = tl.program_id(2)
         n_bh = tl.num_programs(2)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        q_base = b * sq_b + h * sq_h
+        k_base = b * sk_b + h * sk_h
+        v_base = b * sv_b + h * sv_h
         offs_f = pid_f * BF + tl.arange(0, BF)
         offs_d = pid_d * BD + tl.arange(0, BD)
         rel = tl.arange(0, BC)
         f_ok = offs_f < F
         d_ok = offs_d < Dv
-        g = tl.load(log_decay + bh % H).to(tl.float32)  # log(decay) <= 0; 0 without a decay
+        g = tl.load(log_decay + h).to(tl.float32)  # log(decay) <= 0; 0 without a decay
         S, z = _initial_state(s0, z0, bh, offs_f, offs_d, f_ok, d_ok, F, Dv, HAS_STATE, BF, BD)
         causal = rel[:, None] >= rel[None, :]
         dist = tl.where(causal, rel[:, None] - rel[None, :], 0).to(tl.float32)
@@ -176,40 +213,45 @@ if triton is not None:
         for start in range(0, L, BC):
             offs_t = start + rel
             t_ok = offs_t < L
-            qc = tl.load(fq + (bh * L + offs_t[:, None]) * F + offs_f[None, :],
-                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
-            kc = tl.load(fk + (bh * L + offs_t[:, None]) * F + offs_f[None, :],
-                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
-            vc = tl.load(v + (bh * L + offs_t[:, None]) * Dv + offs_d[None, :],
-                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            a = tl.dot(qc, tl.trans(kc)) * intra_decay
-            qd = qc * q_decay[:, None]
-            num = tl.dot(a, vc) + tl.dot(qd, S)
-            tl.store(num_part + ((pid_f * n_bh + bh) * L + offs_t[:, None]) * Dv + offs_d[None, :], num,
+            rows = _rows(offs_t, L, REVERSE)
+            qc = _tile(fq, q_base, rows, t_ok, offs_f, F, sq_l, sq_f, Q_ONE)
+            kc = _tile(fk, k_base, rows, t_ok, offs_f, F, sk_l, sk_f, K_ONE)
+            vc = _tile(v, v_base, rows, t_ok, offs_d, Dv, sv_l, sv_d, False).to(DOT)
+            a = tl.dot(qc.to(DOT), tl.trans(kc.to(DOT))) * intra_decay
+            qd = qc.to(tl.float32) * q_decay[:, None]
+            num = tl.dot(a.to(DOT), vc) + tl.dot(qd.to(DOT), S.to(DOT))
+            tl.store(num_part + ((pid_f * n_bh + bh) * L + rows[:, None]) * Dv + offs_d[None, :], num,
                      mask=t_ok[:, None] & d_ok[None, :])
             if NEED_DEN:  # one value block writes the row sums
                 den = tl.sum(a, axis=1) + tl.sum(qd * z[None, :], axis=1)
-                tl.store(den_part + (pid_f * n_bh + bh) * L + offs_t, den, mask=t_ok & ((rel * 0 + pid_d) == 0))
+                tl.store(den_part + (pid_f * n_bh + bh) * L + rows, den, mask=t_ok & ((rel * 0 + pid_d) == 0))
             c = tl.minimum(L - start, BC)
             k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
-            kd = kc * k_decay[:, None]
+            kd = kc.to(tl.float32) * k_decay[:, None]
             carry = tl.exp(g * c.to(tl.float32))
-            S = carry * S + tl.dot(tl.trans(kd), vc)
+            S = carry * S + tl.dot(tl.trans(kd.to(DOT)), vc)
             z = carry * z + tl.sum(kd, axis=0)
         tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
         if pid_d == 0:
             tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
 
-
     @triton.jit
-    def _full_fwd(fq, fk, v, s0, z0, num_part, den_part, s_out, z_out, Lq, Lk, F, Dv,
+    def _full_fwd(fq, fk, v, s0, z0, num_part, den_part, s_out, z_out,
+                  sq_b, sq_h, sq_l, sq_f, sk_b, sk_h, sk_l, sk_f, sv_b, sv_h, sv_l, sv_d,
+                  H, Lq, Lk, F, Dv,
                   HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
+                  Q_ONE: tl.constexpr, K_ONE: tl.constexpr, DOT: tl.constexpr,
                   BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
         """Every key visible: the state over all keys first, then every query reads it."""
         pid_f = tl.program_id(0)
         pid_d = tl.program_id(1)
         bh = tl.program_id(2)
         n_bh = tl.num_programs(2)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        q_base = b * sq_b + h * sq_h
+        k_base = b * sk_b + h * sk_h
+        v_base = b * sv_b + h * sv_h
         offs_f = pid_f * BF + tl.arange(0, BF)
         offs_d = pid_d * BD + tl.arange(0, BD)
         rel = tl.arange(0, BC)
@@ -219,103 +261,163 @@ if triton is not None:
         for start in range(0, Lk, BC):
             offs_t = start + rel
             t_ok = offs_t < Lk
-            kc = tl.load(fk + (bh * Lk + offs_t[:, None]) * F + offs_f[None, :],
-                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
-            vc = tl.load(v + (bh * Lk + offs_t[:, None]) * Dv + offs_d[None, :],
-                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            S += tl.dot(tl.trans(kc), vc)
-            z += tl.sum(kc, axis=0)
+            rows = offs_t.to(tl.int64)
+            kc = _tile(fk, k_base, rows, t_ok, offs_f, F, sk_l, sk_f, K_ONE)
+            vc = _tile(v, v_base, rows, t_ok, offs_d, Dv, sv_l, sv_d, False)
+            S += tl.dot(tl.trans(kc.to(DOT)), vc.to(DOT))
+            z += tl.sum(kc.to(tl.float32), axis=0)
         for start in range(0, Lq, BC):
             offs_t = start + rel
             t_ok = offs_t < Lq
-            qc = tl.load(fq + (bh * Lq + offs_t[:, None]) * F + offs_f[None, :],
-                         mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
-            tl.store(num_part + ((pid_f * n_bh + bh) * Lq + offs_t[:, None]) * Dv + offs_d[None, :],
-                     tl.dot(qc, S), mask=t_ok[:, None] & d_ok[None, :])
+            rows = offs_t.to(tl.int64)
+            qc = _tile(fq, q_base, rows, t_ok, offs_f, F, sq_l, sq_f, Q_ONE)
+            tl.store(num_part + ((pid_f * n_bh + bh) * Lq + rows[:, None]) * Dv + offs_d[None, :],
+                     tl.dot(qc.to(DOT), S.to(DOT)), mask=t_ok[:, None] & d_ok[None, :])
             if NEED_DEN:  # one value block writes the row sums
-                tl.store(den_part + (pid_f * n_bh + bh) * Lq + offs_t, tl.sum(qc * z[None, :], axis=1),
-                         mask=t_ok & ((rel * 0 + pid_d) == 0))
+                tl.store(den_part + (pid_f * n_bh + bh) * Lq + rows,
+                         tl.sum(qc.to(tl.float32) * z[None, :], axis=1), mask=t_ok & ((rel * 0 + pid_d) == 0))
         tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
         if pid_d == 0:
             tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
 
 
-def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True):
-    B, H, L, F = fq.shape
+def _dot_dtype(*xs):
+    """tl.dot's input dtype: the operands' common 16-bit dtype (fp32 accumulation), else fp32; bf16 is
+    upcast under the interpreter (launch.upcast_dots)."""
+    from . import launch
+
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) == 1 and not launch.upcast_dots(xs[0]):
+        return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(xs[0].dtype, tl.float32)
+    return tl.float32
+
+
+def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True, reverse=False,
+                    q_one=False, k_one=False):
+    """num [B, H, Lq, Dv], den [B, H, Lq] (or None), S [B, H, F, Dv], z [B, H, F], all fp32, of features
+    fq [B, H, Lq, F], fk [B, H, Lk, F] and values v [B, H, Lk, Dv] in any strides and dtypes (read in place).
+    reverse: the causal scan runs from the last position to the first; q_one / k_one: fq / fk stop one
+    column short of F, the last feature being 1."""
+    B, H, L = fq.shape[:3]
+    F = fq.shape[-1] + q_one
+    assert fk.shape[-1] + k_one == F, (fq.shape, fk.shape, q_one, k_one)
     Lk, Dv = v.shape[2], v.shape[-1]
     BF = min(64, max(16, triton.next_power_of_2(F)))
     BD = min(64, max(16, triton.next_power_of_2(Dv)))
     NF = triton.cdiv(F, BF)
     f32 = {"dtype": torch.float32, "device": fq.device}
-    fq, fk, v = fq.float().contiguous(), fk.float().contiguous(), v.float().contiguous()
     num_part = torch.empty(NF, B * H, L, Dv, **f32)
     den_part = torch.empty(NF, B * H, L, **f32) if need_den else num_part
     S = torch.empty(B * H, F, Dv, **f32)
     z = torch.empty(B * H, F, **f32)
-    g = torch.zeros(H, **f32) if log_decay is None else log_decay.detach().float().expand(H).contiguous()
     has_state = S0 is not None
-    s0 = S0.detach().float().contiguous() if has_state else S
+    s0 = S0.detach().float().contiguous() if has_state else S  # the state: small, [F, Dv] per head
     zz0 = z0.detach().float().contiguous() if has_state else z
     grid = (NF, triton.cdiv(Dv, BD), B * H)
     BC = max(16, chunk)
     warps = 8 if BC * BF >= 64 * 64 else 4  # 64 x 64 tiles: 8 warps keep them in registers (no spills)
+    strides = (*fq.stride(), *fk.stride(), *v.stride())
+    flags = {"HAS_STATE": has_state, "NEED_DEN": need_den, "Q_ONE": q_one, "K_ONE": k_one,
+             "DOT": _dot_dtype(fq, fk, v), "BC": BC, "BF": BF, "BD": BD, "num_warps": warps}
     if causal:
-        _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, H, L, F, Dv,
-                                HAS_STATE=has_state, NEED_DEN=need_den, BC=BC, BF=BF, BD=BD, num_warps=warps)
+        g = torch.zeros(H, **f32) if log_decay is None else log_decay.detach().float().expand(H).contiguous()
+        _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, *strides, H, L, F, Dv,
+                                REVERSE=reverse, **flags)
     else:
-        _full_fwd[grid](fq, fk, v, s0, zz0, num_part, den_part, S, z, L, Lk, F, Dv,
-                        HAS_STATE=has_state, NEED_DEN=need_den, BC=BC, BF=BF, BD=BD, num_warps=warps)
+        assert log_decay is None and not reverse
+        _full_fwd[grid](fq, fk, v, s0, zz0, num_part, den_part, S, z, *strides, H, L, Lk, F, Dv, **flags)
     num = num_part.sum(0).view(B, H, L, Dv)
     den = den_part.sum(0).view(B, H, L) if need_den else None
     return num, den, S.view(B, H, F, Dv), z.view(B, H, F)
+
+
+def _read_state(x, M, chunk):
+    """x [B, H, L, F] (any strides and dtype) times M [B, H, F, D] -> [B, H, L, D] fp32: the full kernel
+    with M as its state and no keys."""
+    B, H = x.shape[:2]
+    F, D = M.shape[-2:]
+    z0 = torch.zeros(B, H, F, dtype=torch.float32, device=x.device)
+    keys = torch.empty(B, H, 0, F, dtype=torch.float32, device=x.device)
+    values = torch.empty(B, H, 0, D, dtype=torch.float32, device=x.device)
+    return _kernel_forward(x, keys, values, None, M, z0, False, chunk, causal=False)[0]
+
+
+def _zeros_if_none(x, *shape, device):
+    return torch.zeros(*shape, dtype=torch.float32, device=device) if x is None else x.float()
 
 
 def _kernel_backward(fq, fk, v, log_decay, S0, z0, d_num, d_den, d_S, d_z, need_den, chunk):
     """The causal backward as three more runs of the forward kernel (fixed decay): with the row sums as a
     ones column of v (v+ = [v, 1], dn = [d_num, d_den]) and lam = exp(log_decay),
         dfq_i = sum_{j <= i} lam^(i-j) (dn_i . v+_j) fk_j + lam^(i+1) S0+ dn_i      (a causal scan)
-        dfk_j = sum_{i >= j} lam^(i-j) (v+_j . dn_i) fq_i + lam^(L-1-j) dS+ v+_j    (reversed in time)
-        dv_j  = sum_{i >= j} lam^(i-j) (fq_i . fk_j) dn_i + lam^(L-1-j) dS+^T fk_j  (reversed in time)
-    and dS0+ = sum_i lam^(i+1) fq_i dn_i^T + lam^L dS+. Exponents stay non-negative."""
+        dfk_j = sum_{i >= j} lam^(i-j) (v+_j . dn_i) fq_i + lam^(L-1-j) (dS v_j + dz)   (reversed in time)
+        dv_j  = sum_{i >= j} lam^(i-j) (fq_i . fk_j) dn_i + lam^(L-1-j) dS^T fk_j      (reversed in time)
+    and dS0+ = lam sum_i lam^i fq_i dn_i^T + lam^L dS+, the dv scan's final state. Exponents stay
+    non-negative. fq, fk and v are read in place (their strides and dtypes); gradients are fp32.
+    d_S, d_z (the returned state's gradients) are None when the state was not used."""
     B, H, L = fq.shape[:3]
     Dv = v.shape[-1]
-    fq, fk, v = fq.float(), fk.float(), v.float()
-    ones = torch.ones(B, H, L, 1, dtype=torch.float32, device=fq.device)
-    v_aug = torch.cat([v, ones], -1) if need_den else v
-    dn = torch.cat([d_num.float(), d_den.float().unsqueeze(-1)], -1) if need_den else d_num.float()
-    dS = torch.cat([d_S.float(), d_z.float().unsqueeze(-1)], -1)  # [B, H, F, Dv + 1]: z is S's ones column
-    if not need_den:
-        dS = dS[..., :Dv]
-    g = torch.zeros(H, dtype=torch.float32, device=fq.device) if log_decay is None else log_decay.detach().float()
-    state = None
+    dev = fq.device
+    d_num = _zeros_if_none(d_num, B, H, L, Dv, device=dev)
+    dn = torch.cat([d_num, _zeros_if_none(d_den, B, H, L, device=dev).unsqueeze(-1)], -1) if need_den else d_num
+    g = torch.zeros(H, dtype=torch.float32, device=dev) if log_decay is None else log_decay.detach().float()
+    state = (None, None)
     if S0 is not None:
         S0_aug = torch.cat([S0.float(), z0.float().unsqueeze(-1)], -1) if need_den else S0.float()
-        state = (S0_aug.transpose(-1, -2).contiguous(), torch.zeros(B, H, S0_aug.shape[-1], device=fq.device))
-    dfq = _kernel_forward(dn, v_aug, fk, g, *(state or (None, None)), False, chunk)[0]
-
-    def flip(x):  # reversed in time: the scans over later queries become causal scans
-        return x.flip(2)
-
-    dfk = flip(_kernel_forward(flip(v_aug), flip(dn), flip(fq), g, None, None, False, chunk)[0])
-    dv = flip(_kernel_forward(flip(fk), flip(fq), flip(dn), g, None, None, False, chunk)[0])[..., :Dv]
-    t = torch.arange(L, dtype=torch.float32, device=fq.device)
+        state = (S0_aug.transpose(-1, -2), torch.zeros(B, H, S0_aug.shape[-1], dtype=torch.float32, device=dev))
+    dfq = _kernel_forward(dn, v, fk, g, *state, False, chunk, k_one=need_den)[0]
+    dfk = _kernel_forward(v, dn, fq, g, None, None, False, chunk, reverse=True, q_one=need_den)[0]
+    dv, _, Sd, _ = _kernel_forward(fk, fq, dn if S0 is not None else d_num, g, None, None, False, chunk, reverse=True)
+    dv = dv[..., :Dv]
+    t = torch.arange(L, dtype=torch.float32, device=dev)
     lam_end = torch.exp(g.view(1, H, 1, 1) * (L - 1 - t).view(1, 1, L, 1))  # lam^(L-1-j)
-    dfk = dfk + lam_end * (v_aug @ dS.transpose(-1, -2))
-    dv = dv + lam_end * (fk @ dS[..., :Dv])
+    if d_S is not None:
+        dfk = dfk + lam_end * _read_state(v, d_S.float().transpose(-1, -2), chunk)
+        dv = dv + lam_end * _read_state(fk, d_S.float(), chunk)
+    if d_z is not None:
+        dfk = dfk + lam_end * d_z.float().unsqueeze(-2)
     dS0 = dz0 = None
     if S0 is not None:
-        lam_q = torch.exp(g.view(1, H, 1, 1) * (t + 1).view(1, 1, L, 1))
-        dS0_aug = (fq * lam_q).transpose(-1, -2) @ dn + torch.exp(g * L).view(1, H, 1, 1) * dS
-        dS0 = dS0_aug[..., :Dv]
-        dz0 = dS0_aug[..., Dv] if need_den else torch.exp(g * L).view(1, H, 1) * d_z.float()
+        lam, lam_L = torch.exp(g).view(1, H, 1, 1), torch.exp(g * L).view(1, H, 1, 1)
+        dS0 = lam * Sd[..., :Dv] + (0 if d_S is None else lam_L * d_S.float())
+        dz0 = lam[..., 0] * Sd[..., Dv] if need_den else torch.zeros_like(z0, dtype=torch.float32)
+        if d_z is not None:
+            dz0 = dz0 + lam_L[..., 0] * d_z.float()
     return dfq, dfk, dv, dS0, dz0
 
 
+def _full_backward(fq, fk, v, S0, z0, d_num, d_den, d_S, d_z, need_den, chunk):
+    """The full mask's backward in four kernel runs: with S+ = [S, z] the state over every key (and S0),
+        dfq = dn S+^T,   dS+ = fq^T dn + [d_S, d_z],   dfk_j = dS v_j + dz,   dv_j = dS^T fk_j,
+    and the initial state's gradient is dS+ itself. fq, fk and v are read in place."""
+    B, H, L, F = fq.shape
+    Dv = v.shape[-1]
+    dev = fq.device
+    d_num = _zeros_if_none(d_num, B, H, L, Dv, device=dev)
+    dn = torch.cat([d_num, _zeros_if_none(d_den, B, H, L, device=dev).unsqueeze(-1)], -1) if need_den else d_num
+    _, _, S, z = _kernel_forward(fk[:, :, :0], fk, v, None, S0, z0, False, chunk, causal=False)
+    S_aug = torch.cat([S, z.unsqueeze(-1)], -1) if need_den else S
+    dfq = _read_state(dn, S_aug.transpose(-1, -2), chunk)
+    _, _, dS, _ = _kernel_forward(fq[:, :, :0], fq, dn, None, None, None, False, chunk, causal=False)
+    dSv = dS[..., :Dv] + (0 if d_S is None else d_S.float())
+    dz = dS[..., Dv] if need_den else None
+    if d_z is not None:
+        dz = d_z.float() if dz is None else dz + d_z.float()
+    dfk = _read_state(v, dSv.transpose(-1, -2), chunk)
+    if dz is not None:
+        dfk = dfk + dz.unsqueeze(-2)
+    dv = _read_state(fk, dSv, chunk)
+    dz0 = torch.zeros(B, H, F, dtype=torch.float32, device=dev) if dz is None else dz
+    return dfq, dfk, dv, dSv, dz0
+
+
 class _CausalChunked(torch.autograd.Function):
-    """Forward: the Triton kernel; backward: autograd through the PyTorch form (recomputed)."""
+    """Forward: the Triton kernel; backward: Triton scans (causal, fixed decay) or products (full mask),
+    or autograd through the PyTorch form (recomputed) when the decay needs a gradient."""
 
     @staticmethod
     def forward(ctx, fq, fk, v, log_decay, S0, z0, need_den, chunk, causal):
+        ctx.set_materialize_grads(False)  # an unused state's gradient stays None: no terms for it
         ctx.save_for_backward(fq, fk, v, log_decay, S0, z0)
         ctx.need_den, ctx.chunk, ctx.causal = need_den, chunk, causal
         num, den, S, z = _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal)
@@ -327,41 +429,51 @@ class _CausalChunked(torch.autograd.Function):
     def backward(ctx, d_num, d_den, d_S, d_z):
         saved = ctx.saved_tensors
         fq, fk, v, log_decay, S0, z0 = saved
-        if ctx.causal and (log_decay is None or not ctx.needs_input_grad[3]):  # Triton scans
-            grads = _kernel_backward(fq, fk, v, log_decay, S0, z0, d_num, d_den, d_S, d_z, ctx.need_den, ctx.chunk)
-            dfq, dfk, dv, dS0, dz0 = (None if g is None else g.to(x.dtype) if x is not None else None
+        d_den = d_den if ctx.need_den else None
+        if log_decay is None or not ctx.needs_input_grad[3]:  # Triton
+            if ctx.causal:
+                grads = _kernel_backward(fq, fk, v, log_decay, S0, z0, d_num, d_den, d_S, d_z, ctx.need_den,
+                                         ctx.chunk)
+            else:
+                grads = _full_backward(fq, fk, v, S0, z0, d_num, d_den, d_S, d_z, ctx.need_den, ctx.chunk)
+            dfq, dfk, dv, dS0, dz0 = (None if g is None or x is None else g.to(x.dtype)
                                       for g, x in zip(grads, (fq, fk, v, S0, z0)))
             return dfq, dfk, dv, None, dS0, dz0, None, None, None
         with torch.enable_grad():
             leaves = [None if x is None else x.detach().float().requires_grad_(x.requires_grad) for x in saved]
             fq, fk, v, log_decay, S0, z0 = leaves
             state = None if S0 is None else (S0, z0)
-            if ctx.causal:
-                num, den, (S, z) = causal_chunked(fq, fk, v, log_decay, state, ctx.need_den, ctx.chunk)
-            else:
-                num, den, (S, z) = full(fq, fk, v, state, ctx.need_den)
-            outs, grads = [num, S, z], [d_num, d_S, d_z]
-            if ctx.need_den:
-                outs.append(den)
-                grads.append(d_den)
+            num, den, (S, z) = causal_chunked(fq, fk, v, log_decay, state, ctx.need_den, ctx.chunk)
+            pairs = [(o, d) for o, d in ((num, d_num), (S, d_S), (z, d_z), (den, d_den)) if d is not None]
             wrt = [x for x in leaves if x is not None and x.requires_grad]
-            got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True)) if wrt else iter(())
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True)
+                       if wrt and pairs else [None] * len(wrt))
         result = [next(got) if (x is not None and x.requires_grad) else None for x in leaves]
         result = [None if r is None else r.to(x.dtype) for r, x in zip(result, saved)]
         return (*result, None, None, None)
 
 
+def _compute_dtype(*xs):
+    """fp32, or fp64 when an input is fp64: the dtype of num, den and the state."""
+    dtype = torch.float32
+    for x in xs:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
 def causal_chunked_kernel(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
-    """As causal_chunked, with the forward in Triton (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    """As causal_chunked, with the forward and backward in Triton (CUDA, or the CPU under
+    TRITON_INTERPRET=1). fq, fk and v may have any strides and be fp32, fp16 or bf16 (each its own):
+    the kernels read them in place; num and den are fp32."""
     S0, z0 = (None, None) if state is None else state
     num, den, S, z = _CausalChunked.apply(fq, fk, v, log_decay, S0, z0, need_den, chunk, True)
-    dtype = fq.dtype
+    dtype = _compute_dtype(fq, fk, v)
     return num.to(dtype), (den.to(dtype) if need_den else None), (S, z)
 
 
 def full_kernel(fq, fk, v, state=None, need_den=True, chunk=CHUNK):
-    """As full, with the forward in Triton."""
+    """As full, with the forward and backward in Triton (inputs as for causal_chunked_kernel)."""
     S0, z0 = (None, None) if state is None else state
     num, den, S, z = _CausalChunked.apply(fq, fk, v, None, S0, z0, need_den, chunk, False)
-    dtype = fq.dtype
+    dtype = _compute_dtype(fq, fk, v)
     return num.to(dtype), (den.to(dtype) if need_den else None), (S, z)
