@@ -9,9 +9,12 @@ How it works, in three steps:
    launcher does (16-byte alignment, ints equal to 1 or divisible by 16). Triton's bundled ptxas
    assembles the PTX; nothing runs on a GPU.
 3. **Count.** Registers and stack (spill) bytes from the cubin (`cuobjdump --dump-resource-usage`),
-   shared memory from the kernel's metadata, and from the PTX: tensor-core instructions
-   (`wgmma.mma_async`, `mma.sync`), `cp.async` copies (the software pipeliner's asynchronous global
-   loads; 0 means every K/V load is waited for inside the loop) and TMA copies (`cp.async.bulk`).
+   spill stores and loads (`STL`, `LDL`) from its SASS (`cuobjdump -sass`, only for a kernel whose
+   stack frame is not empty: without one there is no local memory to store to), shared memory from the
+   kernel's metadata, and from the PTX: tensor-core instructions (`wgmma.mma_async` by its N width,
+   `mma.sync`), `cp.async` copies (the software pipeliner's asynchronous global loads; 0 means every K/V
+   load is waited for inside the loop) and TMA copies (`cp.async.bulk`, tensor-descriptor ones included,
+   and `cp.reduce.async.bulk`).
 
 [Note] The compile needs Triton's real JIT, but a module imported under TRITON_INTERPRET=1 holds
 interpreter objects, and its autotune space is the interpreter's single small config
@@ -67,12 +70,40 @@ class KernelReport:
     shared_bytes: int | None = None
     tensor_core: int = 0  # wgmma.mma_async + mma.sync instructions in the PTX
     cp_async: int = 0  # cp.async.ca / cp.async.cg: global-to-shared copies the pipeliner issued
-    tma: int = 0  # cp.async.bulk copies (the Tensor Memory Accelerator)
+    tma: int = 0  # cp.async.bulk / cp.reduce.async.bulk copies (the Tensor Memory Accelerator)
     error: str | None = None  # the compiler's message, when the kernel does not compile
+    # added after `error`, with defaults: rows built positionally or from older JSON still load
+    wgmma: int = 0  # wgmma.mma_async instructions (sm_90 warpgroup MMA)
+    mma_sync: int = 0  # mma.sync instructions (sm_80-style warp MMA)
+    wgmma_n: tuple = ()  # ((N, count), ...) by ascending N: wgmma.mma_async.*.m64nNk16 counted by its N
+    spill_stores: int | None = None  # STL (store to local memory) instructions in the SASS; None: no SASS
+    spill_loads: int | None = None  # LDL instructions in the SASS
+
+    def __post_init__(self):
+        # {N: count} (JSON gives str keys) or [[N, count], ...] (JSON's tuples) -> sorted pairs of ints
+        pairs = self.wgmma_n.items() if isinstance(self.wgmma_n, dict) else self.wgmma_n
+        object.__setattr__(self, "wgmma_n", tuple(sorted((int(n), int(c)) for n, c in pairs)))
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def wgmma_buckets(self) -> tuple[int, int, int, int]:
+        """wgmma counts by N: (N < 32, 32 <= N < 64, 64 <= N < 128, N >= 128), the table's n16/32/64/128+."""
+        buckets = [0, 0, 0, 0]
+        for n, count in self.wgmma_n:
+            buckets[sum(n >= edge for edge in WGMMA_EDGES)] += count
+        return tuple(buckets)
+
+    @property
+    def wide_percent(self) -> int | None:
+        """The share of wgmma with N >= 64, in whole percent rounded down (100 only when all are);
+        None without wgmma."""
+        if not self.wgmma:
+            return None
+        wide = sum(count for n, count in self.wgmma_n if n >= WIDE_N)
+        return 100 * wide // self.wgmma
 
     @property
     def tile(self) -> str:
@@ -98,27 +129,50 @@ class Request:
 
 # ---- step 3: counting ------------------------------------------------------------------------------
 
+WGMMA_EDGES = (32, 64, 128)  # the wgmma N buckets: n16 (N < 32: n8, n16, n24), n32, n64, n128+ (N >= 128)
+WIDE_N = 64  # wgmma with N >= 64 are "wide": a 64-key tile or a 64-wide head dim per instruction
+
 _PTX_COUNTS = {
     # wgmma.fence / commit_group / wait_group are bookkeeping, not matrix instructions
     "wgmma": re.compile(r"(?<![\w.])wgmma\.mma_async\b"),
     "mma": re.compile(r"(?<![\w.])mma\.sync\b"),
     # cp.async.commit_group / wait_group only wait; cp.async.bulk is TMA
     "cp_async": re.compile(r"(?<![\w.])cp\.async\.c[ag]\b"),
-    "tma": re.compile(r"(?<![\w.])cp\.async\.bulk\.(?!commit_group|wait_group)"),
+    # TMA: cp.async.bulk[.tensor] copies (loads, stores, prefetches) and cp.reduce.async.bulk[.tensor]
+    # (a descriptor's atomic_add); their commit_group / wait_group only wait
+    "tma": re.compile(r"(?<![\w.])cp\.(?:reduce\.)?async\.bulk\.(?!commit_group|wait_group)"),
 }
+# the N of wgmma.mma_async[.sp].sync.aligned.m64nNk16.f32.bf16.bf16
+_WGMMA_SHAPE = re.compile(r"(?<![\w.])wgmma\.mma_async(?:\.\w+)*?\.m\d+n(\d+)k\d+\b")
+# a SASS instruction line: "/*0d40*/  STL [R1+0x780], R0 ;", "/*0850*/  @!P0 LDL.LU.64 R2, [R1+0x8] ;"
+_SASS_LOCAL = re.compile(r"^\s*/\*[0-9a-fA-F]+\*/\s+(?:@!?\w+\s+)?(STL|LDL)(?:\.\w+)*\s", re.MULTILINE)
 
 
 def count_ptx(ptx: str) -> dict:
-    """Instruction counts of a PTX listing: wgmma, mma, cp_async, tma (comments ignored)."""
+    """Instruction counts of a PTX listing (comments ignored): wgmma, mma, cp_async, tma, and wgmma_n,
+    {N: count} of the wgmma by their N width."""
     code = "\n".join(line.split("//", 1)[0] for line in ptx.splitlines())
-    return {name: len(pattern.findall(code)) for name, pattern in _PTX_COUNTS.items()}
+    counts = {name: len(pattern.findall(code)) for name, pattern in _PTX_COUNTS.items()}
+    widths = {}
+    for n in _WGMMA_SHAPE.findall(code):
+        widths[int(n)] = widths.get(int(n), 0) + 1
+    counts["wgmma_n"] = dict(sorted(widths.items()))
+    return counts
+
+
+def count_sass(sass: str) -> dict:
+    """Local-memory instructions of a SASS listing (`cuobjdump -sass` or `nvdisasm`): stl, the STL
+    stores (STL, STL.64, STL.128, ...) and ldl, the LDL loads (LDL, LDL.LU, LDL.64, ...). In a Triton
+    kernel they are register spills and their reloads."""
+    found = _SASS_LOCAL.findall(sass)
+    return {"stl": found.count("STL"), "ldl": found.count("LDL")}
 
 
 def parse_resource_usage(text: str) -> dict:
-    """registers and spill_bytes from `cuobjdump --dump-resource-usage` output (the first function's
-    line: "Function _fwd:\\n REG:168 STACK:0 SHARED:0 LOCAL:0 ...")."""
+    """registers, spill_bytes (STACK) and local_bytes (LOCAL) from `cuobjdump --dump-resource-usage`
+    output (the first function's line: "Function _fwd:\\n REG:168 STACK:0 SHARED:0 LOCAL:0 ...")."""
     found = {}
-    for key, name in (("REG", "registers"), ("STACK", "spill_bytes")):
+    for key, name in (("REG", "registers"), ("STACK", "spill_bytes"), ("LOCAL", "local_bytes")):
         match = re.search(rf"\b{key}:(\d+)", text)
         found[name] = int(match.group(1)) if match else None
     return found
@@ -342,15 +396,28 @@ def _cuobjdump():
 
 
 def _resource_usage(cubin: bytes) -> dict:
+    """registers, spill_bytes, spill_stores, spill_loads of a cubin. The SASS is disassembled only when
+    the kernel has local memory (about 0.7 s per kernel, most of it the disassembler's start): with
+    STACK and LOCAL 0 there is nothing for an STL or LDL to address, so both counts are 0."""
     tool = _cuobjdump()
     if tool is None:
-        return {"registers": None, "spill_bytes": None}
+        return {"registers": None, "spill_bytes": None, "spill_stores": None, "spill_loads": None}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run([tool, "--dump-resource-usage", str(path)], check=False, capture_output=True,
-                             text=True).stdout
-    return parse_resource_usage(out)
+
+        def dump(option):
+            return subprocess.run([tool, option, str(path)], check=False, capture_output=True, text=True)
+
+        usage = parse_resource_usage(dump("--dump-resource-usage").stdout)
+        local = usage.pop("local_bytes")
+        if usage["spill_bytes"] == 0 and local == 0:
+            return {**usage, "spill_stores": 0, "spill_loads": 0}
+        sass = dump("-sass")
+    if sass.returncode != 0 or "Function" not in sass.stdout:
+        return {**usage, "spill_stores": None, "spill_loads": None}
+    counts = count_sass(sass.stdout)
+    return {**usage, "spill_stores": counts["stl"], "spill_loads": counts["ldl"]}
 
 
 def _compiler_message(err: Exception) -> str:
@@ -382,6 +449,7 @@ def compile_launch(launch: Launch, config, target: int) -> KernelReport:
         return dataclasses.replace(row, error=_compiler_message(err))
     counts = count_ptx(compiled.asm.get("ptx", ""))
     return dataclasses.replace(row, shared_bytes=compiled.metadata.shared, tensor_core=counts["wgmma"] + counts["mma"],
+                               wgmma=counts["wgmma"], mma_sync=counts["mma"], wgmma_n=tuple(counts["wgmma_n"].items()),
                                cp_async=counts["cp_async"], tma=counts["tma"], **_resource_usage(compiled.asm["cubin"]))
 
 
@@ -547,8 +615,8 @@ def inspect_module(module, target=90, dtype: str = "bf16", head_dim: int = 128, 
 
 # ---- printing ------------------------------------------------------------------------------------
 
-COLUMNS = ("kernel", "target", "tile", "warps", "stages", "regs", "spill B", "smem KB", "tensor-core", "cp.async",
-           "TMA")
+COLUMNS = ("kernel", "target", "tile", "warps", "stages", "regs", "spill B", "STL/LDL", "smem KB",
+           "wgmma n16/32/64/128+", "wide %", "mma.sync", "cp.async", "TMA")
 
 
 def table_cells(row: KernelReport) -> list[str]:
@@ -559,8 +627,10 @@ def table_cells(row: KernelReport) -> list[str]:
     cells = [row.kernel, f"sm_{row.target}", row.tile, show(row.num_warps), show(row.num_stages)]
     if row.error is not None:
         return cells + ["COMPILE ERROR"] + [""] * (len(COLUMNS) - len(cells) - 1)
-    return cells + [show(row.registers), show(row.spill_bytes), smem, str(row.tensor_core), str(row.cp_async),
-                    str(row.tma)]
+    local = "-" if row.spill_stores is None else f"{row.spill_stores}/{show(row.spill_loads)}"
+    widths = "/".join(map(str, row.wgmma_buckets)) if row.wgmma else "-"
+    return cells + [show(row.registers), show(row.spill_bytes), local, smem, widths, show(row.wide_percent),
+                    str(row.mma_sync), str(row.cp_async), str(row.tma)]
 
 
 def format_table(rows: list[KernelReport]) -> str:
@@ -573,14 +643,37 @@ def format_table(rows: list[KernelReport]) -> str:
     return "\n".join(lines)
 
 
+def spills(row: KernelReport) -> bool:
+    """Whether a compiled row has a stack frame or local-memory instructions."""
+    return bool(row.spill_bytes) or bool(row.spill_stores) or bool(row.spill_loads)
+
+
 def summary(rows: list[KernelReport]) -> str:
-    """One line: how many configs compile, and which kernels never pipeline their loads."""
+    """One line: how many configs compile, which kernels never pipeline their loads, which spill in
+    every config, and which never run their wgmma at full width (N >= 64 throughout)."""
     kernels = list(dict.fromkeys(r.kernel for r in rows))
-    unpipelined = [k for k in kernels if not any(r.kernel == k and r.ok and (r.cp_async or r.tma) for r in rows)]
+
+    def compiled_rows(kernel):
+        return [r for r in rows if r.kernel == kernel and r.ok]
+
+    unpipelined = [k for k in kernels if not any(r.cp_async or r.tma for r in compiled_rows(k))]
+    built = [k for k in kernels if compiled_rows(k)]
+    spilling = [k for k in built if all(spills(r) for r in compiled_rows(k))]
+    with_wgmma = [k for k in built if any(r.wgmma for r in compiled_rows(k))]
+    best_wide = {k: max(r.wide_percent for r in compiled_rows(k) if r.wgmma) for k in with_wgmma}
+    narrow = [k for k in with_wgmma if best_wide[k] < 100]
     compiled = sum(r.ok for r in rows)
-    return (f"{compiled}/{len(rows)} kernel configs compile; asynchronous (pipelined) loads in "
+    text = (f"{compiled}/{len(rows)} kernel configs compile; asynchronous (pipelined) loads in "
             f"{len(kernels) - len(unpipelined)}/{len(kernels)} kernels"
             + (f" (none in: {', '.join(unpipelined)})" if unpipelined else ""))
+    if built:
+        text += (f"; a config without spills in {len(built) - len(spilling)}/{len(built)} kernels"
+                 + (f" (spills in every config: {', '.join(spilling)})" if spilling else ""))
+    if with_wgmma:
+        text += (f"; wgmma all N >= {WIDE_N} in {len(with_wgmma) - len(narrow)}/{len(with_wgmma)} kernels with wgmma"
+                 + (" (narrower in: " + ", ".join(f"{k} ({best_wide[k]}% wide at best)" for k in narrow) + ")"
+                    if narrow else ""))
+    return text
 
 
 if __name__ == "__main__":

@@ -68,33 +68,37 @@ FAKE_PTX = """\
 
 
 def test_count_ptx_counts_instructions_not_bookkeeping_or_comments():
-    assert inspect.count_ptx(FAKE_PTX) == {"wgmma": 2, "mma": 1, "cp_async": 3, "tma": 1}
+    assert inspect.count_ptx(FAKE_PTX) == {"wgmma": 2, "mma": 1, "cp_async": 3, "tma": 1, "wgmma_n": {64: 2}}
 
 
 def test_count_ptx_of_plain_code_is_zero():
     assert inspect.count_ptx("ld.global.b32 %r1, [%rd1];\nst.global.b32 [%rd2], %r1;\nret;\n") == {
-        "wgmma": 0, "mma": 0, "cp_async": 0, "tma": 0}
+        "wgmma": 0, "mma": 0, "cp_async": 0, "tma": 0, "wgmma_n": {}}
 
 
 def test_parse_resource_usage():
     text = ("\nResource usage:\n Common:\n  GLOBAL:0\n Function _bwd_dkdv:\n  REG:255 STACK:1784 SHARED:0 "
             "LOCAL:0 CONSTANT[0]:552 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
-    assert inspect.parse_resource_usage(text) == {"registers": 255, "spill_bytes": 1784}
-    assert inspect.parse_resource_usage("no resource lines") == {"registers": None, "spill_bytes": None}
+    assert inspect.parse_resource_usage(text) == {"registers": 255, "spill_bytes": 1784, "local_bytes": 0}
+    assert inspect.parse_resource_usage("no resource lines") == {"registers": None, "spill_bytes": None,
+                                                                 "local_bytes": None}
 
 
 def test_format_table_aligns_and_spells_out_errors():
-    rows = [inspect.KernelReport("_fwd", 90, 128, 64, 8, 3, 168, 0, 49152, 24, 12, 0),
+    rows = [inspect.KernelReport("_fwd", 90, 128, 64, 8, 3, 168, 0, 49152, 24, 12, 0, wgmma=24,
+                                 wgmma_n={64: 16, 128: 8}, spill_stores=0, spill_loads=0),
             inspect.KernelReport("_bwd", 80, 64, 32, 4, 2, error="CompilationError: at 3:4 | boom")]
     lines = inspect.format_table(rows).splitlines()
-    assert lines[0].split() == ["kernel", "target", "tile", "warps", "stages", "regs", "spill", "B", "smem", "KB",
-                                "tensor-core", "cp.async", "TMA"]
-    assert lines[1].split() == ["_fwd", "sm_90", "128x64", "8", "3", "168", "0", "48", "24", "12", "0"]
+    assert lines[0].split() == ["kernel", "target", "tile", "warps", "stages", "regs", "spill", "B", "STL/LDL", "smem",
+                                "KB", "wgmma", "n16/32/64/128+", "wide", "%", "mma.sync", "cp.async", "TMA"]
+    assert lines[1].split() == ["_fwd", "sm_90", "128x64", "8", "3", "168", "0", "0/0", "48", "0/0/16/8", "100", "0",
+                                "12", "0"]
     assert lines[2].split() == ["_bwd", "sm_80", "64x32", "4", "2", "COMPILE", "ERROR"]
     assert lines[3] == "_bwd 64x32 w4 s2 sm_80: CompilationError: at 3:4 | boom"
     assert len(lines[0]) == len(lines[1])  # right-aligned numbers end in the same column
     assert inspect.summary(rows) == ("1/2 kernel configs compile; asynchronous (pipelined) loads in 1/2 kernels "
-                                     "(none in: _bwd)")
+                                     "(none in: _bwd); a config without spills in 1/1 kernels; wgmma all N >= 64 in "
+                                     "1/1 kernels with wgmma")
 
 
 # ---- inputs made from a signature --------------------------------------------------------------------------
@@ -162,6 +166,12 @@ def test_a_pipelined_loop_shows_cp_async_and_tensor_cores(monkeypatch):
         assert by[target, 1].cp_async == 0, "1 stage: nothing to overlap"
         assert by[target, 3].tensor_core > 0 and by[target, 3].registers > 0
         assert by[target, 3].shared_bytes > by[target, 1].shared_bytes  # the extra stages' buffers
+        assert by[target, 3].spill_stores == by[target, 3].spill_loads == 0 == by[target, 3].spill_bytes
+    # 64x32 tiles of q.k: on sm_90 one warpgroup's wgmma is 32 keys wide (N = BLOCK_N), none at N >= 64
+    hopper, ampere = by[90, 3], by[80, 3]
+    assert hopper.wgmma > 0 and hopper.wgmma_n == ((32, hopper.wgmma),) and hopper.wide_percent == 0, hopper
+    assert hopper.wgmma_buckets == (0, hopper.wgmma, 0, 0) and hopper.tensor_core == hopper.wgmma + hopper.mma_sync
+    assert ampere.wgmma == 0 and ampere.mma_sync == ampere.tensor_core > 0, ampere
 
 
 @needs_internals
@@ -207,8 +217,14 @@ def test_example_compiles_for_sm90_and_sm80(compiled, spec):
     for r in result:
         assert {(r.kernel, 90), (r.kernel, 80)} <= {(x.kernel, x.target) for x in result}
         assert r.registers and r.registers > 0, f"{spec}: {r}"
+        # the instruction widths and spill counts are filled in: every wgmma has its N, every stack its STL/LDL
+        assert r.tensor_core == r.wgmma + r.mma_sync and sum(c for _, c in r.wgmma_n) == r.wgmma, f"{spec}: {r}"
+        assert r.spill_stores is not None and r.spill_loads is not None, f"{spec}: {r}"
+        assert (r.spill_bytes > 0) == (r.spill_stores > 0) and r.spill_loads >= (r.spill_stores > 0), f"{spec}: {r}"
+        assert r.target == 90 or r.wgmma == 0, f"{spec}: wgmma on sm_{r.target}: {r}"
     for target in (90, 80):  # the dots of q.k and p.v run on tensor cores (a row-reduction kernel may have none)
         assert any(r.tensor_core > 0 for r in result if r.target == target), f"{spec}: no tensor cores on sm_{target}"
+    assert any(r.wgmma > 0 for r in result if r.target == 90), f"{spec}: no wgmma on sm_90"
 
 
 # ---- the command line ----------------------------------------------------------------------------------
@@ -226,9 +242,13 @@ def test_cli_inspect_prints_a_plausible_table():
     rows = [cells for cells in rows if cells[2] != "-"]  # kernels without tiles (the decode merge) aside
     for cells in rows:
         assert re.fullmatch(r"\d+x\d+", cells[2]) and int(cells[4]) >= 2, cells  # the first >= 2-stage config
-        regs, spill, smem, tensor_core, cp_async, tma = cells[5:11]
+        regs, spill, local, smem, widths, wide, mma_sync, cp_async, tma = cells[5:14]
         assert 0 < int(regs) <= 255 and int(spill) >= 0 and 0 < float(smem) <= 228, cells
-        assert int(tensor_core) > 0 and int(cp_async) >= 0 and int(tma) >= 0, cells
+        stores, loads = map(int, local.split("/"))
+        assert (stores > 0) == (int(spill) > 0) and loads >= 0, cells
+        wgmma = 0 if widths == "-" else sum(map(int, widths.split("/")))  # n16/32/64/128+
+        assert (wide == "-") == (wgmma == 0) and (wide == "-" or 0 <= int(wide) <= 100), cells
+        assert wgmma + int(mma_sync) > 0 and int(cp_async) >= 0 and int(tma) >= 0, cells
     assert re.search(r"^\d+/\d+ kernel configs compile", lines[-1], re.MULTILINE), out
 
 
