@@ -136,9 +136,12 @@ def expand_heads(x, Hq):
 # afterwards in a fixed order (deterministic, no atomics).
 #
 # Inputs are read where they are, as they are: every operand comes with its four strides (b, h, l, d),
-# so a transposed [B, L, H, D] tensor needs no copy, and in its own dtype (fp32, fp16, bf16). The tiles
-# go to tl.dot as DOT (their common 16-bit dtype, else fp32) with fp32 accumulation; decays, row sums and
-# the running state are fp32. Under the interpreter bf16 tiles are upcast (launch.upcast_dots).
+# so a transposed [B, L, H, D] tensor needs no copy, and in its own dtype (fp32, fp16, bf16). Dots take
+# 16-bit inputs with fp32 accumulation where the data is 16-bit, as fla does: QK_DOT (q.k and q.S) is
+# the common dtype of fq and fk, V_DOT (w.v and k^T v) that of v, each fp32 unless 16-bit; the weights,
+# decays, row sums and the running state are fp32 (cast to the dot's dtype only as its operand). Under
+# the interpreter bf16 goes to fp32 (launch.upcast_dots: it computes bf16 dots wrongly). Offsets are
+# int64 to each (batch, head) and int32 inside it (one head's rows: L * stride_l < 2^31).
 # The flags serve the backward, which runs the same kernel as scans: REVERSE walks the sequence from
 # its end (row L-1-t at step t, outputs written in place: no flipped copies), Q_ONE / K_ONE append a
 # column of ones to the feature axis of q / k (the row sums' `v+ = [v, 1]` without a concatenated copy).
@@ -165,11 +168,11 @@ if triton is not None:
 
     @triton.jit
     def _rows(offs_t, L, REVERSE: tl.constexpr):
-        """The sequence rows of steps offs_t (int64: row * stride never overflows)."""
+        """The sequence rows of steps offs_t."""
         if REVERSE:
-            rows = (L - 1 - offs_t).to(tl.int64)
+            rows = L - 1 - offs_t
         else:
-            rows = offs_t.to(tl.int64)
+            rows = offs_t
         return rows
 
     @triton.jit
@@ -188,7 +191,7 @@ if triton is not None:
                           sq_b, sq_h, sq_l, sq_f, sk_b, sk_h, sk_l, sk_f, sv_b, sv_h, sv_l, sv_d,
                           H, L, F, Dv,
                           HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr, REVERSE: tl.constexpr,
-                          Q_ONE: tl.constexpr, K_ONE: tl.constexpr, DOT: tl.constexpr,
+                          Q_ONE: tl.constexpr, K_ONE: tl.constexpr, QK_DOT: tl.constexpr, V_DOT: tl.constexpr,
                           BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
         pid_f = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -199,6 +202,9 @@ if triton is not None:
         q_base = b * sq_b + h * sq_h
         k_base = b * sk_b + h * sk_h
         v_base = b * sv_b + h * sv_h
+        part = (pid_f * n_bh + bh).to(tl.int64) * L  # this program's rows of the partial outputs
+        num_out = num_part + part * Dv
+        den_out = den_part + part
         offs_f = pid_f * BF + tl.arange(0, BF)
         offs_d = pid_d * BD + tl.arange(0, BD)
         rel = tl.arange(0, BC)
@@ -216,20 +222,20 @@ if triton is not None:
             rows = _rows(offs_t, L, REVERSE)
             qc = _tile(fq, q_base, rows, t_ok, offs_f, F, sq_l, sq_f, Q_ONE)
             kc = _tile(fk, k_base, rows, t_ok, offs_f, F, sk_l, sk_f, K_ONE)
-            vc = _tile(v, v_base, rows, t_ok, offs_d, Dv, sv_l, sv_d, False).to(DOT)
-            a = tl.dot(qc.to(DOT), tl.trans(kc.to(DOT))) * intra_decay
+            vc = _tile(v, v_base, rows, t_ok, offs_d, Dv, sv_l, sv_d, False).to(V_DOT)
+            a = tl.dot(qc.to(QK_DOT), tl.trans(kc.to(QK_DOT))) * intra_decay
             qd = qc.to(tl.float32) * q_decay[:, None]
-            num = tl.dot(a.to(DOT), vc) + tl.dot(qd.to(DOT), S.to(DOT))
-            tl.store(num_part + ((pid_f * n_bh + bh) * L + rows[:, None]) * Dv + offs_d[None, :], num,
+            num = tl.dot(a.to(V_DOT), vc) + tl.dot(qd.to(QK_DOT), S.to(QK_DOT))
+            tl.store(num_out + rows[:, None] * Dv + offs_d[None, :], num,
                      mask=t_ok[:, None] & d_ok[None, :])
             if NEED_DEN:  # one value block writes the row sums
                 den = tl.sum(a, axis=1) + tl.sum(qd * z[None, :], axis=1)
-                tl.store(den_part + (pid_f * n_bh + bh) * L + rows, den, mask=t_ok & ((rel * 0 + pid_d) == 0))
+                tl.store(den_out + rows, den, mask=t_ok & ((rel * 0 + pid_d) == 0))
             c = tl.minimum(L - start, BC)
             k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
             kd = kc.to(tl.float32) * k_decay[:, None]
             carry = tl.exp(g * c.to(tl.float32))
-            S = carry * S + tl.dot(tl.trans(kd.to(DOT)), vc)
+            S = carry * S + tl.dot(tl.trans(kd.to(V_DOT)), vc)
             z = carry * z + tl.sum(kd, axis=0)
         tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
         if pid_d == 0:
@@ -240,7 +246,7 @@ if triton is not None:
                   sq_b, sq_h, sq_l, sq_f, sk_b, sk_h, sk_l, sk_f, sv_b, sv_h, sv_l, sv_d,
                   H, Lq, Lk, F, Dv,
                   HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
-                  Q_ONE: tl.constexpr, K_ONE: tl.constexpr, DOT: tl.constexpr,
+                  Q_ONE: tl.constexpr, K_ONE: tl.constexpr, QK_DOT: tl.constexpr, V_DOT: tl.constexpr,
                   BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
         """Every key visible: the state over all keys first, then every query reads it."""
         pid_f = tl.program_id(0)
@@ -252,6 +258,9 @@ if triton is not None:
         q_base = b * sq_b + h * sq_h
         k_base = b * sk_b + h * sk_h
         v_base = b * sv_b + h * sv_h
+        part = (pid_f * n_bh + bh).to(tl.int64) * Lq  # this program's rows of the partial outputs
+        num_out = num_part + part * Dv
+        den_out = den_part + part
         offs_f = pid_f * BF + tl.arange(0, BF)
         offs_d = pid_d * BD + tl.arange(0, BD)
         rel = tl.arange(0, BC)
@@ -261,20 +270,20 @@ if triton is not None:
         for start in range(0, Lk, BC):
             offs_t = start + rel
             t_ok = offs_t < Lk
-            rows = offs_t.to(tl.int64)
+            rows = offs_t
             kc = _tile(fk, k_base, rows, t_ok, offs_f, F, sk_l, sk_f, K_ONE)
             vc = _tile(v, v_base, rows, t_ok, offs_d, Dv, sv_l, sv_d, False)
-            S += tl.dot(tl.trans(kc.to(DOT)), vc.to(DOT))
+            S += tl.dot(tl.trans(kc.to(V_DOT)), vc.to(V_DOT))
             z += tl.sum(kc.to(tl.float32), axis=0)
         for start in range(0, Lq, BC):
             offs_t = start + rel
             t_ok = offs_t < Lq
-            rows = offs_t.to(tl.int64)
+            rows = offs_t
             qc = _tile(fq, q_base, rows, t_ok, offs_f, F, sq_l, sq_f, Q_ONE)
-            tl.store(num_part + ((pid_f * n_bh + bh) * Lq + rows[:, None]) * Dv + offs_d[None, :],
-                     tl.dot(qc.to(DOT), S.to(DOT)), mask=t_ok[:, None] & d_ok[None, :])
+            tl.store(num_out + rows[:, None] * Dv + offs_d[None, :],
+                     tl.dot(qc.to(QK_DOT), S.to(QK_DOT)), mask=t_ok[:, None] & d_ok[None, :])
             if NEED_DEN:  # one value block writes the row sums
-                tl.store(den_part + (pid_f * n_bh + bh) * Lq + rows,
+                tl.store(den_out + rows,
                          tl.sum(qc.to(tl.float32) * z[None, :], axis=1), mask=t_ok & ((rel * 0 + pid_d) == 0))
         tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
         if pid_d == 0:
@@ -282,8 +291,8 @@ if triton is not None:
 
 
 def _dot_dtype(*xs):
-    """tl.dot's input dtype: the operands' common 16-bit dtype (fp32 accumulation), else fp32; bf16 is
-    upcast under the interpreter (launch.upcast_dots)."""
+    """A dot's input dtype for operands loaded from xs: their common 16-bit dtype (fp32 accumulation),
+    else fp32; bf16 is fp32 under the interpreter (launch.upcast_dots)."""
     from . import launch
 
     dtypes = {x.dtype for x in xs}
@@ -318,7 +327,7 @@ def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True, 
     warps = 8 if BC * BF >= 64 * 64 else 4  # 64 x 64 tiles: 8 warps keep them in registers (no spills)
     strides = (*fq.stride(), *fk.stride(), *v.stride())
     flags = {"HAS_STATE": has_state, "NEED_DEN": need_den, "Q_ONE": q_one, "K_ONE": k_one,
-             "DOT": _dot_dtype(fq, fk, v), "BC": BC, "BF": BF, "BD": BD, "num_warps": warps}
+             "QK_DOT": _dot_dtype(fq, fk), "V_DOT": _dot_dtype(v), "BC": BC, "BF": BF, "BD": BD, "num_warps": warps}
     if causal:
         g = torch.zeros(H, **f32) if log_decay is None else log_decay.detach().float().expand(H).contiguous()
         _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, *strides, H, L, F, Dv,

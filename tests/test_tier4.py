@@ -290,3 +290,134 @@ def test_triton_backward_through_pieces(name, monkeypatch):
     want = torch.autograd.grad((ref * do).sum(), leaves64)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all() and _rel(a, b) <= 5e-3
+
+
+# ---- strides and native dtypes: the kernels read q, k and v in place --------------------------------------
+
+IDENTITY_SPEC = "attention ident\nfeature phi(x) = x\nmask kv <= q\nlet a = dot(phi(q), phi(k))\nprobs a\n"
+NATIVE = {torch.float32: (2e-3, 5e-3), torch.float16: (2e-3, 3e-3), torch.bfloat16: (1e-2, 2e-2)}  # fwd, bwd (measured: 5x below)
+
+
+def _load_any(name, tmp_path):
+    if name != "ident":
+        return load(name)
+    spec = tmp_path / "ident.attn"
+    spec.write_text(IDENTITY_SPEC)
+    return attnc.load(spec)
+
+
+def _formula_any(name, q, k, v, inputs):
+    if name != "ident":
+        return formula(name, q, k, v, inputs)
+    a = q @ k.transpose(-1, -2)  # the identity map, causal, unnormalized
+    causal = torch.arange(k.shape[2])[None, :] <= torch.arange(q.shape[2])[:, None]
+    return torch.where(causal, a, torch.zeros((), dtype=a.dtype)) @ v
+
+
+def _transposed(x, dtype):
+    """x [B, H, L, D] stored as [B, L, H, D] in `dtype` (a leaf), and its [B, H, L, D] view (strided)."""
+    base = x.transpose(1, 2).contiguous().to(dtype).requires_grad_(True)
+    view = base.transpose(1, 2)
+    assert not view.is_contiguous()
+    return base, view
+
+
+@pytest.mark.parametrize("dtype", list(NATIVE), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", ["linear_elu", "linear_elu_full", "lightning", "ident"])
+def test_triton_kernels_take_strides_and_native_dtypes(name, dtype, tmp_path):
+    """q, k, v as transposed views of [B, L, H, D] tensors in fp32, fp16 or bf16: the output (in that
+    dtype) and the gradients (in that dtype and layout) equal the contiguous fp32 call on the same values
+    and the float64 formula, within the dtype's tolerance; a strided fp32 call equals the contiguous one."""
+    attn = _load_any(name, tmp_path)
+    q, k, v, inputs = make("linear_elu" if name == "ident" else name, L=37, seed=8)
+    extra = {n: x.float() for n, x in inputs.items()}
+    bases, views = zip(*(_transposed(x, dtype) for x in (q, k, v)))
+    o = attn(*views, **extra)
+    assert o.dtype == dtype and o.shape == (*q.shape[:3], v.shape[3])
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    got = torch.autograd.grad((o.double() * do).sum(), bases)
+    assert all(g.dtype == dtype and g.shape == b.shape for g, b in zip(got, bases))
+    got = [g.transpose(1, 2).double() for g in got]  # back to [B, H, L, D]
+
+    leaves64 = [x.detach().double().requires_grad_(True) for x in views]  # the same (rounded) values
+    ref = _formula_any(name, *leaves64, inputs)
+    want = torch.autograd.grad((ref * do).sum(), leaves64)
+    leaves32 = [x.detach().float().contiguous().requires_grad_(True) for x in views]
+    o32 = attn(*leaves32, **extra)
+    got32 = torch.autograd.grad((o32.double() * do).sum(), leaves32)
+    fwd_tol, bwd_tol = NATIVE[dtype]
+    assert _rel(o, ref) <= fwd_tol and _rel(o, o32.double()) <= fwd_tol, (_rel(o, ref), _rel(o, o32.double()))
+    for g, g32, w in zip(got, got32, want):
+        assert torch.isfinite(g).all() and _rel(g, w) <= bwd_tol and _rel(g, g32.double()) <= bwd_tol, \
+            (_rel(g, w), _rel(g, g32.double()))
+    if dtype == torch.float32:  # the same values read through other strides: the same numbers
+        assert torch.allclose(o, o32, rtol=1e-6, atol=1e-6)
+        for g, g32 in zip(got, got32):
+            assert torch.allclose(g, g32.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear_elu", "ident"])
+def test_no_copy_of_v_or_of_identity_features(name, tmp_path, monkeypatch):
+    """bf16 transposed v goes to the kernels in place (its own data pointer, forward and backward scans),
+    and no .to / .float / .contiguous / .clone copies it; with the identity map q and k do too."""
+    from attnc.runtime import linear
+
+    attn = _load_any(name, tmp_path)
+    q, k, v, _ = make("linear_elu", L=21, seed=10)
+    (qb, qv), (kb, kv), (vb, vv) = (_transposed(x, torch.bfloat16) for x in (q, k, v))
+    watched = {x.untyped_storage().data_ptr(): n for n, x in (("q", qb), ("k", kb), ("v", vb))}
+    if name != "ident":
+        del watched[qb.untyped_storage().data_ptr()], watched[kb.untyped_storage().data_ptr()]
+    copies, launches = [], []
+
+    def spy(method):
+        real = getattr(torch.Tensor, method)
+
+        def wrapper(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            src = self.untyped_storage().data_ptr()
+            if src in watched and isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() != src:
+                copies.append((watched[src], method))
+            return out
+        monkeypatch.setattr(torch.Tensor, method, wrapper)
+
+    for method in ("to", "float", "contiguous", "clone"):
+        spy(method)
+
+    class Kernel:  # records the data pointers of each launch's q, k, v arguments
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append([watched.get(a.data_ptr()) for a in args[:3]])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(linear, "_causal_chunk_fwd", Kernel(linear._causal_chunk_fwd))
+    o = attn(qv, kv, vv)
+    assert launches[0][2] == "v" and len(launches) == 1
+    torch.autograd.grad(o.float().sum(), [qb, kb, vb])
+    monkeypatch.undo()
+    # the backward's three scans: (dn, v+, fk), (v+, dn, fq), (fk, fq, dn)
+    assert len(launches) == 4 and launches[1][1] == "v" and launches[2][0] == "v", launches
+    if name == "ident":
+        assert launches == [["q", "k", "v"], [None, "v", "k"], ["v", None, "q"], ["k", "q", None]], launches
+    assert not copies, copies
+
+
+def test_pytorch_form_takes_mixed_dtypes():
+    """The PyTorch chunked form (no kernels) computes in fp32 whatever its inputs' dtypes, as the kernel."""
+    from attnc.runtime import linear
+
+    q, k, v, _ = make("linear_elu", L=21, seed=11)
+    fq, fk = (_elu1(x).float() for x in (q, k))
+    vb = v.to(torch.bfloat16).transpose(2, 3).contiguous().transpose(2, 3)
+    num, den, (S, z) = linear.causal_chunked(fq, fk, vb, chunk=16)
+    knum, kden, (kS, kz) = linear.causal_chunked_kernel(fq, fk, vb, chunk=16)
+    assert num.dtype == knum.dtype == torch.float32
+    for a, b in ((num, knum), (den, kden), (S, kS), (z, kz)):
+        assert _rel(a, b.double()) <= 1e-5
+    full = linear.full(fq, fk, vb)
+    kfull = linear.full_kernel(fq, fk, vb, chunk=16)
+    assert _rel(full[0], kfull[0].double()) <= 1e-5 and _rel(full[1], kfull[1].double()) <= 1e-5
