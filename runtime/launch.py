@@ -35,18 +35,23 @@ def upcast_dots(q: torch.Tensor) -> bool:
 
 
 # The autotune space, per kernel kind: (BLOCK_M, BLOCK_N, num_warps, num_stages), first = the default.
-# Kept from compiling the kernels for sm_90 at D = 128 in bf16 (attnc inspect; bench/results/): every
-# config below pipelines its K/V loads (num_stages >= 2) and none of the forward and dQ configs spills.
-# Dropped: forward 128x64 with 4 warps (176 B of spill), 128x128 with 3 stages (229 KB of shared memory,
-# at the sm_90 limit). The two-pass general forward (softplus_reweight) keeps more row state: of these
-# only 64x32 with 8 warps stays out of local memory there. dK/dV holds two [BLOCK_N, D] fp32 accumulators across the whole query walk: at
-# D = 128 only BLOCK_N <= 64 with 8 warps (or 32x32 with 4) stays out of local memory; 64x64 and
-# 16x128 spill 40-200 B and 32x128 with 4 warps 1.6 KB. Small spaces also keep autotuning quick.
+# Speed decides, measured on a GPU (bench/gpu_check.py); without one, the sm_90 compile at D = 128 in
+# bf16 (attnc inspect: tensor-core widths, spill) narrows the space. A wide tile with a little spill beats
+# a narrow one with none: wgmma's N is the tile's key (or query) width, so a 16- or 32-wide tile runs
+# most tensor-core instructions at a quarter or half of their width.
+# - fwd: 128 x 64 with 8 warps, as FlexAttention and the Triton tutorial at D = 128. Dropped: 128 x 64
+#   with 4 warps (176 B of spill), 128 x 128 with 3 stages (229 KB of shared memory, the sm_90 limit).
+# - dq: 128 queries x 64 keys, 8 warps, 3 stages (FlexAttention's dQ at D = 128): no spill.
+# - dkdv: 64 queries x 128 keys, 8 warps, 3 stages (FlexAttention's dK/dV; BLOCK_M is the query tile,
+#   BLOCK_N the key tile a program owns): its two fp32 [128, D] accumulators fit in registers because the
+#   head loop is a constexpr (GROUP) and FULL tiles load without length masks. Then narrower fallbacks.
 CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4), (64, 32, 8, 3)],
-    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)],
-    "dkdv": [(32, 64, 8, 3), (16, 64, 8, 2), (32, 32, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3)],
+    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 8, 3)],
 }
+# The largest tile side of any config: lengths that are its multiples are multiples of every tile.
+LARGEST_TILE = max(max(bm, bn) for space in CONFIGS.values() for bm, bn, _, _ in space)
 
 
 def kernel_configs(kind: str) -> list:
@@ -61,6 +66,34 @@ def kernel_configs(kind: str) -> list:
     if os.environ.get("ATTNC_AUTOTUNE") == "quick":
         space = space[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in space]
+
+
+def lengths_divide_tiles(Lq: int, Lk: int) -> bool:
+    """DIVISIBLE: Lq and Lk are multiples of every tile size of every config (the interpreter's one
+    16 x 16 config included), so no tile is cut by a length and the kernels drop those tiles' loops."""
+    largest = 16 if interpreting() else LARGEST_TILE
+    return Lq % largest == 0 and Lk % largest == 0
+
+
+def lse_base2(lse: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp as the backward kernels read it: in base 2 (p = exp2(score2 - lse2)) and +inf on
+    rows with no key, so that their p = exp2(-inf) = 0 without a test per tile."""
+    return torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634).contiguous()  # log2(e)
+
+
+def sum_head_groups(per_head: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hq, L, D] -> [B, groups, L, D]: the sum over the query heads h with floor(h * groups / Hq)
+    == g, for groups that do not divide Hq (or outnumber it: groups no head reads are 0). Deterministic:
+    the heads of a group are added in order, one gather per position in the group."""
+    B, Hq = per_head.shape[:2]
+    first = (torch.arange(groups, device=per_head.device) * Hq + groups - 1) // groups  # h_first of each g
+    size = (torch.arange(1, groups + 1, device=per_head.device) * Hq + groups - 1) // groups - first
+    out = per_head.new_zeros((B, groups) + per_head.shape[2:])
+    for j in range(int(size.max()) if groups else 0):
+        valid = size > j
+        picked = per_head[:, torch.where(valid, first + j, 0).clamp(max=Hq - 1)]
+        out += torch.where(valid.view(1, -1, *([1] * (per_head.dim() - 2))), picked, 0.0)
+    return out
 
 
 def query_tiles(Lq: int, kind: str = "dq") -> int:

@@ -231,6 +231,11 @@ class TileCode:
     dscore: str  # d logits / d s
     loads: tuple[Load, ...]  # tensor inputs the logits and their derivatives read (every tile)
     mask: TileMask  # the mask, with the loads only PARTIAL tiles need
+    # the backward's logits and derivative together: the subexpressions they share (softcap's tanh)
+    # computed once, so the derivative is ready before the tile's dots and s is not kept alive
+    shared: tuple[str, ...] = ()
+    bwd_score: str = ""
+    bwd_dscore: str = ""
 
 
 def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: dict) -> tuple[TileCode, dict]:
@@ -239,9 +244,23 @@ def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: dict
     load_names, loads = tensor_loads([variant.mask] + every_tile, where, "t_")
     names = {**base_names(variant, where), **load_names}
     always, mask_only = split_loads(load_names, loads, variant.mask, every_tile)
+    shared, bwd_score, bwd_dscore = _shared_steps([logits, dscore], names)
     code = TileCode(triton_code(logits, names), triton_code(dscore, names), tuple(always),
-                    tile_mask(variant, names, mask_only, where))
+                    tile_mask(variant, names, mask_only, where), shared, bwd_score, bwd_dscore)
     return code, names
+
+
+def _shared_steps(exprs, names: dict) -> tuple[tuple[str, ...], ...]:
+    """exprs printed with their common subexpressions named first (`sc_0 = rt.tanh(s / cap_)`):
+    (the assignments, then each expression's code)."""
+    found, reduced = sympy.cse([sympy.sympify(e) for e in exprs], symbols=sympy.numbered_symbols("sc_"),
+                               order="none")
+    names = dict(names)
+    lines = []
+    for sym, e in found:
+        lines.append(f"{sym} = {triton_code(e, names)}")
+        names[sym] = str(sym)
+    return (tuple(lines), *(triton_code(e, names) for e in reduced))
 
 
 def split_loads(names: dict, loads: list[Load], mask, every_tile_exprs) -> tuple[list[Load], list[Load]]:
@@ -358,6 +377,8 @@ class BandBounds:
     torch_row_lo: str  # per query row: q_rows [tiles, BLOCK_M], b_idx / h_idx per tile
     torch_row_hi: str
     text: str
+    lo_open: bool = False  # lo(q) <= 0 for every q (causal): the walks drop the loops below the band
+    hi_open: bool = False  # hi(q) = Lk - 1 (no upper bound): only a tile cut by Lk is PARTIAL above it
 
     @property
     def full_reads_last_query(self) -> bool:
@@ -426,6 +447,8 @@ def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
         torch_full_lo=at(clause.lo, "q_last", "0"), torch_full_hi=at(clause.hi, "q_first", "Lk - 1"),
         torch_row_lo=per_row(clause.lo, "0"), torch_row_hi=per_row(clause.hi, "Lk - 1"),
         text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
+        lo_open=clause.lo is None or bool(clause.lo.is_number and clause.lo <= 0),
+        hi_open=clause.hi is None,
     )
 
 

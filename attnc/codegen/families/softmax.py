@@ -38,6 +38,7 @@ class Grad(InputGrad):
 @dataclass(frozen=True)
 class SoftmaxBody(ReadGrads):
     plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
+    has_dscore: bool  # d logits / ds is not 1: the backward multiplies dS by it
     tile: TileCode  # query-major tiles [BLOCK_M, BLOCK_N]: forward and dQ
     tile_t: TileCode  # key-major tiles [BLOCK_N, BLOCK_M]: dK/dV
     sink: str | None  # the sink logit of a row, if any
@@ -63,6 +64,7 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
     rnames = {**base_names(variant, ROW), **row_names}
     return SoftmaxBody(
         plain=logits == ir.s and not tile.loads,  # (loads: a learnable input in a row constant)
+        has_dscore=dscore != 1,
         tile=tile,
         tile_t=tile_t,
         sink=None if form.sink is None else triton_code(form.sink, rnames),
