@@ -253,9 +253,14 @@ def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: dict
 def _shared_steps(exprs, names: dict) -> tuple[tuple[str, ...], ...]:
     """exprs printed with their common subexpressions named first (`sc_0 = rt.tanh(s / cap_)`):
     (the assignments, then each expression's code)."""
-    found, reduced = sympy.cse([sympy.sympify(e) for e in exprs], symbols=sympy.numbered_symbols("sc_"),
-                               order="none")
     names = dict(names)
+    # loads are already named: they enter the elimination as symbols, so it never looks inside a load's
+    # subscripts (whose names the loads fixed)
+    loaded = {a: sympy.Symbol(f"load__{i}") for i, a in enumerate(
+        sorted({a for e in exprs for a in sympy.sympify(e).atoms(AppliedUndef)}, key=sympy.default_sort_key))}
+    names.update({dummy: names[a] for a, dummy in loaded.items() if a in names})
+    found, reduced = sympy.cse([sympy.sympify(e).xreplace(loaded) for e in exprs],
+                               symbols=sympy.numbered_symbols("sc_"), order="none")
     lines = []
     for sym, e in found:
         lines.append(f"{sym} = {triton_code(e, names)}")
