@@ -6,7 +6,9 @@ For each examples/*.attn: q, k, v in bf16 at head dim 128 and L = 1024 (or the l
 fixes), every autotune config of every kernel the forward and backward launch, compiled for sm_90 with
 Triton's bundled ptxas (`attnc.inspect`); then a shorter sm_80 section (the first few configs with at
 least 2 stages). Per kernel the summary asks: does every config with >= 2 stages issue cp.async (are its
-loads pipelined)? Is there a config that does not spill? Nothing runs on a GPU.
+loads pipelined)? Is there a config that does not spill, and how few spill stores/loads (STL/LDL in the
+SASS) does the best one have? Are its sm_90 wgmma wide (the range over configs of the share with
+N >= 64)? Nothing runs on a GPU.
 """
 
 from __future__ import annotations
@@ -38,15 +40,25 @@ def _inspect_spec(spec: Path, configs: int | None, min_stages: int, sm80_configs
     return results + [None] * (2 - len(results))
 
 
+def _span(values: list) -> str:
+    """"lo-hi" of the values ("lo" when equal), "-" when there are none."""
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def kernel_summary(rows: list) -> list[dict]:
-    """Per kernel: configs compiled, and the answers to the two questions of the report."""
+    """Per kernel: configs compiled, and the answers to the questions of the report."""
     out = []
     for kernel in dict.fromkeys(r.kernel for r in rows):
         mine = [r for r in rows if r.kernel == kernel]
         ok = [r for r in mine if r.ok]
         staged = [r for r in ok if (r.num_stages or 1) >= 2]
         piped = [r for r in staged if r.cp_async > 0 or r.tma > 0]
-        no_spill = [r for r in ok if r.spill_bytes == 0]
+        no_spill = [r for r in ok if not inspect.spills(r)]
+        counted = [r for r in ok if r.spill_stores is not None]
+        fewest = min(counted, key=lambda r: (r.spill_stores + r.spill_loads, r.spill_bytes or 0), default=None)
         out.append({
             "kernel": kernel,
             "compiled": f"{len(ok)}/{len(mine)}",
@@ -56,6 +68,9 @@ def kernel_summary(rows: list) -> list[dict]:
             "regs": f"{min(r.registers for r in ok)}-{max(r.registers for r in ok)}"
             if ok and all(r.registers is not None for r in ok) else "-",
             "tensor_core": "yes" if ok and all(r.tensor_core > 0 for r in ok) else "no",
+            # the spill traffic of the least-spilling config: 0/0 when one does not spill
+            "stl_ldl": "-" if fewest is None else f"{fewest.spill_stores}/{fewest.spill_loads}",
+            "wide": _span([r.wide_percent for r in ok if r.wgmma]),
         })
     return out
 
@@ -75,13 +90,14 @@ def _section(title: str, results: dict, detail: bool) -> list[str]:
     summary = []
     for spec, rows in results.items():
         if isinstance(rows, Exception):
-            summary.append([spec, "-", "-", "-", "-", "-", "-", str(rows).replace("|", "/")])
+            summary.append([spec, "-", "-", "-", "-", "-", "-", "-", "-", str(rows).replace("|", "/")])
             continue
         for s in kernel_summary(rows):
-            summary.append([spec, s["kernel"], s["compiled"], s["pipelined"], s["no_spill"], s["regs"],
-                            s["tensor_core"], ""])
+            summary.append([spec, s["kernel"], s["compiled"], s["pipelined"], s["no_spill"], s["stl_ldl"], s["regs"],
+                            s["tensor_core"], s["wide"], ""])
     parts.append(_markdown_table(["spec", "kernel", "configs compiled", "every >=2-stage config has cp.async",
-                                  "a config without spill (of compiled)", "regs", "tensor cores in every config", "note"], summary))
+                                  "a config without spill (of compiled)", "fewest STL/LDL", "regs",
+                                  "tensor cores in every config", "wgmma wide % (N >= 64)", "note"], summary))
     parts.append("")
     for spec, rows in results.items():
         if isinstance(rows, Exception) or not rows:
@@ -114,9 +130,11 @@ def render(args, specs: list[Path], sm90: dict, sm80: dict, minutes: float) -> s
         (f"Triton {triton.__version__}; {done}; run time {minutes:.1f} min (wall) with {args.workers} worker "
          f"processes on {os.cpu_count()} CPU cores."),
         "",
-        ("Columns: regs per thread; spill B = stack frame per thread (spilled registers); smem KB = shared "
-         "memory; tensor-core = wgmma.mma_async + mma.sync instructions; cp.async = asynchronous "
-         "global-to-shared copies (0: no load is pipelined); TMA = cp.async.bulk copies. See docs/inspect.md."),
+        ("Columns: regs per thread; spill B = stack frame per thread (spilled registers); STL/LDL = spill "
+         "stores/loads in the SASS; smem KB = shared memory; wgmma n16/32/64/128+ = wgmma.mma_async by N width "
+         "(N < 32, < 64, < 128, >= 128); wide % = the share of wgmma with N >= 64; mma.sync = sm_80-style MMA "
+         "instructions; cp.async = asynchronous global-to-shared copies (0: no load is pipelined); TMA = "
+         "cp.async.bulk (tensor-descriptor) copies and reductions. See docs/inspect.md."),
         "",
         *([args.note, ""] if args.note else []),
     ]

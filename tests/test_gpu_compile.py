@@ -198,7 +198,9 @@ def compiled():
     for batch, answer in zip(batches, answers):
         for i, result in zip(batch, answer):
             results[EXAMPLES[i].stem] = result
-    print(f"compiled {len(EXAMPLES)} examples for sm_90 and sm_80 in {time.time() - start:.0f} s")
+    stacked = sum(r.ok and bool(r.spill_bytes) for rows in results.values() if isinstance(rows, list) for r in rows)
+    print(f"compiled {len(EXAMPLES)} examples for sm_90 and sm_80 in {time.time() - start:.0f} s "
+          f"({stacked} kernel configs with a stack frame disassembled for their STL/LDL)")
     return results
 
 
