@@ -254,12 +254,14 @@ def _shared_steps(exprs, names: dict) -> tuple[tuple[str, ...], ...]:
     """exprs printed with their common subexpressions named first (`sc_0 = rt.tanh(s / cap_)`):
     (the assignments, then each expression's code)."""
     names = dict(names)
-    # loads are already named: they enter the elimination as symbols, so it never looks inside a load's
-    # subscripts (whose names the loads fixed)
-    loaded = {a: sympy.Symbol(f"load__{i}") for i, a in enumerate(
-        sorted({a for e in exprs for a in sympy.sympify(e).atoms(AppliedUndef)}, key=sympy.default_sort_key))}
-    names.update({dummy: names[a] for a, dummy in loaded.items() if a in names})
-    found, reduced = sympy.cse([sympy.sympify(e).xreplace(loaded) for e in exprs],
+    # what is already named (loads, dots of feature vectors) enters the elimination as a symbol, so it
+    # never looks inside a load's subscripts, whose names the loads fixed
+    exprs = [sympy.sympify(e) for e in exprs]
+    named = sorted((a for a in names if isinstance(a, sympy.Basic) and not a.is_Symbol
+                    and any(e.has(a) for e in exprs)), key=sympy.default_sort_key)
+    loaded = {a: sympy.Symbol(f"load__{i}") for i, a in enumerate(named)}
+    names.update({symbol: names[a] for a, symbol in loaded.items()})
+    found, reduced = sympy.cse([e.xreplace(loaded) for e in exprs],
                                symbols=sympy.numbered_symbols("sc_"), order="none")
     lines = []
     for sym, e in found:

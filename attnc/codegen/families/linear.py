@@ -29,6 +29,11 @@ class LinearBody:
     reads_lk: bool
     stateless: bool  # alpha or beta read the key count, which a state does not carry
 
+    @property
+    def identity_features(self) -> bool:
+        """The feature map is the identity: the kernels read q and k as given (no feature tensors)."""
+        return self.feature_code == "x"
+
 
 def _names(v: ir.Variant, expr) -> dict:
     names = {R: "rowsum_w", ir.visible: "visible", ir.FEATURE_X: "x"}
