@@ -23,7 +23,7 @@ from attnc.runtime import launch
 import attnc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import formulas as F  # noqa: E402
+import formulas as F
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -97,7 +97,7 @@ def test_document_plan_walk_at_cut_lengths():
     for L in (32, 37):
         doc_ids = torch.tensor([[0] * 10 + [1] * (L - 20) + [2] * 10, [0] * (L - 5) + [1] * 5])
         q, k, v = _qkv(HEADS["uneven"], (L, L))
-        _check(attn, lambda q, k, v: F.document(q, k, v, doc_ids), q, k, v, doc_ids=doc_ids)
+        _check(attn, lambda q, k, v, ids=doc_ids: F.document(q, k, v, ids), q, k, v, doc_ids=doc_ids)
 
 
 def test_sum_head_groups_matches_a_loop():
