@@ -4,22 +4,33 @@
     python bench/gpu_check.py --dry-run --out /tmp/x.md     # every step on the CPU (Triton interpreter), tiny sizes
 
 Sections, each with a share of the time budget (time a section leaves unused goes to the later ones):
-1. verify: `attnc.verify` of the examples in bf16 (kernels vs the float64 reference, forward and
+1. verify (0.20): `attnc.verify` of the examples in bf16 (kernels vs the float64 reference, forward and
    backward), the benchmarked specs first. One autotune config per kernel (ATTNC_AUTOTUNE=quick).
-2. speed: forward and forward+backward ms and TFLOP/s (counted on the unmasked work only) of attnc,
+2. speed (0.30): forward and forward+backward ms and TFLOP/s (counted on the unmasked work only) of attnc,
    `scaled_dot_product_attention` and FlexAttention (torch.compile'd, with its block mask) for full,
    causal, sliding_window, document, alibi and softcap at L = 4K and 16K, B*H chosen to fill the GPU;
-   also the largest |attnc - Flex| of the forward outputs (a check that both compute the same variant).
-3. sparse: tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
-4. norm: the normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time
-   ratios against `causal`, with the design's targets (<= 1.15x for one pass over the keys, <= 2x for two).
-6. learn: trained biases (a learnable T5 bucket table, read per pair; a learnable key bias, read per
-   key): forward+backward ms beside the same spec with the bias fixed (the cost of its gradient), and
-   the gradient's largest relative error against the float64 reference at a small length.
-5. decode: `attn.decode` (split-KV, one new query, 32 query heads on 8 KV heads, bf16) for causal,
+   also the largest |attnc - Flex| of the forward outputs (a check that both compute the same variant),
+   and the configuration the autotuner chose for each attnc kernel ("configs": BLOCK_M x BLOCK_N,
+   warps, stages, e.g. `fwd 128x64 w8 s3; dq 128x64 w8 s3; dkdv 64x128 w8 s3`).
+3. sparse (0.10): tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
+4. norm (0.15): the normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time
+   ratios against `causal`, with the design's targets (<= 1.3x for a normalization of one pass over the
+   keys, e.g. softplus; <= 2x for one of two passes, softplus_reweight), and the chosen configs.
+5. decode (0.15): `attn.decode` (split-KV, one new query, 32 query heads on 8 KV heads, bf16) for causal,
    sliding_window and streaming_sink on contiguous caches (causal also paged) at B = 1..64 and caches of
    4K-128K, beside SDPA (GQA, with the same mask): ms, and the K/V bytes the mask lets through per
    second against the H100's 3.35 TB/s (docs/decoding.md).
+6. learn (0.05): trained biases (a learnable T5 bucket table, read per pair; a learnable key bias, read
+   per key): forward+backward ms beside the same spec with the bias fixed (the cost of its gradient), and
+   the gradient's largest relative error against the float64 reference at a small length.
+7. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
+   forward and forward+backward ms at L = 4K and 16K (the speed section's B*H), beside
+   flash-linear-attention's chunked kernels where `import fla` works (`chunk_linear_attn` on the features
+   elu(x) + 1 applied by the caller, normalized; `chunk_simple_gla` with the constant per-head log-decay
+   `g_gamma = log(decay)`), with the largest |attnc - fla| of the outputs; "n/a (fla not installed)"
+   without it, and a call that fails (another fla version's signature) is a "FAILED" cell with its
+   error in the note. attnc's rows of every length run first, fla's after them (its first call
+   autotunes dozens of configs per kernel): each fla result fills in the attnc row it stands beside.
 
 Robustness: each section runs in its own child process (a CUDA fault or a hung compile costs one row,
 not the run); the child streams its rows to this process, which writes the Markdown table and a JSON of
@@ -59,7 +70,13 @@ NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_soft
 DECODE = [("causal", "contiguous"), ("causal", "paged"), ("sliding_window", "contiguous"),
           ("streaming_sink", "contiguous")]
 HBM_BYTES_S = 3.35e12  # the H100's HBM bandwidth, the decode section's yardstick
-SHARES = {"verify": 0.25, "speed": 0.30, "sparse": 0.10, "norm": 0.15, "decode": 0.15, "learn": 0.05}  # of the budget
+SHARES = {"verify": 0.20, "speed": 0.30, "sparse": 0.10, "norm": 0.15, "decode": 0.15, "learn": 0.05,
+          "linear": 0.05}  # of the budget; they sum to 1
+NORM_TARGETS = {1: 1.3, 2: 2.0}  # passes over the keys -> the largest time / causal's time
+# chunked linear attention (attn.algorithm == "chunked") timed beside flash-linear-attention
+LINEAR = ["linear_elu", "lightning"]
+# the generated module's autotuned kernels: (label in the "configs" column, attribute)
+KERNELS = (("fwd", "_fwd"), ("dq", "_bwd_dq"), ("dkdv", "_bwd_dkdv"), ("rows", "_bwd_rows"))
 # trained biases: (spec body, its bias input's name and shape from (B, H, L))
 LEARNED = {
     "t5_table": (("const NB = 32, E = 8, MAXD = 128\ninput t5: float[Hq, NB] learnable\n"
@@ -97,6 +114,7 @@ class Settings:
     learn_shapes: tuple = ()  # (L, B, H) of the learn section; its gradient check runs at L = learn_check_L
     learn_check_L: int = 512
     decode_heads: tuple = (32, 8)  # (Hq, Hk) of the decode section
+    linear_shapes: tuple = ()  # (L, B, H) of the linear section
     page_size: int = 256  # the paged cache's page size
 
     @staticmethod
@@ -107,14 +125,15 @@ class Settings:
                             (("neighborhood_2d", (24, 4, 3)), ("radial", (3, 32))), window=12, doc_len=12,
                             verify=("causal", "softplus"), bench=tuple(BENCH), compile_flex=False, flex_backward=False,
                             min_unit_s=0.0, decode_shapes=((2, 48),), decode_heads=(4, 2), page_size=16,
-                            learn_shapes=((40, 1, 2),), learn_check_L=24)
+                            learn_shapes=((40, 1, 2),), learn_check_L=24, linear_shapes=((40, 1, 2),))
         order = BENCH + NORMALIZATIONS + sorted(p.stem for p in EXAMPLES.glob("*.attn"))
         return Settings(False, "cuda", 128, ((4096, 8, 16), (16384, 1, 32)), ((4096, 8, 16), (16384, 1, 32)),
                         (16384, 1, 32), (("neighborhood_2d", (128, 128, 7)), ("radial", (16, 1024))),
                         window=256, doc_len=1024, verify=tuple(dict.fromkeys(order)), bench=tuple(BENCH), compile_flex=True,
                         flex_backward=True, min_unit_s=10.0,
                         decode_shapes=((1, 131072), (8, 32768), (32, 32768), (64, 4096)), decode_heads=(32, 8),
-                        page_size=256, learn_shapes=((4096, 2, 16),), learn_check_L=512)
+                        page_size=256, learn_shapes=((4096, 2, 16),), learn_check_L=512,
+                        linear_shapes=((4096, 8, 16), (16384, 1, 32)))
 
     # -- timing: the warm-up call (compile + autotune) timed apart, then the steady state
     def sync(self):
@@ -251,14 +270,17 @@ COLUMNS = {  # key, header, format of a number
               ("attnc_ms", "attnc ms", "{:.3f}"), ("sdpa_ms", "SDPA ms", "{:.3f}"), ("flex_ms", "Flex ms", "{:.3f}"),
               ("attnc_tflops", "attnc TFLOP/s", "{:.1f}"), ("vs_sdpa", "SDPA/attnc", "{:.2f}x"),
               ("vs_flex", "Flex/attnc", "{:.2f}x"), ("diff_flex", "max abs(attnc - Flex)", "{:.1e}"),
-              ("attnc_warm_s", "attnc warm s", "{:.1f}"), ("flex_warm_s", "Flex warm s", "{:.1f}")],
+              ("attnc_warm_s", "attnc warm s", "{:.1f}"), ("flex_warm_s", "Flex warm s", "{:.1f}"),
+              ("configs", "configs", None)],
     "sparse": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("density", "tile density", "{:.4f}"),
                ("pass", "pass", None), ("attnc_ms", "attnc ms", "{:.3f}"), ("flex_ms", "Flex ms", "{:.3f}"),
                ("vs_flex", "Flex/attnc", "{:.2f}x"), ("diff_flex", "max abs(attnc - Flex)", "{:.1e}"),
-               ("attnc_warm_s", "attnc warm s", "{:.1f}"), ("flex_warm_s", "Flex warm s", "{:.1f}")],
+               ("attnc_warm_s", "attnc warm s", "{:.1f}"), ("flex_warm_s", "Flex warm s", "{:.1f}"),
+               ("configs", "configs", None)],
     "norm": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("passes", "passes", None),
              ("pass", "pass", None), ("attnc_ms", "ms", "{:.3f}"), ("causal_ms", "causal ms", "{:.3f}"),
-             ("ratio", "ratio", "{:.2f}x"), ("target", "target", "<= {}x"), ("ok", "ok", None)],
+             ("ratio", "ratio", "{:.2f}x"), ("target", "target", "<= {}x"), ("ok", "ok", None),
+             ("configs", "configs", None)],
     "learn": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("pass", "pass", None),
               ("attnc_ms", "learnable ms", "{:.3f}"), ("fixed_ms", "fixed ms", "{:.3f}"),
               ("ratio", "learnable/fixed", "{:.2f}x"), ("grad_err", "bias grad rel. err (fp32, small L)", "{:.1e}")],
@@ -266,6 +288,11 @@ COLUMNS = {  # key, header, format of a number
                ("attnc_ms", "attnc ms", "{:.3f}"), ("sdpa_ms", "SDPA ms", "{:.3f}"), ("vs_sdpa", "SDPA/attnc", "{:.2f}x"),
                ("attnc_gbs", "attnc GB/s", "{:.0f}"), ("hbm_pct", "% of 3.35 TB/s", "{:.0f}"),
                ("diff_sdpa", "max abs(attnc - SDPA)", "{:.1e}")],
+    "linear": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("pass", "pass", None),
+               ("attnc_ms", "attnc ms", "{:.3f}"), ("fla_ms", "fla ms", "{:.3f}"), ("vs_fla", "fla/attnc", "{:.2f}x"),
+               ("diff_fla", "max abs(attnc - fla)", "{:.1e}"), ("out_max", "max abs(attnc)", "{:.1e}"),
+               ("attnc_warm_s", "attnc warm s", "{:.1f}"),
+               ("fla_warm_s", "fla warm s", "{:.1f}"), ("configs", "configs", None)],
 }
 TITLES = {
     "verify": "Correctness (bf16 kernels vs float64 reference; one autotune config per kernel)",
@@ -274,6 +301,8 @@ TITLES = {
     "norm": "Normalizations vs the causal softmax kernel (bf16; ratio = time / causal's time)",
     "decode": "Decoding (bf16, one new query, split-KV; GB/s = K/V bytes the mask keeps / attnc time)",
     "learn": "Trained biases (bf16; the cost of a learnable bias's gradient, and its error)",
+    "linear": ("Linear attention, chunked (bf16; beside flash-linear-attention's chunked kernels, the "
+               "feature map applied by the caller; ratio: fla time / attnc time)"),
 }
 
 
@@ -292,6 +321,9 @@ def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
                 for name, layout in DECODE]
     if section == "learn":
         return [(f"{name} L={L}", (name, L, B, H)) for L, B, H in s.learn_shapes for name in LEARNED]
+    if section == "linear":  # attnc at every length first; fla's rows (slow first calls) fill in its cells
+        return [(f"{name} L={L}" + (" (fla)" if fla else ""), (name, L, B, H, fla)) for fla in (False, True)
+                for L, B, H in s.linear_shapes for name in LINEAR]
     raise ValueError(section)
 
 
@@ -332,6 +364,41 @@ def _time_runs(s: Settings, runs: dict, pass_: str, do, grads, row: dict, notes:
             traceback.print_exc()
             row[f"{who}_ms"] = "FAILED"
             notes.append(f"{who} {pass_}: {_short(err)}")
+
+
+def _config_text(config) -> str:
+    """`128x64 w8 s3` (BLOCK_M x BLOCK_N, warps, stages) of a triton.Config."""
+    kw = dict(getattr(config, "kwargs", None) or {})
+    tile = f"{kw.pop('BLOCK_M')}x{kw.pop('BLOCK_N')}" if "BLOCK_M" in kw and "BLOCK_N" in kw else ""
+    rest = " ".join(f"{k}={v}" for k, v in sorted(kw.items()))
+    parts = [tile, rest, f"w{getattr(config, 'num_warps', '?')}", f"s{getattr(config, 'num_stages', '?')}"]
+    return " ".join(x for x in parts if x)
+
+
+def kernel_configs(attn, kinds=None) -> str:
+    """The configuration each of the generated module's autotuned kernels ran with last, e.g.
+    `fwd 128x64 w8 s3; dq 128x64 w8 s3; dkdv 64x128 w8 s3`; `-` where none can be read (a module
+    without those kernels, an attribute that moved). Read after the timed calls: `best_config` is the
+    config of the latest call (the one config itself where there is nothing to tune: the interpreter,
+    ATTNC_AUTOTUNE=quick). `kinds`: the labels to report (default all of KERNELS)."""
+    try:
+        module = sys.modules[attn.__module__]
+    except Exception:  # noqa: BLE001 -- no module to read: the column says "-"
+        return "-"
+    parts = []
+    for label, name in KERNELS:
+        if kinds is not None and label not in kinds:
+            continue
+        try:
+            tuner = getattr(module, name, None)
+            config = getattr(tuner, "best_config", None)
+            if config is None and len(getattr(tuner, "configs", None) or ()) == 1:
+                config = tuner.configs[0]
+            if config is not None:
+                parts.append(f"{label} {_config_text(config)}")
+        except Exception:  # noqa: BLE001 -- Triton internals moved: this kernel is left out
+            traceback.print_exc()
+    return "; ".join(parts) or "-"
 
 
 def _flex_diff(attn_fn, flex_fn, notes):
@@ -385,6 +452,7 @@ def run_speed(s: Settings, emit, name, L, B, H):
                 row[f"vs_{who}"] = row[f"{who}_ms"] / ms
         if pass_ == "fwd" and isinstance(row.get("flex_ms"), float):
             row["diff_flex"] = _flex_diff(attn_fn, flex_fn, row_notes)
+        row["configs"] = kernel_configs(attn, ("fwd",) if pass_ == "fwd" else None)
         row["note"] = "; ".join(row_notes)
         emit(row)
 
@@ -423,6 +491,7 @@ def run_sparse(s: Settings, emit, name, grid):
             row["vs_flex"] = row["flex_ms"] / row["attnc_ms"]
         if pass_ == "fwd" and isinstance(row.get("flex_ms"), float):
             row["diff_flex"] = _flex_diff(attn_fn, flex_fn, row_notes)
+        row["configs"] = kernel_configs(attn, ("fwd",) if pass_ == "fwd" else None)
         row["note"] = "; ".join(row_notes)
         emit(row)
 
@@ -446,7 +515,7 @@ def run_norm(s: Settings, emit, name, L, B, H):
     path = EXAMPLES / f"{name}.attn"
     attn, causal = load(path), load(EXAMPLES / "causal.attn")
     passes = _passes(path)
-    target = 1.15 if passes == 1 else 2.0
+    target = NORM_TARGETS.get(passes, max(NORM_TARGETS.values()))
     q, k, v = s.qkv(B, H, L)
     do = torch.randn_like(q)
     kw = {"temp": torch.rand(H, device=s.device) + 0.5} if name == "temperature" else {}
@@ -458,6 +527,8 @@ def run_norm(s: Settings, emit, name, L, B, H):
             row["ratio"] = row["attnc_ms"] / row["causal_ms"]
             row["target"] = target
             row["ok"] = "yes" if row["ratio"] <= target else "NO"
+        # the normalization's kernels (the causal kernel's are in the speed table)
+        row["configs"] = kernel_configs(attn, ("fwd",) if pass_ == "fwd" else None)
         row["note"] = "; ".join(notes)
         emit(row)
 
@@ -550,8 +621,120 @@ def run_learn(s: Settings, emit, name, L, B, H):
     emit(row)
 
 
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def fla_baseline(name, q, k, v, kw):
+    """flash-linear-attention's chunked kernel for examples/{name}.attn, on leaves of its own in fla's layout
+    [B, T, H, D] holding the values of q, k, v ([B, H, L, D]). Returns (fn, leaves, None), fn() giving the
+    output [B, T, H, D]; or (None, (), cell) when fla is not installed. An fla that imports but lacks the
+    function raises here; version differences that the signature shows (head_first, g_gamma) are followed,
+    and a call that fails anyway raises in the timing (a FAILED cell, never a crash of the section)."""
+    import inspect
+
+    import torch
+
+    try:
+        import fla  # noqa: F401
+    except ModuleNotFoundError as err:
+        if (err.name or "fla").split(".")[0] == "fla":
+            return None, (), "n/a (fla not installed)"
+        raise  # fla is there but one of its dependencies is not: a FAILED cell, with the name in the note
+
+    def params(fn):
+        try:
+            return inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return {}
+
+    leaves = tuple(x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+    fq, fk, fv = leaves
+    if name == "linear_elu":  # elu(x) + 1 by the caller; normalized (fla's scale cancels: pass 1)
+        from fla.ops.linear_attn import chunk_linear_attn as fn
+
+        layout = {"head_first": False} if "head_first" in params(fn) else {}
+        phi = lambda x: torch.nn.functional.elu(x) + 1
+        return (lambda: _first(fn(phi(fq), phi(fk), fv, scale=1.0, normalize=True, **layout))), leaves, None
+    if name == "lightning":  # decay[h] ** (q - kv) * s: a constant per-head log-decay
+        from fla.ops.simple_gla import chunk_simple_gla as fn
+
+        found = params(fn)
+        layout = {"head_first": False} if "head_first" in found else {}
+        log_decay = torch.log(kw["decay"].float())
+        B, T, H = fq.shape[:3]
+        gate = {"g_gamma": log_decay} if "g_gamma" in found else \
+            {"g": log_decay.view(1, 1, H).expand(B, T, H).contiguous()}  # older fla: a gate per position
+        scale = q.shape[-1] ** -0.5
+        return (lambda: _first(fn(fq, fk, fv, scale=scale, **gate, **layout))), leaves, None
+    raise ValueError(f"no fla baseline for {name}")
+
+
+def _linear_chunk(device) -> str:
+    """The chunk of attnc's linear kernels (not autotuned), for the configs column."""
+    try:
+        from attnc.runtime import linear
+
+        return f"chunk {linear.chunk_size(device)} (not autotuned)"
+    except Exception:  # noqa: BLE001 -- internals moved: the column says "-"
+        traceback.print_exc()
+        return "-"
+
+
+def run_linear(s: Settings, emit, name, L, B, H, fla):
+    """attnc's chunked kernels (fla=False), or flash-linear-attention's beside them (fla=True): its rows
+    carry the attnc rows' "key", and the parent fills them into those rows."""
+    import torch
+
+    from attnc import load
+
+    attn = load(EXAMPLES / f"{name}.attn")
+    if getattr(attn, "algorithm", None) != "chunked":
+        raise RuntimeError(f"{name}: attn.algorithm is {getattr(attn, 'algorithm', None)!r}, not 'chunked'")
+    q, k, v = s.qkv(B, H, L)
+    # lightning's decays 1 - 1/32 .. 1 - 1/512 over the heads (outputs of a few units, not growing with L)
+    kw = {"decay": 1 - 2.0 ** -torch.linspace(5, 9, H, device=s.device)} if name == "lightning" else {}
+    do = torch.randn_like(q)
+    attn_fn = lambda: attn(q, k, v, **kw)
+    base, notes = {"spec": name, "L": L, "BH": B * H}, []
+    if not fla:
+        for pass_ in ("fwd", "fwd+bwd"):
+            row, row_notes = {"key": f"{name} {L} {pass_}", **base, "pass": pass_}, []
+            _time_runs(s, {"attnc": attn_fn}, pass_, do, (q, k, v), row, row_notes)
+            if pass_ == "fwd":
+                with torch.no_grad():
+                    row["out_max"] = attn_fn().float().abs().max().item()
+            row["configs"] = _linear_chunk(s.device)
+            row["note"] = "; ".join(row_notes)
+            emit(row)
+        return
+    fn, leaves, cell = None, (), None
+    try:
+        fn, leaves, cell = fla_baseline(name, q, k, v, kw)
+    except Exception as err:  # noqa: BLE001 -- another fla: a FAILED cell, traceback on stderr
+        traceback.print_exc()
+        cell = "FAILED"
+        notes.append(f"fla: {_short(err)}")
+    do_t = do.transpose(1, 2).contiguous()  # fla's layout
+    for pass_ in ("fwd", "fwd+bwd"):
+        row, row_notes = {"key": f"{name} {L} {pass_}", **base, "pass": pass_}, list(notes)
+        if fn is None:
+            row["fla_ms"] = cell
+        else:
+            _time_runs(s, {"fla": fn}, pass_, do_t, leaves, row, row_notes)
+            if pass_ == "fwd" and isinstance(row.get("fla_ms"), float):
+                try:
+                    with torch.no_grad():
+                        row["diff_fla"] = (attn_fn().float() - fn().transpose(1, 2).float()).abs().max().item()
+                except Exception as err:  # noqa: BLE001 -- noted in the row, traceback on stderr
+                    traceback.print_exc()
+                    row_notes.append(f"fla diff: {_short(err)}")
+        row["note"] = "; ".join(row_notes)
+        emit(row)
+
+
 RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm, "decode": run_decode,
-           "learn": run_learn}
+           "learn": run_learn, "linear": run_linear}
 
 
 def _short(err: BaseException) -> str:
@@ -596,7 +779,20 @@ class Report:
                          for name in sections}
 
     def add(self, section: str, row: dict):
-        self.sections[section]["rows"].append(row)
+        """Append `row`; a row whose "key" an earlier row of the section has fills in that row instead (the
+        linear section's fla results beside attnc's)."""
+        rows = self.sections[section]["rows"]
+        same = [r for r in rows if row.get("key") is not None and r.get("key") == row["key"]]
+        if same:
+            target = same[0]
+            notes = [n for n in (target.get("note"), row.get("note")) if n]
+            target.update({k: v for k, v in row.items() if k != "note"})
+            target["note"] = "; ".join(notes)
+            for who in ("sdpa", "flex", "fla"):
+                if isinstance(target.get(f"{who}_ms"), float) and isinstance(target.get("attnc_ms"), float):
+                    target[f"vs_{who}"] = target[f"{who}_ms"] / target["attnc_ms"]
+        else:
+            rows.append(row)
         self.write()
 
     def write(self):
@@ -611,7 +807,8 @@ class Report:
         m = self.meta
         dry = "; DRY RUN on the CPU (Triton interpreter)" if m["dry_run"] else ""
         lines = [f"# attnc GPU check — {m['card']} — {m['date']}", "",
-                 (f"torch {m['torch']}, triton {m['triton']}, Python {m['python']}; budget {m['budget_s']} s; "
+                 (f"torch {m['torch']}, triton {m['triton']}, Python {m['python']}, fla {m.get('fla', '?')}; "
+                  f"budget {m['budget_s']} s; "
                   f"autotune: {m['autotune']} (verify: quick){dry}"), "",
                  ("Ratios are baseline time / attnc time (> 1 means attnc is faster), except in the normalization "
                   "table (time / causal's time). \"warm s\": the first call (compile, autotune)."), ""]
@@ -723,6 +920,22 @@ def _card(s: Settings) -> str:
     return torch.cuda.get_device_name()
 
 
+def _fla_version() -> str:
+    """flash-linear-attention's version from its metadata (nothing is imported: fla starts CUDA)."""
+    import importlib.util
+    from importlib import metadata
+
+    for dist in ("fla-core", "flash-linear-attention"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        return "(version unknown)" if importlib.util.find_spec("fla") else "not installed"
+    except (ImportError, ValueError):
+        return "not installed"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="every step on the CPU, tiny sizes")
@@ -763,8 +976,8 @@ def main(argv=None) -> int:
     out = args.out or (Path(os.environ["OUT"]) / "gpu_check.md" if os.environ.get("OUT") else
                        ROOT / "bench" / "results" / f"{date}-{card.replace(' ', '-')}.md")
     meta = {"card": card, "date": date, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "budget_s": args.budget, "autotune": args.autotune,
-            "dry_run": args.dry_run, "settings": {k: v for k, v in asdict(s).items()}, "total_s": None}
+            "python": platform.python_version(), "fla": _fla_version(), "budget_s": args.budget,
+            "autotune": args.autotune, "dry_run": args.dry_run, "settings": {k: v for k, v in asdict(s).items()}, "total_s": None}
     print(f"gpu_check: {card}; torch {torch.__version__}, triton {triton.__version__}, "
           f"Python {platform.python_version()}; {datetime.datetime.now().isoformat(timespec='seconds')}; "
           f"writing {out}", flush=True)
