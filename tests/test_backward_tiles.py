@@ -123,3 +123,11 @@ def test_generated_backward_has_no_runtime_head_loop_or_plain_derivative_tile():
     softcap = attnc.build_source(EXAMPLES / "softcap.attn")
     assert "pT_dscore = pT * dscore" in softcap
     assert softcap.count("rt.tanh(") == 4  # forward, dQ, dK/dV, decode: once per tile, shared with dscore
+
+
+@pytest.mark.parametrize("heads", [HEADS["gqa"], HEADS["uneven"], HEADS["diffqkv"]], ids=["gqa", "uneven", "diffqkv"])
+def test_general_family_dk_and_dv_in_two_launches(heads):
+    """softplus reads a row statistic, so its dK and dV run as two launches (GeneralBody.split_dkdv)."""
+    attn = attnc.load(EXAMPLES / "softplus.attn")
+    assert "groups = [(Hk, True, False), (Hv, False, True)]" in attnc.build_source(EXAMPLES / "softplus.attn")
+    _check(attn, lambda q, k, v: (F.softplus(q, k, v),), *_qkv(heads, LENGTHS["cut"]))

@@ -96,6 +96,18 @@ class GeneralBody(ReadGrads):
     dkdv_lines: tuple[str, ...]
     grads: tuple[InputGrad, ...]
 
+    @property
+    def split_dkdv(self) -> bool:
+        """dK and dV in two launches, one fp32 accumulator each, where the weights read row statistics.
+
+        [Note] Registers of the general dK/dV tile: the derivative of weights normalized by row
+        statistics (softplus, softplus_reweight) keeps several fp32 [BLOCK_N, BLOCK_M] tiles live next
+        to the two [BLOCK_N, D] accumulators, and the 64 x 128 tile spills (sm_90, D = 128: softplus
+        280 B, softplus_reweight 560 B). One accumulator per launch fits (0 and 32 B, 0 and 0 B) for
+        one more tile product (the dV launch recomputes s = k.qT and p). Elementwise weights (sigmoid,
+        relu) read no statistics and keep one launch (0 B)."""
+        return bool(self.saved)
+
     @staticmethod
     def reads(code: str, var: str) -> bool:
         return re.search(rf"(?<![\w.]){re.escape(var)}(?!\w)", code) is not None

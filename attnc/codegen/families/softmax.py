@@ -39,6 +39,7 @@ class Grad(InputGrad):
 class SoftmaxBody(ReadGrads):
     plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
     has_dscore: bool  # d logits / ds is not 1: the backward multiplies dS by it
+    split_dkdv = False  # dK and dV share one launch (GeneralBody.split_dkdv says when they do not)
     tile: TileCode  # query-major tiles [BLOCK_M, BLOCK_N]: forward and dQ
     tile_t: TileCode  # key-major tiles [BLOCK_N, BLOCK_M]: dK/dV
     sink: str | None  # the sink logit of a row, if any
