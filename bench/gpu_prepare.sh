@@ -22,6 +22,20 @@ for v in 3.10 3.11 3.12 3.13; do
     "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DEST" \
         --python-version "$v" --implementation cp --platform manylinux2014_x86_64 "markupsafe>=2.0"
 done
+# Optional: flash-linear-attention's kernels for the linear section's baseline. They are in fla-core (the
+# flash-linear-attention distribution itself holds only layers and models, and needs transformers).
+# fla-core and its imports einops and packaging are pure-Python wheels; torch and triton are never
+# fetched (--no-deps; gpu_run.sh installs with --no-deps too). Without them the section reads "n/a".
+if "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$DEST" "fla-core>=0.5" einops packaging; then
+    for wheel in "$DEST"/fla_core-*.whl "$DEST"/einops-*.whl "$DEST"/packaging-*.whl; do
+        case "$wheel" in
+            *-py3-none-any.whl) ;;
+            *) echo "gpu_prepare: $wheel is not a pure-Python wheel: left out" >&2; rm -f "$wheel" ;;
+        esac
+    done
+else
+    echo "gpu_prepare: no fla-core wheel (the linear section's fla baseline will read n/a)" >&2
+fi
 rm -rf build  # setuptools' leftovers of the wheel build (ignored by git)
 
 ls -l "$DEST"

@@ -54,6 +54,15 @@ WANT=(attnc)
 for module in lark jinja2 markupsafe sympy mpmath click; do
     "$PY" -c "import $module" 2>/dev/null || WANT+=("$module")
 done
+# flash-linear-attention's kernels (fla-core, pure Python), only where carried and not already there;
+# --no-deps below: it never pulls torch or triton
+if ls gpu_wheels/fla_core-*.whl >/dev/null 2>&1 \
+    && ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('fla') is None)" 2>/dev/null; then
+    WANT+=(fla-core)
+    for module in einops packaging; do
+        "$PY" -c "import $module" 2>/dev/null || WANT+=("$module")
+    done
+fi
 echo "gpu_run: installing ${WANT[*]} from gpu_wheels/"
 if ! "$PY" -m pip install -q --no-index --find-links gpu_wheels --no-deps --no-compile --target "$SITE" "${WANT[@]}"; then
     echo "gpu_run: pip failed; unpacking the wheels instead" >&2
@@ -62,7 +71,8 @@ import glob, os, sys, zipfile
 site, names = sys.argv[1], sys.argv[2:]
 tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
 for name in names:
-    found = [w for w in glob.glob(f"gpu_wheels/{name}-*.whl") if "-none-any" in w or f"-{tag}-" in w]
+    stem = name.replace("-", "_")  # fla-core's wheel is fla_core-*.whl
+    found = [w for w in glob.glob(f"gpu_wheels/{stem}-*.whl") if "-none-any" in w or f"-{tag}-" in w]
     if not found:
         print(f"gpu_run: no wheel for {name} ({tag})", file=sys.stderr)
         continue
@@ -97,6 +107,8 @@ export ATTNC_CACHE_DIR=${ATTNC_CACHE_DIR:-${TMPDIR:-/tmp}/attnc_gpu_cache}
 (cd "$SITE" && "$PY" -c "import attnc, attnc.runtime.launch, lark, jinja2, sympy, click
 print('gpu_run: attnc from', attnc.__file__)") \
     || echo "gpu_run: attnc or a dependency does not import; gpu_check will say more" >&2
+(cd "$SITE" && "$PY" -c "import importlib.util as u; import sys
+spec = u.find_spec('fla'); print('gpu_run: fla from', spec.origin if spec else 'nowhere (linear section: n/a)')") || true
 
 # -- the check: its own files go straight to $OUT, row by row
 LIMIT=(timeout -k 15 $((BUDGET + 30)))
