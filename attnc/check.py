@@ -28,6 +28,8 @@ _SIZE_DOC = {
     "Lk": "the key length",
 }
 # Axis names a tensor input may declare, and the index that must subscript each.
+_AXIS_DOC = {"B": "the batch", "Hq": "the query heads", "H": "the query heads", "Lq": "the queries",
+             "Lk": "the keys", "L": "the tokens"}
 _AXIS_INDEX = {"B": ("b",), "Hq": ("h",), "H": ("h",), "Lq": ("q",), "Lk": ("kv",), "L": ("q", "kv")}
 
 _REAL_FUNCS = {
@@ -56,6 +58,8 @@ RESERVED = (
 )
 
 BOOL, INT, REAL = "bool", "int", "real"
+# what to write instead of a bitwise operator on conditions
+_BOOL_OP_OF = {"&": "'and'", "|": "'or'", "^": "'!=' (exclusive or)"}
 _DTYPE_TYPE = {"int": INT, "float": REAL, "bool": BOOL}
 
 
@@ -130,6 +134,8 @@ class Checker:
                 # its names stay undefined: later uses are not reported again as unknown
                 if isinstance(stmt, ast.Let):
                     self.failed.update(stmt.names)
+                elif isinstance(stmt, ast.Score):
+                    self.failed.add("score")
                 elif isinstance(stmt, (ast.Binding, ast.Input, ast.LetFunc)):
                     self.failed.add(stmt.name)
         if self.errors:
@@ -646,6 +652,8 @@ class Checker:
     def expr_name(self, node: ast.Name) -> _Value:
         name = node.id
         if name == "score":
+            if "score" in self.failed:
+                raise _Abort  # the score statement's error is reported already
             if self.score_stmt is not None and self.score is None and self.lowering is self.score_stmt:
                 self.error("the score statement cannot use 'score', which it defines", node.span,
                            "write the score in terms of 's', the raw score")
@@ -754,8 +762,14 @@ class Checker:
             if not (isinstance(idx, ast.Name) and idx.id in allowed):
                 want = " or ".join(f"'{a}'" for a in allowed)
                 if isinstance(idx, ast.Name) and idx.id in _INDEX_DOC:  # another bare index: a mix-up
-                    self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span,
-                               "an index expression (q - 1, kv + 1, ...) is read clamped to the axis")
+                    # between token axes an index expression may be meant (a query-axis table read at
+                    # kv - 1); a batch or head axis read at a token index (lens[q]) is a plain mix-up
+                    token_axes = {"Lq", "Lk", "L"}
+                    hint = ("an index expression (q - 1, kv + 1, ...) is read clamped to the axis"
+                            if axis in token_axes and idx.id in ("q", "kv") else
+                            f"'{tensor.name}' is declared [{', '.join(tensor.axes)}]: axis {axis} is "
+                            f"{_AXIS_DOC[axis]}, indexed by {want}, and '{idx.id}' is {_INDEX_DOC[idx.id]}")
+                    self.error(f"axis {axis} of '{tensor.name}' must be indexed by {want}", idx.span, hint)
                 value = self.lower(idx)
                 if value.type != INT:
                     self.error(f"an index of '{tensor.name}' must be an integer, not {value.type}", idx.span,
@@ -840,6 +854,11 @@ class Checker:
                     sympy.sympify(left.expr).free_symbols & set(weights)):
                 self.error("a feature map's weights are used as 'v @ W[h]' (v a vector of length Dqk)", node.span)
             return _merge(ir.FMatMul(left.expr, right.expr), REAL, left, right)
+        if op in _BOOL_OP_OF:  # `(kv <= q) & (q - kv < 8)`: FlexAttention's way of combining conditions
+            for side, v in ((node.left, left), (node.right, right)):
+                if v.type == BOOL:
+                    self.error(f"'{op}' needs a number, but this is a condition", side.span,
+                               f"to combine conditions write {_BOOL_OP_OF[op]}")
         self.need_number(left, node.left, f"'{op}'")
         self.need_number(right, node.right, f"'{op}'")
         both_int = left.type == INT and right.type == INT

@@ -196,8 +196,26 @@ def parse(source: str, path: str = "<spec>") -> ast.Spec:
         span = None if deep.meta.empty else _span(deep.meta)
         raise SpecError.at(f"expression nested too deeply (more than {MAX_NESTING} levels)", span,
                            "split it into several 'let' statements", path=path, source=source)
+    trap = _bitwise_in_comparison(tree, source)
+    if trap is not None:
+        raise SpecError([trap], path, source)
+    _drop_parens(tree)
     header, statements = _ToAst().transform(tree)
     return ast.Spec(str(header), _tok_span(header), statements, path, source)
+
+
+def _drop_parens(tree: lark.Tree) -> None:
+    """Replace each `paren` node by the expression inside it, in place and iteratively: `(((x)))` nested
+    a thousand deep must not become a thousand levels of the recursive AST builder."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        for i, child in enumerate(node.children):
+            while isinstance(child, lark.Tree) and child.data == "paren":
+                child = child.children[0]
+            node.children[i] = child
+            if isinstance(child, lark.Tree):
+                stack.append(child)
 
 
 def _too_deep(tree: lark.Tree) -> lark.Tree | None:
@@ -207,7 +225,52 @@ def _too_deep(tree: lark.Tree) -> lark.Tree | None:
         node, depth = stack.pop()
         if depth > MAX_NESTING + 2:  # start -> statement -> expression levels
             return node
-        stack.extend((child, depth + 1) for child in reversed(node.children) if isinstance(child, lark.Tree))
+        step = 0 if node.data == "paren" else 1  # parentheses alone do not count
+        stack.extend((child, depth + step) for child in reversed(node.children) if isinstance(child, lark.Tree))
+    return None
+
+
+_BITWISE = {"BAND": "and", "BOR": "or", "BXOR": None}  # the boolean operator a user likely meant
+
+
+def _bitwise_in_comparison(tree: lark.Tree, source: str) -> Diagnostic | None:
+    """Python's precedence trap, refused as linters do: `kv <= q & q - kv < 8` parses as
+    `kv <= (q & (q - kv)) < 8` (bitwise operators bind tighter than comparisons), a different mask that
+    would pass every type check. A comparison operand that is an unparenthesized `&`, `|` or `^` is an
+    error; written in parentheses, `(x & 1) == 0`, it is the bitwise operation it reads as. Iterative."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if node.data == "compare":
+            operands = node.children[0::2]
+            for i, operand in enumerate(operands):
+                if not (isinstance(operand, lark.Tree) and operand.data == "binop"
+                        and operand.children[1].type in _BITWISE):
+                    continue
+                op = operand.children[1]
+                text = source[node.meta.start_pos:node.meta.end_pos]
+                start = node.meta.start_pos
+                # the grouping the parser chose, in parentheses: the bitwise operation and its compound operands
+                groups = [operand] + [c for c in operand.children[0::2]
+                                      if isinstance(c, lark.Tree) and c.data in ("binop", "pow_", "neg")]
+                marks = sorted([(g.meta.start_pos - start, 1, "(") for g in groups]
+                               + [(g.meta.end_pos - start, 0, ")") for g in groups], reverse=True)
+                reads = text
+                for at, _, mark in marks:
+                    reads = reads[:at] + mark + reads[at:]
+                meant = _BITWISE[op.type]
+                between = 0 < i < len(operands) - 1  # comparisons on both sides: the trap itself
+                if meant and between:
+                    o = op.start_pos - start
+                    fixed = f"{text[:o].rstrip()} {meant} {text[o + 1:].lstrip()}"
+                    hint = f"to combine the conditions write '{meant}': {fixed}"
+                else:
+                    hint = ("to combine conditions write 'and' or 'or'" if meant else
+                            "to combine conditions write 'and', 'or' or '!='")
+                hint += f"; for the bitwise '{op}' put it in parentheses"
+                return Diagnostic(f"'{op}' inside a comparison: this reads as {reads}, because '{op}' binds "
+                                  "tighter than comparisons", _tok_span(op), hint)
+        stack.extend(child for child in reversed(node.children) if isinstance(child, lark.Tree))
     return None
 
 

@@ -208,6 +208,8 @@ def test_what_checks_builds_and_runs(tmp_path, source):
     (H + "param w: int = 2.5\nmask kv <= q - w\n", 2),
     (H + "input g: blob[Lq]\nmask g[q]\n", 2),
     (H + "let a = q // 0\nmask kv <= a\n", 2),
+    (H + "score s + (q < 3) * 1\nprobs softmax(score)\n", 2),
+    (H + "score s + (q < 3) * 1\nlet z = score * 2\nprobs softmax(z)\n", 2),
 ])
 def test_a_failed_definition_is_reported_once(source, line):
     """A use of a name whose definition had an error adds no 'used before its definition' error."""
@@ -216,3 +218,84 @@ def test_a_failed_definition_is_reported_once(source, line):
     err = info.value
     assert [d.span.line for d in err.diagnostics] == [line], err.render()
     assert "before its definition" not in err.render()
+
+
+# ---- Python's precedence trap: `&` / `|` / `^` between comparisons ----------------------------------
+@pytest.mark.parametrize("source, op, column, reads, hint", [
+    ("mask kv <= q & q - kv < 8\n", "&", 14, "kv <= (q & (q - kv)) < 8", "write 'and': kv <= q and q - kv < 8"),
+    ("mask kv <= q | q - kv < 8\n", "|", 14, "kv <= (q | (q - kv)) < 8", "write 'or': kv <= q or q - kv < 8"),
+    ("mask q & 1 == kv & 1\n", "&", 8, "(q & 1) == kv & 1", "for the bitwise '&' put it in parentheses"),
+    ("mask kv < q ^ 3\n", "^", 13, "kv < (q ^ 3)", "'and', 'or' or '!='"),
+    ("let m = (kv <= q &\n  q - kv < 8)\nmask m\n", "&", 18, "kv <= (q &\n  (q - kv)) < 8", "write 'and'"),
+], ids=["and", "or", "bitwise_first", "xor", "multiline_in_parens"])
+def test_bitwise_between_comparisons_is_refused(source, op, column, reads, hint):
+    """`kv <= q & q - kv < 8` parses as `kv <= (q & (q - kv)) < 8`, a different mask that passes every
+    type check; it is refused at the operator, with the reading and the fix."""
+    with pytest.raises(SpecError) as info:
+        compile_text(H + source, "bad.attn")
+    d = info.value.first
+    assert d.message.startswith(f"'{op}' inside a comparison"), d.message
+    assert f"this reads as {reads}," in d.message, d.message
+    assert hint in d.hint, d.hint
+    assert (d.span.line, d.span.column) == (2, column), info.value.render()
+    assert info.value.render().startswith(f"bad.attn:2:{column}: error: ")
+
+
+@pytest.mark.parametrize("source", [
+    "mask (q & 1) == (kv & 1)\n",
+    "mask kv <= (q & 7) + 1\n",
+    "mask kv <= q + (q & 7)\n",
+    "let x = q & 7\nmask kv <= x\n",
+])
+def test_parenthesized_bitwise_in_comparisons_is_accepted(source):
+    compile_text(H + source)
+
+
+@pytest.mark.parametrize("op, column, hint", [
+    ("&", 7, "to combine conditions write 'and'"),
+    ("|", 7, "to combine conditions write 'or'"),
+    ("^", 7, "to combine conditions write '!=' (exclusive or)"),
+])
+def test_bitwise_on_conditions_hints_and_or(op, column, hint):
+    """`(kv <= q) & (q - kv < 8)`, FlexAttention's spelling: the hint is 'and' / 'or', not 'x if c else y'."""
+    with pytest.raises(SpecError) as info:
+        compile_text(H + f"mask (kv <= q) {op} (q - kv < 8)\n", "bad.attn")
+    d = info.value.first
+    assert d.message == f"'{op}' needs a number, but this is a condition"
+    assert (d.span.line, d.span.column) == (2, column) and d.hint == hint
+
+
+def test_a_token_index_on_a_batch_axis_hints_the_batch_index():
+    """`lens[q]` for lens: int[B]: no hint about clamped index expressions, which do not apply."""
+    with pytest.raises(SpecError) as info:
+        compile_text(H + "input lens: int[B]\nmask kv < lens[q]\n", "bad.attn")
+    d = info.value.first
+    assert d.message == "axis B of 'lens' must be indexed by 'b'" and (d.span.line, d.span.column) == (3, 16)
+    assert d.hint == "'lens' is declared [B]: axis B is the batch, indexed by 'b', and 'q' is the query index"
+    with pytest.raises(SpecError) as info:  # between token axes an index expression may be meant
+        compile_text(H + "input w: float[Lq]\nmask w[kv] > 0\n", "bad.attn")
+    assert "index expression" in info.value.first.hint
+
+
+def test_and_between_comparisons_is_the_sliding_window_and_the_ampersand_form_is_refused(tmp_path):
+    """The fix the '&' error suggests computes the sliding window: kernels against a float64 formula."""
+    import torch
+    from attnc.runtime import launch
+
+    import attnc
+
+    with pytest.raises(SpecError, match="'&' inside a comparison"):
+        compile_text(H + "mask kv <= q & q - kv < 8\n", "bad.attn")
+    spec = tmp_path / "window.attn"
+    spec.write_text(H + "mask kv <= q and q - kv < 8\n")
+    fn = attnc.load(spec)
+    L, D = 20, 16
+    q, k, v = (torch.randn(1, 2, L, D, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with launch.count_visits() as log:
+        o = fn(q, k, v)
+    assert log and sum(int(x.clamp(min=0).sum()) for x in log) > 0, "the kernels did not run"
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    window = (j <= i) & (i - j < 8)
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    want = torch.softmax(s.masked_fill(~window, float("-inf")), -1) @ v.double()
+    assert (o.double() - want).abs().max().item() <= 2e-3 * want.abs().max().item()
