@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -136,6 +137,8 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 _fail(sig, name, f"is a scalar parameter; got a tensor of shape {_shape(value)}")
+            if value.device.type == "meta":
+                _fail(sig, name, "is a meta tensor, which has no value; pass a number")
             value = value.item()
         if dtype == "bool":
             if value not in (True, False) or isinstance(value, float):  # True, False, 1 or 0
@@ -146,9 +149,11 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
             article = "an" if dtype == "int" else "a"
             _fail(sig, name, f"expected {article} {dtype} number, got {type(value).__name__}")
         if dtype == "int":
-            if float(value) != int(value):
+            if isinstance(value, float) and not value.is_integer():  # 2.5, inf, nan
                 _fail(sig, name, f"expected an integer, got {value!r}")
             value = int(value)
+            if not INT64_MIN <= value <= INT64_MAX:  # the kernels, the custom op and the plans take int64
+                _fail(sig, name, f"expected an integer from -2**63 to 2**63 - 1 (int64), got {value}")
         else:
             value = float(value)
             if math.isnan(value):
@@ -178,7 +183,9 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
         if t.dtype == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
             _fail(sig, t.name, f"expected an integer tensor, got {x.dtype}")
         # (a data-dependent check: torch.compile would break the graph on it, so compiled code skips it)
-        if t.dtype == "float" and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        # (a meta tensor has no values to check)
+        if (t.dtype == "float" and x.device.type != "meta" and not torch.compiler.is_compiling()
+                and not torch.isfinite(x).all()):
             _fail(sig, t.name, "contains NaN or infinite values")
         values[t.name] = x
     return values
@@ -196,6 +203,10 @@ def resolve_scale(sig: Signature, scale, dqk: int) -> float:
     if scale is None:
         return dqk ** -0.5
     if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            _fail(sig, "scale", f"expected a float, got a tensor of shape {_shape(scale)}")
+        if scale.device.type == "meta":
+            _fail(sig, "scale", "is a meta tensor, which has no value; pass a number")
         scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or math.isnan(scale):
         _fail(sig, "scale", f"expected a float, got {scale!r}")

@@ -249,6 +249,42 @@ def test_error_missing_and_bad_tensor_inputs():
         load("document")(q[:, :, :-2], k, v, doc_ids=plain["doc_ids"])
 
 
+def test_int_params_take_the_int64_range_and_say_it():
+    """2**63 - 1 is a valid int param (it used to read as 'expected an integer'); past int64 the argument
+    check names the param and the range, not the custom op's schema."""
+    attn = load("sliding_window")
+    L, D = 9, 8
+    q, k, v = (torch.randn(1, 1, L, D, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    causal = torch.softmax(s.masked_fill(j > i, float("-inf")), -1) @ v.double()
+    assert (attn(q, k, v, window=2 ** 63 - 1).double() - causal).abs().max().item() <= 2e-3
+    for bad in (2 ** 63, 2 ** 64, -2 ** 63 - 1, 1e30):
+        with pytest.raises(ValueError, match=r"sliding_window: argument 'window': expected an integer from "
+                           r"-2\*\*63 to 2\*\*63 - 1 \(int64\), got"):
+            attn(q, k, v, window=bad)
+    for bad in (2.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"argument 'window': expected an integer, got"):
+            attn(q, k, v, window=bad)
+        with pytest.raises(ValueError, match=r"argument 'window': expected an integer, got"):
+            attn.plan(Lq=L, Lk=L, window=bad)
+
+
+def test_meta_tensors():
+    """Meta q, k, v (and meta tensor inputs) give meta outputs of the right shape; a meta tensor as a
+    param's or the scale's value has no value to read, and says so."""
+    qm = torch.empty(1, 2, 8, 16, device="meta")
+    assert load("sliding_window")(qm, qm, qm).shape == qm.shape
+    ids = torch.empty(1, 8, dtype=torch.long, device="meta")
+    assert load("document")(qm, qm, qm, doc_ids=ids).device.type == "meta"
+    slopes = torch.empty(2, device="meta")
+    assert load("alibi")(qm, qm, qm, slopes=slopes).shape == qm.shape
+    with pytest.raises(ValueError, match=r"argument 'window': is a meta tensor, which has no value; pass a number"):
+        load("sliding_window")(qm, qm, qm, window=torch.tensor(3, device="meta"))
+    with pytest.raises(ValueError, match=r"argument 'scale': is a meta tensor"):
+        load("sliding_window")(qm, qm, qm, scale=torch.tensor(0.5, device="meta"))
+
+
 def test_error_unknown_keyword():
     q, k, v, _, _ = make_inputs("sliding_window", "self")
     _raises_naming("windw", lambda: load("sliding_window")(q, k, v, windw=3))
