@@ -640,6 +640,9 @@ class Checker:
     def expr_number(self, node: ast.Number) -> _Value:
         text = node.text
         if text.isdigit():
+            if int(text) > 2 ** 63 - 1:  # kernels, reference and plans compute in int64
+                self.error(f"integer {text} is out of range", node.span,
+                           "integers are int64: from -2**63 to 2**63 - 1")
             return _Value(sympy.Integer(int(text)), INT)
         number = float(text)
         if number == float("inf"):
