@@ -223,12 +223,25 @@ def _parse_value(text: str, dtype: str, name: str):
                                  param_hint="'--param'") from None
 
 
+def _no_such_input(name: str, params: list, tensors: list) -> str:
+    """`--param windw=3`: a parameter or a tensor input the spec does not have, named as what it likely
+    meant (the closest name's kind), else with the list of both."""
+    from .errors import closest
+
+    best = closest(name, params + tensors)
+    if best is not None:
+        kind = "parameter" if best in params else "tensor input"
+        return f"the spec has no {kind} {name!r}; did you mean {best!r}?"
+    lists = [f"{what}: {', '.join(names)}" for what, names in (("parameters", params), ("tensor inputs", tensors))
+             if names]
+    return f"the spec has no parameter or tensor input {name!r} ({'; '.join(lists) or 'it has none'})"
+
+
 def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
     """Keyword inputs for the spec: --param NAME=VALUE (a tensor as comma-separated values in its shape's
     order), and seeded random tensors, as `attnc verify` makes them, for the tensors not given."""
     import torch
 
-    from .errors import did_you_mean
     from .verify import Case, random_inputs
 
     params = {p.name: p for p in variant.params}
@@ -251,18 +264,12 @@ def _inputs(variant, pairs, B, Hq, Lq, Lk, seed):
             shape = t.shape(sizes, {**defaults, **{n: v for n, v in given.items() if n in params}})
             values = [_parse_value(v, t.dtype, name) for v in text.split(",")]
             if len(values) != math.prod(shape):
-                raise click.BadParameter(f"{name}: expected {math.prod(shape)} values for its shape "
+                n = math.prod(shape)
+                raise click.BadParameter(f"{name}: expected {n} value{'' if n == 1 else 's'} for its shape "
                                          f"[{', '.join(t.axes)}] = {shape}, got {len(values)}", param_hint="'--param'")
             given[name] = torch.tensor(values).reshape(shape)
         else:
-            known = list(params) + list(tensors)
-            hint = did_you_mean(name, known)
-            message = f"the spec has no input {name!r}"
-            if hint:
-                message += f"; {hint}"
-            else:
-                message += f" (its inputs: {', '.join(known)})" if known else " (it has no inputs)"
-            raise click.BadParameter(message, param_hint="'--param'")
+            raise click.BadParameter(_no_such_input(name, list(params), list(tensors)), param_hint="'--param'")
     missing = [t for t in variant.tensors if t.name not in given]
     if missing:
         case = Case(B, Hq, Hq, Hq, Lq, Lk, 1, 1, label="mask")
@@ -352,9 +359,9 @@ def mask_command(spec, length, shape, pairs, block, batch, head, png, elements, 
     each = "" if factor == 1 else f"; each character: {factor}x{factor} tiles"
     click.echo(f"tile plan, query tiles down, key tiles across ({maskview.legend(maskview.CLASS_NAMES)}{each}):")
     click.echo("\n".join(lines))
-    click.echo(maskview.summary(plan))
+    click.echo(maskview.summary(plan, classes))  # of the batch and head drawn, as the grid above
     if png:
-        title = [f"{variant.name}  Lq={Lq} Lk={Lk}  batch {batch} head {head}", maskview.summary(plan)]
+        title = [f"{variant.name}  Lq={Lq} Lk={Lk}  batch {batch} head {head}", maskview.summary(plan, classes)]
         pixels, _ = maskview.figure(title, classes, (plan.block_m, plan.block_n),
                                     None if element_mask is None else grid)
         try:
@@ -412,11 +419,11 @@ def inspect_command(spec, target, dtype, head_dim, length, configs, spread, min_
         attn = _load_or_report(spec)
         if attn is None:
             sys.exit(1)
-        known = [name for name, _ in attn.signature.params] + [t.name for t in attn.signature.tensors]
+        params = [name for name, _ in attn.signature.params]
+        tensors = [t.name for t in attn.signature.tensors]
         for name in inputs:
-            if name not in known:
-                click.echo(f"{spec}: error: --input {name}: the spec has no input {name!r} "
-                           f"(its inputs: {', '.join(known) or 'none'})", err=True)
+            if name not in params + tensors:
+                click.echo(f"{spec}: error: --input {name}: {_no_such_input(name, params, tensors)}", err=True)
                 sys.exit(1)
         length = inspect.fixed_length(sys.modules[attn.__module__]) or length
     click.echo(f"{spec}: compiling for {target} ({dtype}, head dim {head_dim}, L {length}; no GPU used)")

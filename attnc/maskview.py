@@ -81,9 +81,15 @@ def legend(names: dict, classes=(FULL, PARTIAL, EMPTY)) -> str:
     return ", ".join(f"'{TILE_CHARS[c]}' {names[c]}" for c in classes)
 
 
-def summary(plan) -> str:
-    return (f"block {plan.block_m}x{plan.block_n}: {plan.tiles_visited} of {plan.tiles_total} tiles visited "
-            f"(density {plan.density:.4f}): {plan.tiles_full} full, {plan.tiles_partial} partial")
+def summary(plan, classes=None) -> str:
+    """The plan's tile counts; with `classes`, one [tiles_q, tiles_k] slice of plan.to_dense() (the batch
+    and head drawn), that slice's counts."""
+    if classes is None:
+        full, partial, total = plan.tiles_full, plan.tiles_partial, plan.tiles_total
+    else:
+        full, partial, total = int((classes == FULL).sum()), int((classes == PARTIAL).sum()), classes.numel()
+    return (f"block {plan.block_m}x{plan.block_n}: {full + partial} of {total} tiles visited "
+            f"(density {(full + partial) / max(total, 1):.4f}): {full} full, {partial} partial")
 
 
 # -- PNG: canvas, font, encoder ------------------------------------------------------------------

@@ -55,6 +55,17 @@ def test_check_bad_spec_exit_1_with_location(specs):
     assert "hint: did you mean 'window'?" in out
 
 
+def test_check_refuses_ampersand_between_comparisons_with_location(tmp_path):
+    spec = tmp_path / "flex.attn"
+    spec.write_text("attention flex\nmask kv <= q & q - kv < 8\n")
+    code, out = run("check", str(spec))
+    assert code == 1
+    assert (f"{spec}:2:14: error: '&' inside a comparison: this reads as kv <= (q & (q - kv)) < 8, because '&' "
+            "binds tighter than comparisons") in out
+    assert "hint: to combine the conditions write 'and': kv <= q and q - kv < 8" in out
+    assert "Traceback" not in out
+
+
 def test_check_mixed_good_and_bad_exit_1_but_reports_both(specs):
     code, out = run("check", str(specs["causal"]), str(specs["bad"]))
     assert code == 1

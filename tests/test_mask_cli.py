@@ -84,7 +84,7 @@ def brute_force_tiles(mask, bm, bn):
 def specs(tmp_path):
     files = {}
     for name, text in {"causal": CAUSAL, "nbhd": NEIGHBORHOOD, "moa": MOA, "document": DOCUMENT,
-                       "bad": BAD}.items():
+                       "bad": BAD, "window": "attention window\nparam window = 3\nmask kv <= q and q - kv < window\n"}.items():
         files[name] = tmp_path / f"{name}.attn"
         files[name].write_text(text)
     return files
@@ -262,7 +262,7 @@ def test_bad_spec_is_a_located_diagnostic(specs):
     (["--L", "64", "--shape", "64,64"], "give --L or --shape, not both"),
     (["--L", "0"], "Invalid value for '--L'"),
     (["--block", "24"], "Invalid value for '--block': tile sizes must be powers of two"),
-    (["--param", "windw=3"], "the spec has no input 'windw' (it has no inputs)"),
+    (["--param", "windw=3"], "the spec has no parameter or tensor input 'windw' (it has none)"),
     (["--head", "1"], "batch 0, head 1 is outside B=1, Hq=1"),
 ])
 def test_bad_options_exit_2_with_one_message(specs, args, message):
@@ -274,10 +274,34 @@ def test_bad_options_exit_2_with_one_message(specs, args, message):
 def test_unknown_param_suggests_the_closest_name(specs):
     code, out = run("mask", specs["moa"], "--param", "bands=1")
     assert code == 2
-    assert "the spec has no input 'bands'; did you mean 'band'?" in out
+    assert "the spec has no tensor input 'bands'; did you mean 'band'?" in out
     code, out = run("mask", specs["moa"], "--shape", "1,2,16,16", "--param", "band=1,2,3")
     assert code == 2
     assert "band: expected 2 values for its shape [Hq] = [2], got 3" in out
+
+
+def test_unknown_param_is_called_a_parameter_and_counts_read_in_english(specs):
+    code, out = run("mask", specs["window"], "--param", "windw=3")
+    assert code == 2
+    assert "the spec has no parameter 'windw'; did you mean 'window'?" in out
+    code, out = run("mask", specs["moa"], "--param", "band=1,2")  # B = Hq = 1: one value
+    assert code == 2
+    assert "band: expected 1 value for its shape [Hq] = [1], got 2" in out
+
+
+def test_the_summary_counts_the_batch_drawn(specs):
+    """--batch 1 draws batch 1's plan and counts batch 1's tiles, not those of every batch."""
+    ids = [torch.zeros(16, dtype=torch.long), torch.arange(16) // 2]  # one document; documents of 2
+    flat = ",".join(str(int(x)) for x in torch.cat(ids))
+    for batch in (0, 1):
+        code, out = run("mask", specs["document"], "--shape", "2,1,16,16", "--block", 4, "--batch", batch,
+                        "--param", "doc_ids=" + flat)
+        assert code == 0, out
+        tiles = brute_force_tiles(document_mask(ids[batch]), 4, 4)
+        assert torch.equal(section(out, "tile plan", maskview.TILE_CHARS), tiles)
+        full, partial = int((tiles == maskview.FULL).sum()), int((tiles == maskview.PARTIAL).sum())
+        assert (f"block 4x4: {full + partial} of 16 tiles visited (density {(full + partial) / 16:.4f}): "
+                f"{full} full, {partial} partial") in out, out
 
 
 def test_arguments_the_function_rejects_exit_2(specs):
