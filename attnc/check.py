@@ -9,7 +9,7 @@ twice. Problems are collected and raised together as one `SpecError`.
 from __future__ import annotations
 
 import keyword
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -79,12 +79,6 @@ class _Entry:
     span: Span | None
     value: _Value | None = None
     tensor: ir.TensorInput | None = None
-
-
-@dataclass
-class _State:
-    env: dict = field(default_factory=dict)
-    errors: list = field(default_factory=list)
 
 
 class _Abort(Exception):

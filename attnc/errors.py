@@ -45,9 +45,6 @@ class SpecError(Exception):
     def at(cls, message: str, span: Span | None, hint: str | None = None, *, path="<spec>", source=""):
         return cls([Diagnostic(message, span, hint)], path, source)
 
-    def with_source(self, path: str, source: str) -> "SpecError":
-        return SpecError(self.diagnostics, path, source)
-
     @property
     def first(self) -> Diagnostic:
         return self.diagnostics[0]

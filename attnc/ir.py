@@ -173,10 +173,6 @@ def tensor_function(name: str, dtype: str):
     return Function(name, **assumptions)
 
 
-def is_tensor_load(expr) -> bool:
-    return isinstance(expr, sympy.core.function.AppliedUndef)
-
-
 def row_stats(expr) -> set:
     """Row statistics appearing in `expr`: RowSum/RowMax applications and `visible`."""
     found = set(expr.atoms(RowStat)) if isinstance(expr, sympy.Basic) else set()

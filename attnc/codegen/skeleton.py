@@ -23,7 +23,7 @@ parameters, the tile functions' parameters and the launch's arguments.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -492,13 +492,3 @@ def decode_bands(variant: ir.Variant, walk: TileWalk, clauses: tuple[Clause, ...
         return tuple(_band_bounds(variant, c) for c in clauses)
     except (UnsupportedExpression, BuildError):
         return ()
-
-
-@dataclass(frozen=True)
-class Skeleton:
-    """What every family's kernels share for one spec."""
-
-    walk: TileWalk
-    signature: Signature
-    mask: TileMask
-    tile_loads: tuple[Load, ...] = field(default=())
