@@ -182,3 +182,31 @@ def test_fla_naive_forgetting_attention_agrees(tmp_path):
     want = naive.naive_forgetting_attn(q.double(), k.double(), v.double(), logf.double())
     got = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), G=logf.cumsum(1).transpose(1, 2))
     _close("o", got.transpose(1, 2), want.double())
+
+
+def test_learnable_terms_inside_a_scaled_softmax(tmp_path):
+    """`softmax(2 * score, sink=...)`: a read's gradient goes through the softmax's argument, not the
+    score line (a key bias got half its gradient), and the offset 2 * qb[b, h, q] is in the LSE."""
+    path = tmp_path / "scaled.attn"
+    path.write_text("attention scaled\ninput kb: float[B, Hq, Lk] learnable\ninput qb: float[B, Hq, Lq] learnable\n"
+                    "input sink: float[Hq] learnable\nscore s + kb[b, h, kv] + qb[b, h, q]\n"
+                    "probs softmax(2 * score, sink=sink[h])\n")
+    attn = attnc.load(path)
+    q, k, v, _, g = _problem("hb", False, Lq=12, Lk=12)
+    inputs = {"kb": torch.randn(B, H, 12, generator=g), "qb": torch.randn(B, H, 12, generator=g),
+              "sink": torch.randn(H, generator=g)}
+    inputs = {n: t.requires_grad_(True) for n, t in inputs.items()}
+    do, dlse = torch.randn(B, H, 12, D, generator=g), torch.randn(B, H, 12, generator=g)
+    o, lse = attn(q, k, v, return_lse=True, **inputs)
+    x = 2 * (q.double() @ k.double().transpose(-1, -2) * D ** -0.5 + inputs["kb"].double()[..., None, :]
+             + inputs["qb"].double()[..., None])
+    x = torch.cat([x, inputs["sink"].double()[None, :, None, None].expand(B, H, 12, 1)], -1)
+    want_lse = torch.logsumexp(x, -1)
+    want_o = torch.exp(x - want_lse[..., None])[..., :12] @ v.double()
+    _close("o", o, want_o.detach())
+    _close("lse", lse, want_lse.detach())
+    leaves = [q, k, v, *inputs.values()]
+    got = torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), leaves)
+    want = torch.autograd.grad((want_o * do.double()).sum() + (want_lse * dlse.double()).sum(), leaves)
+    for n, a, b in zip(["q", "k", "v", *inputs], got, want):
+        _close(f"d{n}", a, b)
