@@ -156,7 +156,9 @@ def dump(analyses: Analyses) -> str:
         sink = "" if sm.sink is None else f", sink = {spec_str(sm.sink)}"
         out.append(f"probs      softmax(logits = {spec_str(sm.logits)}{sink})")
         out.append("row stats  rowmax, rowsum of exp(logits - rowmax) (online, running max with rescaling)")
-        out.append("lse        log-sum-exp per row" + (" (denominator includes the sink)" if sm.sink is not None else ""))
+        offset = "" if sm.offset == 0 else f" + {spec_str(sm.offset)} (the score's row constant, left out of the logits)"
+        out.append("lse        log-sum-exp per row" + (" (denominator includes the sink)" if sm.sink is not None else "")
+                   + offset)
     else:
         names = _stat_names(rows)
         out.append(f"probs      {spec_str(_named(variant.probs, names))}")

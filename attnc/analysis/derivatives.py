@@ -67,12 +67,19 @@ def score_derivative(score) -> sympy.Expr:
     return diff(score, ir.s)
 
 
-def learnable_gradients(variant: ir.Variant, sink) -> list[LearnableGradient]:
+def learnable_gradients(variant: ir.Variant, form) -> list[LearnableGradient]:
+    """One gradient per read, for a softmax form (analysis.rowstats.SoftmaxForm). The kernels compute
+    p from the logits and the stored log-sum-exp; dS and the sink's gradient are with respect to the
+    score and sink as written (logits + offset, sink + offset), whose log-sum-exp is the one returned,
+    so a read's gradient differentiates those. (The score's row constant moves into the form's sink:
+    differentiating the written score and the form's sink counted it twice.)"""
+    score = form.logits + form.offset
+    sink = None if form.sink is None else form.sink + form.offset
     out = []
-    exprs = [variant.score] + ([sink] if sink is not None else [])
+    exprs = [score] + ([sink] if sink is not None else [])
     for read in learnable_reads(variant, exprs):
         dsink = None if sink is None else diff(sink, read.expr)
-        out.append(LearnableGradient(read, diff(variant.score, read.expr), dsink if dsink != 0 else None))
+        out.append(LearnableGradient(read, diff(score, read.expr), dsink if dsink != 0 else None))
     return out
 
 

@@ -37,10 +37,17 @@ def _split_add(expr):
 # ---- softmax recognition ----
 @dataclass(frozen=True)
 class SoftmaxForm:
-    """P = exp(logits) / (sum_j exp(logits) + exp(sink)); sink is None when there is none."""
+    """P = exp(logits) / (sum_j exp(logits) + exp(sink)); sink is None when there is none.
+
+    The logits leave out the row constants of the exponent, which softmax ignores; `offset` is the part
+    of them that is not a statistic (`qb[b, h, q]` in `s + qb[b, h, q]`, not the `-rowmax` kept for
+    stability), so the score as written is logits + offset and its sink sink + offset. The log-sum-exp
+    the kernels return, and the gradients of what the offset reads, are in those terms: with a sink,
+    the softmax is not invariant to the offset, and a log-sum-exp merge needs the true one."""
 
     logits: sympy.Expr
     sink: sympy.Expr | None
+    offset: sympy.Expr
 
 
 def recognize_softmax(probs) -> SoftmaxForm | None:
@@ -58,14 +65,15 @@ def recognize_softmax(probs) -> SoftmaxForm | None:
     extra = sympy.Add(*[t for t in _split_add(denom) if t is not rowsum_terms[0]])
     if not is_row_constant(extra):
         return None
+    offset = sympy.Add(*[t for t in _split_add(shift) if not sympy.sympify(t).atoms(ir.RowStat)])
     if extra == 0:
-        return SoftmaxForm(elementwise, None)
+        return SoftmaxForm(elementwise, None, offset)
     # exp(x + r) / (sum exp(x + r) + E)  ==  exp(x) / (sum exp(x) + E exp(-r)): the sink logit is log(E) - r
     sink = sympy.expand_log(sympy.log(extra), force=True) - shift
     sink = sympy.simplify(sink)
     if sink.atoms(ir.RowStat) or not is_row_constant(sink):
         return None
-    return SoftmaxForm(elementwise, sink)
+    return SoftmaxForm(elementwise, sink, offset)
 
 
 # ---- visible in closed form ----

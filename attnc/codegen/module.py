@@ -56,6 +56,7 @@ class Reference:
     sink: str | None = None
     stats: tuple[tuple[str, str], ...] = ()  # general probabilities: (var, masked reduction), innermost first
     probs: str = ""
+    lse_offset: str | None = None  # softmax: the row constant the kernels' logits leave out (SoftmaxForm.offset)
 
     def reads(self, name: str) -> bool:
         """Whether any printed piece reads `name` (an index tensor such as b_idx)."""
@@ -80,8 +81,11 @@ def _reference(v: ir.Variant, a: Analyses) -> Reference:
     score = torch_code(v.score, names)
     sm = a.rows.softmax
     if sm is not None:
-        return Reference(mask, score, torch_code(sm.logits, names),
-                         None if sm.sink is None else torch_code(sm.sink, names))
+        # the score and sink as written (the offset back in): the true log-sum-exp, and autograd
+        # differentiates what the spec says
+        return Reference(mask, score, torch_code(sm.logits + sm.offset, names),
+                         None if sm.sink is None else torch_code(sm.sink + sm.offset, names),
+                         lse_offset=None if sm.offset == 0 else torch_code(sm.offset, names))
     # general probabilities: row statistics computed innermost first, as masked torch reductions
     stats = sorted((st for st, _ in a.rows.stats_in_order if st != ir.visible), key=sympy.count_ops)
     stat_names = {**names, ir.visible: "visible"}

@@ -31,17 +31,20 @@ class DecodeBody:
     plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
     tile: TileCode  # [BLOCK_M, BLOCK_N] tiles whose rows carry their own head and query position
     sink: str | None  # the sink logit of a row, if any
-    row_loads: tuple[Load, ...]  # per-row inputs the sink reads
+    row_loads: tuple[Load, ...]  # per-row inputs the sink and the offset read
+    offset: str | None  # the score's row constant the logits leave out (SoftmaxForm.offset), if any
 
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> DecodeBody:
     logits = form.logits
     tile, _ = tile_code(variant, logits, logits, [logits], DECODE_TILE)
-    row_names, row_loads = tensor_loads([form.sink] if form.sink is not None else [], DECODE_ROW, "r_")
+    offset = None if form.offset == 0 else form.offset
+    row_names, row_loads = tensor_loads([e for e in (form.sink, offset) if e is not None], DECODE_ROW, "r_")
     rnames = {**base_names(variant, DECODE_ROW), **row_names}
     return DecodeBody(
         plain=logits == ir.s,
         tile=tile,
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
+        offset=None if offset is None else triton_code(offset, rnames),
     )

@@ -49,7 +49,7 @@ class SoftmaxBody(ReadGrads):
 
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
-    grads = derivatives.learnable_gradients(variant, form.sink)
+    grads = derivatives.learnable_gradients(variant, form)
     reads = input_grads([g.read for g in grads], key_reads=True, table_reads=True)
     logits = form.logits  # the score up to a row constant, which softmax ignores
     dscore = derivatives.score_derivative(logits)
