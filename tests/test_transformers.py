@@ -279,6 +279,27 @@ def test_qwen2_full_layers_run_without_the_window(backends):
     torch.testing.assert_close(old[:, :256], want[:, :256], **TOL)
 
 
+def test_qwen2_generation_past_the_default_window_equals_eager(backends):
+    """Decoding steps at cache lengths past 256 on the full layer (attn.decode of the unbounded variant)."""
+    from transformers import Qwen2Config
+
+    models = []
+    for attn in ("attnc_sliding", "eager"):
+        torch.manual_seed(0)
+        config = Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **_common())
+        models.append(AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval())
+    ids = torch.randint(1, VOCAB, (2, 290), generator=torch.Generator().manual_seed(5))  # no pad token (0)
+    mask = torch.ones_like(ids)
+    unwindowed, decodes = backends["attnc_sliding"].unwindowed, []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        decode = unwindowed.decode
+        mp.setattr(unwindowed, "decode", lambda *a, **k: decodes.append(a[1].shape[2]) or decode(*a, **k))
+        got = models[0].generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        want = models[1].generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert decodes == [291, 292, 293]  # the full layer's decoding steps ran without a window
+    assert torch.equal(got, want), (got[:, 290:], want[:, 290:])
+
+
 def test_gemma2_global_layers_run_without_the_window(tmp_path):
     """Gemma 2 alternates sliding and global layers, with capped logits: a spec with both parameters."""
     from transformers import Gemma2Config
