@@ -88,10 +88,23 @@ def load(path: str | Path):
     return load_text(text, name)
 
 
-def load_text(text: str, path: str = "<spec>"):
-    """`load` for a spec given as text (`path` names it in error messages)."""
+def load_text(text: str, path: str = "<spec>", unbounded: tuple | None = None, and_mask: tuple | None = None):
+    """`load` for a spec given as text (`path` names it in error messages). Derived variants, built from
+    the checked IR (attnc/ir.py) and cached under keys of their own:
+    `unbounded=(param, suffix)`: `Variant.unbounded`, the spec with a parameter at infinity (no window);
+    `and_mask=(suffix, inputs)`: `Variant.and_mask`, extra boolean inputs ANDed into the mask (the
+    integrations' padding and context-parallel variants); applied after `unbounded`."""
     variant = compile_text(text, path)
-    key = cache_key(text)
+    material = [text]
+    if unbounded is not None:
+        variant = variant.unbounded(*unbounded)
+        material += ["unbounded", repr(tuple(unbounded))]
+    if and_mask is not None:
+        suffix, inputs = and_mask
+        inputs = tuple(tuple(i) for i in inputs)
+        variant = variant.and_mask(suffix, inputs)
+        material += ["and_mask", suffix, repr(inputs)]
+    key = cache_key("\0".join(material))  # equal to cache_key(text) for the spec itself
     target = cache_dir() / f"{variant.name}_{key}.py"
     if not target.exists():
         write_module(generate_module(variant), target)

@@ -11,8 +11,8 @@ ring with their shard back to its owner. Tensor inputs (document ids, ALiBi slop
 whole (global shapes, the same on every rank); gradients of learnable ones are all-reduced.
 
 Global positions: each step runs a variant of the spec with two more inputs, `attnc_cp_q: bool[B, Lq]`
-and `attnc_cp_kv: bool[B, Lk]`, ANDed into its mask, on the global length with the local queries and the
-step's keys at their global positions (zeros elsewhere). Mask and score expressions therefore see global
+and `attnc_cp_kv: bool[B, Lk]`, ANDed into its mask in the IR (ir.Variant.and_mask), on the global
+length with the local queries and the step's keys at their global positions (zeros elsewhere). Mask and score expressions therefore see global
 positions, and tile plans skip the tiles outside the (query shard, key shard) block. A step whose block
 is fully masked (its tile plan, aligned to the shards, visits nothing) is skipped, forward and backward:
 a causal rank reads no later shard, a sliding window its neighbours only; the K/V still pass through. The global-length placement costs O(L) memory per rank
@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 
 from . import build
-from .specedit import and_mask_inputs
 
 __all__ = ["context_parallel", "shard", "unshard"]
 
@@ -44,8 +43,8 @@ _LAST_STEPS: list = []  # the owners of the K/V shards the last forward on this 
 def _variant(attn):
     key = attn.spec
     if key not in _VARIANTS:
-        text = and_mask_inputs(attn.spec, "cp", [(Q_KEEP, "Lq", "q"), (KV_KEEP, "Lk", "kv")], attn.signature.spec)
-        _VARIANTS[key] = build.load_text(text, f"{attn.signature.spec} (context parallel)")
+        _VARIANTS[key] = build.load_text(attn.spec, f"{attn.signature.spec} (context parallel)",
+                                         and_mask=("cp", [(Q_KEEP, "Lq", "q"), (KV_KEEP, "Lk", "kv")]))
     return _VARIANTS[key]
 
 

@@ -16,7 +16,7 @@ so that attnc/analysis can differentiate through them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 from sympy import Function, Integer, S, Symbol
@@ -314,6 +314,53 @@ class Variant:
     probs: sympy.Expr  # of score, row statistics
     probs_written: bool = field(default=False)  # False when probs defaulted to softmax(score)
     features: tuple = field(default=())  # (name, body of FEATURE_X): `feature phi(x) = ...`
+
+    def and_mask(self, suffix: str, inputs) -> Variant:
+        """This variant, named `<name>_<suffix>`, with one more input `NAME: bool[B, AXIS]` per
+        (NAME, AXIS, INDEX) of `inputs` (AXIS Lq with INDEX q, or Lk with kv), its mask ANDed with
+        `NAME[b, INDEX]`. The integrations add padding and context-parallel conditions this way: composed
+        in the IR, any mask the checker accepted keeps its meaning (spec text edits could not)."""
+        taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
+        taken |= {n for names, _ in self.lets for n in names}
+        extra, loads = [], []
+        for name, axis, index in inputs:
+            if (axis, index) not in (("Lq", "q"), ("Lk", "kv")):
+                raise ValueError(f"{self.path}: extra mask input '{name}': axis {axis!r} indexed at {index!r}; "
+                                 f"expected ('Lq', 'q') or ('Lk', 'kv')")
+            if name in taken:
+                raise ValueError(f"{self.path}: extra mask input '{name}' clashes with a name the spec defines")
+            taken.add(name)
+            tensor = TensorInput(name, "bool", ("B", axis), False, tensor_function(name, "bool"), (None, None))
+            extra.append(tensor)
+            loads.append(sympy.Ne(tensor.load(b, INDICES[index]), 0))  # a bool load, as check.py lowers it
+        notes = "".join(f"# and_mask: input {t.name}: bool[B, {t.axes[1]}] ANDed into the mask at "
+                        f"{i}\n" for t, (_, _, i) in zip(extra, inputs))
+        source = self.source + ("" if self.source.endswith("\n") else "\n") + notes
+        return replace(self, name=f"{self.name}_{suffix}", source=source, tensors=self.tensors + tuple(extra),
+                       mask=sympy.And(self.mask, *loads))
+
+    def unbounded(self, param: str, suffix: str) -> Variant:
+        """This variant, named `<name>_<suffix>`, with scalar parameter `param` taken to +infinity and
+        removed: a sliding window's width, giving the spec without its window (`q - kv < window` is
+        True). Exact for any value of the other inputs; refused (ValueError) where the limit is not a
+        plain expression (the parameter in the score or probs, a shape, or `window - q < 0`)."""
+        p = next((p for p in self.params if p.name == param), None)
+        if p is None:
+            raise ValueError(f"{self.path}: the spec has no scalar parameter '{param}' to take to infinity")
+        mask, score, probs = (e.subs(p.symbol, sympy.oo) for e in (self.mask, self.score, self.probs))
+        reads = [e for lay in self.layouts for e in (*lay.extents, *lay.coords)]
+        reads += [e for t in self.tensors for e in t.extents if e is not None] + [body for _, body in self.features]
+        infinite = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)  # a limit left unevaluated, or none
+        if (any(e.has(*infinite) for e in (mask, score, probs)) or not isinstance(mask, sympy.logic.boolalg.Boolean)
+                or any(p.symbol in sympy.sympify(e).free_symbols for e in reads)):
+            raise ValueError(f"{self.path}: the spec without its parameter '{param}' (taken to infinity) is not "
+                             f"a spec: '{param}' must appear only in mask conditions that infinity makes True, "
+                             f"as in `q - kv < {param}`; the mask becomes {mask}")
+        lets = tuple((names, sympy.sympify(e).subs(p.symbol, sympy.oo)) for names, e in self.lets)
+        return replace(self, name=f"{self.name}_{suffix}", params=tuple(x for x in self.params if x is not p),
+                       source=self.source + ("" if self.source.endswith("\n") else "\n")
+                       + f"# unbounded: param {param} taken to infinity and removed\n",
+                       mask=mask, score=score, probs=probs, lets=lets)
 
     @property
     def learnable(self) -> tuple[TensorInput, ...]:

@@ -12,10 +12,13 @@ import pytest
 import torch
 
 import attnc
-from attnc.build import build_source, cache_key
+from attnc.build import build_source, cache_key, load_text
 from attnc.codegen.module import generate_module
 from attnc.errors import BuildError, SpecError
 from attnc.pipeline import compile_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import formulas
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -100,6 +103,23 @@ def test_return_lse_on_a_variant_without_one_is_a_clear_error():
 def test_cache_key_depends_on_the_spec_text():
     assert cache_key("attention a\n") != cache_key("attention a\n# changed\n")
     assert cache_key("attention a\n") == cache_key("attention a\n")
+
+
+def test_and_mask_variants_are_cached_apart(tmp_path, monkeypatch):
+    """Variants differing only in their extra mask inputs (ir.Variant.and_mask) get their own modules, and
+    each ANDs its input at its index (float64 formula: causal mask and the extra mask)."""
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    text = "attention extra\nmask kv <= q\n"
+    at_kv = load_text(text, and_mask=("m", [("m_in", "Lk", "kv")]))
+    at_q = load_text(text, and_mask=("m", [("m_in", "Lq", "q")]))
+    assert at_kv is not at_q and len(list(tmp_path.glob("extra_m_*.py"))) == 2
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    m = torch.tensor([[True, False, True, True, False, True]])
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    for attn, extra in ((at_kv, m[:, None, None, :]), (at_q, m[:, None, :, None])):
+        want, _ = formulas.attention(q.double(), k.double(), v.double(), mask=(j <= i) & extra)
+        torch.testing.assert_close(attn(q, k, v, m_in=m).double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_two_processes_building_the_same_spec_at_once(tmp_path):

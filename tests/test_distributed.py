@@ -16,6 +16,7 @@ from attnc.distributed import unshard
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 import cp_worker
+import formulas
 
 EXAMPLES = TESTS.parent / "examples"
 L = 32
@@ -77,3 +78,29 @@ def test_refusals():
         positions(0, 2, 4, "striped")
     with pytest.raises(RuntimeError, match="not initialized"):
         context_parallel(attnc.load(EXAMPLES / "causal.attn"))
+
+
+MULTILINE = {  # masks over two lines, which a line-by-line text edit of the spec changed (issue 22)
+    "or_continuation": ("mask kv >= q\n  or kv == 0\n", lambda i, j: (j >= i) | (j == 0)),
+    "and_at_line_end": ("mask kv <= q and\n  q - kv < 5\n", lambda i, j: (j <= i) & (i - j < 5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MULTILINE))
+def test_context_parallel_multiline_mask(tmp_path, case):
+    """The ring's shard conditions are ANDed with the whole mask (key 0 of `or kv == 0` is attended
+    once, in its owner's step, not in every step): against the single-process call, whose output is
+    checked against the float64 formula."""
+
+    text, mask_of = MULTILINE[case]
+    spec = tmp_path / f"{case}.attn"
+    spec.write_text(f"attention {case}\n" + text)
+    ranks = _run(tmp_path, spec, 2, "contiguous")
+    want = _single(spec)
+    q, k, v, _, _ = cp_worker.make_inputs(attnc.load(spec), L)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    o64, _ = formulas.attention(q.double(), k.double(), v.double(), mask=mask_of(i, j))
+    torch.testing.assert_close(want["o"].double(), o64, atol=1e-5, rtol=1e-5)
+    for key in ("o", "dq", "dk", "dv"):
+        got = unshard([r[key] for r in ranks], "contiguous")
+        torch.testing.assert_close(got, want[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -6,13 +6,13 @@ generate() loop slow); one test runs the Triton kernels through the interpreter 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from attnc.runtime import launch
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -21,6 +21,10 @@ from transformers import (
 )
 
 import attnc.integrations.transformers as attnc_hf
+from attnc.runtime import launch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import formulas
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -182,14 +186,146 @@ def test_decode_goes_through_attn_decode_when_present(backends):
                         for lq, lk, lens, bt in seen for cache in [lk])
 
 
-def test_padded_spec_text():
-    text = (EXAMPLES / "sliding_window.attn").read_text()
-    padded = attnc_hf.padded_spec(text)
-    assert "attention sliding_window_padded" in padded
-    assert "input attnc_hf_keep: bool[B, Lk]" in padded
-    assert "mask (kv <= q and q - kv < window) and attnc_hf_keep[b, kv]" in padded
-    full = attnc_hf.padded_spec("attention full\n")
-    assert "mask attnc_hf_keep[b, kv]" in full
+MULTILINE = {  # masks over two lines, which a line-by-line text edit of the spec changed (issue 22)
+    "or_continuation": ("mask kv < 0\n  or kv <= q\n", lambda i, j: (j < 0) | (j <= i)),
+    "and_at_line_end": ("mask kv <= q and\n  q - kv < 4\n", lambda i, j: (j <= i) & (i - j < 4)),
+}
+
+
+def test_padded_variant_ands_the_whole_mask():
+    import sympy
+
+    from attnc import ir
+    from attnc.pipeline import compile_text
+
+    for text, _ in MULTILINE.values():
+        spec = "attention two_lines\n" + text
+        padded = attnc_hf.padded_variant(spec)
+        keep = padded.tensor(attnc_hf.KEEP)
+        assert padded.name == "two_lines_padded" and keep.axes == ("B", "Lk") and keep.dtype == "bool"
+        want = sympy.And(compile_text(spec).mask, sympy.Ne(keep.load(ir.b, ir.kv), 0))
+        assert padded.mask == want, padded.mask
+    with pytest.raises(ValueError, match="'attnc_hf_keep' clashes"):
+        attnc_hf.padded_variant("attention x\ninput attnc_hf_keep: bool[B, Lk]\nmask attnc_hf_keep[b, kv]\n")
+    with pytest.raises(ValueError, match="axis 'Lq' indexed at 'kv'"):
+        compile_text("attention x\n").and_mask("bad", [("m", "Lq", "kv")])
+
+
+@pytest.mark.parametrize("case", sorted(MULTILINE))
+def test_multiline_mask_with_padding_equals_formula(tmp_path, case):
+    """HF's padding path on a two-line mask: the padding keys are masked for every query, whatever the
+    spec's mask says on its second line (float64 formula: the spec's mask and the padding mask)."""
+    text, mask_of = MULTILINE[case]
+    path = tmp_path / f"{case}.attn"
+    path.write_text(f"attention {case}\n" + text)
+    backend = attnc_hf.AttnBackend(path, {})
+    torch.manual_seed(3)
+    B, Lk = 2, 7
+    q, k, v = torch.randn(B, 4, Lk, 8), torch.randn(B, 2, Lk, 8), torch.randn(B, 2, Lk, 8)
+    pad = torch.ones(B, Lk, dtype=torch.long)
+    pad[0, :3] = 0  # left padding
+    pad[1, 5:] = 0  # right padding
+    out, _ = backend(None, q, k, v, pad, scaling=0.5)
+    i, j = torch.arange(Lk)[:, None], torch.arange(Lk)[None, :]
+    mask = mask_of(i, j)[None, None] & pad.bool()[:, None, None, :]
+    want, _ = formulas.attention(q.double(), k.double(), v.double(), mask=mask, scale=0.5)
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def _window_pair(config_of, impl, backend):
+    """(attnc model, eager model) of the same random weights, one config object each (from_config writes
+    the backend onto the config), and the sliding_window values the attnc backend was called with."""
+    models = []
+    for attn in (impl, "eager"):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(config_of(), attn_implementation=attn).eval())
+    assert models[1].config._attn_implementation == "eager"
+    ids = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(4))
+    seen = []
+    original = type(backend).__call__
+
+    def spy(self, *a, **k):
+        seen.append(k.get("sliding_window"))
+        return original(self, *a, **k)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(backend), "__call__", spy)
+        got = models[0](ids).logits
+        seen, calls = [], seen  # the calls of the first forward
+        mp.setattr(backend, "unwindowed", None)  # the spec's default window (256) on the full layer, as before
+        old = models[0](ids).logits
+    with torch.no_grad():
+        want = models[1](ids).logits
+    assert len(seen) == 2  # the second forward ran on attnc too
+    return got, old, want, calls
+
+
+def _common(**extra):
+    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, **extra)
+
+
+def test_qwen2_full_layers_run_without_the_window(backends):
+    """Qwen2 with max_window_layers=1: HF passes sliding_window=None for the full layer, which must see
+    every earlier key at L=300 > the spec's default window of 256 (HF's eager attention as reference)."""
+    from transformers import Qwen2Config
+
+    config_of = lambda: Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                    **_common())
+    got, old, want, seen = _window_pair(config_of, "attnc_sliding", backends["attnc_sliding"])
+    assert sorted(seen, key=str) == [8, None]  # one windowed layer, one full: the attnc backend ran both
+    torch.testing.assert_close(got, want, **TOL)
+    assert not torch.allclose(old[:, 256:], want[:, 256:], atol=1e-3)  # the default window would be wrong
+    torch.testing.assert_close(old[:, :256], want[:, :256], **TOL)
+
+
+def test_qwen2_generation_past_the_default_window_equals_eager(backends):
+    """Decoding steps at cache lengths past 256 on the full layer (attn.decode of the unbounded variant)."""
+    from transformers import Qwen2Config
+
+    models = []
+    for attn in ("attnc_sliding", "eager"):
+        torch.manual_seed(0)
+        config = Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **_common())
+        models.append(AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval())
+    ids = torch.randint(1, VOCAB, (2, 290), generator=torch.Generator().manual_seed(5))  # no pad token (0)
+    mask = torch.ones_like(ids)
+    unwindowed, decodes = backends["attnc_sliding"].unwindowed, []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        decode = unwindowed.decode
+        mp.setattr(unwindowed, "decode", lambda *a, **k: decodes.append(a[1].shape[2]) or decode(*a, **k))
+        got = models[0].generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        want = models[1].generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert decodes == [291, 292, 293]  # the full layer's decoding steps ran without a window
+    assert torch.equal(got, want), (got[:, 290:], want[:, 290:])
+
+
+def test_gemma2_global_layers_run_without_the_window(tmp_path):
+    """Gemma 2 alternates sliding and global layers, with capped logits: a spec with both parameters."""
+    from transformers import Gemma2Config
+
+    spec = tmp_path / "gemma2.attn"
+    spec.write_text("attention gemma2\nparam window = 256\nparam cap = 50.0\nmask kv <= q and q - kv < window\n"
+                    "score cap * tanh(s / cap)\n")
+    backend = attnc_hf.register("attnc_gemma2", spec)
+    config_of = lambda: Gemma2Config(sliding_window=8, head_dim=8, query_pre_attn_scalar=8,
+                                     attn_logit_softcapping=5.0, **_common())
+    got, old, want, seen = _window_pair(config_of, "attnc_gemma2", backend)
+    assert sorted(seen, key=str) == [8, None]
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
+    assert not torch.allclose(old[:, 256:], want[:, 256:], atol=1e-3)
+
+
+def test_a_window_passed_to_register_is_refused():
+    with pytest.raises(ValueError, match="would put one window on every layer"):
+        attnc_hf.register("attnc_bad", EXAMPLES / "sliding_window.attn", window=8)
+
+
+def test_a_window_that_cannot_be_unbounded_is_refused(tmp_path):
+    spec = tmp_path / "odd.attn"
+    spec.write_text("attention odd\nparam window = 4\nmask kv <= q\nscore s - window\n")
+    with pytest.raises(ValueError, match="without its parameter 'window' .* is not a spec"):
+        attnc_hf.register("attnc_odd", spec)
 
 
 def test_kernels_through_the_interpreter(monkeypatch):

@@ -12,12 +12,16 @@ What HF hands an attention function, and what attnc does with it:
 - Masks: the spec's own mask is the attention pattern (causal, sliding window, ...), in the cache's
   index space, as HF's SDPA masks are. The registered mask function hands the attention function only
   HF's 2-D padding mask (left or right padding); when it holds a padding key, a variant of the spec
-  with one more input, `keep: bool[B, Lk]`, ANDed into its mask, runs instead (built and cached once).
+  with one more input, `keep: bool[B, Lk]`, ANDed into its mask in the IR (`ir.Variant.and_mask`),
+  runs instead (built and cached once).
   Mask patterns HF composes on top (packed-sequence masks from position_ids, custom or/and masks) are
   not read: the spec says what the pattern is.
 - Sliding windows: HF's `sliding_window` (Mistral, Qwen2, Gemma configs) goes to the spec's scalar
   parameter `window_param` ("window" by default); a config with a sliding window and a spec without
-  that parameter is refused, as the window would be silently ignored. A model's `softcap` (Gemma 2)
+  that parameter is refused, as the window would be silently ignored. A layer HF runs without a window
+  (sliding_window=None: Qwen2's layers past max_window_layers, Gemma 2's global layers) runs the spec
+  with that parameter at infinity (`ir.Variant.unbounded`: `q - kv < window` becomes True), built at
+  registration; a spec where that limit is not a spec is refused there. A model's `softcap` (Gemma 2)
   goes to the spec's parameter `softcap` or `cap` (examples/softcap.attn), or is refused.
 - Decoding (Lq < Lk, queries at the last Lq positions of the cache: HF's dynamic caches, full or
   sliding): through `attn.decode` (forward only) when the generated module has it, there is no padding
@@ -36,18 +40,20 @@ from pathlib import Path
 import torch
 
 from .. import build
-from ..pipeline import read_spec
-from ..specedit import and_mask_inputs
+from ..pipeline import compile_text, read_spec
 
 KEEP = "attnc_hf_keep"  # the padding input of a spec's padded variant
 
-__all__ = ["AttnBackend", "padded_spec", "register"]
+__all__ = ["AttnBackend", "padded_variant", "register"]
 
 
-def padded_spec(text: str, where: str = "<spec>") -> str:
-    """The spec with one more input, `attnc_hf_keep: bool[B, Lk]` (False for padding keys), ANDed into
-    its mask, under the name `<name>_padded`."""
-    return and_mask_inputs(text, "padded", [(KEEP, "Lk", "kv")], where)
+PADDED = ("padded", [(KEEP, "Lk", "kv")])  # build.load_text's and_mask: the padded variant's extra input
+
+
+def padded_variant(text: str, where: str = "<spec>"):
+    """The spec's IR with one more input, `attnc_hf_keep: bool[B, Lk]` (False for padding keys), ANDed
+    into its mask, under the name `<name>_padded`."""
+    return compile_text(text, where).and_mask(*PADDED)
 
 
 class AttnBackend:
@@ -61,7 +67,18 @@ class AttnBackend:
         self.window_param = window_param
         self.params = {name for name, _ in self.attn.signature.params}
         # the spec's variant with a key-padding input, built now: torch.compile cannot trace a build
-        self.padded = build.load_text(padded_spec(self.text, self.where), f"{self.where} (padded)")
+        self.padded = build.load_text(self.text, self.where, and_mask=PADDED)
+        # Layers HF runs with no window (sliding_window=None: Qwen2's full layers past max_window_layers,
+        # Gemma 2's global layers, models without a window) run the spec with its window at infinity
+        # (ir.Variant.unbounded), not its default width.
+        self.unwindowed = self.unwindowed_padded = None
+        if window_param in self.params:
+            if window_param in self.inputs:
+                raise ValueError(f"{self.where}: register(..., {window_param}=...) would put one window on every "
+                                 f"layer; the window comes from the model's config (sliding_window) per layer")
+            unbounded = (window_param, "nowindow")
+            self.unwindowed = build.load_text(self.text, self.where, unbounded=unbounded)
+            self.unwindowed_padded = build.load_text(self.text, self.where, unbounded=unbounded, and_mask=PADDED)
 
     def _values(self, sliding_window):
         values = dict(self.inputs)
@@ -88,9 +105,11 @@ class AttnBackend:
             values[names[0]] = float(kwargs["softcap"])
         Lq, Lk = query.shape[2], key.shape[2]
         keep = self._keep(attention_mask, query.shape[0], Lk)
-        attn = self.attn
+        attn, padded = self.attn, self.padded
+        if sliding_window is None and self.unwindowed is not None:
+            attn, padded = self.unwindowed, self.unwindowed_padded
         if keep is not None:
-            attn, values = self.padded, {**values, KEEP: keep}
+            attn, values = padded, {**values, KEEP: keep}
         if Lq == Lk:
             out = attn(query, key, value, scale=scaling, **values)
         elif Lq > Lk:
