@@ -534,9 +534,8 @@ class Checker:
                     isinstance(arg.args[0], ast.Name) and arg.args[0].id == role):
                 self.error(f"argument {1 + (role == 'k')} of dot() must be a feature map of '{role}'", arg.span, hint)
             names.append(arg.func)
-        if names[0] != names[1]:
-            self.error("dot() must apply the same feature map to q and k", node.span, hint)
-        return _Value(ir.feature_dot(names[0]), REAL, node.span, None)
+        # untied maps (Hedgehog's separate query and key maps) factorize alike: phi_q(q) . phi_k(k)
+        return _Value(ir.feature_dot(*names), REAL, node.span, None)
 
     def dot_vectors(self, node: ast.Call) -> _Value:
         """`dot(qr[b, h, q], kr[b, kv])`: the inner product over the feature axis (the last) of a vector
