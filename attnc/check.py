@@ -831,7 +831,12 @@ class Checker:
         op = node.op
         weights = [x for x in sympy.sympify(left.expr).free_symbols | sympy.sympify(right.expr).free_symbols
                    if x.name.startswith("_fw_")]
-        if op == "@" or weights:
+        # a product already formed (`x @ W[h]`) is a vector like any other: `2 * (x @ W[h])` scales it
+        # elementwise; only a bare W[h] outside '@' is misused
+        bare = [w for w in weights if any(w in sympy.sympify(e).xreplace(
+            {m: sympy.Dummy() for m in sympy.sympify(e).atoms(ir.FMatMul)}).free_symbols
+            for e in (left.expr, right.expr))]
+        if op == "@" or bare:
             if not self.in_feature:
                 self.error("'@' multiplies a head vector by a feature map's weights, inside 'feature phi(x) = ...'",
                            node.span)

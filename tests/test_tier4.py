@@ -199,6 +199,10 @@ def test_feature_map_needs_a_factorizable_mask():
     ("feature phi(x) = x\nprobs phi(q)", "is used inside dot"),
     ("const F = 4\ninput W: float[Hq, Dqk, F]\nprobs s * W[h]", "feature map's weights"),
     ("input W: float[Hq, Dqk, G]\nprobs s", "feature map's weights are declared"),
+    ("const F = 4\ninput W: float[Hq, Dqk, F]\nfeature phi(x) = softmax(2 * W[h])\nprobs dot(phi(q), phi(k))",
+     "weights are used as 'v @ W[h]'"),
+    (("const F = 4\ninput W: float[Hq, Dqk, F]\nfeature phi(x) = softmax((x @ W[h]) @ W[h])\n"
+      "probs dot(phi(q), phi(k))"), "weights are used as 'v @ W[h]'"),
 ])
 def test_feature_errors_point_at_the_spec(src, message):
     with pytest.raises(SpecError) as err:
@@ -479,3 +483,23 @@ def test_untied_feature_maps_of_different_widths_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"untied_widths: dot\(phi_q\(q\), phi_k\(k\)\): the query map gives 4 "
                                          r"features, the key map 8"):
         attn(q, k, v, Wq=torch.randn(2, 8, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("body", ["softmax(2 * (x @ W[h]))", "softmax((x @ W[h]) * 2 - (x @ W[h]) / 2)"])
+def test_a_scalar_times_a_matmul_in_a_feature_map(tmp_path, body):
+    """`2 * (x @ W[h])` scales the product like `(2 * x) @ W[h]` does: both are accepted; vs float64."""
+    spec = tmp_path / "scaled.attn"
+    spec.write_text(f"attention scaled\nconst F = 8\ninput W: float[Hq, Dqk, F]\nfeature phi(x) = {body}\n"
+                    "mask kv <= q\nlet a = dot(phi(q), phi(k))\nprobs a / rowsum(a)\n")
+    attn = attnc.load(spec)
+    q, k, v, _ = make("linear_elu", L=23, D=8, seed=11)
+    w = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    c = 2.0 if body.startswith("softmax(2") else 1.5  # the scalar each body multiplies x @ W[h] by
+
+    def phi(x):
+        return torch.softmax(c * torch.einsum("bhld,hdf->bhlf", x, w), -1)
+    a = phi(q) @ phi(k).transpose(-1, -2)
+    a = torch.where(torch.arange(23)[None, :] <= torch.arange(23)[:, None], a, 0.0)
+    ref = (a @ v) / a.sum(-1, keepdim=True)
+    o = attn(q, k, v, W=w)
+    assert torch.allclose(o, ref, rtol=1e-9, atol=1e-9), (o - ref).abs().max()
