@@ -534,9 +534,8 @@ class Checker:
                     isinstance(arg.args[0], ast.Name) and arg.args[0].id == role):
                 self.error(f"argument {1 + (role == 'k')} of dot() must be a feature map of '{role}'", arg.span, hint)
             names.append(arg.func)
-        if names[0] != names[1]:
-            self.error("dot() must apply the same feature map to q and k", node.span, hint)
-        return _Value(ir.feature_dot(names[0]), REAL, node.span, None)
+        # untied maps (Hedgehog's separate query and key maps) factorize alike: phi_q(q) . phi_k(k)
+        return _Value(ir.feature_dot(*names), REAL, node.span, None)
 
     def dot_vectors(self, node: ast.Call) -> _Value:
         """`dot(qr[b, h, q], kr[b, kv])`: the inner product over the feature axis (the last) of a vector
@@ -843,7 +842,12 @@ class Checker:
         op = node.op
         weights = [x for x in sympy.sympify(left.expr).free_symbols | sympy.sympify(right.expr).free_symbols
                    if x.name.startswith("_fw_")]
-        if op == "@" or weights:
+        # a product already formed (`x @ W[h]`) is a vector like any other: `2 * (x @ W[h])` scales it
+        # elementwise; only a bare W[h] outside '@' is misused
+        bare = [w for w in weights if any(w in sympy.sympify(e).xreplace(
+            {m: sympy.Dummy() for m in sympy.sympify(e).atoms(ir.FMatMul)}).free_symbols
+            for e in (left.expr, right.expr))]
+        if op == "@" or bare:
             if not self.in_feature:
                 self.error("'@' multiplies a head vector by a feature map's weights, inside 'feature phi(x) = ...'",
                            node.span)

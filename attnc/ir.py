@@ -185,9 +185,12 @@ def row_stats(expr) -> set:
 FEATURE_X = Symbol("_fx", real=True)  # one element of the head vector a feature map acts on
 
 
-def feature_dot(name: str) -> Symbol:
-    """`dot(phi(q), phi(k))` of feature map `name`: a real number per (q, kv), like `s`."""
-    return Symbol(f"_fdot_{name}", real=True)
+def feature_dot(name: str, key_name: str | None = None) -> Symbol:
+    """`dot(phi(q), phi(k))` of feature map `name`: a real number per (q, kv), like `s`. With `key_name`
+    (`dot(phi_q(q), phi_k(k))`, untied maps) the keys' map is another one; ':' is in no identifier."""
+    if key_name is None or key_name == name:
+        return Symbol(f"_fdot_{name}", real=True)
+    return Symbol(f"_fdot_{name}:{key_name}", real=True)
 
 
 def feature_weight(name: str) -> Symbol:
@@ -211,9 +214,13 @@ class FCat(Function):
     """`cat(a, b, ...)` in a feature map: the vectors one after the other."""
 
 
-def feature_dot_name(sym) -> str | None:
+def feature_dot_names(sym) -> tuple[str, str] | None:
+    """(query map, key map) of a feature_dot symbol, None for any other."""
     name = getattr(sym, "name", "")
-    return name[len("_fdot_"):] if name.startswith("_fdot_") else None
+    if not name.startswith("_fdot_"):
+        return None
+    query, _, key = name[len("_fdot_"):].partition(":")
+    return query, key or query
 
 
 # ---- dot products of feature vectors (`dot(qr[b, h, q], kr[b, kv])`, DeepSeek MLA's rotary part) ----

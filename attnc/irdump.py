@@ -28,9 +28,9 @@ class SpecPrinter(StrPrinter):
     _print_Abs = _print_Min = _print_Max = _print_Function
 
     def _print_Symbol(self, expr):  # feature maps (linear attention)
-        if expr.name.startswith("_fdot_"):
-            name = expr.name[len("_fdot_"):]
-            return f"dot({name}(q), {name}(k))"
+        if ir.feature_dot_names(expr):
+            query, key = ir.feature_dot_names(expr)
+            return f"dot({query}(q), {key}(k))"
         if expr.name.startswith("_fw_"):
             return f"{expr.name[len('_fw_'):]}[h]"
         return "x" if expr.name == "_fx" else super()._print_Symbol(expr)

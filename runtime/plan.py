@@ -370,6 +370,44 @@ def from_ranges(n_lo, n_hi, full_lo, full_hi, *, block_m, block_n, Lq, Lk, batch
     return TilePlan(block_m, block_n, Lq, Lk, batch, heads, q_full, q_partial)
 
 
+def band_reach(band, q_first, b_idx, h_idx, *, Lq, Lk, block_m):
+    """Per query tile of a band mask lo(q) <= kv <= hi(q) (bounds non-decreasing in q): the keys its
+    rows reach, (n_lo, n_hi) = [lo(first row that sees a key), hi(last such row)] ((Lk, -1) when no row
+    does: a zero-width band), and the keys every row sees, (full_lo, full_hi) = [lo(last), hi(first)].
+    `band(q_pos, b_idx, h_idx) -> (lo, hi)`; tensors [tiles] (b_idx, h_idx None where unused).
+
+    O(tiles): the bounds are read at each tile's first and last query. A row sees a key when
+    max(lo, 0) <= min(hi, Lk - 1); by monotonicity, when both corner rows do they are the first and last
+    such rows, and when max(lo(first), 0) > min(hi(last), Lk - 1) no row does. Only tiles between (a
+    corner row sees nothing but a middle one may, e.g. where the window passes Lk) go row by row
+    (band_rows), a few per batch entry and head for the catalog's bands."""
+    q_last = torch.clamp(q_first + block_m, max=Lq) - 1
+    lo_first, hi_first = band(q_first, b_idx, h_idx)
+    lo_last, hi_last = band(q_last, b_idx, h_idx)
+
+    def sees(lo, hi):
+        return lo.clamp(min=0) <= hi.clamp(max=Lk - 1)
+
+    both = sees(lo_first, hi_first) & sees(lo_last, hi_last)
+    n_lo = torch.where(both, lo_first, Lk)
+    n_hi = torch.where(both, hi_last, -1)
+    open_ = (~both & sees(lo_first, hi_last)).nonzero()[:, 0]
+    if open_.numel():
+        n_lo[open_], n_hi[open_] = band_rows(
+            band, q_first[open_], None if b_idx is None else b_idx[open_],
+            None if h_idx is None else h_idx[open_], Lq=Lq, Lk=Lk, block_m=block_m)
+    return n_lo, n_hi, lo_last, hi_first
+
+
+def band_rows(band, q_first, b_idx, h_idx, *, Lq, Lk, block_m):
+    """(n_lo, n_hi) of band_reach for the given tiles, row by row (O(tiles * block_m)): the reference
+    band_reach follows, used only where the tile corners leave the answer open."""
+    q_rows = torch.clamp(q_first[:, None] + torch.arange(block_m, device=q_first.device), max=Lq - 1)
+    lo, hi = band(q_rows, None if b_idx is None else b_idx[:, None], None if h_idx is None else h_idx[:, None])
+    seen = lo.clamp(min=0) <= hi.clamp(max=Lk - 1)
+    return torch.where(seen, lo, Lk).amin(1), torch.where(seen, hi, -1).amax(1)
+
+
 def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="cpu", sizes=None) -> TilePlan:
     """The exact plan of a mask given as `mask_cells(cells) -> (all, any)` (see module docstring);
     `sizes` gives B, Hq, Hk, Hv for masks that read them."""

@@ -5,6 +5,7 @@ brute force: the element mask (`attn.mask`, itself checked against tests/formula
 test_formulas/test_tier2) reduced over each tile.
 """
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
@@ -441,3 +442,108 @@ def test_masks_without_interval_rules_visit_every_tile_with_the_mask(tmp_path):
     q, k, v = (torch.randn(1, 1, L, 16) for _ in range(3))
     ref = fn.reference(q.double(), k.double(), v.double())
     assert (fn(q, k, v).double() - ref).abs().max() / ref.abs().max() < 2e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Band plans: O(tiles) from the tile corners, equal to the row-by-row reference
+# ----------------------------------------------------------------------------------------------
+def _random_band(g):
+    """lo(q), hi(q) non-decreasing in q, as the band walk's bounds are: max/min of slope-0..2 lines."""
+    a, b = (int(x) for x in torch.randint(0, 3, (2,), generator=g))
+    c, d, e, f = (int(x) for x in torch.randint(-40, 40, (4,), generator=g))
+
+    def band(q_pos, b_idx, h_idx):
+        lo = torch.maximum(a * q_pos + c, torch.full_like(q_pos, d))
+        hi = torch.minimum(b * q_pos + e, torch.full_like(q_pos, f + 60))
+        return lo, hi
+    return band
+
+
+def test_band_reach_equals_the_row_by_row_reference():
+    g = torch.Generator().manual_seed(0)
+    opened = 0
+    for _ in range(300):
+        band = _random_band(g)
+        Lq, Lk = (int(x) for x in torch.randint(1, 90, (2,), generator=g))
+        block_m = int(2 ** torch.randint(0, 5, (), generator=g))
+        q_first = torch.arange(-(-Lq // block_m)) * block_m
+        got = tile_plan.band_reach(band, q_first, None, None, Lq=Lq, Lk=Lk, block_m=block_m)
+        want = tile_plan.band_rows(band, q_first, None, None, Lq=Lq, Lk=Lk, block_m=block_m)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (Lq, Lk, block_m)
+        q_last = torch.clamp(q_first + block_m, max=Lq) - 1
+        assert torch.equal(got[2], band(q_last, None, None)[0]) and torch.equal(got[3], band(q_first, None, None)[1])
+        opened += int((got[0] == Lk).sum())
+    assert opened > 0  # the draws include tiles where no row sees a key
+
+
+@cache
+def _shifted_band(folder):
+    """A band whose first rows and, past Lk, last rows see no key: tiles the corners leave open."""
+    spec = folder / "shifted_band.attn"
+    spec.write_text("attention shifted_band\nparam w: int = 4\nparam shift: int = 2\nmask kv <= q - shift and q - kv < w\n")
+    return attnc.load(spec)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(Lq=st.integers(1, 70), Lk=st.integers(1, 70), w=st.integers(-2, 30), shift=st.integers(-5, 30),
+       blocks=st.sampled_from([(1, 1), (4, 8), (8, 4), (16, 16)]))
+def test_band_plans_are_exact_on_random_bands(tmp_path_factory, Lq, Lk, w, shift, blocks):
+    fn = _shifted_band(tmp_path_factory.getbasetemp())
+    plan = fn.plan(Lq=Lq, Lk=Lk, block_m=blocks[0], block_n=blocks[1], w=w, shift=shift)
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    mask = (j <= i - shift) & (i - j < w)  # the spec's mask, written out
+    want = brute_force(mask[None, None], *blocks)
+    got = plan.to_dense()
+    assert torch.equal(got, want), (Lq, Lk, w, shift, blocks)
+
+
+def test_per_head_band_plans_are_exact(tmp_path):
+    """A band read per head (b_idx / h_idx reach the tile corners and the rows alike)."""
+    spec = tmp_path / "head_band.attn"
+    spec.write_text("attention head_band\ninput width: int[Hq]\nmask kv <= q and q - kv < width[h]\n")
+    fn = attnc.load(spec)
+    assert _module(fn).PLAN_MODE == "band"
+    width = torch.tensor([1, 7, 30, 0])
+    for Lq, Lk in [(50, 20), (33, 33), (20, 60)]:
+        plan = fn.plan(Lq=Lq, Lk=Lk, B=2, Hq=4, block_m=8, block_n=4, width=width)
+        i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+        mask = (j <= i) & (i - j < width[:, None, None])  # the spec's mask, written out
+        assert torch.equal(plan.to_dense(), brute_force(mask[None], 8, 4)), (Lq, Lk)
+
+
+@pytest.mark.parametrize("Lq, Lk, w, shift", [(37, 37, 5, 0), (29, 83, 11, 3), (70, 20, 9, 2)])
+def test_band_kernel_matches_the_formula(tmp_path, Lq, Lk, w, shift):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import formulas  # tests/formulas.py: the float64 reference
+
+    fn = _shifted_band(tmp_path)
+    g = torch.Generator().manual_seed(Lq)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (Lq, Lk, Lk))
+    o = fn(q, k, v, w=w, shift=shift)
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    ref, _ = formulas.attention(q.double(), k.double(), v.double(), (j <= i - shift) & (i - j < w))
+    assert (o.double() - ref).abs().max() / ref.abs().max() < 2e-3
+
+
+def test_band_plans_at_long_contexts_read_tile_corners_only(monkeypatch):
+    """sliding_window at 2^20 tokens: no tile goes row by row (that would be O(Lq) work), and the plan
+    holds the band's tiles, O(L / BLOCK) of them."""
+    fn = load("sliding_window")
+
+    def rows(*args, **kwargs):
+        raise AssertionError("band plan went row by row")
+    monkeypatch.setattr(tile_plan, "band_rows", rows)
+    L, block = 1 << 20, 128
+    plan = fn.plan(Lq=L, Lk=L, window=256, block_m=block, block_n=block)
+    tq = L // block
+    # each query tile reaches its own key tile and the two before it (window 256 = 2 tiles)
+    assert plan.tiles_visited == 3 * tq - 3
+    assert plan.tiles_full == tq - 1  # the key tile just before: every query of the tile sees all of it
+    # Lq > Lk: the last rows see no key, and only the tile where that starts goes row by row
+    monkeypatch.undo()
+    calls = []
+    real = tile_plan.band_rows
+    monkeypatch.setattr(tile_plan, "band_rows", lambda band, q_first, *a, **k: calls.append(q_first.numel())
+                        or real(band, q_first, *a, **k))
+    fn.plan(Lq=L, Lk=L // 2, window=200, block_m=block, block_n=block)
+    assert calls == [1]

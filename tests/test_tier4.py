@@ -199,6 +199,10 @@ def test_feature_map_needs_a_factorizable_mask():
     ("feature phi(x) = x\nprobs phi(q)", "is used inside dot"),
     ("const F = 4\ninput W: float[Hq, Dqk, F]\nprobs s * W[h]", "feature map's weights"),
     ("input W: float[Hq, Dqk, G]\nprobs s", "feature map's weights are declared"),
+    ("const F = 4\ninput W: float[Hq, Dqk, F]\nfeature phi(x) = softmax(2 * W[h])\nprobs dot(phi(q), phi(k))",
+     "weights are used as 'v @ W[h]'"),
+    (("const F = 4\ninput W: float[Hq, Dqk, F]\nfeature phi(x) = softmax((x @ W[h]) @ W[h])\n"
+      "probs dot(phi(q), phi(k))"), "weights are used as 'v @ W[h]'"),
 ])
 def test_feature_errors_point_at_the_spec(src, message):
     with pytest.raises(SpecError) as err:
@@ -421,3 +425,81 @@ def test_pytorch_form_takes_mixed_dtypes():
     full = linear.full(fq, fk, vb)
     kfull = linear.full_kernel(fq, fk, vb, chunk=16)
     assert _rel(full[0], kfull[0].double()) <= 1e-5 and _rel(full[1], kfull[1].double()) <= 1e-5
+
+
+UNTIED = ("attention hedgehog_untied\nconst F = 32\ninput Wq: float[Hq, Dqk, F] learnable\n"
+          "input Wk: float[Hq, Dqk, F] learnable\n"
+          "feature phi_q(x) = cat(softmax(x @ Wq[h]), softmax(-x @ Wq[h]))\n"
+          "feature phi_k(x) = cat(softmax(x @ Wk[h]), softmax(-x @ Wk[h]))\n"
+          "mask kv <= q\nlet a = dot(phi_q(q), phi_k(k))\nprobs a / rowsum(a)\n")
+
+
+def test_untied_feature_maps_run_chunked_and_equal_the_formula(tmp_path):
+    """Hedgehog with separate query and key maps (flash-linear-attention's default): phi_q(q) . phi_k(k),
+    forward and backward (dq, dk, dv, both weights) in float64, fp32 through the Triton kernel, and GQA."""
+    spec = tmp_path / "hedgehog_untied.attn"
+    spec.write_text(UNTIED)
+    attn = attnc.load(spec)
+    assert attn.algorithm == "chunked"
+    q, k, v, inputs = make("hedgehog", L=37, seed=7)
+    g = torch.Generator().manual_seed(8)
+    wq, wk = inputs["W"], torch.randn(2, 8, 32, generator=g, dtype=torch.float64) * 0.5
+    leaves = [x.requires_grad_(True) for x in (q, k, v, wq, wk)]
+
+    def ref_of(q, k, v, wq, wk):
+        a = _hedgehog_phi(q, wq) @ _hedgehog_phi(k, wk).transpose(-1, -2)
+        a = torch.where(torch.arange(k.shape[2])[None, :] <= torch.arange(q.shape[2])[:, None], a, 0.0)
+        return (a @ v) / a.sum(-1, keepdim=True)
+
+    o = attn(q, k, v, Wq=wq, Wk=wk)
+    ref = ref_of(q, k, v, wq, wk)
+    assert torch.allclose(o, ref, rtol=1e-9, atol=1e-9), (o - ref).abs().max()
+    do = torch.randn_like(ref)
+    got = torch.autograd.grad((o * do).sum(), leaves)
+    want = torch.autograd.grad((ref * do).sum(), leaves)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-9), (i, (a - b).abs().max())
+    # the maps are not swapped: with the weights exchanged the answer differs
+    assert (ref_of(q, k, v, wk, wq) - ref).abs().max() > 1e-3
+    # fp32: the Triton kernel (interpreter), design tolerance 2e-3
+    o32 = attn(q.detach().float(), k.detach().float(), v.detach().float(), Wq=wq.detach().float(), Wk=wk.detach().float())
+    assert _rel(o32, ref.detach()) <= 2e-3
+    # GQA: 4 query heads over 2 key/value heads, per-query-head weights on both sides
+    q4, _, _, _ = make("hedgehog", H=4, L=21, seed=9)
+    w4q, w4k = (torch.randn(4, 8, 32, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    k2, v2 = k.detach()[:, :, :21], v.detach()[:, :, :21]
+    o4 = attn(q4, k2, v2, Wq=w4q, Wk=w4k)
+    ref4 = ref_of(q4, k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1), w4q, w4k)
+    assert torch.allclose(o4, ref4, rtol=1e-9, atol=1e-9)
+
+
+def test_untied_feature_maps_of_different_widths_are_refused(tmp_path):
+    spec = tmp_path / "untied_widths.attn"
+    spec.write_text("attention untied_widths\nconst F = 4\ninput Wq: float[Hq, Dqk, F]\n"
+                    "feature phi_q(x) = softmax(x @ Wq[h])\nfeature phi_k(x) = elu(x) + 1\n"
+                    "mask kv <= q\nlet a = dot(phi_q(q), phi_k(k))\nprobs a / rowsum(a)\n")
+    attn = attnc.load(spec)
+    q, k, v, _ = make("linear_elu", L=9, D=8, seed=10)
+    with pytest.raises(ValueError, match=r"untied_widths: dot\(phi_q\(q\), phi_k\(k\)\): the query map gives 4 "
+                                         r"features, the key map 8"):
+        attn(q, k, v, Wq=torch.randn(2, 8, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("body", ["softmax(2 * (x @ W[h]))", "softmax((x @ W[h]) * 2 - (x @ W[h]) / 2)"])
+def test_a_scalar_times_a_matmul_in_a_feature_map(tmp_path, body):
+    """`2 * (x @ W[h])` scales the product like `(2 * x) @ W[h]` does: both are accepted; vs float64."""
+    spec = tmp_path / "scaled.attn"
+    spec.write_text(f"attention scaled\nconst F = 8\ninput W: float[Hq, Dqk, F]\nfeature phi(x) = {body}\n"
+                    "mask kv <= q\nlet a = dot(phi(q), phi(k))\nprobs a / rowsum(a)\n")
+    attn = attnc.load(spec)
+    q, k, v, _ = make("linear_elu", L=23, D=8, seed=11)
+    w = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    c = 2.0 if body.startswith("softmax(2") else 1.5  # the scalar each body multiplies x @ W[h] by
+
+    def phi(x):
+        return torch.softmax(c * torch.einsum("bhld,hdf->bhlf", x, w), -1)
+    a = phi(q) @ phi(k).transpose(-1, -2)
+    a = torch.where(torch.arange(23)[None, :] <= torch.arange(23)[:, None], a, 0.0)
+    ref = (a @ v) / a.sum(-1, keepdim=True)
+    o = attn(q, k, v, W=w)
+    assert torch.allclose(o, ref, rtol=1e-9, atol=1e-9), (o - ref).abs().max()

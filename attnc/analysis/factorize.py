@@ -14,7 +14,8 @@ and the chunked algorithm computes it in O(L * F * Dv) (attnc/runtime/linear.py)
 factorize here:
 
 - `dot(phi(q), phi(k))` of a declared feature map (`feature phi(x) = elu(x) + 1`): f = g = phi,
-  elementwise, F = Dqk;
+  elementwise, F = Dqk; or `dot(phi_q(q), phi_k(k))` of two maps (untied, as Hedgehog's): f = phi_q,
+  g = phi_k, of equal widths F;
 - a polynomial of the raw score `s = scale * q.k` of degree <= 2 with numeric coefficients
   (Based's `1 + s + s*s/2`): f, g = [sqrt c0, sqrt c1 x', sqrt c2 vec(x' x'^T)] with
   x' = x * scale^(1/2) (F = 1 + D + D^2); a negative coefficient moves its sign to f.
@@ -47,6 +48,8 @@ class Factorization:
     decay: sympy.Expr | None  # base of decay^(q - kv): a per-head load, a param or a number
     alpha: sympy.Expr  # of R (rowsum W), visible, sizes, params, per-head loads
     beta: sympy.Expr
+    key_feature: str | None = None  # the keys' feature map where it is another one (untied maps)
+    key_feature_body: sympy.Expr | None = None
 
     @property
     def needs_rowsum(self) -> bool:
@@ -54,7 +57,7 @@ class Factorization:
 
     def describe(self) -> str:
         if self.feature is not None:
-            w = f"dot({self.feature}(q), {self.feature}(k))"
+            w = f"dot({self.feature}(q), {self.key_feature or self.feature}(k))"
         else:
             w = " + ".join(f"{c:g}*s^{d}" for d, c in enumerate(self.poly) if c)
         if self.decay is not None:
@@ -84,7 +87,7 @@ def _mask_kind(mask) -> str | None:
 
 def _row_constant(expr) -> bool:
     expr = sympy.sympify(expr)
-    return not (expr.free_symbols & {ir.s, ir.kv}) and not any(ir.feature_dot_name(x) for x in expr.free_symbols)
+    return not (expr.free_symbols & {ir.s, ir.kv}) and not any(ir.feature_dot_names(x) for x in expr.free_symbols)
 
 
 def _split_weight(w):
@@ -140,14 +143,15 @@ def _factorize(v: ir.Variant) -> Algorithm:
     coef, decay, core = split
     if decay is not None and kind != "causal":
         return Algorithm("quadratic", "a decay^(q - kv) needs a causal mask (it grows for kv > q)")
-    dots = {x for x in core.free_symbols if ir.feature_dot_name(x)}
-    feature = body = poly = None
+    dots = {x for x in core.free_symbols if ir.feature_dot_names(x)}
+    feature = key_feature = body = key_body = poly = None
     if dots:
         (dot,) = dots if len(dots) == 1 else (None,)
         if dot is None or core != dot:
             return Algorithm("quadratic", "the weight is not c * dot(phi(q), phi(k)) (times a decay)")
-        feature = ir.feature_dot_name(dot)
+        feature, key_feature = ir.feature_dot_names(dot)
         body = dict(v.features)[feature]
+        key_body = None if key_feature == feature else dict(v.features)[key_feature]
     else:
         if core.free_symbols != {ir.s} or not core.is_polynomial(ir.s):
             return Algorithm("quadratic", "the weight is not a polynomial of s alone (times a decay)")
@@ -159,5 +163,5 @@ def _factorize(v: ir.Variant) -> Algorithm:
         poly = (c[0], c[1], c[2])
     if v.score != ir.s:
         return Algorithm("quadratic", "a score transform other than s does not factorize")
-    fact = Factorization(kind == "causal", feature, body, poly, coef, decay, alpha, beta)
+    fact = Factorization(kind == "causal", feature, body, poly, coef, decay, alpha, beta, key_feature, key_body)
     return Algorithm("chunked", fact.describe(), fact)

@@ -379,18 +379,11 @@ class BandBounds:
     lo: str
     hi: str
     loads: tuple[Load, ...]  # b- and h-indexed inputs the bounds read (scalars per program)
-    torch_full_lo: str  # in terms of q_first / q_last tensors on the host
-    torch_full_hi: str
-    torch_row_lo: str  # per query row: q_rows [tiles, BLOCK_M], b_idx / h_idx per tile
-    torch_row_hi: str
+    torch_lo: str  # for query positions q_pos (any shape), b_idx / h_idx broadcastable to it (host plan)
+    torch_hi: str
     text: str
     lo_open: bool = False  # lo(q) <= 0 for every q (causal): the walks drop the loops below the band
     hi_open: bool = False  # hi(q) = Lk - 1 (no upper bound): only a tile cut by Lk is PARTIAL above it
-
-    @property
-    def full_reads_last_query(self) -> bool:
-        """Whether the keys every query of a tile sees depend on its last query (lo reads q)."""
-        return "q_last" in self.torch_full_lo
 
 
 @dataclass(frozen=True)
@@ -429,30 +422,22 @@ def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
     names = base_names(variant, SCALAR)
     load_names, loads = tensor_loads([clause.lo, clause.hi], SCALAR, "bound_")
     names.update(load_names)
-    host = {ir.b: "b_idx", ir.h: "h_idx"}
+    # host plan: one expression for tile corners ([tiles]) and rows ([tiles, BLOCK_M], b_idx [tiles, 1])
+    host = {ir.b: "b_idx", ir.h: "h_idx", ir.q: "q_pos"}
     host.update({sym: name for name, sym in ir.SIZES.items()})
     host.update({p.symbol: ident(p.name) for p in variant.params})
     from .names import torch_loads
 
     host.update(torch_loads(clause.lo, clause.hi, names=host))
 
-    def at(expr, q_code, default):
-        return default if expr is None else torch_code(expr, {**host, ir.q: q_code})
-
-    rows = {ir.b: "b_idx[:, None]", ir.h: "h_idx[:, None]", ir.q: "q_rows"}
-    rows.update({sym: name for name, sym in ir.SIZES.items()})
-    rows.update({p.symbol: ident(p.name) for p in variant.params})
-    rows.update(torch_loads(clause.lo, clause.hi, names=rows))
-
-    def per_row(expr, default):
-        return default if expr is None else torch_code(expr, rows)
+    def at(expr, default):
+        return default if expr is None else torch_code(expr, host)
 
     return BandBounds(
         lo="0" if clause.lo is None else triton_code(clause.lo, names),
         hi="Lk - 1" if clause.hi is None else triton_code(clause.hi, names),
         loads=tuple(loads),
-        torch_full_lo=at(clause.lo, "q_last", "0"), torch_full_hi=at(clause.hi, "q_first", "Lk - 1"),
-        torch_row_lo=per_row(clause.lo, "0"), torch_row_hi=per_row(clause.hi, "Lk - 1"),
+        torch_lo=at(clause.lo, "0"), torch_hi=at(clause.hi, "Lk - 1"),
         text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
         lo_open=clause.lo is None or bool(clause.lo.is_number and clause.lo <= 0),
         hi_open=clause.hi is None,

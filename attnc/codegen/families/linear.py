@@ -19,6 +19,8 @@ class LinearBody:
     causal: bool
     describe: str
     feature_code: str | None  # torch code of the elementwise feature map of `x`
+    key_feature_code: str | None  # the keys' map where it is another one (untied maps), else None
+    untied: str | None  # `dot(phi_q(q), phi_k(k))` of untied maps (for the width check's message)
     poly: tuple | None
     log_decay: str | None  # torch code of log(decay) per head, broadcastable to [Hq]
     coef: str
@@ -32,7 +34,7 @@ class LinearBody:
     @property
     def identity_features(self) -> bool:
         """The feature map is the identity: the kernels read q and k as given (no feature tensors)."""
-        return self.feature_code == "x"
+        return self.feature_code == "x" and self.key_feature_code in (None, "x")
 
 
 def _names(v: ir.Variant, expr) -> dict:
@@ -92,6 +94,8 @@ def build(v: ir.Variant, fact: Factorization) -> LinearBody:
         causal=fact.causal,
         describe=fact.describe().replace('"', "'"),
         feature_code=None if fact.feature_body is None else feature_code(v, fact.feature_body),
+        key_feature_code=None if fact.key_feature_body is None else feature_code(v, fact.key_feature_body),
+        untied=None if fact.key_feature is None else f"dot({fact.feature}(q), {fact.key_feature}(k))",
         poly=fact.poly,
         log_decay=log_decay,
         coef=repr(float(fact.coef)),
