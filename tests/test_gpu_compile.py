@@ -278,7 +278,7 @@ def test_cli_inspect_errors_are_one_line(tmp_path):
     code, out = run_cli("inspect", bad)
     assert code == 1 and f"{bad}:2:" in out and "unknown name 'windw'" in out
     code, out = run_cli("inspect", ROOT / "examples" / "moa.attn", "--input", "bnd=3")
-    assert code == 1 and "no input 'bnd'" in out and "band" in out
+    assert code == 1 and "no tensor input 'bnd'" in out and "did you mean 'band'" in out
     code, out = run_cli("inspect", ROOT / "examples" / "moa.attn", "--input", "band=x")
     assert code == 2 and "'--input'" in out
 
