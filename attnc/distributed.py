@@ -48,6 +48,13 @@ def _variant(attn):
     return _VARIANTS[key]
 
 
+def _has_sink(attn) -> bool:
+    from . import pipeline
+
+    rows = pipeline.analyse(pipeline.compile_text(attn.spec, attn.signature.spec)).rows
+    return rows.softmax is not None and rows.softmax.sink is not None
+
+
 def positions(rank: int, world: int, n: int, layout: str, device=None) -> torch.Tensor:
     """Global token positions of `rank`'s shard of n tokens."""
     if layout == "contiguous":
@@ -217,6 +224,10 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
     if not getattr(attn, "has_lse", False):
         raise ValueError(f"context_parallel: {attn.signature.spec}'s weights are not a softmax, so its partial "
                          f"outputs cannot be merged by log-sum-exp; multi-pass normalizations are not supported")
+    if _has_sink(attn):
+        raise ValueError(f"context_parallel: {attn.signature.spec} has a softmax sink; every ring step would add "
+                         f"the sink's logit to its log-sum-exp, so the merged rows would count it once per rank. "
+                         f"Sinks are not supported under context parallelism yet")
     positions(0, 1, 2, layout)  # checks the layout's name
     if not dist.is_initialized():
         raise RuntimeError("context_parallel: torch.distributed is not initialized (dist.init_process_group)")

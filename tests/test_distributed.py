@@ -80,6 +80,16 @@ def test_refusals():
         context_parallel(attnc.load(EXAMPLES / "causal.attn"))
 
 
+def test_a_sink_is_refused_rather_than_counted_once_per_rank(tmp_path):
+    """Each ring step's log-sum-exp includes the sink's logit; merged over P steps it would count P times."""
+    from attnc.distributed import context_parallel
+
+    spec = tmp_path / "sinky.attn"
+    spec.write_text("attention sinky\ninput sink: float[Hq]\nmask kv <= q\nprobs softmax(score, sink=sink[h])\n")
+    with pytest.raises(ValueError, match="softmax sink"):
+        context_parallel(attnc.load(spec))
+
+
 MULTILINE = {  # masks over two lines, which a line-by-line text edit of the spec changed (issue 22)
     "or_continuation": ("mask kv >= q\n  or kv == 0\n", lambda i, j: (j >= i) | (j == 0)),
     "and_at_line_end": ("mask kv <= q and\n  q - kv < 5\n", lambda i, j: (j <= i) & (i - j < 5)),
