@@ -88,3 +88,19 @@ def test_softcap_decode_matches_float64(cap):
         s = cap * torch.tanh(_scores(q[b], k[b, :, :L]) / cap)
         want[b] = torch.softmax(s.masked_fill(~keep, -math.inf), -1) @ v[b, :, :L].double()
     assert relerr(o, want) <= TOL
+
+
+def test_verify_draws_float_params_across_magnitudes_inside_their_domain():
+    """`attnc verify` runs a float param at its default times 0.5 .. 1e6 (the old tanh failed there at
+    cap = 5e5: 8e-3 > 2e-3), skipping values outside the param's `where` condition."""
+    from attnc.pipeline import compile_file, compile_text
+    from attnc.verify import cases, verify_variant
+
+    path = EXAMPLES / "softcap.attn"
+    drawn = [c.params["cap"] for c in cases(compile_file(path)) if c.params]
+    assert drawn == [25.0, 5000.0, 500000.0, 50000000.0]
+    bounded = compile_text("attention t\nparam cap = 50.0 where cap > 0 and cap < 1e5\nscore cap * tanh(s / cap)\n")
+    assert [c.params["cap"] for c in cases(bounded) if c.params] == [25.0, 5000.0]
+    rows = verify_variant(path, attnc.load(path))
+    assert {r.case for r in rows} >= {"cap=500000", "cap=5e+07"}
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
