@@ -158,8 +158,28 @@ def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -
         else:
             # positive values: some specs take logs of their inputs (e.g. zerotuning's gamma)
             x = 0.5 + torch.rand(shape, generator=generator, dtype=torch.float64)
+        if t.domain is not None:
+            x = _inside_domain(t, x, generator)
         inputs[t.name] = x
     return inputs
+
+
+def _inside_domain(t: ir.TensorInput, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x, or the first of a few other draws whose every element meets the input's `where` condition
+    (lightning's decay in (0, 1] refuses the default draw's values above 1)."""
+    from .codegen.printers import torch_code
+    from .runtime import ref_helpers as R
+
+    code = torch_code(t.domain, {ir.domain_symbol(t.name, t.dtype): "x"})
+    condition = eval(f"lambda x: {code}", {"torch": torch, "R": R})  # code the printer wrote
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+    draws = [x] if x.is_floating_point() else [x, x - x.max(), -x]
+    if x.is_floating_point():
+        draws += [0.5 + 0.5 * u, 0.5 * u + 1e-3, -0.5 - u, torch.randn(x.shape, generator=generator, dtype=torch.float64)]
+    for draw in draws:
+        if bool(torch.as_tensor(condition(draw)).all()):
+            return draw
+    raise ValueError(f"verify: cannot draw values of input '{t.name}' that meet 'where {t.domain_text}'")
 
 
 def _rel(got, ref) -> float:

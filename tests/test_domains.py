@@ -144,3 +144,15 @@ def test_check_accepts_what_build_builds(tmp_path):
     for cmd in ("check", "build"):
         code, out = run_cli(cmd, bad, *(["-o", tmp_path] if cmd == "build" else []))
         assert code == 1 and "2:13: error: the default -1.0" in out, out
+
+
+def test_verify_draws_inputs_inside_their_domain():
+    """verify's random inputs meet the `where` conditions (its default draw, 0.5 + U(0, 1), does not
+    for lightning's decay <= 1), so verify exercises the kernels instead of stopping at the check."""
+    from attnc import verify
+    from attnc.pipeline import compile_file
+
+    variant = compile_file(EXAMPLES / "lightning.attn")
+    for seed in range(5):
+        drawn = verify.random_inputs(variant, verify.Case(1, 4, 4, 4, 8, 8, 8, 8), torch.Generator().manual_seed(seed))
+        assert ((drawn["decay"] > 0) & (drawn["decay"] <= 1)).all()
