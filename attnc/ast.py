@@ -108,6 +108,7 @@ class Binding(Stmt):
     name: str
     type: str | None
     value: Expr
+    domain: Expr | None = None  # `where COND`: the values a param accepts (checked at call time)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Input(Stmt):
     dtype: str  # int | float | bool
     axes: tuple  # a name (str: B, Hq, Lq, ... or a const / param) or an extent expression (Expr)
     learnable: bool
+    domain: Expr | None = None  # `where COND`: a condition every element must meet (checked at call time)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ twice. Problems are collected and raised together as one `SpecError`.
 from __future__ import annotations
 
 import keyword
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 from sympy.core.function import AppliedUndef
@@ -219,6 +219,9 @@ class Checker:
     def stmt_binding(self, stmt: ast.Binding):
         value = self.lower(stmt.value)
         if stmt.kind == "const":
+            if stmt.domain is not None:
+                self.error(f"const '{stmt.name}' cannot have a 'where' condition: its value is fixed at build time",
+                           stmt.domain.span, "a 'where' condition constrains a param or an input")
             if stmt.type == "bool" or value.type == BOOL:
                 self.error(f"const '{stmt.name}' cannot be bool: consts are numbers", stmt.span,
                            f"for a switch write 'param {stmt.name}: bool = true' (a per-call keyword argument)")
@@ -233,6 +236,9 @@ class Checker:
         if value.uses_score or value.uses_rowstat:
             self.error("a parameter's default cannot depend on the score or on row statistics", stmt.value.span)
         if stmt.type == "bool" or (stmt.type is None and value.type == BOOL):
+            if stmt.domain is not None:
+                self.error(f"bool param '{stmt.name}' cannot have a 'where' condition", stmt.domain.span,
+                           "a bool is true or false; conditions constrain numbers")
             self.bool_param(stmt, value)
             return
         bad = value.expr.free_symbols - set(ir.SIZES.values())
@@ -245,7 +251,40 @@ class Checker:
         symbol = sympy.Symbol(stmt.name, **assumptions)
         default = sympy.Float(value.expr) if declared == "float" and value.expr.is_Integer else value.expr
         self.define(stmt.name, stmt.span, _Entry("param", stmt.span, _Value(symbol, _DTYPE_TYPE[declared])))
-        self.params.append(ir.Param(stmt.name, declared, default, symbol))
+        domain, text = self.domain(stmt, symbol)
+        if domain is not None and default.is_number and domain.subs(symbol, default) is sympy.false:
+            self.error(f"the default {float(default) if default.is_Float else default} of param '{stmt.name}' does not meet its condition '{text}'",
+                       stmt.value.span)
+        self.params.append(ir.Param(stmt.name, declared, default, symbol, domain, text))
+
+    def domain(self, stmt, symbol):
+        """`where COND` of a param or an input: a condition of the declared name alone (numbers and
+        consts aside), checked by the generated function at every call. (condition, text) or (None, "")."""
+        if stmt.domain is None:
+            return None, ""
+        kind = "param" if isinstance(stmt, ast.Binding) else "input"
+        saved = self.env[stmt.name]
+        if kind == "input":  # the condition reads the input as one element: a scalar of its type
+            self.env[stmt.name] = _Entry("param", stmt.span, _Value(symbol, INT if stmt.dtype == "int" else REAL))
+        try:
+            value = self.lower(stmt.domain)
+        finally:
+            self.env[stmt.name] = saved
+        if value.type != BOOL:
+            self.error(f"the 'where' condition of {kind} '{stmt.name}' must be a condition, not a {value.type} value",
+                       stmt.domain.span, f"e.g. 'where {stmt.name} > 0'")
+        if value.uses_score or value.uses_rowstat or sympy.sympify(value.expr).free_symbols - {symbol}:
+            self.error(f"the 'where' condition of {kind} '{stmt.name}' may use only '{stmt.name}', numbers and "
+                       "consts", stmt.domain.span)
+        if value.expr is sympy.false:
+            self.error(f"the 'where' condition of {kind} '{stmt.name}' is never true", stmt.domain.span)
+        return value.expr, self._source_text(stmt.domain.span)
+
+    def _source_text(self, span: Span) -> str:
+        lines = self.spec.source.split("\n")
+        if span.end_line is None or span.end_line != span.line:
+            return " ".join(lines[span.line - 1:(span.end_line or span.line)]).strip()
+        return lines[span.line - 1][span.column - 1:span.end_column - 1]
 
     def bool_param(self, stmt: ast.Binding, value: _Value):
         """`param flag: bool = true`: a condition chosen per call. Kernels and plans receive it as an
@@ -298,7 +337,7 @@ class Checker:
                                     ir.tensor_function(stmt.name, stmt.dtype),
                                     (None, ir.DQK, sympy.Integer(const if isinstance(const, int) else 1)))
             self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
-            self.tensors.append(tensor)
+            self.tensors.append(self.input_domain(stmt, tensor))
             return
         names, extents = [], []
         for axis in stmt.axes:
@@ -315,7 +354,19 @@ class Checker:
         tensor = ir.TensorInput(stmt.name, stmt.dtype, tuple(names), stmt.learnable,
                                 ir.tensor_function(stmt.name, stmt.dtype), tuple(extents))
         self.define(stmt.name, stmt.span, _Entry("tensor", stmt.span, tensor=tensor))
-        self.tensors.append(tensor)
+        self.tensors.append(self.input_domain(stmt, tensor))
+
+    def input_domain(self, stmt: ast.Input, tensor: ir.TensorInput) -> ir.TensorInput:
+        """The input with its `where` condition, if it has one."""
+        if stmt.domain is None:
+            return tensor
+        if stmt.dtype == "bool":
+            self.error(f"bool input '{stmt.name}' cannot have a 'where' condition", stmt.domain.span,
+                       "a bool is true or false; conditions constrain numbers")
+        domain, text = self.domain(stmt, ir.domain_symbol(stmt.name, stmt.dtype))
+        tensor = replace(tensor, domain=domain, domain_text=text)
+        self.env[stmt.name].tensor = tensor
+        return tensor
 
     def axis_extent(self, stmt: ast.Input, axis):
         """An axis of a tensor's own (a table or feature axis): its extent, an integer expression of

@@ -167,6 +167,11 @@ class RowMax(RowStat):
     pass
 
 
+def domain_symbol(name: str, dtype: str) -> Symbol:
+    """An element of tensor input `name` in its `where` condition (`decay > 0` reads every decay[h])."""
+    return Symbol(name, integer=True) if dtype == "int" else Symbol(name, real=True)
+
+
 def tensor_function(name: str, dtype: str):
     """The sympy function standing for a tensor input: `doc_ids(b, q)` is `doc_ids[b, q]`."""
     assumptions = {"int": {"integer": True}, "float": {"real": True}, "bool": {}}[dtype]
@@ -270,6 +275,8 @@ class Param:
     dtype: str  # int | float | bool (a bool is passed to kernels and plans as the integer 0 or 1)
     default: sympy.Expr  # a number, or an expression of the sizes (e.g. -log(Lk))
     symbol: Symbol
+    domain: object = None  # `where COND`: a condition of `symbol` that every call's value must meet
+    domain_text: str = ""  # COND as written, for the call-time error
 
 
 @dataclass(frozen=True)
@@ -280,6 +287,8 @@ class TensorInput:
     learnable: bool
     function: object  # the sympy function of its loads
     extents: tuple = ()  # per axis: None for B, Hq, Lq, Lk, L; the extent (a sympy integer expression) otherwise
+    domain: object = None  # `where COND`: a condition of DOMAIN_SYMBOL(name) that every element must meet
+    domain_text: str = ""  # COND as written, for the call-time error
 
     def load(self, *indices):
         return self.function(*indices)

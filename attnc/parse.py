@@ -136,11 +136,15 @@ class _ToAst(Transformer):
         return ast.Heads(_span(meta), tuple(children))
 
     def binding(self, meta, children):
-        name, type_, value = children
-        return (name, None if type_ is None else str(type_), value, _span(meta))
+        name, type_, value, domain = children
+        return (name, None if type_ is None else str(type_), value, domain, _span(meta))
+
+    def domain(self, meta, children):
+        return children[0]
 
     def _bindings(self, kind, children):
-        return [ast.Binding(span, kind, str(name), type_, value) for name, type_, value, span in children]
+        return [ast.Binding(span, kind, str(name), type_, value, domain)
+                for name, type_, value, domain, span in children]
 
     def param(self, meta, children):
         return self._bindings("param", children)
@@ -149,9 +153,9 @@ class _ToAst(Transformer):
         return self._bindings("const", children)
 
     def input(self, meta, children):
-        name, dtype, *axes, learnable = children
+        name, dtype, *axes, learnable, domain = children
         axes = tuple(a.id if isinstance(a, ast.Name) else a for a in axes)
-        return ast.Input(_span(meta), str(name), str(dtype), axes, learnable is not None)
+        return ast.Input(_span(meta), str(name), str(dtype), axes, learnable is not None, domain)
 
     def let_single(self, meta, children):
         return ast.Let(_span(meta), (str(children[0]),), children[1])

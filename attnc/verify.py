@@ -1,7 +1,8 @@
 """`attnc verify`: the kernels against the reference on randomized shapes, forward and backward.
 
 For each spec: odd lengths, grouped heads, cross attention (where the variant allows Lq != Lk), every
-scalar parameter at its default and at one other value. The kernels run in the inputs' dtype; the
+scalar parameter at its default and at other values inside its `where` condition: an int at one other
+value, a float at its default times 0.5, 1e2, 1e4 and 1e6. The kernels run in the inputs' dtype; the
 reference runs in float64 on the same inputs. Errors are max|got - ref| / max|ref| per tensor, judged
 with the tolerances of the design (fp32: 2e-3 forward, 5e-3 backward; fp16: 1e-2; bf16: 2e-2).
 """
@@ -61,15 +62,25 @@ def _heads(variant: ir.Variant, hq, hk, hv):
     return counts["q"], counts["k"], counts["v"]
 
 
-def _other_value(param: ir.Param, length: int):
+# [Note] A float param is drawn across magnitudes, not only next to its default: softcap's
+# cap * tanh(s / cap) was exact at cap = 50 and off by 1e-2 at cap = 5e5 (a tanh that cancelled near 0).
+FLOAT_FACTORS = (0.5, 1e2, 1e4, 1e6)
+
+
+def _other_values(param: ir.Param, length: int) -> list:
+    """Values of a param besides its default, each inside the param's `where` condition (if any)."""
     default = param.default
-    if default.free_symbols:
-        return None
+    if default.free_symbols or param.dtype == "bool":
+        return []
     value = float(default)
     if param.dtype == "int":
         other = max(1, min(int(value), length) // 3)
-        return other if other != int(value) else int(value) + 1
-    return value * 0.5 if value != 0 else 1.0
+        values = [other if other != int(value) else int(value) + 1]
+    else:
+        values = [value * f for f in FLOAT_FACTORS] if value != 0 else [1.0, 1e3]
+    if param.domain is not None:
+        values = [x for x in values if bool(param.domain.subs(param.symbol, x))]
+    return values
 
 
 DEFAULT_LENGTH = 45
@@ -116,10 +127,9 @@ def cases(variant: ir.Variant, length: int | None = None) -> list[Case]:
         hq, hk, hv = _heads(variant, 3, 1, 3)
         out.append(Case(1, hq, hk, hv, max(3, L // 2 - 3), L, 32, 20, label="cross"))
     for p in variant.params:
-        other = _other_value(p, L)
-        if other is not None:
+        for other in _other_values(p, L):
             hq, hk, hv = _heads(variant, 2, 1, 2)
-            out.append(Case(1, hq, hk, hv, L, L, 16, 16, label=f"{p.name}={other}", params={p.name: other}))
+            out.append(Case(1, hq, hk, hv, L, L, 16, 16, label=f"{p.name}={other:g}", params={p.name: other}))
     return out
 
 
@@ -148,8 +158,28 @@ def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -
         else:
             # positive values: some specs take logs of their inputs (e.g. zerotuning's gamma)
             x = 0.5 + torch.rand(shape, generator=generator, dtype=torch.float64)
+        if t.domain is not None:
+            x = _inside_domain(t, x, generator)
         inputs[t.name] = x
     return inputs
+
+
+def _inside_domain(t: ir.TensorInput, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x, or the first of a few other draws whose every element meets the input's `where` condition
+    (lightning's decay in (0, 1] refuses the default draw's values above 1)."""
+    from .codegen.printers import torch_code
+    from .runtime import ref_helpers as R
+
+    code = torch_code(t.domain, {ir.domain_symbol(t.name, t.dtype): "x"})
+    condition = eval(f"lambda x: {code}", {"torch": torch, "R": R})  # code the printer wrote
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+    draws = [x] if x.is_floating_point() else [x, x - x.max(), -x]
+    if x.is_floating_point():
+        draws += [0.5 + 0.5 * u, 0.5 * u + 1e-3, -0.5 - u, torch.randn(x.shape, generator=generator, dtype=torch.float64)]
+    for draw in draws:
+        if bool(torch.as_tensor(condition(draw)).all()):
+            return draw
+    raise ValueError(f"verify: cannot draw values of input '{t.name}' that meet 'where {t.domain_text}'")
 
 
 def _rel(got, ref) -> float:

@@ -10,6 +10,7 @@ import torch
 
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class Signature:
     tensors: tuple  # TensorSpec
     heads: dict  # role -> symbol name or fixed count
     equal_lengths: bool  # Lq must equal Lk
+    # `where` conditions: (argument, condition of its value x: a number, or the tensor elementwise, as
+    # torch code of x, the condition as the spec writes it)
+    domains: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,11 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
             value = float(value)
             if math.isnan(value):
                 _fail(sig, name, "is NaN")
+            if math.isinf(value):  # cap = inf makes cap * tanh(s / cap) inf * 0 = NaN, silently
+                _fail(sig, name, f"is {value}; float parameters must be finite")
+            if abs(value) > FLOAT32_MAX:  # the kernels take float params as float32: it would become inf
+                _fail(sig, name, f"is {value!r}, beyond float32's range (+-{FLOAT32_MAX:.4g}) in which the kernels "
+                      "compute")
         values[name] = value
     sizes = {"B": shapes.B, "Hq": shapes.Hq, "Hk": shapes.Hk, "Hv": shapes.Hv, "Lq": shapes.Lq, "Lk": shapes.Lk,
              "L": shapes.Lq, "Dqk": shapes.Dqk}
@@ -188,7 +197,25 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
                 and not torch.isfinite(x).all()):
             _fail(sig, t.name, "contains NaN or infinite values")
         values[t.name] = x
+    check_domains(sig, values)
     return values
+
+
+def check_domains(sig: Signature, values: dict) -> None:
+    """The spec's `where` conditions. A tensor's is checked elementwise: data-dependent, so (like the
+    finiteness check) skipped under torch.compile, and one device sync per call on CUDA."""
+    for name, condition, text in sig.domains:
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            if torch.compiler.is_compiling():
+                continue
+            ok = torch.as_tensor(condition(value))
+            if not ok.all():
+                bad = value[~ok.expand(value.shape)] if ok.dim() else value.flatten()
+                _fail(sig, name, f"violates 'where {text}': {bad.numel()} element{'s' * (bad.numel() != 1)} "
+                      f"do{'es' * (bad.numel() == 1)} not, e.g. {bad.flatten()[0].item()!r}")
+        elif not bool(condition(torch.tensor(value, dtype=torch.float64))):
+            _fail(sig, name, f"violates 'where {text}': got {value!r}")
 
 
 def axis_size(axis: str, sizes: dict, params: dict) -> int:

@@ -56,9 +56,19 @@ def softplus(x):
 
 @triton.jit
 def tanh(x):
-    # [Note] exp(-2|x|) is in (0, 1]: no overflow for any x.
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
+    # [Note] exp(-2|x|) is in (0, 1]: no overflow for any x. But (1 - t) / (1 + t) cancels for small |x|
+    # (t near 1): its error is about one ulp of 1, not of tanh(x), so cap * tanh(s / cap) lost up to 1.0
+    # at cap = 1e8. Below |x| = 0.625 an odd polynomial (Cephes' tanhf, relative error ~1e-7) is used
+    # instead; above it t <= 0.29 and the quotient is accurate. Plain arithmetic: no expm1 needed, so it
+    # works on every Triton version and in the interpreter.
+    a = tl.abs(x)
+    t = tl.exp(-2.0 * a)
+    big = (1.0 - t) / (1.0 + t)
+    z = x * x
+    p = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+         - 3.33332819422e-1)
+    small = a + a * z * p
+    y = tl.where(a < 0.625, small, big)
     return tl.where(x < 0, -y, y)
 
 

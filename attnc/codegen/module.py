@@ -129,7 +129,21 @@ def _spec_context(v: ir.Variant) -> dict:
         "tensors": tensors,
         "learnable": [t for t in tensors if t.learnable],
         "params": _params(v),
+        "domains": _domains(v),
     }
+
+
+def _domains(v: ir.Variant) -> list[tuple[str, str, str]]:
+    """(argument, torch code of its `where` condition in `x`, the condition as written), checked by
+    checks.check_inputs at every call: `x` is the param's value, or the whole input tensor (elementwise)."""
+    out = []
+    for p in v.params:
+        if p.domain is not None:
+            out.append((p.name, torch_code(p.domain, {p.symbol: "x"}), p.domain_text))
+    for t in v.tensors:
+        if t.domain is not None:
+            out.append((t.name, torch_code(t.domain, {ir.domain_symbol(t.name, t.dtype): "x"}), t.domain_text))
+    return out
 
 
 def context(a: Analyses) -> dict:
