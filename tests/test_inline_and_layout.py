@@ -5,6 +5,8 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -127,3 +129,41 @@ def test_bshd_tensors_passed_as_bhsd_get_a_layout_hint():
     with pytest.raises(ValueError, match=r"fixes 2 q heads, got 6") as err:  # no hint where it would not help
         fixed(q, kv.transpose(1, 2), kv.transpose(1, 2))
     assert "layout" not in str(err.value)
+
+
+# ---- the README's T5 spec, compiled from text -------------------------------------------------------
+def _t5_bucket(relative_position: int, num_buckets=32, max_distance=128) -> int:
+    """T5's bidirectional bucket (Raffel et al.; transformers' T5Attention._relative_position_bucket),
+    in float64: relative_position = key - query."""
+    num_buckets //= 2
+    bucket = num_buckets if relative_position > 0 else 0
+    n = abs(relative_position)
+    max_exact = num_buckets // 2
+    if n < max_exact:
+        return bucket + n
+    large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+    return bucket + min(large, num_buckets - 1)
+
+
+def test_readme_t5_spec_matches_t5s_buckets_forward_and_table_gradient():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = re.search(r'attnc\.compile\("""\n(attention t5_relative_bias.*?)"""\)', readme, re.S).group(1)
+    t5 = attnc.compile(text, name="README.md")
+    B, H, L, D = 1, 2, 150, 16  # distances past MAXD = 128: the last bucket of each half
+    q, k, v = (_rand(B, H, L, D, seed=s).requires_grad_(True) for s in range(3))
+    table = (0.5 * _rand(H, 32, seed=3)).requires_grad_(True)
+    with launch.count_visits() as log:
+        o = t5(q, k, v, t5=table)
+    assert log, "the kernels did not run"
+    buckets = torch.tensor([[_t5_bucket(j - i) for j in range(L)] for i in range(L)])
+    assert buckets.unique().tolist() == [n for n in range(32) if n != 16]  # 16 (key after query by 0) is never read
+    td = table.detach().double().requires_grad_(True)
+    qd, kd, vd = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    want = F.attention(qd, kd, vd, score_mod=lambda S, *_: S + td[:, buckets][None])[0]
+    _close("o", o, want)
+    g = _rand(B, H, L, D, seed=4)
+    o.backward(g)
+    want.backward(g.double())
+    for name, got, ref in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad),
+                           ("dtable", table.grad, td.grad)):
+        _close(name, got, ref)
