@@ -147,7 +147,7 @@ def _t5_bucket(relative_position: int, num_buckets=32, max_distance=128) -> int:
 
 def test_readme_t5_spec_matches_t5s_buckets_forward_and_table_gradient():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    text = re.search(r'attnc\.compile\("""\n(attention t5_relative_bias.*?)"""\)', readme, re.S).group(1)
+    text = re.search(r'attnc\.compile\("""\n(attention t5_relative_bias.*?)"""\)', readme, re.DOTALL).group(1)
     t5 = attnc.compile(text, name="README.md")
     B, H, L, D = 1, 2, 150, 16  # distances past MAXD = 128: the last bucket of each half
     q, k, v = (_rand(B, H, L, D, seed=s).requires_grad_(True) for s in range(3))
