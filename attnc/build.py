@@ -1,6 +1,6 @@
 """Build generated modules and load them: `attnc build` and `attnc.load`.
 
-`load(path)` compiles a spec into a content-addressed cache (keyed by the spec text, the compiler's
+`load(path)` (and `compile_spec(text)`, as `attnc.compile`) compiles a spec into a content-addressed cache (keyed by the spec text, the compiler's
 own sources and the torch and triton versions) and imports the result. Files are written to a temporary name and renamed,
 so concurrent builds of one spec never see a half-written module.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from . import __version__
 from .codegen.module import generate_module
-from .pipeline import compile_file, compile_text, read_spec
+from .errors import SpecError
+from .pipeline import MAX_SPEC_BYTES, compile_file, compile_text, read_spec
 
 
 def build_source(path: str | Path) -> str:
@@ -84,8 +85,27 @@ def load(path: str | Path):
     The function is called as `attn(q, k, v, scale=None, return_lse=False, **inputs)` and carries
     `attn.reference`, `attn.Module` and `attn.signature`.
     """
+    if isinstance(path, str) and _looks_like_spec_text(path) and not Path(path).exists():
+        raise ValueError("attnc.load: argument 'path': expected the path of a .attn file, got what looks like "
+                         f"spec text ({path if len(path) <= 40 else path[:40] + '...'!r}); compile text with attnc.compile(text)")
     name, text = read_spec(path)
     return load_text(text, name)
+
+
+def _looks_like_spec_text(path: str) -> bool:
+    return "\n" in path or path.lstrip().startswith("attention ")
+
+
+def compile_spec(text: str, name: str | None = None):
+    """`load` for spec text (`attnc.compile`): the same build cache (keyed by the text and the compiler),
+    the same attention function. `name` labels the text in error messages (default "<string>")."""
+    label = "<string>" if name is None else str(name)
+    if not isinstance(text, str):
+        raise TypeError(f"attnc.compile: argument 'text': expected the spec as a str, got {type(text).__name__}"
+                         + ("; decode it first, or pass a path to attnc.load" if isinstance(text, bytes) else ""))
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError.at(f"spec is over {MAX_SPEC_BYTES} bytes", None, path=label)
+    return load_text(text.removeprefix("\ufeff"), label)  # a byte-order mark, as read_spec drops it
 
 
 def load_text(text: str, path: str = "<spec>", unbounded: tuple | None = None, and_mask: tuple | None = None):

@@ -51,7 +51,7 @@ FUNCTIONS = frozenset(_REAL_FUNCS) | _OTHER_FUNCS
 
 # Names a user may not define: the language's own, Python's keywords, and the generated function's
 # own arguments (params and inputs become keyword arguments of it, and of its plan() and mask()).
-_GENERATED_ARGS = {"k", "v", "scale", "return_lse", "plan", "block_m", "block_n", "device",
+_GENERATED_ARGS = {"k", "v", "scale", "return_lse", "plan", "layout", "block_m", "block_n", "device",
                    "torch", "triton", "tl", "math", "attnc"}
 RESERVED = (
     set(_INDEX_DOC) | set(_SIZE_DOC) | {"s", "score", "visible", "true", "false"} | FUNCTIONS | _GENERATED_ARGS

@@ -86,21 +86,67 @@ def check_qkv(sig: Signature, q, k, v) -> Shapes:
     if Lv != Lk:
         _fail(sig, "v", f"length {Lv} differs from k's {Lk} (v: [B, Hv, Lk, Dv])")
     shapes = Shapes(B, Hq, Hk, Hv, Lq, Lk, Dqk, Dv)
-    counts = {"q": Hq, "k": Hk, "v": Hv}
+    check_head_counts(sig, {"q": Hq, "k": Hk, "v": Hv}, {"q": "q", "k": "k", "v": "v"})
+    if sig.equal_lengths and Lq != Lk:
+        _fail(sig, "k", f"this variant needs Lq == Lk, got Lq = {Lq}, Lk = {Lk}")
+    return shapes
+
+
+def check_head_counts(sig: Signature, counts: dict, arg: dict) -> None:
+    """Head counts (role -> count) against the spec's `heads` line; `arg` names each role's argument.
+    Query head h reads key head h*Hk//Hq and value head h*Hv//Hq, so with more key or value heads than
+    query heads some would be read by no query head: refused, as FlashAttention does. That is also what
+    [B, L, H, D] tensors look like read as [B, H, L, D] when Lk > Lq."""
     named: dict = {}
     for role, want in sig.heads.items():
         got = counts[role]
         if isinstance(want, int) and got != want:
-            _fail(sig, role, f"the spec fixes {want} {role} heads, got {got}")
+            _fail(sig, arg[role], f"the spec fixes {want} {role} heads, got {got}")
         if isinstance(want, str):
             if want in named and named[want][1] != got:
                 other = named[want][0]
-                _fail(sig, role, f"the spec names both {other} and {role} heads '{want}', so they must be equal; "
-                      f"got {named[want][1]} and {got}")
+                _fail(sig, arg[role], f"the spec names both {other} and {role} heads '{want}', so they must be "
+                      f"equal; got {named[want][1]} and {got}")
             named.setdefault(want, (role, got))
-    if sig.equal_lengths and Lq != Lk:
-        _fail(sig, "k", f"this variant needs Lq == Lk, got Lq = {Lq}, Lk = {Lk}")
-    return shapes
+    for role in ("k", "v"):
+        if counts[role] > counts["q"]:
+            _fail(sig, arg[role], f"has {counts[role]} heads but q has {counts['q']}: more {role} heads than query "
+                  f"heads would leave some unread (grouped-query attention needs H{role} <= Hq)")
+
+
+LAYOUTS = {"bhsd": "[B, H, L, D]", "bshd": "[B, L, H, D]"}
+
+
+def to_bhsd(sig: Signature, layout, q, k, v) -> tuple:
+    """The `layout=` of the generated call: q, k, v as [B, H, L, D]. 'bshd' is FlashAttention's (and the
+    Hugging Face flash backends') [B, L, H, D]: transposed views, which the kernels read through their
+    strides."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        _fail(sig, "layout", f"expected 'bhsd' (q, k, v as [B, H, L, D], the default) or 'bshd' ([B, L, H, D], "
+              f"FlashAttention's), got {layout!r}")
+    if layout == "bhsd":
+        return q, k, v
+    check_head_tensors(sig, q, {"k": k, "v": v},
+                       {"q": "[B, Lq, Hq, Dqk]", "k": "[B, Lk, Hk, Dqk]", "v": "[B, Lk, Hv, Dv]"}, "q, k and v")
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def prepare_in_layout(sig: Signature, layout, q, k, v, prepare) -> tuple:
+    """(q, k, v as [B, H, L, D], prepare(q, k, v)). `prepare` checks the call (it raises ValueError); where
+    a default-layout call fails but would pass with dims 1 and 2 swapped, the error says so: [B, L, H, D]
+    tensors passed without layout='bshd' are the likely mistake."""
+    q, k, v = to_bhsd(sig, layout, q, k, v)
+    try:
+        return q, k, v, prepare(q, k, v)
+    except ValueError as err:
+        if layout != "bhsd" or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+            raise
+        try:
+            prepare(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        except ValueError:
+            raise err from None
+        raise ValueError(f"{err} (these shapes fit q, k and v as [B, L, H, D], FlashAttention's layout: "
+                         "if that is what they are, pass layout='bshd')") from None
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

@@ -42,18 +42,7 @@ def check_decode(sig: Signature, q, k_cache, v_cache, cache_seqlens, block_table
         _fail(sig, "k_cache", f"head dim {Dk} differs from q's {Dqk}")
     if Pv != P:
         _fail(sig, "v_cache", f"{'page size' if paged else 'length'} {Pv} differs from k_cache's {P}")
-    counts = {"q": Hq, "k": Hk, "v": Hv}
-    arg = {"q": "q", "k": "k_cache", "v": "v_cache"}
-    named: dict = {}
-    for role, want in sig.heads.items():
-        got = counts[role]
-        if isinstance(want, int) and got != want:
-            _fail(sig, arg[role], f"the spec fixes {want} {role} heads, got {got}")
-        if isinstance(want, str):
-            if want in named and named[want][1] != got:
-                _fail(sig, arg[role], f"the spec names both {named[want][0]} and {role} heads '{want}', so they "
-                      f"must be equal; got {named[want][1]} and {got}")
-            named.setdefault(want, (role, got))
+    checks.check_head_counts(sig, {"q": Hq, "k": Hk, "v": Hv}, {"q": "q", "k": "k_cache", "v": "v_cache"})
     if not isinstance(cache_seqlens, torch.Tensor):
         _fail(sig, "cache_seqlens", f"expected a torch.Tensor, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
