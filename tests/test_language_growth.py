@@ -129,7 +129,7 @@ BITWISE = {
     "or_subset": ("mask (q | kv) == q", lambda i, j: (i | j) == i),
     "shift_left": ("mask (kv << 2) <= q + 3", lambda i, j: (j << 2) <= i + 3),
     "precedence": ("mask (q & 1) == (kv & 1 | 0)", lambda i, j: (i & 1) == ((j & 1) | 0)),
-    "negative": ("mask ((q - 20) & (kv - 20)) < 0 or (q - kv) ^ 3 == -4",
+    "negative": ("mask ((q - 20) & (kv - 20)) < 0 or ((q - kv) ^ 3) == -4",
                  lambda i, j: (((i - 20) & (j - 20)) < 0) | (((i - j) ^ 3) == -4)),
 }
 
