@@ -321,10 +321,26 @@ def make_inputs(signature, sizes: dict, given: dict, seed: int = 0) -> dict:
             x = torch.rand(shape, generator=generator) < 0.5
         else:
             x = 0.5 + torch.rand(shape, generator=generator)
+        if value is None:
+            x = _inside_domain(signature, t.name, x, generator)
         if t.learnable and x.is_floating_point():
             x = x.float().requires_grad_(True)
         inputs[t.name] = x
     return inputs
+
+
+def _inside_domain(signature, name: str, x, generator):
+    """A made-up tensor input moved inside its spec's `where` condition (decay in (0, 1], say): the draw
+    itself where it holds, else uniform draws in (0, 1] and (0, 2]; given values are left to the call's check."""
+    import torch
+
+    conditions = [condition for n, condition, _ in getattr(signature, "domains", ()) if n == name]
+    if not conditions or not x.is_floating_point():
+        return x
+    for draw in (x, 1.0 - torch.rand(x.shape, generator=generator), 2.0 - 2.0 * torch.rand(x.shape, generator=generator)):
+        if all(bool(torch.as_tensor(condition(draw)).all()) for condition in conditions):
+            return draw
+    return x  # the call's check names the condition
 
 
 # ---- step 2: compiling ---------------------------------------------------------------------------

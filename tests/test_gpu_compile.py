@@ -125,6 +125,17 @@ def test_made_up_inputs_have_the_shapes_and_ranges_a_spec_expects():
     assert made["slopes"].shape == (4,) and float(made["slopes"].detach().min()) > 0 and made["slopes"].requires_grad
 
 
+def test_made_up_inputs_meet_the_specs_where_conditions():
+    """lightning's decay is declared 'where decay > 0 and decay <= 1'; the default draw (0.5..1.5) is not."""
+    import dataclasses
+
+    decay = TensorSpec("decay", "float", ("Hq",), False)
+    sig = dataclasses.replace(SIG, tensors=(decay,), domains=(("decay", lambda x: (x > 0) & (x <= 1), "..."),))
+    for seed in range(5):
+        made = inspect.make_inputs(sig, SIZES, {}, seed=seed)["decay"]
+        assert float(made.min()) > 0 and float(made.max()) <= 1, made
+
+
 def test_given_inputs_override_fill_and_reshape():
     made = inspect.make_inputs(SIG, SIZES, {"window": 7, "band": 64, "slopes": [1.0, 2.0, 3.0, 4.0]})
     assert made["window"] == 7
