@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import build
+from .runtime.merge import merge_pair
 
 __all__ = ["context_parallel", "shard", "unshard"]
 
@@ -115,16 +116,6 @@ def _ring(tensors, group, rank, world):
     return dist.batch_isend_irecv(ops), recv
 
 
-def _merge(o, lse, o_s, lse_s):
-    if o is None:
-        return o_s.float(), lse_s
-    new = torch.logaddexp(lse, lse_s)
-    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    a = torch.where(torch.isfinite(lse), torch.exp(lse - safe), torch.zeros_like(lse))
-    b = torch.where(torch.isfinite(lse_s), torch.exp(lse_s - safe), torch.zeros_like(lse_s))
-    return a[..., None] * o + b[..., None] * o_s.float(), new
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, q, k, v, *float_inputs):
@@ -148,7 +139,7 @@ class _RingAttention(torch.autograd.Function):
                 steps.append(owner)
                 o_s, lse_s = variant(q_full, _place(k_cur, pos_kv, length), _place(v_cur, pos_kv, length),
                                      scale=scale, return_lse=True, **step_values)
-                o, lse = _merge(o, lse, o_s[:, :, pos_q], lse_s[:, :, pos_q])
+                o, lse = merge_pair(o, lse, o_s[:, :, pos_q], lse_s[:, :, pos_q])
             for req in reqs:
                 req.wait()
             if recv is not None:

@@ -1,10 +1,11 @@
 """Merging partial attention results of one row computed in different places (split-KV decoding's
-splits): each part holds its normalized output o_s and log-sum-exp lse_s over its own keys, and
+splits, context parallelism's ring steps): each part holds its normalized output o_s and log-sum-exp lse_s over its own keys, and
 
     lse = log(sum_s exp(lse_s)),   o = sum_s exp(lse_s - lse) * o_s.
 
 A part that saw no key has lse_s = -inf and o_s = 0 and drops out; a row no part saw outputs 0 and an
-lse of -inf. One spec-independent kernel serves every softmax-family module."""
+lse of -inf. One spec-independent kernel serves every softmax-family module's splits; `merge_pair` is the
+same merge of two parts in torch (differentiable), for parts that arrive one at a time."""
 
 from __future__ import annotations
 
@@ -44,3 +45,15 @@ def merge_lse(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
     _merge_lse[(rows,)](o_part, lse_part, o, lse, rows, S, Dv,
                         BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
     return o, lse
+
+
+def merge_pair(o, lse, o_s, lse_s):
+    """The merge of a running part (o [..., Dv] fp32, lse [...]; o None for none yet) with a new one
+    (o_s, lse_s), in torch: differentiable, and -inf parts drop out as in `merge_lse`."""
+    if o is None:
+        return o_s.float(), lse_s
+    new = torch.logaddexp(lse, lse_s)
+    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    a = torch.where(torch.isfinite(lse), torch.exp(lse - safe), torch.zeros_like(lse))
+    b = torch.where(torch.isfinite(lse_s), torch.exp(lse_s - safe), torch.zeros_like(lse_s))
+    return a[..., None] * o + b[..., None] * o_s.float(), new
