@@ -4,7 +4,6 @@ two parts (context parallelism), against the softmax of the parts' union compute
 from __future__ import annotations
 
 import torch
-
 from attnc.runtime.merge import merge_lse, merge_pair
 
 
