@@ -9,7 +9,7 @@ import click
 
 from . import __version__
 from .errors import SpecError
-from .inspect import DTYPES, TARGETS
+from .kernel_report import DTYPES, TARGETS
 from .pipeline import compile_file
 
 
@@ -412,7 +412,7 @@ def inspect_command(spec, target, dtype, head_dim, length, configs, spread, min_
     """Compile SPEC's Triton kernels for an NVIDIA GPU on this machine (no GPU needed): registers, spills,
     shared memory, tensor-core instructions and pipelined loads of every kernel and autotune config.
     SPEC is a .attn file or a module written by `attnc build`."""
-    from . import inspect
+    from . import kernel_report
 
     inputs = dict(_input_value(pair) for pair in pairs)
     if spec.endswith(".attn"):
@@ -425,16 +425,16 @@ def inspect_command(spec, target, dtype, head_dim, length, configs, spread, min_
             if name not in params + tensors:
                 click.echo(f"{spec}: error: --input {name}: {_no_such_input(name, params, tensors)}", err=True)
                 sys.exit(1)
-        length = inspect.fixed_length(sys.modules[attn.__module__]) or length
+        length = kernel_report.fixed_length(sys.modules[attn.__module__]) or length
     click.echo(f"{spec}: compiling for {target} ({dtype}, head dim {head_dim}, L {length}; no GPU used)")
     try:
-        rows = inspect.inspect_module(spec, target=target, dtype=dtype, head_dim=head_dim, L=length,
+        rows = kernel_report.inspect_module(spec, target=target, dtype=dtype, head_dim=head_dim, L=length,
                                       configs=configs, min_stages=min_stages, inputs=inputs, spread=spread)
-    except inspect.InspectError as err:
+    except kernel_report.InspectError as err:
         click.echo(f"{spec}: error: {err}", err=True)
         sys.exit(1)
-    click.echo(inspect.format_table(rows))
-    click.echo(inspect.summary(rows))
+    click.echo(kernel_report.format_table(rows))
+    click.echo(kernel_report.summary(rows))
     sys.exit(0 if all(r.ok for r in rows) else 1)
 
 

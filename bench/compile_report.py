@@ -4,7 +4,7 @@
 
 For each examples/*.attn: q, k, v in bf16 at head dim 128 and L = 1024 (or the length a token layout
 fixes), every autotune config of every kernel the forward and backward launch, compiled for sm_90 with
-Triton's bundled ptxas (`attnc.inspect`); then a shorter sm_80 section (the first few configs with at
+Triton's bundled ptxas (`attnc.kernel_report`); then a shorter sm_80 section (the first few configs with at
 least 2 stages). Per kernel the summary asks: does every config with >= 2 stages issue cp.async (are its
 loads pipelined)? Is there a config that does not spill, and how few spill stores/loads (STL/LDL in the
 SASS) does the best one have? Are its sm_90 wgmma wide (the range over configs of the share with
@@ -23,19 +23,19 @@ from pathlib import Path
 
 import triton
 
-from attnc import inspect
+from attnc import kernel_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _inspect_spec(spec: Path, configs: int | None, min_stages: int, sm80_configs: int):
     """(sm_90 rows or error, sm_80 rows or error) for one spec, in one child process."""
-    requests = [inspect.request_for(spec, target=90, configs=configs, min_stages=min_stages, spread=True)]
+    requests = [kernel_report.request_for(spec, target=90, configs=configs, min_stages=min_stages, spread=True)]
     if sm80_configs:
-        requests.append(inspect.request_for(spec, target=80, configs=sm80_configs, min_stages=2))
+        requests.append(kernel_report.request_for(spec, target=80, configs=sm80_configs, min_stages=2))
     try:
-        results = inspect.run_requests(requests)
-    except inspect.InspectError as err:
+        results = kernel_report.run_requests(requests)
+    except kernel_report.InspectError as err:
         results = [err] * len(requests)
     return results + [None] * (2 - len(results))
 
@@ -56,7 +56,7 @@ def kernel_summary(rows: list) -> list[dict]:
         ok = [r for r in mine if r.ok]
         staged = [r for r in ok if (r.num_stages or 1) >= 2]
         piped = [r for r in staged if r.cp_async > 0 or r.tma > 0]
-        no_spill = [r for r in ok if not inspect.spills(r)]
+        no_spill = [r for r in ok if not kernel_report.spills(r)]
         counted = [r for r in ok if r.spill_stores is not None]
         fewest = min(counted, key=lambda r: (r.spill_stores + r.spill_loads, r.spill_bytes or 0), default=None)
         out.append({
@@ -82,7 +82,7 @@ def _markdown_table(header: list[str], lines: list[list[str]]) -> str:
 
 
 def _rows_table(rows: list) -> str:
-    return _markdown_table(list(inspect.COLUMNS), [inspect.table_cells(r) for r in rows])
+    return _markdown_table(list(kernel_report.COLUMNS), [kernel_report.table_cells(r) for r in rows])
 
 
 def _section(title: str, results: dict, detail: bool) -> list[str]:
@@ -122,10 +122,10 @@ def render(args, specs: list[Path], sm90: dict, sm80: dict, minutes: float) -> s
         f"# Kernels compiled for sm_90 and sm_80 on a CPU ({today})",
         "",
         (f"What: every kernel that each `examples/*.attn` launches in its forward and backward, under {every}, "
-         "compiled for sm_90 (H100) with `triton.compile` and Triton's bundled ptxas by `attnc.inspect` "
+         "compiled for sm_90 (H100) with `triton.compile` and Triton's bundled ptxas by `attnc.kernel_report` "
          "(`bench/compile_report.py`); nothing ran on a GPU. Calls: q, k, v bf16 [B=2, H=4, L=1024, D=128] "
          "(L fixed by the spec's token layout where it has one), spec inputs made up as "
-         "`attnc.inspect.make_inputs` describes, scalar params at their defaults."),
+         "`attnc.kernel_report.make_inputs` describes, scalar params at their defaults."),
         "",
         (f"Triton {triton.__version__}; {done}; run time {minutes:.1f} min (wall) with {args.workers} worker "
          f"processes on {os.cpu_count()} CPU cores."),
@@ -163,7 +163,7 @@ def main() -> int:
     parser.add_argument("specs", nargs="*", help="default: examples/*.attn")
     args = parser.parse_args()
     specs = [Path(s) for s in args.specs] or sorted((ROOT / "examples").glob("*.attn"))
-    inspect.check_supported()
+    kernel_report.check_supported()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

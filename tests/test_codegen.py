@@ -14,7 +14,6 @@ import torch
 import attnc
 from attnc.build import build_source, cache_key, load_text
 from attnc.codegen.module import generate_module
-from attnc.errors import BuildError, SpecError
 from attnc.pipeline import compile_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

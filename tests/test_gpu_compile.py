@@ -1,5 +1,5 @@
 """Compile for the GPU without one: every example's kernels for sm_90 and sm_80, through Triton's real
-compiler and its bundled ptxas (`attnc.inspect`). The interpreter forgives what the compiler does not
+compiler and its bundled ptxas (`attnc.kernel_report`). The interpreter forgives what the compiler does not
 (plain Python called from a kernel, say); this catches it on a CPU-only machine.
 
 Compiles run in child processes with TRITON_INTERPRET unset (this session forces the interpreter),
@@ -18,7 +18,7 @@ import pytest
 import torch
 from attnc.runtime.checks import Signature, TensorSpec
 
-from attnc import inspect
+from attnc import kernel_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import run_cli
@@ -36,8 +36,8 @@ BATCHES = 4  # specs are split into this many child processes: few imports of to
 
 def _unsupported() -> str | None:
     try:
-        inspect.check_supported()
-    except inspect.UnsupportedTriton as err:
+        kernel_report.check_supported()
+    except kernel_report.UnsupportedTriton as err:
         return str(err)
     return None
 
@@ -71,27 +71,27 @@ FAKE_PTX = """\
 
 
 def test_count_ptx_counts_instructions_not_bookkeeping_or_comments():
-    assert inspect.count_ptx(FAKE_PTX) == {"wgmma": 2, "mma": 1, "cp_async": 3, "tma": 1, "wgmma_n": {64: 2}}
+    assert kernel_report.count_ptx(FAKE_PTX) == {"wgmma": 2, "mma": 1, "cp_async": 3, "tma": 1, "wgmma_n": {64: 2}}
 
 
 def test_count_ptx_of_plain_code_is_zero():
-    assert inspect.count_ptx("ld.global.b32 %r1, [%rd1];\nst.global.b32 [%rd2], %r1;\nret;\n") == {
+    assert kernel_report.count_ptx("ld.global.b32 %r1, [%rd1];\nst.global.b32 [%rd2], %r1;\nret;\n") == {
         "wgmma": 0, "mma": 0, "cp_async": 0, "tma": 0, "wgmma_n": {}}
 
 
 def test_parse_resource_usage():
     text = ("\nResource usage:\n Common:\n  GLOBAL:0\n Function _bwd_dkdv:\n  REG:255 STACK:1784 SHARED:0 "
             "LOCAL:0 CONSTANT[0]:552 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
-    assert inspect.parse_resource_usage(text) == {"registers": 255, "spill_bytes": 1784, "local_bytes": 0}
-    assert inspect.parse_resource_usage("no resource lines") == {"registers": None, "spill_bytes": None,
+    assert kernel_report.parse_resource_usage(text) == {"registers": 255, "spill_bytes": 1784, "local_bytes": 0}
+    assert kernel_report.parse_resource_usage("no resource lines") == {"registers": None, "spill_bytes": None,
                                                                  "local_bytes": None}
 
 
 def test_format_table_aligns_and_spells_out_errors():
-    rows = [inspect.KernelReport("_fwd", 90, 128, 64, 8, 3, 168, 0, 49152, 24, 12, 0, wgmma=24,
+    rows = [kernel_report.KernelReport("_fwd", 90, 128, 64, 8, 3, 168, 0, 49152, 24, 12, 0, wgmma=24,
                                  wgmma_n={64: 16, 128: 8}, spill_stores=0, spill_loads=0),
-            inspect.KernelReport("_bwd", 80, 64, 32, 4, 2, error="CompilationError: at 3:4 | boom")]
-    lines = inspect.format_table(rows).splitlines()
+            kernel_report.KernelReport("_bwd", 80, 64, 32, 4, 2, error="CompilationError: at 3:4 | boom")]
+    lines = kernel_report.format_table(rows).splitlines()
     assert lines[0].split() == ["kernel", "target", "tile", "warps", "stages", "regs", "spill", "B", "STL/LDL", "smem",
                                 "KB", "wgmma", "n16/32/64/128+", "wide", "%", "mma.sync", "cp.async", "TMA"]
     assert lines[1].split() == ["_fwd", "sm_90", "128x64", "8", "3", "168", "0", "0/0", "48", "0/0/16/8", "100", "0",
@@ -99,7 +99,7 @@ def test_format_table_aligns_and_spells_out_errors():
     assert lines[2].split() == ["_bwd", "sm_80", "64x32", "4", "2", "COMPILE", "ERROR"]
     assert lines[3] == "_bwd 64x32 w4 s2 sm_80: CompilationError: at 3:4 | boom"
     assert len(lines[0]) == len(lines[1])  # right-aligned numbers end in the same column
-    assert inspect.summary(rows) == ("1/2 kernel configs compile; asynchronous (pipelined) loads in 1/2 kernels "
+    assert kernel_report.summary(rows) == ("1/2 kernel configs compile; asynchronous (pipelined) loads in 1/2 kernels "
                                      "(none in: _bwd); a config without spills in 1/1 kernels; wgmma all N >= 64 in "
                                      "1/1 kernels with wgmma")
 
@@ -114,7 +114,7 @@ SIZES = {"B": 2, "Hq": 4, "Hk": 4, "Hv": 4, "Lq": 1024, "Lk": 1024, "L": 1024}
 
 
 def test_made_up_inputs_have_the_shapes_and_ranges_a_spec_expects():
-    made = inspect.make_inputs(SIG, SIZES, {})
+    made = kernel_report.make_inputs(SIG, SIZES, {})
     assert set(made) == {"doc_ids", "band", "slopes"}  # the param keeps its default
     doc = made["doc_ids"]
     assert doc.shape == (2, 1024) and not doc.is_floating_point()
@@ -132,28 +132,28 @@ def test_made_up_inputs_meet_the_specs_where_conditions():
     decay = TensorSpec("decay", "float", ("Hq",), False)
     sig = dataclasses.replace(SIG, tensors=(decay,), domains=(("decay", lambda x: (x > 0) & (x <= 1), "..."),))
     for seed in range(5):
-        made = inspect.make_inputs(sig, SIZES, {}, seed=seed)["decay"]
+        made = kernel_report.make_inputs(sig, SIZES, {}, seed=seed)["decay"]
         assert float(made.min()) > 0 and float(made.max()) <= 1, made
 
 
 def test_given_inputs_override_fill_and_reshape():
-    made = inspect.make_inputs(SIG, SIZES, {"window": 7, "band": 64, "slopes": [1.0, 2.0, 3.0, 4.0]})
+    made = kernel_report.make_inputs(SIG, SIZES, {"window": 7, "band": 64, "slopes": [1.0, 2.0, 3.0, 4.0]})
     assert made["window"] == 7
     assert made["band"].tolist() == [64, 64, 64, 64]
     assert made["slopes"].tolist() == [1.0, 2.0, 3.0, 4.0]
-    with pytest.raises(inspect.InspectError, match="no input 'windw'"):
-        inspect.make_inputs(SIG, SIZES, {"windw": 3})
-    with pytest.raises(inspect.InspectError, match="band: expected one value or 4"):
-        inspect.make_inputs(SIG, SIZES, {"band": [1, 2, 3]})
+    with pytest.raises(kernel_report.InspectError, match="no input 'windw'"):
+        kernel_report.make_inputs(SIG, SIZES, {"windw": 3})
+    with pytest.raises(kernel_report.InspectError, match="band: expected one value or 4"):
+        kernel_report.make_inputs(SIG, SIZES, {"band": [1, 2, 3]})
 
 
 def test_request_for_maps_every_option():
-    request = inspect.request_for("x.attn", target=["sm90", 80], dtype="fp16", head_dim=64, L=256, configs=3,
+    request = kernel_report.request_for("x.attn", target=["sm90", 80], dtype="fp16", head_dim=64, L=256, configs=3,
                                   min_stages=2, inputs={"band": 3}, spread=True)
-    assert request == inspect.Request(module="x.attn", targets=(90, 80), dtype="fp16", head_dim=64, L=256,
+    assert request == kernel_report.Request(module="x.attn", targets=(90, 80), dtype="fp16", head_dim=64, L=256,
                                       configs=3, min_stages=2, spread=True, inputs={"band": 3})
-    with pytest.raises(inspect.InspectError, match="dtype 'fp8'"):
-        inspect.request_for("x.attn", dtype="fp8")
+    with pytest.raises(kernel_report.InspectError, match="dtype 'fp8'"):
+        kernel_report.request_for("x.attn", dtype="fp8")
 
 
 def test_changed_triton_internals_are_named_with_the_version(monkeypatch):
@@ -161,8 +161,8 @@ def test_changed_triton_internals_are_named_with_the_version(monkeypatch):
     from triton.runtime import jit
 
     monkeypatch.setattr(jit, "create_function_from_signature", lambda sig, kparams: None)  # an older binder
-    with pytest.raises(inspect.UnsupportedTriton) as err:
-        inspect.check_supported()
+    with pytest.raises(kernel_report.UnsupportedTriton) as err:
+        kernel_report.check_supported()
     assert f"Triton {triton.__version__} has no create_function_from_signature(sig, kparams, backend)" in str(err.value)
 
 
@@ -172,7 +172,7 @@ def test_changed_triton_internals_are_named_with_the_version(monkeypatch):
 @needs_internals
 def test_a_pipelined_loop_shows_cp_async_and_tensor_cores(monkeypatch):
     monkeypatch.delenv("FIXTURE_BROKEN", raising=False)
-    rows = inspect.inspect_module(FIXTURE, target=[80, 90], L=256, head_dim=64)
+    rows = kernel_report.inspect_module(FIXTURE, target=[80, 90], L=256, head_dim=64)
     by = {(r.target, r.num_stages): r for r in rows}
     assert sorted(by) == [(80, 1), (80, 3), (90, 1), (90, 3)] and {r.kernel for r in rows} == {"_stream"}
     for target in (80, 90):
@@ -191,7 +191,7 @@ def test_a_pipelined_loop_shows_cp_async_and_tensor_cores(monkeypatch):
 @needs_internals
 def test_what_the_interpreter_forgives_is_a_compile_error(monkeypatch):
     monkeypatch.setenv("FIXTURE_BROKEN", "1")
-    rows = inspect.inspect_module(FIXTURE, target=90, L=256, head_dim=64, configs=1)
+    rows = kernel_report.inspect_module(FIXTURE, target=90, L=256, head_dim=64, configs=1)
     broken = [r for r in rows if not r.ok]
     assert [r.kernel for r in broken] == ["_forgiven"]
     assert "twice" in broken[0].error
@@ -203,12 +203,12 @@ def test_what_the_interpreter_forgives_is_a_compile_error(monkeypatch):
 @pytest.fixture(scope="module")
 def compiled():
     """{spec stem: rows or InspectError}, compiled in BATCHES child processes, WORKERS at a time."""
-    requests = [inspect.request_for(path, target=[90, 80], configs=1, min_stages=2,
+    requests = [kernel_report.request_for(path, target=[90, 80], configs=1, min_stages=2,
                                    head_dim=HEAD_DIM.get(path.stem, 128)) for path in EXAMPLES]
     batches = [list(range(i, len(requests), BATCHES)) for i in range(BATCHES)]
     start = time.time()
     with ThreadPoolExecutor(WORKERS) as pool:
-        answers = list(pool.map(lambda batch: inspect.run_requests([requests[i] for i in batch]), batches))
+        answers = list(pool.map(lambda batch: kernel_report.run_requests([requests[i] for i in batch]), batches))
     results = {}
     for batch, answer in zip(batches, answers):
         for i, result in zip(batch, answer):
@@ -223,7 +223,7 @@ def compiled():
 @pytest.mark.parametrize("spec", [p.stem for p in EXAMPLES])
 def test_example_compiles_for_sm90_and_sm80(compiled, spec):
     result = compiled[spec]
-    if isinstance(result, inspect.InspectError):
+    if isinstance(result, kernel_report.InspectError):
         pytest.fail(f"{spec}: {result}")
     errors = [f"{spec}: {r.kernel} ({r.tile} w{r.num_warps} s{r.num_stages}) on sm_{r.target}: {r.error}"
               for r in result if not r.ok]
@@ -308,7 +308,7 @@ def test_recording_restores_what_it_patches():
         return jit.JITFunction.run, launch.use_kernels, launch.upcast_dots
 
     before = state()
-    with pytest.raises(ZeroDivisionError), inspect.recording(set()) as launches:
+    with pytest.raises(ZeroDivisionError), kernel_report.recording(set()) as launches:
         assert launch.use_kernels(torch.zeros(1)) is True  # inside, CPU tensors take the kernel path
         assert jit.JITFunction.run is not before[0]
         1 / 0  # noqa: B018

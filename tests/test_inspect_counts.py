@@ -7,7 +7,7 @@ import dataclasses
 import json
 import stat
 
-from attnc import inspect
+from attnc import kernel_report
 
 # ---- wgmma by N width, mma.sync ------------------------------------------------------------------------
 
@@ -34,53 +34,53 @@ WGMMA_PTX = """\
 
 
 def test_wgmma_are_counted_by_their_n_width():
-    counts = inspect.count_ptx(WGMMA_PTX)
+    counts = kernel_report.count_ptx(WGMMA_PTX)
     assert counts["wgmma"] == 11 and counts["mma"] == 2
     assert counts["wgmma_n"] == {8: 1, 16: 3, 24: 1, 32: 1, 64: 2, 96: 1, 128: 1, 256: 1}
     assert sum(counts["wgmma_n"].values()) == counts["wgmma"]  # every wgmma has its shape
 
 
-def _row(wgmma_n: dict, **fields) -> inspect.KernelReport:
+def _row(wgmma_n: dict, **fields) -> kernel_report.KernelReport:
     total = sum(wgmma_n.values())
-    base = inspect.KernelReport("_fwd", 90, 64, 64, 4, 3, registers=128, spill_bytes=0, shared_bytes=65536,
+    base = kernel_report.KernelReport("_fwd", 90, 64, 64, 4, 3, registers=128, spill_bytes=0, shared_bytes=65536,
                                 tensor_core=total, wgmma=total, wgmma_n=wgmma_n, spill_stores=0, spill_loads=0)
     return dataclasses.replace(base, **fields)
 
 
 def test_buckets_and_wide_share_of_a_row():
-    row = _row(inspect.count_ptx(WGMMA_PTX)["wgmma_n"])
+    row = _row(kernel_report.count_ptx(WGMMA_PTX)["wgmma_n"])
     # N < 32: n8, n16 x3, n24; 32 <= N < 64: n32; 64 <= N < 128: n64 x2, n96; N >= 128: n128, n256
     assert row.wgmma_buckets == (5, 1, 3, 2)
     assert row.wide_percent == 100 * 5 // 11 == 45
-    assert inspect.table_cells(row)[9:11] == ["5/1/3/2", "45"]
+    assert kernel_report.table_cells(row)[9:11] == ["5/1/3/2", "45"]
 
 
 def test_a_quarter_width_tile_is_visible_at_a_glance():
     quarter, full = _row({16: 48}), _row({64: 16, 128: 8})
     assert quarter.wgmma_buckets == (48, 0, 0, 0) and quarter.wide_percent == 0
     assert full.wgmma_buckets == (0, 0, 16, 8) and full.wide_percent == 100
-    assert inspect.table_cells(quarter)[9:11] == ["48/0/0/0", "0"]
-    assert inspect.table_cells(full)[9:11] == ["0/0/16/8", "100"]
+    assert kernel_report.table_cells(quarter)[9:11] == ["48/0/0/0", "0"]
+    assert kernel_report.table_cells(full)[9:11] == ["0/0/16/8", "100"]
 
 
 def test_wide_percent_is_rounded_down_and_none_without_wgmma():
     assert _row({64: 199, 32: 1}).wide_percent == 99  # 99.5%: not shown as all wide
     assert _row({128: 1, 16: 2}).wide_percent == 33
-    sm80 = inspect.KernelReport("_fwd", 80, 64, 64, 4, 3, 128, 0, 65536, 256, 64, 0, mma_sync=256,
+    sm80 = kernel_report.KernelReport("_fwd", 80, 64, 64, 4, 3, 128, 0, 65536, 256, 64, 0, mma_sync=256,
                                 spill_stores=0, spill_loads=0)
     assert sm80.wide_percent is None and sm80.wgmma_buckets == (0, 0, 0, 0)
-    assert inspect.table_cells(sm80)[9:12] == ["-", "-", "256"]
+    assert kernel_report.table_cells(sm80)[9:12] == ["-", "-", "256"]
 
 
 def test_rows_stay_backward_compatible_and_survive_json():
-    old = inspect.KernelReport("_fwd", 90, 128, 64, 8, 3, 168, 0, 49152, 24, 12, 0)  # the fields before `error`
+    old = kernel_report.KernelReport("_fwd", 90, 128, 64, 8, 3, 168, 0, 49152, 24, 12, 0)  # the fields before `error`
     assert (old.error, old.wgmma, old.mma_sync, old.wgmma_n, old.spill_stores, old.spill_loads) == (
         None, 0, 0, (), None, None)
     row = _row({16: 3, 64: 2}, cp_async=8)
     assert row.wgmma_n == ((16, 3), (64, 2))  # a dict becomes sorted (N, count) pairs: hashable, ordered
-    back = inspect.KernelReport(**json.loads(json.dumps(dataclasses.asdict(row))))  # the child's answer
+    back = kernel_report.KernelReport(**json.loads(json.dumps(dataclasses.asdict(row))))  # the child's answer
     assert back == row and hash(back) == hash(row)
-    assert inspect.KernelReport(**{**dataclasses.asdict(row), "wgmma_n": {"64": 2, "16": 3}}) == row
+    assert kernel_report.KernelReport(**{**dataclasses.asdict(row), "wgmma_n": {"64": 2, "16": 3}}) == row
 
 
 # ---- spills: STL / LDL in the SASS --------------------------------------------------------------------------
@@ -110,20 +110,20 @@ SASS = """\
 
 
 def test_count_sass_counts_local_stores_and_loads_of_every_width():
-    assert inspect.count_sass(SASS) == {"stl": 5, "ldl": 4}
+    assert kernel_report.count_sass(SASS) == {"stl": 5, "ldl": 4}
 
 
 def test_count_sass_without_spills_and_in_nvdisasm_form():
-    assert inspect.count_sass("\tcode for sm_80\n\t\tFunction : _fwd\n        /*0000*/  MOV R1, c[0x0][0x28] ;\n"
+    assert kernel_report.count_sass("\tcode for sm_80\n\t\tFunction : _fwd\n        /*0000*/  MOV R1, c[0x0][0x28] ;\n"
                               "        /*0010*/  EXIT ;\n") == {"stl": 0, "ldl": 0}
     # nvdisasm prints no encodings after the instruction
-    assert inspect.count_sass("        /*0d40*/                   STL [R1+0x780], R0 ;\n"
+    assert kernel_report.count_sass("        /*0d40*/                   STL [R1+0x780], R0 ;\n"
                               "        /*0850*/                   LDL.LU R3, [R1+0x650] ;\n") == {"stl": 1, "ldl": 1}
 
 
 def test_parse_resource_usage_reads_local_too():
     text = " Function _bwd_dkdv:\n  REG:255 STACK:408 SHARED:0 LOCAL:0 CONSTANT[0]:552 TEXTURE:0\n"
-    assert inspect.parse_resource_usage(text) == {"registers": 255, "spill_bytes": 408, "local_bytes": 0}
+    assert kernel_report.parse_resource_usage(text) == {"registers": 255, "spill_bytes": 408, "local_bytes": 0}
 
 
 def _fake_cuobjdump(tmp_path, usage: str):
@@ -137,17 +137,17 @@ def _fake_cuobjdump(tmp_path, usage: str):
 
 
 def test_spill_counts_come_from_the_sass_only_when_there_is_a_stack(tmp_path, monkeypatch):
-    monkeypatch.setattr(inspect, "_cuobjdump", lambda: _fake_cuobjdump(tmp_path, "REG:255 STACK:408 LOCAL:0"))
-    assert inspect._resource_usage(b"cubin") == {"registers": 255, "spill_bytes": 408, "spill_stores": 5,
+    monkeypatch.setattr(kernel_report, "_cuobjdump", lambda: _fake_cuobjdump(tmp_path, "REG:255 STACK:408 LOCAL:0"))
+    assert kernel_report._resource_usage(b"cubin") == {"registers": 255, "spill_bytes": 408, "spill_stores": 5,
                                                  "spill_loads": 4}
     assert (tmp_path / "disassembled").exists()
     (tmp_path / "disassembled").unlink()
-    monkeypatch.setattr(inspect, "_cuobjdump", lambda: _fake_cuobjdump(tmp_path, "REG:168 STACK:0 LOCAL:0"))
-    assert inspect._resource_usage(b"cubin") == {"registers": 168, "spill_bytes": 0, "spill_stores": 0,
+    monkeypatch.setattr(kernel_report, "_cuobjdump", lambda: _fake_cuobjdump(tmp_path, "REG:168 STACK:0 LOCAL:0"))
+    assert kernel_report._resource_usage(b"cubin") == {"registers": 168, "spill_bytes": 0, "spill_stores": 0,
                                                  "spill_loads": 0}
     assert not (tmp_path / "disassembled").exists()  # no local memory: nothing to disassemble for
-    monkeypatch.setattr(inspect, "_cuobjdump", lambda: None)
-    assert inspect._resource_usage(b"cubin") == {"registers": None, "spill_bytes": None, "spill_stores": None,
+    monkeypatch.setattr(kernel_report, "_cuobjdump", lambda: None)
+    assert kernel_report._resource_usage(b"cubin") == {"registers": None, "spill_bytes": None, "spill_stores": None,
                                                  "spill_loads": None}
 
 
@@ -170,7 +170,7 @@ TMA_PTX = """\
 
 
 def test_tma_counts_descriptor_loads_stores_reductions_and_prefetches():
-    counts = inspect.count_ptx(TMA_PTX)
+    counts = kernel_report.count_ptx(TMA_PTX)
     assert counts["tma"] == 5  # 3 tensor-descriptor copies, 1 prefetch, 1 plain bulk copy
     assert counts["cp_async"] == 1 and counts["wgmma"] == 0 and counts["wgmma_n"] == {}
 
@@ -179,15 +179,15 @@ def test_tma_counts_descriptor_loads_stores_reductions_and_prefetches():
 
 
 def test_table_columns_and_a_spilling_row():
-    spilling = inspect.KernelReport("_bwd_dkdv", 90, 64, 128, 8, 3, 255, 408, 164864, 72, 90, 0, wgmma=72,
+    spilling = kernel_report.KernelReport("_bwd_dkdv", 90, 64, 128, 8, 3, 255, 408, 164864, 72, 90, 0, wgmma=72,
                                     wgmma_n={64: 48, 128: 24}, spill_stores=121, spill_loads=168)
-    lines = inspect.format_table([spilling]).splitlines()
+    lines = kernel_report.format_table([spilling]).splitlines()
     assert lines[0].split() == ["kernel", "target", "tile", "warps", "stages", "regs", "spill", "B", "STL/LDL", "smem",
                                 "KB", "wgmma", "n16/32/64/128+", "wide", "%", "mma.sync", "cp.async", "TMA"]
     assert lines[1].split() == ["_bwd_dkdv", "sm_90", "64x128", "8", "3", "255", "408", "121/168", "161", "0/0/48/24",
                                 "100", "0", "90", "0"]
     unknown = dataclasses.replace(spilling, spill_stores=None, spill_loads=None)  # no cuobjdump
-    assert inspect.table_cells(unknown)[7] == "-"
+    assert kernel_report.table_cells(unknown)[7] == "-"
 
 
 def test_summary_names_kernels_that_always_spill_or_run_narrow_wgmma():
@@ -195,8 +195,8 @@ def test_summary_names_kernels_that_always_spill_or_run_narrow_wgmma():
             _row({16: 48}, kernel="_bwd_dq", cp_async=4),
             _row({16: 24, 64: 8}, kernel="_bwd_dq", cp_async=4),
             _row({64: 72}, kernel="_bwd_dkdv", cp_async=4, spill_bytes=408, spill_stores=121, spill_loads=168),
-            inspect.KernelReport("_bwd_dkdv", 90, 64, 64, 4, 2, error="boom")]
-    assert inspect.summary(rows) == (
+            kernel_report.KernelReport("_bwd_dkdv", 90, 64, 64, 4, 2, error="boom")]
+    assert kernel_report.summary(rows) == (
         "4/5 kernel configs compile; asynchronous (pipelined) loads in 2/3 kernels (none in: _fwd); "
         "a config without spills in 2/3 kernels (spills in every config: _bwd_dkdv); "
         "wgmma all N >= 64 in 2/3 kernels with wgmma (narrower in: _bwd_dq (25% wide at best))")

@@ -19,7 +19,7 @@ How it works, in three steps:
 [Note] The compile needs Triton's real JIT, but a module imported under TRITON_INTERPRET=1 holds
 interpreter objects, and its autotune space is the interpreter's single small config
 (`runtime/launch.py`). So steps 1-3 always run in a child process with TRITON_INTERPRET unset
-(`python -m attnc.inspect REQUEST RESPONSE`); the parent only builds the request and reads the rows.
+(`python -m attnc.kernel_report REQUEST RESPONSE`); the parent only builds the request and reads the rows.
 That also keeps the monkeypatching of step 1 out of the caller's process (pytest's, say).
 
 The compile uses Triton internals (`ASTSource`, the launcher's binder, `JITFunction._pack_args`), as
@@ -593,7 +593,7 @@ def run_requests(requests: list[Request], timeout: float | None = None) -> list:
     with tempfile.TemporaryDirectory(prefix="attnc-inspect-") as folder:
         request_path, response_path = Path(folder) / "request.pt", Path(folder) / "response.json"
         torch.save(list(requests), request_path)
-        child = subprocess.run([sys.executable, "-m", "attnc.inspect", str(request_path), str(response_path)],
+        child = subprocess.run([sys.executable, "-m", "attnc.kernel_report", str(request_path), str(response_path)],
                                env=env, check=False, capture_output=True, text=True, timeout=timeout)
         if child.returncode != 0 or not response_path.exists():
             lines = child.stderr.strip().splitlines() or ["no output"]
