@@ -80,6 +80,19 @@ def _close(what, got, want, tol=2e-4):
     assert err <= tol * max(want.abs().max().item(), 1.0), f"{what}: max error {err:.3g}"
 
 
+def _close_with_grads(got, want, seeds, q, k, v, inputs):
+    """o and lse, then the gradients of a loss reading both (seeds: dO and dLSE) for q, k, v and every
+    input, against the float64 formula's."""
+    (o, lse), (want_o, want_lse), (do, dlse) = got, want, seeds
+    _close("o", o, want_o.detach())
+    _close("lse", lse, want_lse.detach())
+    leaves = [q, k, v, *inputs.values()]
+    grads = torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), leaves)
+    wants = torch.autograd.grad((want_o * do.double()).sum() + (want_lse * dlse.double()).sum(), leaves)
+    for n, a, b in zip(["q", "k", "v", *inputs], grads, wants):
+        _close(f"d{n}", a, b)
+
+
 @pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("name", ["hb", "qb", "fox"])
 @pytest.mark.parametrize("path", ["kernel", "reference"])
@@ -92,13 +105,7 @@ def test_outputs_lse_and_grads_match_the_formula(tmp_path, name, sink, path):
         o, lse = fn(q, k, v, return_lse=True, **inputs)
     assert bool(log) == (path == "kernel"), "the kernels ran" if log else "the kernels did not run"
     want_o, want_lse = _formula(name, q, k, v, inputs)
-    _close("o", o, want_o.detach())
-    _close("lse", lse, want_lse.detach())
-    leaves = [q, k, v, *inputs.values()]
-    got = torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), leaves)
-    want = torch.autograd.grad((want_o * do.double()).sum() + (want_lse * dlse.double()).sum(), leaves)
-    for n, a, b in zip(["q", "k", "v", *inputs], got, want):
-        _close(f"d{n}", a, b)
+    _close_with_grads((o, lse), (want_o, want_lse), (do, dlse), q, k, v, inputs)
 
 
 def test_row_constant_grad_with_a_sink_is_not_doubled(tmp_path):
@@ -203,10 +210,4 @@ def test_learnable_terms_inside_a_scaled_softmax(tmp_path):
     x = torch.cat([x, inputs["sink"].double()[None, :, None, None].expand(B, H, 12, 1)], -1)
     want_lse = torch.logsumexp(x, -1)
     want_o = torch.exp(x - want_lse[..., None])[..., :12] @ v.double()
-    _close("o", o, want_o.detach())
-    _close("lse", lse, want_lse.detach())
-    leaves = [q, k, v, *inputs.values()]
-    got = torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), leaves)
-    want = torch.autograd.grad((want_o * do.double()).sum() + (want_lse * dlse.double()).sum(), leaves)
-    for n, a, b in zip(["q", "k", "v", *inputs], got, want):
-        _close(f"d{n}", a, b)
+    _close_with_grads((o, lse), (want_o, want_lse), (do, dlse), q, k, v, inputs)
