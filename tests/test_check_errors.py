@@ -118,8 +118,21 @@ SEMANTICS = {
     "zero_to_negative_power": (H + "let x = 0 ** -1\n", 2, 9, "0 raised to a negative power"),
 }
 
+DOMAINS = {  # `where` conditions on params and inputs (tests/test_domains.py checks them at call)
+    "not_a_condition": (H + "param cap = 50.0 where cap\n", 2, 24, "must be a condition, not a real value"),
+    "other_names": (H + "param cap = 50.0 where cap > Lq\n", 2, 24, "may use only 'cap', numbers and consts"),
+    "unknown_name": (H + "param cap = 50.0 where x > 0\n", 2, 24, "unknown name 'x'"),
+    "const": (H + "const c = 1 where c > 0\n", 2, 19, "const 'c' cannot have a 'where' condition"),
+    "bool_param": (H + "param f = true where f\n", 2, 22, "bool param 'f' cannot have a 'where' condition"),
+    "bool_input": (H + "input m: bool[Hq] where m\n", 2, 25, "bool input 'm' cannot have a 'where' condition"),
+    "default_outside": (H + "param cap = -1.0 where cap > 0\n", 2, 13,
+                        "the default -1.0 of param 'cap' does not meet its condition 'cap > 0'"),
+    "never_true": (H + "param cap = 1.0 where false\n", 2, 23, "is never true"),
+}
+
 ALL = {**{f"names-{k}": v for k, v in NAMES.items()}, **{f"types-{k}": v for k, v in TYPES.items()},
-       **{f"indices-{k}": v for k, v in INDICES.items()}, **{f"semantics-{k}": v for k, v in SEMANTICS.items()}}
+       **{f"indices-{k}": v for k, v in INDICES.items()}, **{f"semantics-{k}": v for k, v in SEMANTICS.items()},
+       **{f"domains-{k}": v for k, v in DOMAINS.items()}}
 
 
 @pytest.mark.parametrize("source,line,column,message", list(ALL.values()), ids=list(ALL))
