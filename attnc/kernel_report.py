@@ -330,17 +330,17 @@ def make_inputs(signature, sizes: dict, given: dict, seed: int = 0) -> dict:
 
 
 def _inside_domain(signature, name: str, x, generator):
-    """A made-up tensor input moved inside its spec's `where` condition (decay in (0, 1], say): the draw
-    itself where it holds, else uniform draws in (0, 1] and (0, 2]; given values are left to the call's check."""
+    """A made-up tensor input moved inside its spec's `where` conditions (verify's `draw_inside`); where no
+    draw meets them, it is left for the call's check to name."""
     import torch
 
+    from .verify import draw_inside
+
     conditions = [condition for n, condition, _ in getattr(signature, "domains", ()) if n == name]
-    if not conditions or not x.is_floating_point():
+    if not conditions:
         return x
-    for draw in (x, 1.0 - torch.rand(x.shape, generator=generator), 2.0 - 2.0 * torch.rand(x.shape, generator=generator)):
-        if all(bool(torch.as_tensor(condition(draw)).all()) for condition in conditions):
-            return draw
-    return x  # the call's check names the condition
+    draw = draw_inside(lambda value: all(bool(torch.as_tensor(c(value)).all()) for c in conditions), x, generator)
+    return x if draw is None else draw
 
 
 # ---- step 2: compiling ---------------------------------------------------------------------------

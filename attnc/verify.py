@@ -165,21 +165,30 @@ def random_inputs(variant: ir.Variant, case: Case, generator: torch.Generator) -
 
 
 def _inside_domain(t: ir.TensorInput, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """x, or the first of a few other draws whose every element meets the input's `where` condition
-    (lightning's decay in (0, 1] refuses the default draw's values above 1)."""
+    """x moved inside the input's `where` condition (see `draw_inside`), or a ValueError naming it."""
     from .codegen.printers import torch_code
     from .runtime import ref_helpers as R
 
     code = torch_code(t.domain, {ir.domain_symbol(t.name, t.dtype): "x"})
     condition = eval(f"lambda x: {code}", {"torch": torch, "R": R})  # code the printer wrote
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+    draw = draw_inside(condition, x, generator)
+    if draw is None:
+        raise ValueError(f"verify: cannot draw values of input '{t.name}' that meet 'where {t.domain_text}'")
+    return draw
+
+
+def draw_inside(condition, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    """x, or the first of a few other draws of its shape and dtype whose every element meets `condition`
+    (lightning's decay in (0, 1] refuses the default draw's values above 1); None when none does.
+    Also `attnc inspect`'s made-up inputs (attnc/kernel_report.py)."""
     draws = [x] if x.is_floating_point() else [x, x - x.max(), -x]
     if x.is_floating_point():
-        draws += [0.5 + 0.5 * u, 0.5 * u + 1e-3, -0.5 - u, torch.randn(x.shape, generator=generator, dtype=torch.float64)]
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+        draws += [0.5 + 0.5 * u, 0.5 * u + 1e-3, -0.5 - u, torch.randn(x.shape, generator=generator, dtype=x.dtype)]
     for draw in draws:
         if bool(torch.as_tensor(condition(draw)).all()):
             return draw
-    raise ValueError(f"verify: cannot draw values of input '{t.name}' that meet 'where {t.domain_text}'")
+    return None
 
 
 def _rel(got, ref) -> float:
