@@ -16,10 +16,13 @@ so that attnc/analysis can differentiate through them.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, replace
 
 import sympy
 from sympy import Function, Integer, S, Symbol
+
+from .errors import Span
 
 # ---- symbols ----
 b = Symbol("b", integer=True, nonnegative=True)
@@ -314,6 +317,33 @@ class Layout:
     coords: tuple[sympy.Expr, ...]
 
 
+class Statement(enum.Enum):
+    """A kind of statement whose source span the IR keeps (`Spans`)."""
+
+    MASK = enum.auto()
+    SCORE = enum.auto()
+    PROBS = enum.auto()
+    FEATURE = enum.auto()  # one per feature map, by its name
+    PARAM = enum.auto()  # one per param, by its name
+    INPUT = enum.auto()  # one per tensor input, by its name
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Where the spec wrote the statements the IR was lowered from, so that an error found after the
+    check (an analysis, the choice of algorithm) points at file:line:col. One entry per written
+    statement: (kind, name, span), the name None for mask, score and probs."""
+
+    entries: tuple[tuple[Statement, str | None, Span], ...] = ()
+
+    def of(self, kind: Statement, name: str | None = None) -> Span | None:
+        """The span of that statement; None where the spec does not write it (no mask: every key)."""
+        return next((span for k, n, span in self.entries if k is kind and n == name), None)
+
+    def without(self, kind: Statement, name: str) -> Spans:
+        return Spans(tuple(e for e in self.entries if (e[0], e[1]) != (kind, name)))
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -330,6 +360,8 @@ class Variant:
     probs: sympy.Expr  # of score, row statistics
     probs_written: bool = field(default=False)  # False when probs defaulted to softmax(score)
     features: tuple = field(default=())  # (name, body of FEATURE_X): `feature phi(x) = ...`
+    # where each statement was written; not compared, as the source already is
+    spans: Spans = field(default=Spans(), compare=False)
 
     def and_mask(self, suffix: str, inputs) -> Variant:
         """This variant, named `<name>_<suffix>`, with one more input `NAME: bool[B, AXIS]` per
@@ -374,6 +406,7 @@ class Variant:
                              f"as in `q - kv < {param}`; the mask becomes {mask}")
         lets = tuple((names, sympy.sympify(e).subs(p.symbol, sympy.oo)) for names, e in self.lets)
         return replace(self, name=f"{self.name}_{suffix}", params=tuple(x for x in self.params if x is not p),
+                       spans=self.spans.without(Statement.PARAM, param),
                        source=self.source + ("" if self.source.endswith("\n") else "\n")
                        + f"# unbounded: param {param} taken to infinity and removed\n",
                        mask=mask, score=score, probs=probs, lets=lets)

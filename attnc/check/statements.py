@@ -1,0 +1,157 @@
+"""The statements that compute: `let` (one name, several by unravel, or a let function), `mask`,
+`score`, `probs` and `feature`, each lowered to the IR with the rules of its place (the mask may not
+depend on the score, probs must, ...)."""
+
+from __future__ import annotations
+
+import sympy
+from sympy.core.function import AppliedUndef
+
+from .. import ast, ir
+from .declarations import Declarations
+from .scope import GENERATED_ARGS, RESERVED, Entry, Kind, describe_builtin
+from .types import BOOL, INT, REAL, Value
+
+
+class Statements(Declarations):
+    def __init__(self, spec: ast.Spec):
+        super().__init__(spec)
+        self.lets: list = []
+        self.layouts: list[ir.Layout] = []
+        self.mask = self.probs = None
+
+    # ---- let ----
+    def stmt_let(self, stmt: ast.Let):
+        if len(stmt.names) == 1:
+            value = self.lower(stmt.value)
+            self.define(stmt.names[0], stmt.span, Entry(Kind.LET, stmt.span, value))
+            self.lets.append((stmt.names, value.expr))
+            return
+        call = stmt.value
+        if isinstance(call, ast.Call) and call.func in self.functions:
+            coords, extents, index_text = self.expand(call, lambda body: self.unravel_body(body, stmt))
+        else:
+            coords, extents, index_text = self.unravel_body(call, stmt)
+        for name, coord in zip(stmt.names, coords):
+            self.define(name, stmt.span, Entry(Kind.LET, stmt.span, Value(coord, INT)))
+        self.lets.append((stmt.names, sympy.Tuple(*coords)))
+        self.layouts.append(ir.Layout(index_text, stmt.names, tuple(extents), tuple(coords)))
+
+    def unravel_body(self, call, stmt: ast.Let):
+        if isinstance(call, ast.Call) and call.func in self.functions:
+            return self.expand(call, lambda body: self.unravel_body(body, stmt))
+        if not (isinstance(call, ast.Call) and call.func == "unravel"):
+            self.error("only unravel(...) can be unpacked into several names", call.span,
+                       f"write 'let ({', '.join(stmt.names)}) = unravel(index, ...)'")
+        return self.unravel(call, len(stmt.names))
+
+    def unravel(self, call: ast.Call, n_names: int):
+        if call.kwargs:
+            self.error("unravel takes no keyword arguments", call.span)
+        if len(call.args) != n_names + 1:
+            self.error(f"unravel into {n_names} names needs an index and {n_names} extents, "
+                       f"got {len(call.args)} argument(s)", call.span)
+        index = self.lower_int(call.args[0], "the index of unravel")
+        extents = [self.lower_int(a, "an extent of unravel") for a in call.args[1:]]
+        for arg, ext in zip(call.args[1:], extents):
+            if ext.expr.free_symbols & {ir.q, ir.kv, ir.b, ir.h}:
+                self.error("an extent of unravel cannot depend on an index", arg.span)
+            if ext.expr.is_number and ext.expr < 1:
+                self.error("an extent of unravel must be at least 1", arg.span)
+        coords = []
+        stride = sympy.Integer(1)
+        for ext in reversed(extents):
+            coords.append(ir.FloorDiv(index.expr, stride) if stride != 1 else index.expr)
+            stride = stride * ext.expr
+        # row-major: the last coordinate varies fastest; the first is not wrapped (it absorbs the rest)
+        coords = [sympy.Mod(c, ext.expr) for c, ext in zip(coords, reversed(extents))][:-1] + [coords[-1]]
+        coords.reverse()
+        index_text = {ir.q: "q", ir.kv: "kv"}.get(index.expr, str(index.expr))
+        return coords, [e.expr for e in extents], index_text
+
+    def stmt_letfunc(self, stmt: ast.LetFunc):
+        """`let f(x, y) = body`: the body may use its parameters and anything defined above; it is
+        checked for unknown names now and expanded (inlined, with its own checks) at every call."""
+        self.check_identifier(stmt.name, stmt.span)
+        for i, (param, span) in enumerate(zip(stmt.params, stmt.param_spans)):
+            self.check_identifier(param, span, what="parameter")
+            if param in stmt.params[:i]:
+                self.error(f"parameter '{param}' of '{stmt.name}' is given twice", span)
+            if param == stmt.name:
+                self.error(f"parameter '{param}' has the name of its function", span)
+            # parameters are inlined, never arguments of the generated function: only the language's
+            # own names are off limits
+            if param in RESERVED - GENERATED_ARGS or (param in self.env and self.env[param].span is None):
+                self.error(f"parameter '{param}' of '{stmt.name}' is a built-in name ({describe_builtin(param)})",
+                           span, f"pick another name, e.g. '{param}_'")
+            if param in self.env or param in self.functions:
+                first = (self.env[param].span if param in self.env else self.functions[param].span)
+                self.error(f"parameter '{param}' of '{stmt.name}' hides '{param}' defined at line {first.line}",
+                           span, "give the parameter another name")
+        self.names_known(stmt.value, stmt, set(stmt.params))
+        self.define(stmt.name, stmt.span, Entry(Kind.FUNCTION, stmt.span))
+        self.functions[stmt.name] = stmt
+
+    # ---- mask, score, probs ----
+    def stmt_mask(self, stmt: ast.Mask):
+        self.once(stmt, "mask")
+        value = self.lower(stmt.value)
+        if value.type != BOOL:
+            self.error(f"the mask must be a condition (bool), not {value.type}", stmt.value.span,
+                       "compare with <, <=, ==, ... and combine with and, or, not")
+        if value.uses_score and sympy.sympify(value.expr).atoms(ir.VecDot):
+            self.error("the mask cannot use dot() of feature vectors (a per-pair score term)", value.uses_score,
+                       "put it in 'score' or 'probs'")
+        if value.uses_score:
+            self.error("the mask cannot depend on the score", value.uses_score,
+                       "put score-dependent terms in 'score' or 'probs'")
+        if value.uses_rowstat:
+            self.error("the mask cannot depend on row statistics", value.uses_rowstat)
+        self.mask = value.expr
+
+    def stmt_score(self, stmt: ast.Score):
+        self.once(stmt, "score")
+        value = self.lower(stmt.value)
+        if value.type == BOOL:
+            self.error("the score must be a number, not a condition", stmt.value.span,
+                       "use 'x if cond else y' to choose between numbers")
+        if value.uses_rowstat:
+            self.error("the score cannot use row statistics; use them in 'probs'", value.uses_rowstat)
+        self.score_value = Value(value.expr, REAL, value.uses_score, None)
+        self.score = value.expr
+
+    def stmt_probs(self, stmt: ast.Probs):
+        self.once(stmt, "probs")
+        value = self.lower(stmt.value)
+        if value.type == BOOL:
+            self.error("probs must be a number, not a condition", stmt.value.span)
+        if not value.uses_score:
+            self.error("probs does not depend on the score", stmt.value.span,
+                       "write the weights as a function of 'score', e.g. softmax(score)")
+        self.probs = value.expr
+
+    # ---- feature maps ----
+    def stmt_feature(self, stmt: ast.Feature):
+        """`feature phi(x) = EXPR`: a map applied to every element of a head vector (docs/linear.md)."""
+        self.check_identifier(stmt.name, stmt.span)
+        if stmt.arg in self.env or stmt.arg in RESERVED:
+            self.error(f"the argument of feature '{stmt.name}' must be a new name, not '{stmt.arg}'", stmt.span,
+                       f"write 'feature {stmt.name}(x) = ...'")
+        if self.vec_dot_span is not None:
+            self.error("feature maps (linear attention) cannot be combined with dot() of feature vectors "
+                       f"(line {self.vec_dot_span.line})", stmt.span)
+        self.env[stmt.arg] = Entry(Kind.LET, stmt.span, Value(ir.FEATURE_X, REAL))
+        self.in_feature = True
+        try:
+            value = self.lower(stmt.value)
+        finally:
+            self.in_feature = False
+            del self.env[stmt.arg]
+        if value.type == BOOL:
+            self.error(f"feature '{stmt.name}' must be a number, not a condition", stmt.value.span)
+        extra = {x for x in sympy.sympify(value.expr).free_symbols - {ir.FEATURE_X} if not x.name.startswith("_fw_")}
+        if extra or value.uses_score or value.uses_rowstat or sympy.sympify(value.expr).atoms(AppliedUndef):
+            self.error(f"feature '{stmt.name}' may use only its argument '{stmt.arg}', numbers and consts",
+                       stmt.value.span, "a feature map acts on each element of one head vector")
+        self.define(stmt.name, stmt.span, Entry(Kind.FEATURE, stmt.span, Value(value.expr, REAL)))
+        self.features.append((stmt.name, value.expr))
