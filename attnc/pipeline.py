@@ -88,16 +88,10 @@ def choose_algorithm(variant: ir.Variant):
 
     algorithm = factorize.factorize(variant)
     if variant.features and algorithm.name != "chunked":
-        import re
-
-        from .errors import Span
-
-        keyword = "mask" if "mask" in algorithm.reason else "probs"
-        span = None
-        for n, line in enumerate(variant.source.splitlines(), 1):
-            match = re.match(rf"\s*({keyword})\b", line)
-            if match:
-                span = Span(n, match.start(1) + 1, n, match.end(1) + 1)
+        # at the statement that does not factorize; where that is unknown or not written (probs left
+        # to the default softmax), at the feature map that asks for linear attention
+        failed = algorithm.failed_at and variant.spans.of(algorithm.failed_at)
+        span = failed or variant.spans.of(ir.Statement.FEATURE, variant.features[0][0])
         raise SpecError.at(f"this spec uses a feature map but cannot run as linear attention: {algorithm.reason}",
                            span, "feature maps need a full or causal mask and probs = alpha * W + beta "
                            "(see docs/linear.md)", path=variant.path, source=variant.source)

@@ -71,6 +71,11 @@ class Algorithm:
     name: str  # "chunked" | "quadratic"
     reason: str
     factorization: Factorization | None = None
+    failed_at: ir.Statement | None = None  # quadratic: the statement that does not factorize, None if unknown
+
+
+def _quadratic(failed_at: ir.Statement, reason: str) -> Algorithm:
+    return Algorithm("quadratic", reason, failed_at=failed_at)
 
 
 def _mask_kind(mask) -> str | None:
@@ -119,13 +124,13 @@ def factorize(v: ir.Variant) -> Algorithm:
 def _factorize(v: ir.Variant) -> Algorithm:
     kind = _mask_kind(v.mask)
     if kind is None:
-        return Algorithm("quadratic", "the mask is neither full nor causal (kv <= q), so no running state covers it")
+        return _quadratic(ir.Statement.MASK, "the mask is neither full nor causal (kv <= q), so no running state covers it")
     probs = sympy.sympify(v.probs)
     if probs.atoms(ir.RowMax):
-        return Algorithm("quadratic", "probs uses rowmax: a softmax does not factorize")
+        return _quadratic(ir.Statement.PROBS, "probs uses rowmax: a softmax does not factorize")
     sums = probs.atoms(ir.RowSum)
     if len(sums) > 1:
-        return Algorithm("quadratic", "probs uses more than one row sum")
+        return _quadratic(ir.Statement.PROBS, "probs uses more than one row sum")
     if sums:
         (stat,) = sums
         w = stat.args[0]
@@ -135,33 +140,33 @@ def _factorize(v: ir.Variant) -> Algorithm:
     else:
         w, expr = probs, _W
     if not _row_constant(expr) or sympy.diff(expr, _W, 2) != 0 or not _row_constant(sympy.diff(expr, _W)):
-        return Algorithm("quadratic", "probs is not alpha_i * W + beta_i with row-constant alpha, beta")
+        return _quadratic(ir.Statement.PROBS, "probs is not alpha_i * W + beta_i with row-constant alpha, beta")
     alpha, beta = sympy.simplify(sympy.diff(expr, _W)), sympy.simplify(expr.subs(_W, 0))
     split = _split_weight(w)
     if isinstance(split, str):
-        return Algorithm("quadratic", split)
+        return _quadratic(ir.Statement.PROBS, split)
     coef, decay, core = split
     if decay is not None and kind != "causal":
-        return Algorithm("quadratic", "a decay^(q - kv) needs a causal mask (it grows for kv > q)")
+        return _quadratic(ir.Statement.MASK, "a decay^(q - kv) needs a causal mask (it grows for kv > q)")
     dots = {x for x in core.free_symbols if ir.feature_dot_names(x)}
     feature = key_feature = body = key_body = poly = None
     if dots:
         (dot,) = dots if len(dots) == 1 else (None,)
         if dot is None or core != dot:
-            return Algorithm("quadratic", "the weight is not c * dot(phi(q), phi(k)) (times a decay)")
+            return _quadratic(ir.Statement.PROBS, "the weight is not c * dot(phi(q), phi(k)) (times a decay)")
         feature, key_feature = ir.feature_dot_names(dot)
         body = dict(v.features)[feature]
         key_body = None if key_feature == feature else dict(v.features)[key_feature]
     else:
         if core.free_symbols != {ir.s} or not core.is_polynomial(ir.s):
-            return Algorithm("quadratic", "the weight is not a polynomial of s alone (times a decay)")
+            return _quadratic(ir.Statement.PROBS, "the weight is not a polynomial of s alone (times a decay)")
         p = sympy.Poly(sympy.expand(core), ir.s)
         if p.degree() > 2 or not all(c.is_number for c in p.all_coeffs()):
-            return Algorithm("quadratic", "the weight is not a polynomial of s of degree <= 2 with numeric "
+            return _quadratic(ir.Statement.PROBS, "the weight is not a polynomial of s of degree <= 2 with numeric "
                                           "coefficients")
         c = [float(p.coeff_monomial(ir.s ** d)) for d in range(3)]
         poly = (c[0], c[1], c[2])
     if v.score != ir.s:
-        return Algorithm("quadratic", "a score transform other than s does not factorize")
+        return _quadratic(ir.Statement.SCORE, "a score transform other than s does not factorize")
     fact = Factorization(kind == "causal", feature, body, poly, coef, decay, alpha, beta, key_feature, key_body)
     return Algorithm("chunked", fact.describe(), fact)
