@@ -10,6 +10,7 @@ A `Variant` is the checked, lowered form of a spec (the semantic model: docs/lan
   `visible` (the number of unmasked keys in the row).
 
 Lets are inlined into `mask`, `score` and `probs`; they are kept in `lets` only for display.
+`spans` keeps where each statement was written, so errors found after the check point at the source.
 The functions below that sympy lacks (`FloorDiv`, `Sigmoid`, ...) carry their derivatives (`fdiff`)
 so that attnc/analysis can differentiate through them.
 """
@@ -367,7 +368,8 @@ class Variant:
         """This variant, named `<name>_<suffix>`, with one more input `NAME: bool[B, AXIS]` per
         (NAME, AXIS, INDEX) of `inputs` (AXIS Lq with INDEX q, or Lk with kv), its mask ANDed with
         `NAME[b, INDEX]`. The integrations add padding and context-parallel conditions this way: composed
-        in the IR, any mask the checker accepted keeps its meaning (spec text edits could not)."""
+        in the IR, any mask the checker accepted keeps its meaning (spec text edits could not). The
+        spans stay the text's: the mask's is that of the mask as written."""
         taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
         taken |= {n for names, _ in self.lets for n in names}
         extra, loads = [], []
@@ -380,7 +382,7 @@ class Variant:
             taken.add(name)
             tensor = TensorInput(name, "bool", ("B", axis), False, tensor_function(name, "bool"), (None, None))
             extra.append(tensor)
-            loads.append(sympy.Ne(tensor.load(b, INDICES[index]), 0))  # a bool load, as check.py lowers it
+            loads.append(sympy.Ne(tensor.load(b, INDICES[index]), 0))  # a bool load, as attnc/check/lower.py lowers it
         notes = "".join(f"# and_mask: input {t.name}: bool[B, {t.axes[1]}] ANDed into the mask at "
                         f"{i}\n" for t, (_, _, i) in zip(extra, inputs))
         source = self.source + ("" if self.source.endswith("\n") else "\n") + notes
