@@ -296,13 +296,20 @@ if triton is not None:
                 den_part + part, offs_f, offs_d, g)
 
     @triton.jit
-    def _absorb(S, z, kc, vc, g, c, rel, t_ok, V_DOT: tl.constexpr):
-        """The state after one more chunk of c keys (rows t < c of kc and vc): S = lam^c S +
-        sum_t lam^(c-1-t) k_t v_t^T, z likewise; exponents chunk-relative, in [0, c]."""
-        k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
-        kd = kc.to(tl.float32) * k_decay[:, None]
-        carry = tl.exp(g * c.to(tl.float32))
-        return carry * S + tl.dot(tl.trans(kd.to(V_DOT)), vc.to(V_DOT)), carry * z + tl.sum(kd, axis=0)
+    def _absorb(S, z, kc, vc, g, c, rel, t_ok, DECAY: tl.constexpr, V_DOT: tl.constexpr):
+        """The state after one more chunk of c keys (rows t < c of kc and vc; zeros past the sequence):
+        S = lam^c S + sum_t lam^(c-1-t) k_t v_t^T, z likewise; exponents chunk-relative, in [0, c].
+        Without DECAY (lam = 1) the keys go into the dot as they are loaded."""
+        if DECAY:
+            k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
+            kd = kc.to(tl.float32) * k_decay[:, None]
+            carry = tl.exp(g * c.to(tl.float32))
+            S = carry * S + tl.dot(tl.trans(kd.to(V_DOT)), vc.to(V_DOT))
+            z = carry * z + tl.sum(kd, axis=0)
+        else:
+            S += tl.dot(tl.trans(kc.to(V_DOT)), vc.to(V_DOT))
+            z += tl.sum(kc.to(tl.float32), axis=0)
+        return S, z
 
     @triton.jit
     def _store_state(s_out, z_out, S, z, bh, offs_f, offs_d, F, Dv):
@@ -343,17 +350,17 @@ if triton is not None:
             if NEED_DEN:  # one value block writes the row sums
                 den = tl.sum(a, axis=1) + tl.sum(qd * z[None, :], axis=1)
                 tl.store(den_out + rows, den, mask=t_ok & ((rel * 0 + tl.program_id(1)) == 0))
-            S, z = _absorb(S, z, kc, vc, g, tl.minimum(L - start, BC), rel, t_ok, V_DOT)
+            S, z = _absorb(S, z, kc, vc, g, tl.minimum(L - start, BC), rel, t_ok, True, V_DOT)
         _store_state(s_out, z_out, S, z, bh, offs_f, offs_d, F, Dv)
 
     @triton.jit
     def _full_fwd(fq, fk, v, log_decay, s0, z0, num_part, den_part, s_out, z_out,
                   sq_b, sq_h, sq_l, sq_f, sk_b, sk_h, sk_l, sk_f, sv_b, sv_h, sv_l, sv_d,
                   H, Lq, Lk, F, Dv,
-                  HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
+                  HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr, DECAY: tl.constexpr,
                   Q_ONE: tl.constexpr, K_ONE: tl.constexpr, QK_DOT: tl.constexpr, V_DOT: tl.constexpr,
                   BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
-        """Every key visible: the state over all keys first (with the decay of its last key: chunk_state),
+        """Every key visible: the state over all keys first (DECAY: as of the last key, for chunk_state),
         then every query reads it."""
         bh, q_base, k_base, v_base, num_out, den_out, offs_f, offs_d, g = _program(
             num_part, den_part, log_decay, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, H, Lq, Dv, BF, BD)
@@ -365,7 +372,7 @@ if triton is not None:
             t_ok = offs_t < Lk
             kc = _tile(fk, k_base, offs_t, t_ok, offs_f, F, sk_l, sk_f, K_ONE)
             vc = _tile(v, v_base, offs_t, t_ok, offs_d, Dv, sv_l, sv_d, False)
-            S, z = _absorb(S, z, kc, vc, g, tl.minimum(Lk - start, BC), rel, t_ok, V_DOT)
+            S, z = _absorb(S, z, kc, vc, g, tl.minimum(Lk - start, BC), rel, t_ok, DECAY, V_DOT)
         for start in range(0, Lq, BC):
             offs_t = start + rel
             t_ok = offs_t < Lq
@@ -422,7 +429,8 @@ def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True, 
                                 REVERSE=reverse, **flags)
     else:
         assert not reverse
-        _full_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, *strides, H, L, Lk, F, Dv, **flags)
+        _full_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, *strides, H, L, Lk, F, Dv,
+                        DECAY=log_decay is not None, **flags)
     num = num_part.sum(0).view(B, H, L, Dv)
     den = den_part.sum(0).view(B, H, L) if need_den else None
     return num, den, S.view(B, H, F, Dv), z.view(B, H, F)
