@@ -154,7 +154,7 @@ def parallel_reference(fq, fk, v, log_decay=None, state=None, causal=True):
     return num, den, chunk_state_reference(fk, v, log_decay, state)
 
 
-def recurrent_step(fq, fk, v, state, log_decay=None):
+def recurrent_step(fq, fk, v, log_decay=None, state=None):
     """One position of the recurrence (a decoding step): with fq, fk [B, H, F] and v [B, H, Dv] of the new
     position, S' = lam S + fk v^T, z' = lam z + fk, then num = fq . S', den = fq . z'. Returns num, den,
     (S', z') in fp32 (fp64 for fp64 inputs); `state` (S, z) or None (no keys before)."""
@@ -176,7 +176,7 @@ def recurrent_reference(fq, fk, v, log_decay=None, state=None):
     """Causal num, den and the final state, one position at a time through recurrent_step."""
     nums, dens = [], []
     for t in range(fq.shape[2]):
-        num, den, state = recurrent_step(fq[:, :, t], fk[:, :, t], v[:, :, t], state, log_decay)
+        num, den, state = recurrent_step(fq[:, :, t], fk[:, :, t], v[:, :, t], log_decay, state)
         nums.append(num)
         dens.append(den)
     return torch.stack(nums, 2), torch.stack(dens, 2), state
@@ -587,7 +587,7 @@ def chunk_state(fk, v, log_decay=None, state=None, chunk=CHUNK):
     """The state after the last key, (S [B, H, F, Dv], z [B, H, F]) in fp32: chunk_state_reference's
     numbers, in Triton (fk and v read in place; a prefill's cache for recurrent_step). Forward only: for
     gradients, take the state that causal_chunked or full returns."""
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (fk, v, log_decay)):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (fk, v, log_decay, *(state or ()))):
         raise ValueError("chunk_state: forward only; causal_chunked and full return a differentiable state")
     S0, z0 = (None, None) if state is None else state
     return _state(fk, v, log_decay, S0, z0, chunk)

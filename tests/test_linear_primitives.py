@@ -99,7 +99,7 @@ def test_recurrent_step_is_one_position():
     """A decoding step after a prefill's state equals the formula's last row and final state."""
     fq, fk, v, log_decay, _ = _inputs(2)
     prefix = linear.chunk_state_reference(fk[:, :, :-1], v[:, :, :-1], log_decay)
-    num, den, (S, z) = linear.recurrent_step(fq[:, :, -1], fk[:, :, -1], v[:, :, -1], prefix, log_decay)
+    num, den, (S, z) = linear.recurrent_step(fq[:, :, -1], fk[:, :, -1], v[:, :, -1], log_decay, prefix)
     want_num, want_den, (want_S, want_z) = formula(fq, fk, v, log_decay)
     _close((num, den, S, z), (want_num[:, :, -1], want_den[:, :, -1], want_S, want_z), 1e-12)
 
@@ -162,7 +162,7 @@ def test_a_prefill_state_then_recurrent_steps_equal_one_chunked_call():
     state = linear.chunk_state(fk[:, :, :30], v[:, :, :30], log_decay, chunk=CHUNK)
     whole = linear.causal_chunked(fq, fk, v, log_decay, chunk=CHUNK)
     for t in range(30, L):
-        num, den, state = linear.recurrent_step(fq[:, :, t], fk[:, :, t], v[:, :, t], state, log_decay)
+        num, den, state = linear.recurrent_step(fq[:, :, t], fk[:, :, t], v[:, :, t], log_decay, state)
         _close((num, den), (whole[0][:, :, t], whole[1][:, :, t]), 1e-5)
     _close(state, whole[2], 1e-5)
 
