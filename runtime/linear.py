@@ -1,4 +1,5 @@
-"""The chunked linear-attention algorithm (attnc/analysis/factorize.py proves when a spec may use it).
+"""Linear attention as a library of named primitives (attnc/analysis/factorize.py proves when a spec may use
+them; a generated linear module calls them, templates/linear.py.j2).
 
 With per-query features `fq [B, H, Lq, F]`, per-key features `fk [B, H, Lk, F]`, values `v [B, H, Lk, Dv]`
 and an optional per-head decay `lam = exp(log_decay)` in (0, 1], the weight is
@@ -6,15 +7,25 @@ and an optional per-head decay `lam = exp(log_decay)` in (0, 1], the weight is
 
     num[i] = sum_j W[i, j] v[j],     den[i] = sum_j W[i, j]   (the row sum, when the spec normalizes)
 
-are computed chunk by chunk: inside a chunk of C positions, the C x C weights with the mask; across
-chunks, a running state `S = sum_j lam^(last - j) fk_j v_j^T [F, Dv]` and normalizer
-`z = sum_j lam^(last - j) fk_j [F]`, in fp32 (fp64 for fp64 inputs). Every decay factor is
-`exp(log_decay * n)` with `n >= 0` counted inside one chunk (chunk-relative exponents), so nothing
-overflows however long the sequence: `lam^-j` is never formed. Cost O(L * (C + F) * Dv + L * C * F).
+with the state after the last key `S = sum_j lam^(last - j) fk_j v_j^T [F, Dv]` and normalizer
+`z = sum_j lam^(last - j) fk_j [F]`. `state=(S0, z0)` continues a sequence: the keys it summarizes
+precede every query (`num[i] += lam^(i + 1) fq_i S0`, and the final state adds `lam^L S0`).
 
-The state after the last key, `(S, z)`, is what `return_state=True` returns; passing it back as
-`initial_state=` continues the sequence (the keys it summarizes precede every query of the call).
-Gradients come from autograd through these tensor operations: deterministic, no atomics.
+    primitive               Triton (CUDA; the CPU under TRITON_INTERPRET=1)   torch reference
+    causal, chunked         causal_chunked                                    causal_chunked_reference
+    every key visible       full                                              full_reference
+    the state of the keys   chunk_state                                       chunk_state_reference
+    the quadratic view      -                                                 parallel_reference
+    one step (decoding)     -                                                 recurrent_step, recurrent_reference
+
+The Triton primitives read fq, fk and v in place, in any strides and in their own dtype (fp32, fp16,
+bf16: 16-bit dots accumulate in fp32, as fla's do) and return fp32 (fp64 for fp64 inputs); the torch
+references compute in fp32 (fp64 for fp64 inputs) whatever their inputs' dtypes. Chunked forms work
+chunk by chunk: inside a chunk of C positions the C x C weights with the mask; across chunks the running
+state. Every decay factor is `exp(log_decay * n)` with `n >= 0` counted inside one chunk
+(chunk-relative exponents), so nothing overflows however long the sequence: `lam^-j` is never formed.
+Cost O(L * (C + F) * Dv + L * C * F). Gradients: Triton scans for the kernels (autograd through the
+chunked reference for a learnable decay), autograd for the references; deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -35,8 +46,22 @@ def chunk_size(device) -> int:
     return CHUNK if torch.device(device).type == "cuda" else CPU_CHUNK
 
 
-def causal_chunked(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
-    """Causal (`j <= i`) num, den and the final state. `log_decay`: [H] (<= 0) or None; `state`: (S, z) or None."""
+def _compute_dtype(*xs):
+    """fp32, or fp64 when an input is fp64: the dtype of num, den and the state."""
+    dtype = torch.float32
+    for x in xs:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _decay_powers(log_decay, n, dt):
+    """lam^n per head and position for exponents n [L] (>= 0): [1, H, L, 1]."""
+    return torch.exp(log_decay.to(dt).view(1, -1, 1, 1) * n.to(dt).view(1, 1, -1, 1))
+
+
+def causal_chunked_reference(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
+    """Causal (`j <= i`) num, den and the final state, chunk by chunk in torch (what causal_chunked
+    computes). `log_decay`: [H] (<= 0) or None; `state`: (S, z) or None."""
     dt = _compute_dtype(fq, fk, v)  # fp32 (fp64 for fp64) whatever the inputs' dtypes
     fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
     B, H, L, F = fq.shape
@@ -78,17 +103,83 @@ def causal_chunked(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=C
     return num, den, (S, z)
 
 
-def full(fq, fk, v, state=None, need_den=True):
-    """Every key visible (no decay): num = fq @ S, den = fq @ z with S, z over all keys (and the given state)."""
+def full_reference(fq, fk, v, state=None, need_den=True):
+    """Every key visible (no decay): num = fq @ S, den = fq @ z with S, z over all keys (and the given
+    state), in torch (what `full` computes)."""
     dt = _compute_dtype(fq, fk, v)
-    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
-    S = fk.transpose(-1, -2) @ v
-    z = fk.sum(-2)
-    if state is not None:
-        S, z = S + state[0].to(S.dtype), z + state[1].to(z.dtype)
+    fq = fq.to(dt)
+    S, z = chunk_state_reference(fk, v, None, state)
     num = fq @ S
     den = (fq @ z.unsqueeze(-1)).squeeze(-1) if need_den else None
     return num, den, (S, z)
+
+
+def chunk_state_reference(fk, v, log_decay=None, state=None):
+    """The state after the last key, (S [B, H, F, Dv], z [B, H, F]): S = sum_j lam^(L-1-j) fk_j v_j^T
+    + lam^L S0, z likewise, in torch (what chunk_state computes)."""
+    dt = _compute_dtype(fk, v)
+    fk, v = fk.to(dt), v.to(dt)
+    L = fk.shape[2]
+    if log_decay is not None:
+        fk = fk * _decay_powers(log_decay, torch.arange(L - 1, -1, -1, device=fk.device), dt)
+    S, z = fk.transpose(-1, -2) @ v, fk.sum(-2)
+    if state is None:
+        return S, z
+    S0, z0 = state[0].to(dt), state[1].to(dt)
+    if log_decay is None:
+        return S + S0, z + z0
+    lam_l = torch.exp(log_decay.to(dt) * L).view(1, -1, 1, 1)
+    return S + lam_l * S0, z + lam_l[..., 0] * z0
+
+
+def parallel_reference(fq, fk, v, log_decay=None, state=None, causal=True):
+    """The quadratic view: the Lq x Lk weights W[i, j] = lam^(i - j) fq_i . fk_j (causal: j <= i) times
+    the values, and the final state; num, den, (S, z) as the chunked forms return them, differentiable
+    (small sizes: O(Lq * Lk) memory)."""
+    dt = _compute_dtype(fq, fk, v)
+    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
+    Lq, Lk = fq.shape[2], fk.shape[2]
+    i = torch.arange(Lq, device=fq.device)[:, None]
+    j = torch.arange(Lk, device=fq.device)[None, :]
+    w = fq @ fk.transpose(-1, -2)
+    if log_decay is not None:
+        w = w * torch.exp(log_decay.to(dt).view(1, -1, 1, 1) * (i - j).clamp(min=0))
+    if causal:
+        w = w.masked_fill(j > i, 0)
+    num, den = w @ v, w.sum(-1)
+    if state is not None:
+        S0, z0 = state[0].to(dt), state[1].to(dt)
+        fq_in = fq if log_decay is None else fq * _decay_powers(log_decay, i[:, 0] + 1, dt)  # after the state
+        num, den = num + fq_in @ S0, den + (fq_in @ z0.unsqueeze(-1)).squeeze(-1)
+    return num, den, chunk_state_reference(fk, v, log_decay, state)
+
+
+def recurrent_step(fq, fk, v, log_decay=None, state=None):
+    """One position of the recurrence (a decoding step): with fq, fk [B, H, F] and v [B, H, Dv] of the new
+    position, S' = lam S + fk v^T, z' = lam z + fk, then num = fq . S', den = fq . z'. Returns num, den,
+    (S', z') in fp32 (fp64 for fp64 inputs); `state` (S, z) or None (no keys before)."""
+    dt = _compute_dtype(fq, fk, v)
+    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
+    S, z = fk.unsqueeze(-1) * v.unsqueeze(-2), fk
+    if state is not None:
+        S0, z0 = state[0].to(dt), state[1].to(dt)
+        if log_decay is not None:
+            lam = torch.exp(log_decay.to(dt)).view(1, -1, 1, 1)
+            S0, z0 = lam * S0, lam[..., 0] * z0
+        S, z = S + S0, z + z0
+    num = (fq.unsqueeze(-1) * S).sum(-2)
+    den = (fq * z).sum(-1)
+    return num, den, (S, z)
+
+
+def recurrent_reference(fq, fk, v, log_decay=None, state=None):
+    """Causal num, den and the final state, one position at a time through recurrent_step."""
+    nums, dens = [], []
+    for t in range(fq.shape[2]):
+        num, den, state = recurrent_step(fq[:, :, t], fk[:, :, t], v[:, :, t], log_decay, state)
+        nums.append(num)
+        dens.append(den)
+    return torch.stack(nums, 2), torch.stack(dens, 2), state
 
 
 def poly_features(x, coeffs, scale, query: bool):
@@ -154,12 +245,13 @@ except ImportError:  # pragma: no cover - triton is a dependency; the PyTorch fo
 if triton is not None:
 
     @triton.jit
-    def _initial_state(s0, z0, bh, offs_f, offs_d, f_ok, d_ok, F, Dv,
-                       HAS_STATE: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
+    def _initial_state(s0, z0, bh, offs_f, offs_d, F, Dv, HAS_STATE: tl.constexpr, BF: tl.constexpr,
+                       BD: tl.constexpr):
         """This program's block of the state (S [F, Dv], z [F]) to start from: the caller's, or zeros."""
         if HAS_STATE:
+            f_ok = offs_f < F
             S = tl.load(s0 + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :],
-                        mask=f_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                        mask=f_ok[:, None] & (offs_d < Dv)[None, :], other=0.0).to(tl.float32)
             z = tl.load(z0 + bh * F + offs_f, mask=f_ok, other=0.0).to(tl.float32)
         else:
             S = tl.zeros((BF, BD), dtype=tl.float32)
@@ -187,31 +279,58 @@ if triton is not None:
         return tile
 
     @triton.jit
+    def _program(num_part, den_part, log_decay, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, H, L, Dv,
+                 BF: tl.constexpr, BD: tl.constexpr):
+        """This program's head (its three operands' int64 offsets), its L rows of the partial outputs (one
+        slice per feature block), its feature and value offsets, and its head's log(decay) (<= 0; 0
+        without a decay)."""
+        pid_f = tl.program_id(0)
+        bh = tl.program_id(2)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        part = (pid_f * tl.num_programs(2) + bh).to(tl.int64) * L
+        offs_f = pid_f * BF + tl.arange(0, BF)
+        offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+        g = tl.load(log_decay + h).to(tl.float32)
+        return (bh, b * sq_b + h * sq_h, b * sk_b + h * sk_h, b * sv_b + h * sv_h, num_part + part * Dv,
+                den_part + part, offs_f, offs_d, g)
+
+    @triton.jit
+    def _absorb(S, z, kc, vc, g, c, rel, t_ok, DECAY: tl.constexpr, V_DOT: tl.constexpr):
+        """The state after one more chunk of c keys (rows t < c of kc and vc; zeros past the sequence):
+        S = lam^c S + sum_t lam^(c-1-t) k_t v_t^T, z likewise; exponents chunk-relative, in [0, c].
+        Without DECAY (lam = 1) the keys go into the dot as they are loaded."""
+        if DECAY:
+            k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
+            kd = kc.to(tl.float32) * k_decay[:, None]
+            carry = tl.exp(g * c.to(tl.float32))
+            S = carry * S + tl.dot(tl.trans(kd.to(V_DOT)), vc.to(V_DOT))
+            z = carry * z + tl.sum(kd, axis=0)
+        else:
+            S += tl.dot(tl.trans(kc.to(V_DOT)), vc.to(V_DOT))
+            z += tl.sum(kc.to(tl.float32), axis=0)
+        return S, z
+
+    @triton.jit
+    def _store_state(s_out, z_out, S, z, bh, offs_f, offs_d, F, Dv):
+        """This program's block of the final state (one value block writes z)."""
+        f_ok = offs_f < F
+        tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & (offs_d < Dv)[None, :])
+        if tl.program_id(1) == 0:
+            tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
+
+    @triton.jit
     def _causal_chunk_fwd(fq, fk, v, log_decay, s0, z0, num_part, den_part, s_out, z_out,
                           sq_b, sq_h, sq_l, sq_f, sk_b, sk_h, sk_l, sk_f, sv_b, sv_h, sv_l, sv_d,
                           H, L, F, Dv,
                           HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr, REVERSE: tl.constexpr,
                           Q_ONE: tl.constexpr, K_ONE: tl.constexpr, QK_DOT: tl.constexpr, V_DOT: tl.constexpr,
                           BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
-        pid_f = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        bh = tl.program_id(2)
-        n_bh = tl.num_programs(2)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        q_base = b * sq_b + h * sq_h
-        k_base = b * sk_b + h * sk_h
-        v_base = b * sv_b + h * sv_h
-        part = (pid_f * n_bh + bh).to(tl.int64) * L  # this program's rows of the partial outputs
-        num_out = num_part + part * Dv
-        den_out = den_part + part
-        offs_f = pid_f * BF + tl.arange(0, BF)
-        offs_d = pid_d * BD + tl.arange(0, BD)
+        bh, q_base, k_base, v_base, num_out, den_out, offs_f, offs_d, g = _program(
+            num_part, den_part, log_decay, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, H, L, Dv, BF, BD)
         rel = tl.arange(0, BC)
-        f_ok = offs_f < F
         d_ok = offs_d < Dv
-        g = tl.load(log_decay + h).to(tl.float32)  # log(decay) <= 0; 0 without a decay
-        S, z = _initial_state(s0, z0, bh, offs_f, offs_d, f_ok, d_ok, F, Dv, HAS_STATE, BF, BD)
+        S, z = _initial_state(s0, z0, bh, offs_f, offs_d, F, Dv, HAS_STATE, BF, BD)
         causal = rel[:, None] >= rel[None, :]
         dist = tl.where(causal, rel[:, None] - rel[None, :], 0).to(tl.float32)
         intra_decay = tl.where(causal, tl.exp(g * dist), 0.0)  # chunk-relative: exponents in [0, BC)
@@ -230,64 +349,40 @@ if triton is not None:
                      mask=t_ok[:, None] & d_ok[None, :])
             if NEED_DEN:  # one value block writes the row sums
                 den = tl.sum(a, axis=1) + tl.sum(qd * z[None, :], axis=1)
-                tl.store(den_out + rows, den, mask=t_ok & ((rel * 0 + pid_d) == 0))
-            c = tl.minimum(L - start, BC)
-            k_decay = tl.where(t_ok, tl.exp(g * tl.maximum(c - 1 - rel, 0).to(tl.float32)), 0.0)
-            kd = kc.to(tl.float32) * k_decay[:, None]
-            carry = tl.exp(g * c.to(tl.float32))
-            S = carry * S + tl.dot(tl.trans(kd.to(V_DOT)), vc)
-            z = carry * z + tl.sum(kd, axis=0)
-        tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
-        if pid_d == 0:
-            tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
+                tl.store(den_out + rows, den, mask=t_ok & ((rel * 0 + tl.program_id(1)) == 0))
+            S, z = _absorb(S, z, kc, vc, g, tl.minimum(L - start, BC), rel, t_ok, True, V_DOT)
+        _store_state(s_out, z_out, S, z, bh, offs_f, offs_d, F, Dv)
 
     @triton.jit
-    def _full_fwd(fq, fk, v, s0, z0, num_part, den_part, s_out, z_out,
+    def _full_fwd(fq, fk, v, log_decay, s0, z0, num_part, den_part, s_out, z_out,
                   sq_b, sq_h, sq_l, sq_f, sk_b, sk_h, sk_l, sk_f, sv_b, sv_h, sv_l, sv_d,
                   H, Lq, Lk, F, Dv,
-                  HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr,
+                  HAS_STATE: tl.constexpr, NEED_DEN: tl.constexpr, DECAY: tl.constexpr,
                   Q_ONE: tl.constexpr, K_ONE: tl.constexpr, QK_DOT: tl.constexpr, V_DOT: tl.constexpr,
                   BC: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr):
-        """Every key visible: the state over all keys first, then every query reads it."""
-        pid_f = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        bh = tl.program_id(2)
-        n_bh = tl.num_programs(2)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        q_base = b * sq_b + h * sq_h
-        k_base = b * sk_b + h * sk_h
-        v_base = b * sv_b + h * sv_h
-        part = (pid_f * n_bh + bh).to(tl.int64) * Lq  # this program's rows of the partial outputs
-        num_out = num_part + part * Dv
-        den_out = den_part + part
-        offs_f = pid_f * BF + tl.arange(0, BF)
-        offs_d = pid_d * BD + tl.arange(0, BD)
+        """Every key visible: the state over all keys first (DECAY: as of the last key, for chunk_state),
+        then every query reads it."""
+        bh, q_base, k_base, v_base, num_out, den_out, offs_f, offs_d, g = _program(
+            num_part, den_part, log_decay, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, H, Lq, Dv, BF, BD)
         rel = tl.arange(0, BC)
-        f_ok = offs_f < F
         d_ok = offs_d < Dv
-        S, z = _initial_state(s0, z0, bh, offs_f, offs_d, f_ok, d_ok, F, Dv, HAS_STATE, BF, BD)
+        S, z = _initial_state(s0, z0, bh, offs_f, offs_d, F, Dv, HAS_STATE, BF, BD)
         for start in range(0, Lk, BC):
             offs_t = start + rel
             t_ok = offs_t < Lk
-            rows = offs_t
-            kc = _tile(fk, k_base, rows, t_ok, offs_f, F, sk_l, sk_f, K_ONE)
-            vc = _tile(v, v_base, rows, t_ok, offs_d, Dv, sv_l, sv_d, False)
-            S += tl.dot(tl.trans(kc.to(V_DOT)), vc.to(V_DOT))
-            z += tl.sum(kc.to(tl.float32), axis=0)
+            kc = _tile(fk, k_base, offs_t, t_ok, offs_f, F, sk_l, sk_f, K_ONE)
+            vc = _tile(v, v_base, offs_t, t_ok, offs_d, Dv, sv_l, sv_d, False)
+            S, z = _absorb(S, z, kc, vc, g, tl.minimum(Lk - start, BC), rel, t_ok, DECAY, V_DOT)
         for start in range(0, Lq, BC):
             offs_t = start + rel
             t_ok = offs_t < Lq
-            rows = offs_t
-            qc = _tile(fq, q_base, rows, t_ok, offs_f, F, sq_l, sq_f, Q_ONE)
-            tl.store(num_out + rows[:, None] * Dv + offs_d[None, :],
+            qc = _tile(fq, q_base, offs_t, t_ok, offs_f, F, sq_l, sq_f, Q_ONE)
+            tl.store(num_out + offs_t[:, None] * Dv + offs_d[None, :],
                      tl.dot(qc.to(QK_DOT), S.to(QK_DOT)), mask=t_ok[:, None] & d_ok[None, :])
             if NEED_DEN:  # one value block writes the row sums
-                tl.store(den_out + rows,
-                         tl.sum(qc.to(tl.float32) * z[None, :], axis=1), mask=t_ok & ((rel * 0 + pid_d) == 0))
-        tl.store(s_out + (bh * F + offs_f[:, None]) * Dv + offs_d[None, :], S, mask=f_ok[:, None] & d_ok[None, :])
-        if pid_d == 0:
-            tl.store(z_out + bh * F + offs_f, z, mask=f_ok)
+                tl.store(den_out + offs_t, tl.sum(qc.to(tl.float32) * z[None, :], axis=1),
+                         mask=t_ok & ((rel * 0 + tl.program_id(1)) == 0))
+        _store_state(s_out, z_out, S, z, bh, offs_f, offs_d, F, Dv)
 
 
 def _dot_dtype(*xs):
@@ -328,16 +423,22 @@ def _kernel_forward(fq, fk, v, log_decay, S0, z0, need_den, chunk, causal=True, 
     strides = (*fq.stride(), *fk.stride(), *v.stride())
     flags = {"HAS_STATE": has_state, "NEED_DEN": need_den, "Q_ONE": q_one, "K_ONE": k_one,
              "QK_DOT": _dot_dtype(fq, fk), "V_DOT": _dot_dtype(v), "BC": BC, "BF": BF, "BD": BD, "num_warps": warps}
+    g = torch.zeros(H, **f32) if log_decay is None else log_decay.detach().float().expand(H).contiguous()
     if causal:
-        g = torch.zeros(H, **f32) if log_decay is None else log_decay.detach().float().expand(H).contiguous()
         _causal_chunk_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, *strides, H, L, F, Dv,
                                 REVERSE=reverse, **flags)
     else:
-        assert log_decay is None and not reverse
-        _full_fwd[grid](fq, fk, v, s0, zz0, num_part, den_part, S, z, *strides, H, L, Lk, F, Dv, **flags)
+        assert not reverse
+        _full_fwd[grid](fq, fk, v, g, s0, zz0, num_part, den_part, S, z, *strides, H, L, Lk, F, Dv,
+                        DECAY=log_decay is not None, **flags)
     num = num_part.sum(0).view(B, H, L, Dv)
     den = den_part.sum(0).view(B, H, L) if need_den else None
     return num, den, S.view(B, H, F, Dv), z.view(B, H, F)
+
+
+def _state(fk, v, log_decay, S0, z0, chunk):
+    """The state (S, z) after the keys fk and values v: the full kernel with no queries."""
+    return _kernel_forward(fk[:, :, :0], fk, v, log_decay, S0, z0, False, chunk, causal=False)[2:]
 
 
 def _read_state(x, M, chunk):
@@ -404,10 +505,10 @@ def _full_backward(fq, fk, v, S0, z0, d_num, d_den, d_S, d_z, need_den, chunk):
     dev = fq.device
     d_num = _zeros_if_none(d_num, B, H, L, Dv, device=dev)
     dn = torch.cat([d_num, _zeros_if_none(d_den, B, H, L, device=dev).unsqueeze(-1)], -1) if need_den else d_num
-    _, _, S, z = _kernel_forward(fk[:, :, :0], fk, v, None, S0, z0, False, chunk, causal=False)
+    S, z = _state(fk, v, None, S0, z0, chunk)
     S_aug = torch.cat([S, z.unsqueeze(-1)], -1) if need_den else S
     dfq = _read_state(dn, S_aug.transpose(-1, -2), chunk)
-    _, _, dS, _ = _kernel_forward(fq[:, :, :0], fq, dn, None, None, None, False, chunk, causal=False)
+    dS, _ = _state(fq, dn, None, None, None, chunk)
     dSv = dS[..., :Dv] + (0 if d_S is None else d_S.float())
     dz = dS[..., Dv] if need_den else None
     if d_z is not None:
@@ -452,7 +553,7 @@ class _CausalChunked(torch.autograd.Function):
             leaves = [None if x is None else x.detach().float().requires_grad_(x.requires_grad) for x in saved]
             fq, fk, v, log_decay, S0, z0 = leaves
             state = None if S0 is None else (S0, z0)
-            num, den, (S, z) = causal_chunked(fq, fk, v, log_decay, state, ctx.need_den, ctx.chunk)
+            num, den, (S, z) = causal_chunked_reference(fq, fk, v, log_decay, state, ctx.need_den, ctx.chunk)
             pairs = [(o, d) for o, d in ((num, d_num), (S, d_S), (z, d_z), (den, d_den)) if d is not None]
             wrt = [x for x in leaves if x is not None and x.requires_grad]
             got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True)
@@ -462,27 +563,31 @@ class _CausalChunked(torch.autograd.Function):
         return (*result, None, None, None)
 
 
-def _compute_dtype(*xs):
-    """fp32, or fp64 when an input is fp64: the dtype of num, den and the state."""
-    dtype = torch.float32
-    for x in xs:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
-
-
-def causal_chunked_kernel(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
-    """As causal_chunked, with the forward and backward in Triton (CUDA, or the CPU under
-    TRITON_INTERPRET=1). fq, fk and v may have any strides and be fp32, fp16 or bf16 (each its own):
-    the kernels read them in place; num and den are fp32."""
+def causal_chunked(fq, fk, v, log_decay=None, state=None, need_den=True, chunk=CHUNK):
+    """Causal (`j <= i`) num, den and the final state (S, z), forward and backward in Triton (CUDA, or
+    the CPU under TRITON_INTERPRET=1): causal_chunked_reference's numbers. fq, fk and v may have any
+    strides and be fp32, fp16 or bf16 (each its own): the kernels read them in place. `log_decay`: [H]
+    (<= 0) or None; `state`: (S, z) or None."""
     S0, z0 = (None, None) if state is None else state
     num, den, S, z = _CausalChunked.apply(fq, fk, v, log_decay, S0, z0, need_den, chunk, True)
     dtype = _compute_dtype(fq, fk, v)
     return num.to(dtype), (den.to(dtype) if need_den else None), (S, z)
 
 
-def full_kernel(fq, fk, v, state=None, need_den=True, chunk=CHUNK):
-    """As full, with the forward and backward in Triton (inputs as for causal_chunked_kernel)."""
+def full(fq, fk, v, state=None, need_den=True, chunk=CHUNK):
+    """Every key visible (no decay): full_reference's numbers, forward and backward in Triton (inputs as
+    for causal_chunked)."""
     S0, z0 = (None, None) if state is None else state
     num, den, S, z = _CausalChunked.apply(fq, fk, v, None, S0, z0, need_den, chunk, False)
     dtype = _compute_dtype(fq, fk, v)
     return num.to(dtype), (den.to(dtype) if need_den else None), (S, z)
+
+
+def chunk_state(fk, v, log_decay=None, state=None, chunk=CHUNK):
+    """The state after the last key, (S [B, H, F, Dv], z [B, H, F]) in fp32: chunk_state_reference's
+    numbers, in Triton (fk and v read in place; a prefill's cache for recurrent_step). Forward only: for
+    gradients, take the state that causal_chunked or full returns."""
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (fk, v, log_decay, *(state or ()))):
+        raise ValueError("chunk_state: forward only; causal_chunked and full return a differentiable state")
+    S0, z0 = (None, None) if state is None else state
+    return _state(fk, v, log_decay, S0, z0, chunk)

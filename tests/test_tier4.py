@@ -417,13 +417,13 @@ def test_pytorch_form_takes_mixed_dtypes():
     q, k, v, _ = make("linear_elu", L=21, seed=11)
     fq, fk = (_elu1(x).float() for x in (q, k))
     vb = v.to(torch.bfloat16).transpose(2, 3).contiguous().transpose(2, 3)
-    num, den, (S, z) = linear.causal_chunked(fq, fk, vb, chunk=16)
-    knum, kden, (kS, kz) = linear.causal_chunked_kernel(fq, fk, vb, chunk=16)
+    num, den, (S, z) = linear.causal_chunked_reference(fq, fk, vb, chunk=16)
+    knum, kden, (kS, kz) = linear.causal_chunked(fq, fk, vb, chunk=16)
     assert num.dtype == knum.dtype == torch.float32
     for a, b in ((num, knum), (den, kden), (S, kS), (z, kz)):
         assert _rel(a, b.double()) <= 1e-5
-    full = linear.full(fq, fk, vb)
-    kfull = linear.full_kernel(fq, fk, vb, chunk=16)
+    full = linear.full_reference(fq, fk, vb)
+    kfull = linear.full(fq, fk, vb, chunk=16)
     assert _rel(full[0], kfull[0].double()) <= 1e-5 and _rel(full[1], kfull[1].double()) <= 1e-5
 
 

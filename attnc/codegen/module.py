@@ -20,7 +20,7 @@ import sympy
 from .. import __version__, ir
 from ..errors import BuildError
 from ..pipeline import Analyses, analyse
-from .families import decode, general, softmax
+from .families import decode, general, linear, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import UnsupportedExpression, torch_code, wrapped
@@ -197,48 +197,42 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-# The generated module's imports: torch, triton and attnc.runtime only. Helper modules are imported
-# where the module's code uses them (its alias followed by a dot), so the module stays lint-clean.
+# The generated module's imports: torch, triton and attnc.runtime only. The family names the runtime
+# modules its module always calls; helper modules are imported where the module's code uses them (its
+# alias followed by a dot), so the module stays lint-clean.
 _OPTIONAL_IMPORTS = (
     ("math.", "import math\n\n", ""),
     ("I.", "", "from attnc.runtime import intervals as I\n"),
+    ("R.", "", "from attnc.runtime import ref_helpers as R\n"),
     ("rt.", "", "from attnc.runtime import tl_helpers as rt\n"),
 )
+_KERNEL_RUNTIME = ("checks", "decoding", "launch", "ops")  # what a module of quadratic kernels calls
 
 
-def _imports(body: str) -> str:
+def _imports(body: str, runtime: tuple[str, ...], triton: bool) -> str:
+    """The import lines of a module whose code is `body`, which calls the attnc.runtime modules `runtime`
+    and, when `triton`, defines Triton kernels."""
     used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    modules = ["checks", "decoding", "launch", "ops"]
-    modules += [m for m in ("merge", "scatter") if re.search(rf"(?<![\w.]){m}\.", body)]
-    runtime = ", ".join(sorted(modules))
-    ours = sorted([f"from attnc.runtime import {runtime}\n", "from attnc.runtime import plan as tile_plan\n",
-                   "from attnc.runtime import ref_helpers as R\n"] + [o for _, o in used if o])
-    return ("".join(s for s, _ in used) + "import torch\nimport triton\nimport triton.language as tl\n"
-            + "".join(ours) + "from attnc.runtime.launch import kernel_configs\n")
+    modules = list(runtime) + [m for m in ("merge", "scatter") if re.search(rf"(?<![\w.]){m}\.", body)]
+    ours = sorted([f"from attnc.runtime import {', '.join(sorted(modules))}\n",
+                   "from attnc.runtime import plan as tile_plan\n"] + [o for _, o in used if o])
+    third_party = "import torch\n" + ("import triton\nimport triton.language as tl\n" if triton else "")
+    kernel_configs = "from attnc.runtime.launch import kernel_configs\n" if triton else ""
+    return "".join(s for s, _ in used) + third_party + "".join(ours) + kernel_configs
 
 
-def _linear_context(a: Analyses) -> dict:
-    """The context of templates/linear.py.j2: a chunked linear-attention module."""
-    from .families import linear
-
-    return {
-        **_spec_context(a.variant),
-        "lin": linear.build(a.variant, a.algorithm.factorization),
-    }
+def _render(variant: ir.Variant, template: str, ctx: dict, runtime: tuple[str, ...], triton: bool) -> str:
+    source = _environment().get_template(template).render(**ctx)
+    source = wrap_long_lines(source.replace("#@IMPORTS@#\n", _imports(source, runtime, triton)))
+    compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
+    return source
 
 
 def generate_module(variant: ir.Variant) -> str:
     """The full source of the generated module for `variant`."""
     a = analyse(variant)
     if a.algorithm is not None and a.algorithm.name == "chunked":
-        source = _environment().get_template("linear.py.j2").render(**_linear_context(a))
-        uses_r = re.search(r"(?<![\w.])R\.", source) is not None
-        imports = ("import math\n\n" if re.search(r"(?<![\w.])math\.", source) else "") + "import torch\n" + (
-            ("from attnc.runtime import checks, launch, linear\n" if "launch." in source else "from attnc.runtime import checks, linear\n") + "from attnc.runtime import plan as tile_plan\n" + ("from attnc.runtime import ref_helpers as R\n" if uses_r else ""))
-        source = wrap_long_lines(source.replace("#@IMPORTS@#\n", imports))
-        compile(source, f"<attnc:{variant.name}>", "exec")
-        return source
-    source = _environment().get_template("module.py.j2").render(**context(a))
-    source = wrap_long_lines(source.replace("#@IMPORTS@#\n", _imports(source)))
-    compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
-    return source
+        family = linear.FAMILY
+        return _render(variant, family.template, {**_spec_context(variant), **family.context(a)}, family.runtime,
+                       family.triton)
+    return _render(variant, "module.py.j2", context(a), _KERNEL_RUNTIME, triton=True)

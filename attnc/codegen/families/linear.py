@@ -1,15 +1,17 @@
 """The linear-attention family: what templates/linear.py.j2 needs from a factorization
-(attnc/analysis/factorize.py), printed as torch code."""
+(attnc/analysis/factorize.py), printed as torch code. `FAMILY` is its entry point: the template,
+the attnc.runtime modules the module calls, and the family's context for the template."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import sympy
 from sympy.core.function import AppliedUndef
 
 from ... import ir
-from ...analysis.factorize import Factorization, R
+from ...analysis.factorize import Algorithm, Factorization, R
 from ...errors import BuildError
 from ..printers import torch_code
 
@@ -106,3 +108,27 @@ def build(v: ir.Variant, fact: Factorization) -> LinearBody:
         reads_lk=ir.SIZES["Lk"] in used or (ir.visible in used and not fact.causal),
         stateless=bool(used & (sizes | {ir.visible})) or fact.beta != 0,
     )
+
+
+class Analysed(Protocol):
+    """What the family reads of the analyses: the spec and its factorized algorithm."""
+
+    variant: ir.Variant
+    algorithm: Algorithm
+
+
+@dataclass(frozen=True)
+class LinearFamily:
+    """A chunked linear-attention module: templates/linear.py.j2 over the chunked primitives of
+    attnc/runtime/linear.py (no Triton code of its own)."""
+
+    template: str = "linear.py.j2"
+    runtime: tuple[str, ...] = ("checks", "launch", "linear")  # the attnc.runtime modules every such module calls
+    triton: bool = False  # the module defines no Triton kernels (they are in attnc/runtime/linear.py)
+
+    def context(self, a: Analysed) -> dict:
+        """The family's part of the template context (the spec's part is module.py's _spec_context)."""
+        return {"lin": build(a.variant, a.algorithm.factorization)}
+
+
+FAMILY = LinearFamily()
