@@ -18,15 +18,15 @@ import jinja2
 import sympy
 
 from .. import __version__, ir
+from ..analysis.record import Analyses
 from ..errors import BuildError
-from ..pipeline import Analyses, analyse
 from .families import decode, general, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import UnsupportedExpression, torch_code, wrapped
-from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands
+from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands, walk_cells
 
-__all__ = ["BuildError", "generate_module"]
+__all__ = ["BuildError", "attention_module", "formatted", "linear_module"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,7 @@ def context(a: Analyses) -> dict:
         **_spec_context(v),
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
+        "cells": walk_cells(v, a.walk),
         "body": body,
         **_decoding(v, a, is_general),
         "decode_bands": decode_bands(v, a.walk, a.clauses),
@@ -227,18 +228,24 @@ def _linear_context(a: Analyses) -> dict:
     }
 
 
-def generate_module(variant: ir.Variant) -> str:
-    """The full source of the generated module for `variant`."""
-    a = analyse(variant)
-    if a.algorithm is not None and a.algorithm.name == "chunked":
-        source = _environment().get_template("linear.py.j2").render(**_linear_context(a))
-        uses_r = re.search(r"(?<![\w.])R\.", source) is not None
-        imports = ("import math\n\n" if re.search(r"(?<![\w.])math\.", source) else "") + "import torch\n" + (
-            ("from attnc.runtime import checks, launch, linear\n" if "launch." in source else "from attnc.runtime import checks, linear\n") + "from attnc.runtime import plan as tile_plan\n" + ("from attnc.runtime import ref_helpers as R\n" if uses_r else ""))
-        source = wrap_long_lines(source.replace("#@IMPORTS@#\n", imports))
-        compile(source, f"<attnc:{variant.name}>", "exec")
-        return source
+def linear_module(a: Analyses) -> str:
+    """The source of the chunked linear-attention module (templates/linear.py.j2)."""
+    source = _environment().get_template("linear.py.j2").render(**_linear_context(a))
+    uses_r = re.search(r"(?<![\w.])R\.", source) is not None
+    imports = ("import math\n\n" if re.search(r"(?<![\w.])math\.", source) else "") + "import torch\n" + (
+        ("from attnc.runtime import checks, launch, linear\n" if "launch." in source else "from attnc.runtime import checks, linear\n") + "from attnc.runtime import plan as tile_plan\n" + ("from attnc.runtime import ref_helpers as R\n" if uses_r else ""))
+    return source.replace("#@IMPORTS@#\n", imports)
+
+
+def attention_module(a: Analyses) -> str:
+    """The source of a softmax or general module on the tile walks (templates/module.py.j2)."""
     source = _environment().get_template("module.py.j2").render(**context(a))
-    source = wrap_long_lines(source.replace("#@IMPORTS@#\n", _imports(source)))
-    compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
+    return source.replace("#@IMPORTS@#\n", _imports(source))
+
+
+def formatted(source: str, name: str) -> str:
+    """A generated module's source with its long lines wrapped, compiled once: a generator bug must fail
+    here, not at import."""
+    source = wrap_long_lines(source)
+    compile(source, f"<attnc:{name}>", "exec")
     return source
