@@ -36,7 +36,7 @@ from ..analysis.walks import (
 )
 from ..errors import BuildError
 from .interval_code import MaskCells, mask_cells
-from .names import ident
+from .names import ident, torch_loads
 from .printers import UnsupportedExpression, torch_code, triton_code, wrapped
 
 
@@ -409,16 +409,18 @@ class BandBounds:
         return f"{self.name}({self._arguments(q, h)})"
 
 
-def _bound_code(expr, default: str, names: dict) -> str:
-    """A bound in Triton as a tensor shaped like q_pos: a bound that reads no query position (a
-    constant, Lk - 1, a per-head value) is broadcast to it."""
+_ZEROS = "tl.zeros_like(q_pos)"  # a tensor shaped like the query positions
+
+
+def _bound_code(expr, names: dict, unbounded: str) -> str:
+    """A bound in Triton as a tensor shaped like q_pos (a decode's rows, a tile's corner): a bound that
+    reads no query position (a constant, a per-head value, `unbounded` where there is no bound) is
+    broadcast to it."""
     if expr is not None and ir.q in expr.free_symbols:
         return triton_code(expr, names)
-    if expr is None or expr == 0:
-        code = default
-    else:
-        code = triton_code(expr, names)
-    return "tl.zeros_like(q_pos)" if code == "0" else f"{code} + tl.zeros_like(q_pos)"
+    if expr is not None and expr.is_zero:
+        return _ZEROS
+    return f"{unbounded if expr is None else triton_code(expr, names)} + {_ZEROS}"
 
 
 def band_bounds(variant: ir.Variant, clause: Clause, name: str) -> BandBounds:
@@ -429,8 +431,6 @@ def band_bounds(variant: ir.Variant, clause: Clause, name: str) -> BandBounds:
     host = {ir.b: "b_idx", ir.h: "h_idx", ir.q: "q_pos"}
     host.update({sym: name for name, sym in ir.SIZES.items()})
     host.update({p.symbol: ident(p.name) for p in variant.params})
-    from .names import torch_loads
-
     host.update(torch_loads(clause.lo, clause.hi, names=host))
 
     def at(expr, default):
@@ -443,8 +443,8 @@ def band_bounds(variant: ir.Variant, clause: Clause, name: str) -> BandBounds:
     args += [n for n in SIZE_NAMES if n in ir.SIZES and ir.SIZES[n] in reads]
     return BandBounds(
         name=name,
-        lo=_bound_code(clause.lo, "0", names),
-        hi=_bound_code(clause.hi, "Lk - 1", names),
+        lo=_bound_code(sympy.Integer(0) if clause.lo is None else clause.lo, names, "0"),
+        hi=_bound_code(clause.hi, names, "Lk - 1"),
         loads=tuple(loads),
         torch_lo=at(clause.lo, "0"), torch_hi=at(clause.hi, "Lk - 1"),
         text=band_text(clause),
