@@ -394,19 +394,25 @@ class BandBounds:
     text: str
     reads_b: bool  # the helper takes off_b
     reads_h: bool  # ... off_h (a decode passes each row's head)
-    args: tuple[str, ...]  # the spec's inputs and the sizes the bounds read, in the signature's order
+    inputs: tuple[str, ...]  # the spec's inputs the bounds read, in the signature's order
+    sizes: tuple[str, ...]  # ... and sizes
 
-    def _arguments(self, q: str, h: str) -> str:
-        return ", ".join([q] + ["off_b"] * self.reads_b + [h] * self.reads_h + list(self.args))
+    def _reads(self, h: str, sizes: tuple[str, ...]) -> list[str]:
+        return ["off_b"] * self.reads_b + [h] * self.reads_h + [*self.inputs, *sizes]
 
     @property
     def params(self) -> str:
         """The helper's parameters (the index names SCALAR spells)."""
-        return self._arguments(SCALAR.q, SCALAR.h)
+        return ", ".join([SCALAR.q, *self._reads(SCALAR.h, self.sizes)])
 
     def call(self, q: str, h: str) -> str:
         """The helper called for query positions `q` of heads `h`."""
-        return f"{self.name}({self._arguments(q, h)})"
+        return f"{self.name}({', '.join([q, *self._reads(h, self.sizes)])})"
+
+    def search_args(self, h: str) -> str:
+        """What `_first_query_tile` takes past its flags (and passes on to the helper): what the bounds
+        read, and Lq (it bisects over the query tiles)."""
+        return ", ".join(self._reads(h, tuple(n for n in SIZE_NAMES if n in (*self.sizes, "Lq"))))
 
 
 _ZEROS = "tl.zeros_like(q_pos)"  # a tensor shaped like the query positions
@@ -438,9 +444,8 @@ def band_bounds(variant: ir.Variant, clause: Clause, name: str) -> BandBounds:
 
     reads = band_reads(clause) | ({ir.SIZES["Lk"]} if clause.hi is None else set())
     tensors = {load.func.__name__ for e in (clause.lo, clause.hi) if e is not None for load in e.atoms(AppliedUndef)}
-    args = [a.name for t in variant.tensors if t.name in tensors for a in _tensor_args(t)]
-    args += [ident(p.name) for p in variant.params if p.symbol in reads]
-    args += [n for n in SIZE_NAMES if n in ir.SIZES and ir.SIZES[n] in reads]
+    inputs = [a.name for t in variant.tensors if t.name in tensors for a in _tensor_args(t)]
+    inputs += [ident(p.name) for p in variant.params if p.symbol in reads]
     return BandBounds(
         name=name,
         lo=_bound_code(sympy.Integer(0) if clause.lo is None else clause.lo, names, "0"),
@@ -448,7 +453,8 @@ def band_bounds(variant: ir.Variant, clause: Clause, name: str) -> BandBounds:
         loads=tuple(loads),
         torch_lo=at(clause.lo, "0"), torch_hi=at(clause.hi, "Lk - 1"),
         text=band_text(clause),
-        reads_b=ir.b in reads, reads_h=ir.h in reads, args=tuple(args),
+        reads_b=ir.b in reads, reads_h=ir.h in reads, inputs=tuple(inputs),
+        sizes=tuple(n for n in SIZE_NAMES if n in ir.SIZES and ir.SIZES[n] in reads),
     )
 
 
