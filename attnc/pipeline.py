@@ -9,7 +9,7 @@
     Analyses   --family-->   Family         attnc/analysis/record.py     (softmax, general or linear)
     Analyses   --generate--> Python source  attnc/codegen/module.py      (the family's kernels on the walk,
                                                                          templates/*.j2, sympy printers)
-    source     --format-->   Python source  attnc/codegen/layout.py      (long lines wrapped, then compiled)
+    source     --format-->   Python source  attnc/codegen/layout.py      (long lines wrapped; compiled once)
 
 `analyse` returns one record (attnc/analysis/record.py) that the code generator, `attnc ir` and the
 benchmarks all read, so no consumer runs an analysis again. `generate_module` runs the stages after the checker.

@@ -5,8 +5,8 @@ A kernel of any family is the same frame: a program owns a query tile (forward, 
 key tile (dK/dV), walks the tiles of the other side that the mask lets through, and calls the family's
 tile function on each. How the tiles are found is the spec's `TileWalk` (attnc/analysis/walks.py),
 whose loops are the macros of its template (templates/walks/*.j2); this module prints what those
-macros print: the band's bounds (`BandBounds`) and, through attnc/codegen/interval_code.py, the mask's
-interval form (`walk_code`).
+macros print: the band's bounds (`BandBounds`, in the signature) and, through
+attnc/codegen/interval_code.py, the mask's interval form for list walks (`walk_cells`).
 
 Each walk emits FULL tiles and PARTIAL tiles as separate loops whose bodies load unconditionally, so
 Triton's software pipeliner can overlap the next tile's loads with this tile's math; the mask is
