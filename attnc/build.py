@@ -17,9 +17,14 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from .codegen.module import generate_module
 from .errors import SpecError
-from .pipeline import MAX_SPEC_BYTES, compile_file, compile_text, read_spec
+from .pipeline import (
+    MAX_SPEC_BYTES,
+    compile_file,
+    compile_text,
+    generate_module,
+    read_spec,
+)
 
 
 def build_source(path: str | Path) -> str:

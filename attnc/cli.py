@@ -50,7 +50,7 @@ def check(specs):
             _fail(err)
             failed = True
             continue
-        from .pipeline import analyse
+        from .pipeline import Family, analyse, choose_family
 
         try:
             analyses = analyse(variant)  # the pipeline's one record of analyses
@@ -59,9 +59,8 @@ def check(specs):
             failed = True
             continue
         rows = analyses.rows
-        kind = "softmax" if rows.softmax is not None else "general"
-        if analyses.algorithm.name == "chunked":
-            kind = "linear attention, chunked"
+        kind = {Family.SOFTMAX: "softmax", Family.GENERAL: "general",
+                Family.LINEAR: "linear attention, chunked"}[choose_family(analyses)]
         params = [p.name for p in variant.params]
         inputs = [t.name + ("*" if t.learnable else "") for t in variant.tensors]
         click.echo(f"{path}: ok: attention {variant.name} ({kind}, {rows.passes} pass"
@@ -89,8 +88,8 @@ def _build_one(path, out_dir):
     from pathlib import Path
 
     from .build import write_module
-    from .codegen.module import generate_module
     from .errors import BuildError
+    from .pipeline import generate_module
 
     try:
         variant = compile_file(path)

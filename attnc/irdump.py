@@ -10,6 +10,7 @@ import sympy
 from sympy.printing.str import StrPrinter
 
 from . import ir
+from .analysis.factorize import AlgorithmKind
 from .pipeline import Analyses
 
 
@@ -177,15 +178,14 @@ def dump(analyses: Analyses) -> str:
     if rows.visible is not None and rows.softmax is not None:
         out.append(f"visible    {spec_str(rows.visible)}")
     out.append(f"passes     {rows.passes} over the keys")
-    chunked = analyses.algorithm is not None and analyses.algorithm.name == "chunked"
+    chunked = analyses.algorithm.kind is AlgorithmKind.CHUNKED
     if rows.softmax is None and not chunked:
         out += _backward_lines(variant, rows)
     if chunked:
         out.append("backward   autograd through the chunked form (deterministic; docs/linear.md)")
-    if analyses.algorithm is not None:
-        alg = analyses.algorithm
-        out.append(f"algorithm  {alg.name}: {alg.reason}" if alg.name == "chunked" else
-                   f"algorithm  quadratic (not linear attention: {alg.reason})")
+    alg = analyses.algorithm
+    out.append(f"algorithm  {alg.name}: {alg.reason}" if chunked else
+               f"algorithm  quadratic (not linear attention: {alg.reason})")
     return "\n".join(out) + "\n"
 
 

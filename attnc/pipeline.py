@@ -1,26 +1,33 @@
-"""The compiler's passes, in order. Each line is one module with one job; data flows one way.
+"""The compiler's driver: the only module that calls the stages, in order, one line each; data flows one way.
 
-    text     --parse-->    ast.Spec       attnc/parse.py             (grammar/attn.lark, positions kept)
-    AST      --check-->    ir.Variant     attnc/check.py             (names, types, indices; SpecError)
-    IR       --analyse-->  Analyses       attnc/analysis/rowstats.py (row statistics and passes)
-                                          attnc/analysis/bounds.py   (the mask's key ranges)
-                                          attnc/codegen/skeleton.py  (the tile walk: band, lists, all)
-    Analyses --generate--> Python source  attnc/codegen/module.py    (a family's body on the skeleton,
-                                                                     templates/*.j2, sympy printers)
+    text       --parse-->    ast.Spec       attnc/parse.py               (grammar/attn.lark, positions kept)
+    AST        --check-->    ir.Variant     attnc/check.py               (names, types, indices; SpecError)
+    IR         --analyse-->  Analyses       attnc/analysis/rowstats.py   (row statistics and passes)
+                                            attnc/analysis/bounds.py     (the mask's key ranges)
+                                            attnc/analysis/walks.py      (the tile walk: band, lists, all)
+                                            attnc/analysis/factorize.py  (linear attention: chunked or not)
+    Analyses   --family-->   Family         attnc/analysis/record.py     (softmax, general or linear)
+    Analyses   --generate--> Python source  attnc/codegen/module.py      (the family's kernels on the walk,
+                                                                         templates/*.j2, sympy printers)
+    source     --format-->   Python source  attnc/codegen/layout.py      (long lines wrapped; compiled once)
 
-`analyse` returns one record that the code generator, `attnc ir` and the benchmarks all read, so no
-consumer runs an analysis again.
+`analyse` returns one record (attnc/analysis/record.py) that the code generator, `attnc ir` and the
+benchmarks all read, so no consumer runs an analysis again. `generate_module` runs the stages after the checker.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import check as _check
 from . import ir
 from . import parse as _parse
+from .analysis import bounds, factorize, rowstats, walks
+from .analysis.record import Analyses, Family, choose_family
+from .codegen import interval_code, module
 from .errors import SpecError
+
+__all__ = ["Analyses", "Family", "analyse", "choose_family", "compile_file", "compile_text", "generate_module"]
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few lines; refuse megabytes of junk before parsing it
 
@@ -58,36 +65,33 @@ def compile_file(path: str | Path) -> ir.Variant:
     return compile_text(*reversed(read_spec(path)))
 
 
-@dataclass(frozen=True)
-class Analyses:
-    """Everything the analyses know about one spec."""
-
-    variant: ir.Variant
-    rows: object  # analysis.rowstats.RowPlan: softmax or general, row statistics, passes
-    clauses: tuple  # analysis.bounds.Clause: the mask as key ranges lo(q) <= kv <= hi(q)
-    walk: object  # codegen.skeleton.TileWalk: how kernels find their tiles
-    algorithm: object = None  # analysis.factorize.Algorithm: "chunked" (linear attention) or "quadratic"
-
-
 def analyse(variant: ir.Variant) -> Analyses:
-    """IR -> the analyses, in order: row statistics, key ranges, then the tile walk they imply."""
-    from .analysis import bounds, rowstats
-    from .codegen.skeleton import choose_walk
-
+    """IR -> the analyses, in order: row statistics, key ranges, the tile walk they imply, the algorithm."""
     rows = rowstats.plan_rows(variant)  # 3. row statistics, passes, softmax recognition
     clauses = bounds.key_clauses(variant.mask)  # 4. key ranges of the mask
-    walk = choose_walk(variant, clauses)  # 5. tile walk: closed-form band, plan lists, all, or unplanned
+    walk = walks.choose_walk(variant, clauses, interval_code.interval_gap)  # 5. band, plan lists, all, unplanned
     algorithm = choose_algorithm(variant)  # 6. linear attention: chunked when the weight factorizes
     return Analyses(variant, rows, clauses, walk, algorithm)
 
 
-def choose_algorithm(variant: ir.Variant):
-    """"chunked" where the weight factorizes (attnc/analysis/factorize.py), else "quadratic"; a spec with
-    a feature map must factorize (the quadratic kernels cannot evaluate one)."""
-    from .analysis import factorize
+# the generator of each family: the linear family has its own module (templates/linear.py.j2)
+_GENERATORS = {Family.SOFTMAX: module.attention_module, Family.GENERAL: module.attention_module,
+               Family.LINEAR: module.linear_module}
 
+
+def generate_module(variant: ir.Variant) -> str:
+    """Checked IR -> the generated module's source."""
+    analyses = analyse(variant)  # 3.-6.
+    family = choose_family(analyses)  # 7. softmax, general or linear
+    source = _GENERATORS[family](analyses)  # 8. the family's module
+    return module.formatted(source, variant.name)  # 9. long lines wrapped; compiled once
+
+
+def choose_algorithm(variant: ir.Variant):
+    """Chunked where the weight factorizes (attnc/analysis/factorize.py), else quadratic; a spec with
+    a feature map must factorize (the quadratic kernels cannot evaluate one)."""
     algorithm = factorize.factorize(variant)
-    if variant.features and algorithm.name != "chunked":
+    if variant.features and algorithm.kind is not factorize.AlgorithmKind.CHUNKED:
         # at the statement that does not factorize; where that is unknown or not written (probs left
         # to the default softmax), at the feature map that asks for linear attention
         failed = algorithm.failed_at and variant.spans.of(algorithm.failed_at)

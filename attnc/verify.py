@@ -105,10 +105,11 @@ def cases(variant: ir.Variant, length: int | None = None) -> list[Case]:
     L = fixed or length or default_length(variant)
     equal = variant.needs_equal_lengths or fixed is not None
     if not equal:  # causal linear attention (the chunked algorithm) runs queries and keys on one axis
+        from .analysis.factorize import AlgorithmKind
         from .pipeline import choose_algorithm
 
         algorithm = choose_algorithm(variant)
-        equal = algorithm.name == "chunked" and algorithm.factorization.causal
+        equal = algorithm.kind is AlgorithmKind.CHUNKED and algorithm.factorization.causal
     out = []
     if fixed is not None and fixed > 128:
         # Long multi-dimensional layouts cost minutes per case in Triton's interpreter: one grouped-head

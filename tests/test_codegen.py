@@ -13,8 +13,7 @@ import torch
 
 import attnc
 from attnc.build import build_source, cache_key, load_text
-from attnc.codegen.module import generate_module
-from attnc.pipeline import compile_text
+from attnc.pipeline import compile_text, generate_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas

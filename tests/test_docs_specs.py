@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from attnc.codegen.module import generate_module
-from attnc.pipeline import compile_text
+from attnc.pipeline import compile_text, generate_module
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from attnc.codegen.module import generate_module
-from attnc.pipeline import analyse, compile_text
+from attnc.analysis.walks import AllTiles, BandTiles, ListTiles
+from attnc.pipeline import analyse, compile_text, generate_module
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -110,10 +110,10 @@ def test_tile_loops_are_branch_free_and_masks_only_partial(name):
 
 
 def test_walks_follow_the_mask():
-    modes = {name: analyse(compile_text((EXAMPLES / f"{name}.attn").read_text())).walk.mode
+    walks = {name: type(analyse(compile_text((EXAMPLES / f"{name}.attn").read_text())).walk)
              for name in ("full", "causal", "sliding_window", "alibi", "document", "prefix_lm", "neighborhood_2d")}
-    assert modes == {"full": "all", "causal": "band", "sliding_window": "band", "alibi": "band",
-                     "document": "lists", "prefix_lm": "lists", "neighborhood_2d": "lists"}
+    assert walks == {"full": AllTiles, "causal": BandTiles, "sliding_window": BandTiles, "alibi": BandTiles,
+                     "document": ListTiles, "prefix_lm": ListTiles, "neighborhood_2d": ListTiles}
 
 
 def test_offsets_are_int64_and_softmax_uses_exp2():

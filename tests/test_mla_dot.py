@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnc.codegen.module import generate_module
 from attnc.errors import SpecError
-from attnc.pipeline import compile_text
+from attnc.pipeline import compile_text, generate_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spec_helpers import _check as check_kernels

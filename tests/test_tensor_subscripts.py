@@ -256,7 +256,7 @@ def test_refused_with_file_line_col(name):
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_generated_modules_are_lint_clean(tmp_path):
-    from attnc.codegen.module import generate_module
+    from attnc.pipeline import generate_module
 
     specs = {"t5_bias": T5, "gather_mask": GATHER,
              "rel_bias": "const R = 3\ninput rel: float[Hq, 2 * R + 1]\nmask kv <= q\nscore s + rel[h, q - kv + R]",

@@ -26,6 +26,7 @@ quadratic kernels; `reason` says why.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from dataclasses import dataclass
 
@@ -66,12 +67,21 @@ class Factorization:
         return f"W = {w}; mask {'causal' if self.causal else 'full'}; normalization {norm}"
 
 
+class AlgorithmKind(enum.Enum):
+    CHUNKED = "chunked"  # linear attention: the weight factorizes, a running state per chunk
+    QUADRATIC = "quadratic"  # every query meets every key it sees (the tile walks)
+
+
 @dataclass(frozen=True)
 class Algorithm:
-    name: str  # "chunked" | "quadratic"
+    name: str  # "chunked" | "quadratic": the kind's value, as `attnc ir` and the modules print it
     reason: str
     factorization: Factorization | None = None
     failed_at: ir.Statement | None = None  # quadratic: the statement that does not factorize, None if unknown
+
+    @property
+    def kind(self) -> AlgorithmKind:
+        return AlgorithmKind.QUADRATIC if self.factorization is None else AlgorithmKind.CHUNKED
 
 
 def _quadratic(failed_at: ir.Statement, reason: str) -> Algorithm:

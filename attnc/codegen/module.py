@@ -18,15 +18,15 @@ import jinja2
 import sympy
 
 from .. import __version__, ir
+from ..analysis.record import Analyses
 from ..errors import BuildError
-from ..pipeline import Analyses, analyse
 from .families import decode, general, linear, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import UnsupportedExpression, torch_code, wrapped
-from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands
+from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands, walk_cells
 
-__all__ = ["BuildError", "generate_module"]
+__all__ = ["BuildError", "attention_module", "formatted", "linear_module"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,7 @@ def context(a: Analyses) -> dict:
         **_spec_context(v),
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
+        "cells": walk_cells(v, a.walk),
         "body": body,
         **_decoding(v, a, is_general),
         "decode_bands": decode_bands(v, a.walk, a.clauses),
@@ -221,18 +222,26 @@ def _imports(body: str, runtime: tuple[str, ...], triton: bool) -> str:
     return "".join(s for s, _ in used) + third_party + "".join(ours) + kernel_configs
 
 
-def _render(variant: ir.Variant, template: str, ctx: dict, runtime: tuple[str, ...], triton: bool) -> str:
+def _render(template: str, ctx: dict, runtime: tuple[str, ...], triton: bool) -> str:
     source = _environment().get_template(template).render(**ctx)
-    source = wrap_long_lines(source.replace("#@IMPORTS@#\n", _imports(source, runtime, triton)))
-    compile(source, f"<attnc:{variant.name}>", "exec")  # a generator bug must fail here, not at import
+    return source.replace("#@IMPORTS@#\n", _imports(source, runtime, triton))
+
+
+def linear_module(a: Analyses) -> str:
+    """The source of the chunked linear-attention module (templates/linear.py.j2)."""
+    family = linear.FAMILY
+    return _render(family.template, {**_spec_context(a.variant), **family.context(a)}, family.runtime,
+                   family.triton)
+
+
+def attention_module(a: Analyses) -> str:
+    """The source of a softmax or general module on the tile walks (templates/module.py.j2)."""
+    return _render("module.py.j2", context(a), _KERNEL_RUNTIME, triton=True)
+
+
+def formatted(source: str, name: str) -> str:
+    """A generated module's source with its long lines wrapped, compiled once: a generator bug must fail
+    here, not at import."""
+    source = wrap_long_lines(source)
+    compile(source, f"<attnc:{name}>", "exec")
     return source
-
-
-def generate_module(variant: ir.Variant) -> str:
-    """The full source of the generated module for `variant`."""
-    a = analyse(variant)
-    if a.algorithm is not None and a.algorithm.name == "chunked":
-        family = linear.FAMILY
-        return _render(variant, family.template, {**_spec_context(variant), **family.context(a)}, family.runtime,
-                       family.triton)
-    return _render(variant, "module.py.j2", context(a), _KERNEL_RUNTIME, triton=True)

@@ -1,16 +1,12 @@
-"""The kernel skeleton shared by every kernel family: tile walks, signatures, loads and names.
+"""The kernel skeleton shared by every kernel family: index spellings, signatures, loads and the walk's
+printed pieces.
 
 A kernel of any family is the same frame: a program owns a query tile (forward, dQ, row adjoints) or a
 key tile (dK/dV), walks the tiles of the other side that the mask lets through, and calls the family's
-tile function on each. What differs between masks is only *how the tiles are found*; that is a
-`TileWalk`, computed once per spec, one class per mode:
-
-    AllTiles       no mask: every tile FULL (the tile cut by Lk is PARTIAL in the forward and dQ)
-    BandTiles      one clause lo(q) <= kv <= hi(q), bounds non-decreasing in q (causal, windows,
-                   1-D neighbourhoods): key ranges in closed form inside the kernels, no plan at all
-    ListTiles      everything the interval rules cover: per-tile lists built on the host by
-                   runtime/plan.py from the interval form of the mask (attnc/codegen/plan.py)
-    UnplannedTiles a mask outside the interval rules: every tile PARTIAL (none in the catalog)
+tile function on each. How the tiles are found is the spec's `TileWalk` (attnc/analysis/walks.py),
+whose loops are the macros of its template (templates/walks/*.j2); this module prints what those
+macros print: the band's bounds (`BandBounds`, in the signature) and, through
+attnc/codegen/interval_code.py, the mask's interval form for list walks (`walk_cells`).
 
 Each walk emits FULL tiles and PARTIAL tiles as separate loops whose bodies load unconditionally, so
 Triton's software pipeliner can overlap the next tile's loads with this tile's math; the mask is
@@ -22,7 +18,7 @@ parameters, the tile functions' parameters and the launch's arguments.
 
 from __future__ import annotations
 
-import re
+import enum
 from dataclasses import dataclass
 
 import sympy
@@ -30,28 +26,65 @@ from sympy.core.function import AppliedUndef
 
 from .. import ir
 from ..analysis.bounds import Clause
+from ..analysis.walks import (
+    BandTiles,
+    ListTiles,
+    TileWalk,
+    band_reads,
+    band_text,
+    decode_clauses,
+)
 from ..errors import BuildError
-from .names import ident
-from .plan import interval_function
+from .interval_code import MaskCells, mask_cells
+from .names import ident, torch_loads
 from .printers import UnsupportedExpression, torch_code, triton_code, wrapped
 
+
 # ---- names: how IR symbols read inside a kernel -----------------------------------------------------
-TILE = {"b": "off_b", "h": "off_h", "q": "offs_m[:, None]", "kv": "offs_n[None, :]"}  # [BLOCK_M, BLOCK_N]
+class Shape(enum.Enum):
+    """How a spelling's values are laid out: what its index codes broadcast to."""
+
+    QUERY_MAJOR = enum.auto()  # a [BLOCK_M, BLOCK_N] tile: queries are its rows
+    KEY_MAJOR = enum.auto()  # a [BLOCK_N, BLOCK_M] tile (dK/dV): keys are its rows
+    ROWS = enum.auto()  # one value per query row: no key index
+    POINT = enum.auto()  # one query position (the band's bounds): in range by construction
+
+
+@dataclass(frozen=True)
+class Indices:
+    """How the indices b, h, q and kv read in one place of a kernel (None: not available there)."""
+
+    b: str
+    h: str
+    q: str
+    kv: str | None
+    shape: Shape
+    # split-KV decoding packs the query heads of a KV group and the new queries into the tile's rows
+    # (templates/decode.py.j2): no dot() of feature vectors there yet
+    packed_rows: bool = False
+
+    def code(self, index: str) -> str | None:
+        return {"b": self.b, "h": self.h, "q": self.q, "kv": self.kv}[index]
+
+    def items(self) -> tuple[tuple[str, str | None], ...]:
+        return tuple((index, self.code(index)) for index in ir.INDICES)
+
+
+TILE = Indices("off_b", "off_h", "offs_m[:, None]", "offs_n[None, :]", Shape.QUERY_MAJOR)  # [BLOCK_M, BLOCK_N]
 # dK/dV tiles are key-major, [BLOCK_N, BLOCK_M] (see [Note] key-major tiles in templates/skeleton.py.j2)
-TILE_T = {"b": "off_b", "h": "off_h", "q": "offs_m[None, :]", "kv": "offs_n[:, None]"}
-ROW = {"b": "off_b", "h": "off_h", "q": "offs_m", "kv": None}  # [BLOCK_M]: no key index
-SCALAR = {"b": "off_b", "h": "off_h", "q": "q_pos", "kv": None}  # one query position
-# split-KV decoding packs the query heads of a KV group and the new queries into the tile's rows: each
-# row has its own head and absolute query position (templates/decode.py.j2)
-DECODE_TILE = {"b": "off_b", "h": "row_h[:, None]", "q": "row_q[:, None]", "kv": "offs_n[None, :]"}
-DECODE_ROW = {"b": "off_b", "h": "row_h", "q": "row_q", "kv": None}
+TILE_T = Indices("off_b", "off_h", "offs_m[None, :]", "offs_n[:, None]", Shape.KEY_MAJOR)
+ROW = Indices("off_b", "off_h", "offs_m", None, Shape.ROWS)  # [BLOCK_M]: no key index
+SCALAR = Indices("off_b", "off_h", "q_pos", None, Shape.POINT)  # one query position
+# each decode row has its own head and absolute query position
+DECODE_TILE = Indices("off_b", "row_h[:, None]", "row_q[:, None]", "offs_n[None, :]", Shape.QUERY_MAJOR, True)
+DECODE_ROW = Indices("off_b", "row_h", "row_q", None, Shape.ROWS, True)
 
 
-def base_names(variant: ir.Variant, where: dict) -> dict:
+def base_names(variant: ir.Variant, where: Indices) -> dict:
     """IR symbols -> kernel code: the indices as `where` spells them, sizes, params and the score."""
-    names = {ir.b: where["b"], ir.h: where["h"], ir.q: where["q"], ir.s: "s"}
-    if where["kv"] is not None:
-        names[ir.kv] = where["kv"]
+    names = {ir.b: where.b, ir.h: where.h, ir.q: where.q, ir.s: "s"}
+    if where.kv is not None:
+        names[ir.kv] = where.kv
     names.update({sym: name for name, sym in ir.SIZES.items()})
     names.update({p.symbol: ident(p.name) for p in variant.params})
     return names
@@ -78,7 +111,7 @@ def _nesting(load) -> int:
     return 1 + max((_nesting(a) for a in inner), default=-1)
 
 
-def tensor_loads(exprs, where: dict, prefix: str) -> tuple[dict, list[Load]]:
+def tensor_loads(exprs, where: Indices, prefix: str) -> tuple[dict, list[Load]]:
     """Names and loads for every tensor input read in exprs, indexed as `where` spells the indices.
 
     An index is a bare b, h, q or kv, or (an axis of the tensor's own) an integer expression, already
@@ -102,20 +135,20 @@ def tensor_loads(exprs, where: dict, prefix: str) -> tuple[dict, list[Load]]:
     return names, loads
 
 
-def _offsets(load, where: dict, names: dict) -> tuple[list[str], list[str]]:
+def _offsets(load, where: Indices, names: dict) -> tuple[list[str], list[str]]:
     """The address terms of `load`'s subscripts (`off_b * stride_doc_0`, ...) and its bounds masks."""
     tensor = load.func.__name__
     parts, bounds = [], []
     for axis, index in enumerate(load.args):
-        if index.is_Symbol and str(index) in where:
-            code = where[str(index)]
+        if index.is_Symbol and str(index) in ir.INDICES:
+            code = where.code(str(index))
             if code is None:
                 raise BuildError(f"{tensor} is read per key where only row values are available")
             parts.append(f"{code} * stride_{tensor}_{axis}")
-            if str(index) in ("q", "kv") and where is not SCALAR:
+            if str(index) in ("q", "kv") and where.shape is not Shape.POINT:
                 bounds.append(f"({code} < {'Lq' if str(index) == 'q' else 'Lk'})")
             continue
-        if ir.kv in index.free_symbols and where["kv"] is None:
+        if ir.kv in index.free_symbols and where.kv is None:
             raise BuildError(f"{tensor} is read per key where only row values are available")
         local = {**names, **{sym: ident(sym.name) for sym in index.free_symbols if sym not in names}}
         code = triton_code(index, local)
@@ -133,14 +166,14 @@ def vector_block(dot) -> str:
     return f"BLOCK_R_{ident(dot.query.func.__name__)}"
 
 
-def _vector_dot(dot, j: int, where: dict, prefix: str, names: dict) -> tuple[str, list]:
+def _vector_dot(dot, j: int, where: Indices, prefix: str, names: dict) -> tuple[str, list]:
     """`dot(qr[b, h, q], kr[b, kv])` on a tile: [BLOCK_M, BLOCK_R] query vectors times [BLOCK_R, BLOCK_N]
     key vectors (query-major tiles), or key vectors times query vectors (key-major tiles, TILE_T)."""
-    if where is DECODE_TILE:
+    if where.packed_rows:
         raise BuildError("split-KV decoding does not support dot() of feature vectors yet")
-    if where["kv"] is None or where["q"] is None:
+    if where.kv is None:
         raise BuildError("dot() of feature vectors is a per-pair term, read where only row values are available")
-    query_rows = where["q"].endswith("[:, None]")  # query-major: queries are the tile's rows
+    query_rows = where.shape is Shape.QUERY_MAJOR
     offs = f"{prefix}offs_r{j}"
     lines = [Line(offs, f"{offs} = tl.arange(0, {vector_block(dot)})")]
     length = triton_code(dot.length, {**names, **{sym: ident(sym.name) for sym in dot.length.free_symbols
@@ -216,11 +249,11 @@ class TileMask:
         return f"{self.code} & {bounds}" if self.code else bounds[1:-1]
 
 
-def tile_mask(variant: ir.Variant, names: dict, mask_loads: list[Load], where: dict = TILE) -> TileMask:
+def tile_mask(variant: ir.Variant, names: dict, mask_loads: list[Load], where: Indices = TILE) -> TileMask:
     if variant.mask is sympy.true:
-        return TileMask((), "", (), where["kv"])
+        return TileMask((), "", (), where.kv)
     lines, code = named_steps(variant.mask, names, "mask_")
-    return TileMask(tuple(lines), code, tuple(mask_loads), where["kv"])
+    return TileMask(tuple(lines), code, tuple(mask_loads), where.kv)
 
 
 @dataclass(frozen=True)
@@ -238,7 +271,7 @@ class TileCode:
     bwd_dscore: str = ""
 
 
-def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: dict) -> tuple[TileCode, dict]:
+def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: Indices) -> tuple[TileCode, dict]:
     """The logits (and their derivative) of a tile whose indices `where` spells, with the mask of its
     PARTIAL tiles; every family prints its score this way."""
     load_names, loads = tensor_loads([variant.mask] + every_tile, where, "t_")
@@ -287,21 +320,35 @@ class Arg:
     launch: str  # what the host passes for it
 
 
+# the per-tile lists of a list walk (runtime/plan.py's TilePlan.kernel_args, then the plan's shape)
+PLAN_ARGS = (*(Arg(name, f"plan_args[{i}]") for i, name in enumerate(
+    ("PLAN_QF_OFF", "PLAN_QF_RUNS", "PLAN_QP_OFF", "PLAN_QP_RUNS", "PLAN_KF_OFF", "PLAN_KF_RUNS", "PLAN_KP_OFF",
+     "PLAN_KP_RUNS"))),
+    Arg("PLAN_HEADS", "plan.heads"), Arg("PLAN_TQ", "plan.tiles_q"), Arg("PLAN_TK", "plan.tiles_k"),
+    Arg("PLAN_M: tl.constexpr", "plan.block_m"), Arg("PLAN_N: tl.constexpr", "plan.block_n"))
+SIZE_NAMES = ("scale", "Lq", "Lk", "B", "Hq", "Hk", "Hv", "Dqk", "Dv")
+
+
+def _tensor_args(t: ir.TensorInput) -> list[Arg]:
+    """A tensor input as kernel arguments: its pointer and strides."""
+    return [Arg(f"{ident(t.name)}ptr", ident(t.name)),
+            *(Arg(f"stride_{t.name}_{i}", f"{ident(t.name)}.stride({i})") for i in range(len(t.axes)))]
+
+
 @dataclass(frozen=True)
 class Signature:
     """The arguments every kernel of a module shares beyond its own tensors: the spec's tensor inputs
-    (pointer and strides), its scalar parameters, the tile plan (list walks only) and the sizes."""
+    (pointer and strides), its scalar parameters, the tile plan (list walks only) and the sizes; and
+    the band walk's bounds (`_key_bounds`, with the arguments they read)."""
 
     inputs: tuple[Arg, ...]
     plan: tuple[Arg, ...]
-    sizes: tuple[Arg, ...] = tuple(Arg(n, n) for n in ("scale", "Lq", "Lk", "B", "Hq", "Hk", "Hv", "Dqk", "Dv"))
+    sizes: tuple[Arg, ...] = tuple(Arg(n, n) for n in SIZE_NAMES)
+    band: BandBounds | None = None
 
     @staticmethod
     def of(variant: ir.Variant, walk: TileWalk) -> Signature:
-        inputs = []
-        for t in variant.tensors:
-            inputs.append(Arg(f"{ident(t.name)}ptr", ident(t.name)))
-            inputs += [Arg(f"stride_{t.name}_{i}", f"{ident(t.name)}.stride({i})") for i in range(len(t.axes))]
+        inputs = [a for t in variant.tensors for a in _tensor_args(t)]
         inputs += [Arg(ident(p.name), ident(p.name)) for p in variant.params]
         for dot in ir.vec_dots(variant.score, variant.probs):  # BLOCK_R of a feature length not a const
             block = vector_block(dot)
@@ -309,7 +356,8 @@ class Signature:
                 length = torch_code(dot.length, {**{sym: name for name, sym in ir.SIZES.items()},
                                                  **{p.symbol: ident(p.name) for p in variant.params}})
                 inputs.append(Arg(f"{block}: tl.constexpr", f"max(16, triton.next_power_of_2(int({length})))"))
-        return Signature(tuple(inputs), walk.plan_args())
+        band = band_bounds(variant, walk.clause, "_key_bounds") if isinstance(walk, BandTiles) else None
+        return Signature(tuple(inputs), PLAN_ARGS if walk.kernel_plan else (), band=band)
 
     # the same names in a kernel and in the tile functions it calls: pass them through by name
     @property
@@ -330,95 +378,58 @@ class Signature:
         return "".join(f"{a.launch}, " for a in self.inputs + self.plan) + self.size_names
 
 
-# ---- tile walks ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TileWalk:
-    """How a program finds the tiles of the other side (see the module docstring)."""
-
-    mode = ""  # the walk's name: PLAN_MODE, and the branch of the walk macros in templates/skeleton.py.j2
-    uses_b: bool = False  # the mask reads the batch index: plans are per batch entry
-    uses_h: bool = False  # ... per head
-    tensors: tuple[str, ...] = ()  # tensor inputs the mask reads (plans are rebuilt when they change)
-    params: tuple[str, ...] = ()  # scalar parameters it reads (part of the plan cache's key)
-    sizes: tuple[str, ...] = ("Lq", "Lk")  # the sizes a plan depends on (part of its key)
-
-    def plan_args(self) -> tuple[Arg, ...]:
-        return ()
-
-    @property
-    def per(self) -> str:
-        axes = [axis for axis, used in (("batch", self.uses_b), ("head", self.uses_h)) if used]
-        return f", per {' and '.join(axes)}" if axes else ""
-
-    def ir_line(self) -> str:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class AllTiles(TileWalk):
-    mode = "all"
-
-    def ir_line(self) -> str:
-        return "every tile FULL (no mask)"
-
-
-@dataclass(frozen=True)
-class UnplannedTiles(TileWalk):
-    mode = "dense"
-    reason: str = ""
-
-    def ir_line(self) -> str:
-        return f"every tile PARTIAL ({self.reason})"
-
-
+# ---- the band's bounds, printed ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class BandBounds:
-    """lo(q) and hi(q) of the band, printed for one query position: in Triton (`_key_bounds`) and in
-    torch (the host's plan() for inspection)."""
+    """lo(q) and hi(q) of a band, printed for one query position: in Triton (the jitted helper `name`,
+    which takes the query position, then only what the bounds read) and in torch (the host's plan()
+    for inspection)."""
 
-    lo: str
+    name: str  # the helper: _key_bounds (the band walk), _decode_band0/1 (split-KV decoding)
+    lo: str  # a tensor shaped like q_pos
     hi: str
     loads: tuple[Load, ...]  # b- and h-indexed inputs the bounds read (scalars per program)
     torch_lo: str  # for query positions q_pos (any shape), b_idx / h_idx broadcastable to it (host plan)
     torch_hi: str
     text: str
-    lo_open: bool = False  # lo(q) <= 0 for every q (causal): the walks drop the loops below the band
-    hi_open: bool = False  # hi(q) = Lk - 1 (no upper bound): only a tile cut by Lk is PARTIAL above it
+    reads_b: bool  # the helper takes off_b
+    reads_h: bool  # ... off_h (a decode passes each row's head)
+    inputs: tuple[str, ...]  # the spec's inputs the bounds read, in the signature's order
+    sizes: tuple[str, ...]  # ... and sizes
+
+    def _reads(self, h: str, sizes: tuple[str, ...]) -> list[str]:
+        return ["off_b"] * self.reads_b + [h] * self.reads_h + [*self.inputs, *sizes]
+
+    @property
+    def params(self) -> str:
+        """The helper's parameters (the index names SCALAR spells)."""
+        return ", ".join([SCALAR.q, *self._reads(SCALAR.h, self.sizes)])
+
+    def call(self, q: str, h: str) -> str:
+        """The helper called for query positions `q` of heads `h`."""
+        return f"{self.name}({', '.join([q, *self._reads(h, self.sizes)])})"
+
+    def search_args(self, h: str) -> str:
+        """What `_first_query_tile` takes past its flags (and passes on to the helper): what the bounds
+        read, and Lq (it bisects over the query tiles)."""
+        return ", ".join(self._reads(h, tuple(n for n in SIZE_NAMES if n in (*self.sizes, "Lq"))))
 
 
-@dataclass(frozen=True)
-class BandTiles(TileWalk):
-    mode = "band"
-    bounds: BandBounds | None = None
-
-    def ir_line(self) -> str:
-        return f"closed-form key range per query tile: {self.bounds.text} (in the kernels{self.per})"
+_ZEROS = "tl.zeros_like(q_pos)"  # a tensor shaped like the query positions
 
 
-@dataclass(frozen=True)
-class ListTiles(TileWalk):
-    mode = "lists"
-    cell_lines: tuple[tuple[str, str], ...] = ()  # `_mask_cells`: the mask in interval form
-    cell_result: str = ""
-
-    def cell_reads(self, name: str) -> bool:
-        """Whether `_mask_cells` reads the index `name` (q, kv, b or h)."""
-        code = " ".join([c for _, c in self.cell_lines] + [self.cell_result])
-        return re.search(rf"(?<![\w.\"]){name}(?![\w\"])", code) is not None
-
-    def plan_args(self) -> tuple[Arg, ...]:
-        names = ["PLAN_QF_OFF", "PLAN_QF_RUNS", "PLAN_QP_OFF", "PLAN_QP_RUNS",
-                 "PLAN_KF_OFF", "PLAN_KF_RUNS", "PLAN_KP_OFF", "PLAN_KP_RUNS"]
-        args = [Arg(name, f"plan_args[{i}]") for i, name in enumerate(names)]
-        args += [Arg("PLAN_HEADS", "plan.heads"), Arg("PLAN_TQ", "plan.tiles_q"), Arg("PLAN_TK", "plan.tiles_k"),
-                 Arg("PLAN_M: tl.constexpr", "plan.block_m"), Arg("PLAN_N: tl.constexpr", "plan.block_n")]
-        return tuple(args)
-
-    def ir_line(self) -> str:
-        return f"lists of FULL and PARTIAL key tiles from interval analysis of the mask{self.per}"
+def _bound_code(expr, names: dict, unbounded: str) -> str:
+    """A bound in Triton as a tensor shaped like q_pos (a decode's rows, a tile's corner): a bound that
+    reads no query position (a constant, a per-head value, `unbounded` where there is no bound) is
+    broadcast to it."""
+    if expr is not None and ir.q in expr.free_symbols:
+        return triton_code(expr, names)
+    if expr is not None and expr.is_zero:
+        return _ZEROS
+    return f"{unbounded if expr is None else triton_code(expr, names)} + {_ZEROS}"
 
 
-def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
+def band_bounds(variant: ir.Variant, clause: Clause, name: str) -> BandBounds:
     names = base_names(variant, SCALAR)
     load_names, loads = tensor_loads([clause.lo, clause.hi], SCALAR, "bound_")
     names.update(load_names)
@@ -426,54 +437,37 @@ def _band_bounds(variant: ir.Variant, clause: Clause) -> BandBounds:
     host = {ir.b: "b_idx", ir.h: "h_idx", ir.q: "q_pos"}
     host.update({sym: name for name, sym in ir.SIZES.items()})
     host.update({p.symbol: ident(p.name) for p in variant.params})
-    from .names import torch_loads
-
     host.update(torch_loads(clause.lo, clause.hi, names=host))
 
     def at(expr, default):
         return default if expr is None else torch_code(expr, host)
 
+    reads = band_reads(clause) | ({ir.SIZES["Lk"]} if clause.hi is None else set())
+    tensors = {load.func.__name__ for e in (clause.lo, clause.hi) if e is not None for load in e.atoms(AppliedUndef)}
+    inputs = [a.name for t in variant.tensors if t.name in tensors for a in _tensor_args(t)]
+    inputs += [ident(p.name) for p in variant.params if p.symbol in reads]
     return BandBounds(
-        lo="0" if clause.lo is None else triton_code(clause.lo, names),
-        hi="Lk - 1" if clause.hi is None else triton_code(clause.hi, names),
+        name=name,
+        lo=_bound_code(sympy.Integer(0) if clause.lo is None else clause.lo, names, "0"),
+        hi=_bound_code(clause.hi, names, "Lk - 1"),
         loads=tuple(loads),
         torch_lo=at(clause.lo, "0"), torch_hi=at(clause.hi, "Lk - 1"),
-        text=f"{clause.lo if clause.lo is not None else 0} <= kv <= {clause.hi if clause.hi is not None else 'Lk - 1'}",
-        lo_open=clause.lo is None or bool(clause.lo.is_number and clause.lo <= 0),
-        hi_open=clause.hi is None,
+        text=band_text(clause),
+        reads_b=ir.b in reads, reads_h=ir.h in reads, inputs=tuple(inputs),
+        sizes=tuple(n for n in SIZE_NAMES if n in ir.SIZES and ir.SIZES[n] in reads),
     )
 
 
-def choose_walk(variant: ir.Variant, clauses: tuple[Clause, ...]) -> TileWalk:
-    """The tile walk of a spec's mask (computed once per spec, by attnc/pipeline.py)."""
-    mask = sympy.sympify(variant.mask)
-    if mask is sympy.true:
-        return AllTiles()
-    loads = mask.atoms(AppliedUndef)
-    symbols = mask.free_symbols | {a for load in loads for a in load.args}
-    # the sizes a plan depends on: the lengths, and any other size the mask reads (as an index's
-    # extent, b and h make the plan per batch entry and per head)
-    sizes = ("Lq", "Lk") + tuple(name for name, sym in ir.SIZES.items() if name not in ("Lq", "Lk") and (
-        sym in symbols or (name == "B" and ir.b in symbols) or (name == "Hq" and ir.h in symbols)))
-    per = {"uses_b": ir.b in symbols, "uses_h": ir.h in symbols, "sizes": sizes,
-           "tensors": tuple(sorted({load.func.__name__ for load in loads})),
-           "params": tuple(p.name for p in variant.params if p.symbol in mask.free_symbols)}
-    if len(clauses) == 1 and clauses[0].exact:
-        return BandTiles(**per, bounds=_band_bounds(variant, clauses[0]))
-    try:
-        lines, result = interval_function(variant, mask)
-    except UnsupportedExpression as err:
-        return UnplannedTiles(**per, reason=str(err))
-    return ListTiles(**per, cell_lines=tuple(lines), cell_result=result)
-
-
 def decode_bands(variant: ir.Variant, walk: TileWalk, clauses: tuple[Clause, ...]) -> tuple[BandBounds, ...]:
-    """Split-KV decoding of a plan-list mask that is the union of two exact bands (sinks with a
-    window: kv <= min(q, sinks - 1), or q - window < kv <= q): the two key ranges in closed form, so a
-    decode reads only their tiles. () otherwise (decoding then visits every tile, masked)."""
-    if walk.mode not in ("lists", "dense") or len(clauses) != 2 or not all(c.exact for c in clauses):
-        return ()
+    """The two bands of a two-band mask's split-KV decode (`walks.decode_clauses`) printed, so a decode
+    reads only their tiles; () where there are none or they cannot be printed (decoding then visits
+    every tile, masked)."""
     try:
-        return tuple(_band_bounds(variant, c) for c in clauses)
+        return tuple(band_bounds(variant, c, f"_decode_band{i}") for i, c in enumerate(decode_clauses(walk, clauses)))
     except (UnsupportedExpression, BuildError):
         return ()
+
+
+def walk_cells(variant: ir.Variant, walk: TileWalk) -> MaskCells | None:
+    """The interval form of the mask, for the host plans of a list walk (templates/walks/lists.j2)."""
+    return mask_cells(variant) if isinstance(walk, ListTiles) else None

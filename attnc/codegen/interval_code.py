@@ -1,18 +1,43 @@
-"""IR -> the interval form of a mask, `_mask_cells` of a generated module (templates/plan.py.j2).
+"""IR -> the interval form of a mask, `_mask_cells` of a generated module (templates/walks/lists.j2).
 
-The host builds tile plans for list walks (attnc/codegen/skeleton.py, ListTiles) by evaluating the mask
+The host builds tile plans for list walks (attnc/analysis/walks.py, ListTiles) by evaluating the mask
 over cells (a query range x a key range) with interval arithmetic (runtime/intervals.py): every value
 becomes (lo, hi), every condition (all, any).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sympy
 from sympy.core.function import AppliedUndef
 
 from .. import ir
+from ..analysis.walks import plain_load
 from .names import ident as _ident
-from .printers import interval_code
+from .printers import UnsupportedExpression, interval_code
+
+
+@dataclass(frozen=True)
+class MaskCells:
+    """The body of `_mask_cells`: (variable, code) statements, then the mask's (all, any)."""
+
+    lines: tuple[tuple[str, str], ...]
+    result: str
+
+
+def mask_cells(variant: ir.Variant) -> MaskCells:
+    lines, result = interval_function(variant, sympy.sympify(variant.mask))
+    return MaskCells(tuple(lines), result)
+
+
+def interval_gap(variant: ir.Variant) -> str | None:
+    """Why the mask has no interval form (a function without an interval rule), or None."""
+    try:
+        interval_function(variant, sympy.sympify(variant.mask))
+    except UnsupportedExpression as err:
+        return str(err)
+    return None
 
 
 def interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
@@ -31,7 +56,7 @@ def interval_function(variant: ir.Variant, mask) -> tuple[list, str]:
     for i, load in enumerate(loads):
         tensor = load.func.__name__
         is_bool = variant.tensor(tensor).dtype == "bool"
-        if not all(a.is_Symbol and a in names for a in load.args):
+        if not plain_load(variant, load):
             var = f"{tensor}_{i}"
             indices = ", ".join(interval_code(a, names, bool_loads) for a in load.args)
             lines.append((var, f"cells.load_at({_ident(tensor)}, {indices})"))
