@@ -37,6 +37,7 @@ def test_dry_run_prints_every_row(bench, capsys):
         for method in ("document", "flex"):  # both compute varlen's result
             assert float(cells[(sequences, method, "fwd")][8]) < 1e-5
         assert "no backward on the CPU" in cells[(sequences, "flex", "fwd+bwd")][9]
+        assert cells[(sequences, "flex", "fwd")][4] == "-"  # its own kernels: not counted
 
 
 def test_launch_counter_counts_kernel_launches(bench):
