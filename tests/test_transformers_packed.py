@@ -95,10 +95,14 @@ def test_packed_training_equals_the_padded_batch(backend, monkeypatch, lengths, 
     spy, spy_padded = Spy(backend.attn), Spy(backend.padded)
     monkeypatch.setattr(backend, "attn", spy)
     monkeypatch.setattr(backend, "padded", spy_padded)
+    masks, packed_call = [], attnc_hf.AttnBackend._packed
+    monkeypatch.setattr(attnc_hf.AttnBackend, "_packed",
+                        lambda self, q, k, mask, kw: masks.append(mask) or packed_call(self, q, k, mask, kw))
     got = _logits_and_grads(ours, weights, real=torch.ones(1, sum(lengths), dtype=torch.bool), **packed)
     cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     assert spy.packed == [(cu, cu, max(lengths), max(lengths))] * 2  # attn.varlen, once per layer
     assert not spy.plain and not spy_padded.plain and not spy_padded.packed
+    assert masks == [None, None]  # HF built no [total, total] packed-sequence mask for the backend
 
     padded = _logits_and_grads(_model(NAME, state), weights, real=mask.bool(), input_ids=ids, attention_mask=mask)
     assert len(spy_padded.plain) == 2 and not spy_padded.packed  # the padded variant ran, once per layer
