@@ -117,34 +117,37 @@ class count_launches:
             cls.run = run
 
 
-def methods(batch: Batch, s: Settings) -> dict:
-    """method -> (forward on the packed leaves returning packed [total, H, D], has a backward)."""
+def forward_of(method: str, batch: Batch, s: Settings):
+    """`method`'s forward on the packed leaves (returning packed [total, H, D]) and whether it has a
+    backward; what it prepares once per batch (the document plan, Flex's block mask) is built here."""
     import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from attnc import load
 
-    causal, document = load(EXAMPLES / "causal.attn"), load(EXAMPLES / "document.attn")
     longest, total = max(batch.lengths), batch.q.shape[0]
-    docs = batch.doc_ids[0]
 
     def heads_first(*xs):
         return [x.transpose(0, 1)[None] for x in xs]
 
-    def run_varlen():
-        return causal.varlen(batch.q, batch.k, batch.v, batch.cu_seqlens, batch.cu_seqlens, longest, longest)
+    if method == "varlen":
+        causal = load(EXAMPLES / "causal.attn")
+        return (lambda: causal.varlen(batch.q, batch.k, batch.v, batch.cu_seqlens, batch.cu_seqlens, longest,
+                                      longest)), True
+    if method == "document":
+        document = load(EXAMPLES / "document.attn")
+        plan = document.plan(Lq=total, Lk=total, B=1, Hq=s.heads, device=s.device, doc_ids=batch.doc_ids)
+        return (lambda: document(*heads_first(batch.q, batch.k, batch.v), doc_ids=batch.doc_ids,
+                                 plan=plan)[0].transpose(0, 1)), True
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    plan = document.plan(Lq=total, Lk=total, B=1, Hq=s.heads, device=s.device, doc_ids=batch.doc_ids)
-
-    def run_document():
-        return document(*heads_first(batch.q, batch.k, batch.v), doc_ids=batch.doc_ids, plan=plan)[0].transpose(0, 1)
+    docs = batch.doc_ids[0]
 
     def same_document(b, h, q_idx, kv_idx):
         return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx)
 
     block_mask = create_block_mask(same_document, 1, None, total, total, device=s.device)
-    flex = torch.compile(flex_attention, dynamic=False) if s.device == "cuda" else flex_attention
     on_gpu = s.device == "cuda"
+    flex = torch.compile(flex_attention, dynamic=False) if on_gpu else flex_attention
 
     def run_flex():
         q, k, v = heads_first(*(x if on_gpu else x.detach() for x in (batch.q, batch.k, batch.v)))
@@ -152,7 +155,7 @@ def methods(batch: Batch, s: Settings) -> dict:
             warnings.simplefilter("ignore")  # eager FlexAttention on the CPU warns on every call
             return flex(q, k, v, block_mask=block_mask)[0].transpose(0, 1)
 
-    return {"varlen": (run_varlen, True), "document": (run_document, True), "flex": (run_flex, on_gpu)}
+    return run_flex, on_gpu
 
 
 def _timed(fn, s: Settings) -> tuple[float, int]:
@@ -176,8 +179,7 @@ def measure(method: str, sequences: int, mean: int, s: Settings) -> list[dict]:
     import torch
 
     batch = make_batch(sequences, mean, s)
-    runs = methods(batch, s)
-    forward, has_backward = runs[method]
+    forward, has_backward = forward_of(method, batch, s)
     base = {"sequences": sequences, "tokens": sum(batch.lengths), "method": method}
     grad = torch.randn_like(batch.q)
     rows = []
@@ -206,7 +208,8 @@ def measure(method: str, sequences: int, mean: int, s: Settings) -> list[dict]:
         row["ms"], row["reps"] = _timed(call, s)
         if pass_ == "fwd" and method != "varlen":
             with torch.no_grad():
-                row["diff"] = (forward().float() - runs["varlen"][0]().float()).abs().max().item()
+                want = forward_of("varlen", batch, s)[0]()
+                row["diff"] = (forward().float() - want.float()).abs().max().item()
         rows.append(row)
     return rows
 
