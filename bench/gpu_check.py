@@ -6,7 +6,7 @@
 Sections, each with a share of the time budget (time a section leaves unused goes to the later ones):
 1. verify (0.20): `attnc.verify` of the examples in bf16 (kernels vs the float64 reference, forward and
    backward), the benchmarked specs first. One autotune config per kernel (ATTNC_AUTOTUNE=quick).
-2. speed (0.30): forward and forward+backward ms and TFLOP/s (counted on the unmasked work only) of attnc,
+2. speed (0.25): forward and forward+backward ms and TFLOP/s (counted on the unmasked work only) of attnc,
    `scaled_dot_product_attention` and FlexAttention (torch.compile'd, with its block mask) for full,
    causal, sliding_window, document, alibi and softcap at L = 4K and 16K, B*H chosen to fill the GPU;
    also the largest |attnc - Flex| of the forward outputs (a check that both compute the same variant),
@@ -23,7 +23,11 @@ Sections, each with a share of the time budget (time a section leaves unused goe
 6. learn (0.05): trained biases (a learnable T5 bucket table, read per pair; a learnable key bias, read
    per key): forward+backward ms beside the same spec with the bias fixed (the cost of its gradient), and
    the gradient's largest relative error against the float64 reference at a small length.
-7. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
+7. varlen (0.05): packed ragged batches (bench/varlen_bench.py) at 64 x 512 and 1,000 x 64 tokens:
+   `attn.varlen` of causal, one call of the document-mask spec on the packed sequence, and FlexAttention
+   with a document block mask; launches per call, forward and forward+backward ms, and the largest
+   |output - varlen's|. One autotune config per kernel (today's varlen autotunes each sequence length).
+8. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
    forward and forward+backward ms at L = 4K and 16K (the speed section's B*H), beside
    flash-linear-attention's chunked kernels where `import fla` works (`chunk_linear_attn` on the features
    elu(x) + 1 applied by the caller, normalized; `chunk_simple_gla` with the constant per-head log-decay
@@ -70,8 +74,8 @@ NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_soft
 DECODE = [("causal", "contiguous"), ("causal", "paged"), ("sliding_window", "contiguous"),
           ("streaming_sink", "contiguous")]
 HBM_BYTES_S = 3.35e12  # the H100's HBM bandwidth, the decode section's yardstick
-SHARES = {"verify": 0.20, "speed": 0.30, "sparse": 0.10, "norm": 0.15, "decode": 0.15, "learn": 0.05,
-          "linear": 0.05}  # of the budget; they sum to 1
+SHARES = {"verify": 0.20, "speed": 0.25, "sparse": 0.10, "norm": 0.15, "decode": 0.15, "learn": 0.05,
+          "varlen": 0.05, "linear": 0.05}  # of the budget; they sum to 1
 NORM_TARGETS = {1: 1.3, 2: 2.0}  # passes over the keys -> the largest time / causal's time
 # chunked linear attention (attn.algorithm == "chunked") timed beside flash-linear-attention
 LINEAR = ["linear_elu", "lightning"]
@@ -288,6 +292,9 @@ COLUMNS = {  # key, header, format of a number
                ("attnc_ms", "attnc ms", "{:.3f}"), ("sdpa_ms", "SDPA ms", "{:.3f}"), ("vs_sdpa", "SDPA/attnc", "{:.2f}x"),
                ("attnc_gbs", "attnc GB/s", "{:.0f}"), ("hbm_pct", "% of 3.35 TB/s", "{:.0f}"),
                ("diff_sdpa", "max abs(attnc - SDPA)", "{:.1e}")],
+    "varlen": [("spec", "method", None), ("sequences", "sequences", None), ("tokens", "tokens", None),
+               ("pass", "pass", None), ("launches", "launches per call", None), ("ms", "ms", "{:.3f}"),
+               ("warm_s", "warm s", "{:.1f}"), ("diff", "max abs(out - varlen)", "{:.1e}")],
     "linear": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("pass", "pass", None),
                ("attnc_ms", "attnc ms", "{:.3f}"), ("fla_ms", "fla ms", "{:.3f}"), ("vs_fla", "fla/attnc", "{:.2f}x"),
                ("diff_fla", "max abs(attnc - fla)", "{:.1e}"), ("out_max", "max abs(attnc)", "{:.1e}"),
@@ -301,6 +308,8 @@ TITLES = {
     "norm": "Normalizations vs the causal softmax kernel (bf16; ratio = time / causal's time)",
     "decode": "Decoding (bf16, one new query, split-KV; GB/s = K/V bytes the mask keeps / attnc time)",
     "learn": "Trained biases (bf16; the cost of a learnable bias's gradient, and its error)",
+    "varlen": ("Packed ragged batches (bench/varlen_bench.py: attn.varlen, one document-mask call, FlexAttention "
+               "with a document block mask; bf16 on a GPU, one autotune config)"),
     "linear": ("Linear attention, chunked (bf16; beside flash-linear-attention's chunked kernels, the "
                "feature map applied by the caller; ratio: fla time / attnc time)"),
 }
@@ -321,6 +330,9 @@ def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
                 for name, layout in DECODE]
     if section == "learn":
         return [(f"{name} L={L}", (name, L, B, H)) for L, B, H in s.learn_shapes for name in LEARNED]
+    if section == "varlen":
+        return [(f"{method} {n}x{mean}", (method, n, mean)) for n, mean in _varlen_bench().Settings.make(
+            "dry" if s.dry_run else "gpu").cases for method in _varlen_bench().METHODS]
     if section == "linear":  # attnc at every length first; fla's rows (slow first calls) fill in its cells
         return [(f"{name} L={L}" + (" (fla)" if fla else ""), (name, L, B, H, fla)) for fla in (False, True)
                 for L, B, H in s.linear_shapes for name in LINEAR]
@@ -733,8 +745,27 @@ def run_linear(s: Settings, emit, name, L, B, H, fla):
         emit(row)
 
 
+def _varlen_bench():
+    """bench/varlen_bench.py, beside this script."""
+    import importlib.util
+
+    if "varlen_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("varlen_bench", Path(__file__).with_name("varlen_bench.py"))
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["varlen_bench"]
+
+
+def run_varlen(s: Settings, emit, method, sequences, mean):
+    bench = _varlen_bench()
+    # one config per kernel: today's varlen autotunes every distinct sequence length anew
+    os.environ["ATTNC_AUTOTUNE"] = "quick"
+    for row in bench.measure(method, sequences, mean, bench.Settings.make("dry" if s.dry_run else "gpu")):
+        emit({"spec": method, **{k: v for k, v in row.items() if k != "method"}})
+
+
 RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm, "decode": run_decode,
-           "learn": run_learn, "linear": run_linear}
+           "learn": run_learn, "varlen": run_varlen, "linear": run_linear}
 
 
 def _short(err: BaseException) -> str:

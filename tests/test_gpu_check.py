@@ -139,6 +139,11 @@ def test_dry_run_takes_every_path(tmp_path):
     assert {r["spec"] for r in learn} == set(gpu_check.LEARNED)
     for row in learn:
         assert isinstance(row["fixed_ms"], float) and row["grad_err"] < 1e-3, row
+    for row in sections["varlen"]["rows"]:  # today's varlen: a launch per sequence; the others compute the same
+        if row["spec"] == "varlen" and row["pass"] == "fwd":
+            assert row["launches"] == row["sequences"], row
+        if row["spec"] != "varlen" and row["pass"] == "fwd":
+            assert row["diff"] < 1e-5, row
     linear = sections["linear"]["rows"]  # chunked linear attention, fla's results filled in beside attnc's
     assert [(r["spec"], r["L"], r["pass"]) for r in linear] == [
         (name, L, pass_) for L, _, _ in settings.linear_shapes for name in gpu_check.LINEAR

@@ -14,8 +14,8 @@ What HF hands an attention function, and what attnc does with it:
   HF's 2-D padding mask (left or right padding); when it holds a padding key, a variant of the spec
   with one more input, `keep: bool[B, Lk]`, ANDed into its mask in the IR (`ir.Variant.and_mask`),
   runs instead (built and cached once).
-  Mask patterns HF composes on top (packed-sequence masks from position_ids, custom or/and masks) are
-  not read: the spec says what the pattern is.
+  Mask patterns HF composes on top (custom or/and masks) are not read: the spec says what the pattern
+  is; packed sequences are read from the call's kwargs instead (below).
 - Sliding windows: HF's `sliding_window` (Mistral, Qwen2, Gemma configs) goes to the spec's scalar
   parameter `window_param` ("window" by default); a config with a sliding window and a spec without
   that parameter is refused, as the window would be silently ignored. A layer HF runs without a window
@@ -23,6 +23,16 @@ What HF hands an attention function, and what attnc does with it:
   with that parameter at infinity (`ir.Variant.unbounded`: `q - kv < window` becomes True), built at
   registration; a spec where that limit is not a spec is refused there. A model's `softcap` (Gemma 2)
   goes to the spec's parameter `softcap` or `cap` (examples/softcap.attn), or is refused.
+- Padding-free training (several sequences concatenated into a batch of 1, as transformers'
+  `DataCollatorWithFlattening` builds it): the call carries FlashAttention's varlen kwargs
+  (`cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`, `max_length_k`; with
+  `return_flash_attn_kwargs=True`) or only `position_ids` that restart at each sequence (read on the
+  host, as transformers' flash-attention path reads them, when there is no 2-D attention_mask). Either
+  way `attn.varlen` runs, with each sequence's positions from 0, so the spec's mask applies within
+  each sequence and never across two. No mask is built for it: without an attention_mask the
+  registered mask function hands over None (transformers' packed-sequence mask is not materialized).
+  A packed call whose cu_seq_lens do not run from 0 to the number of tokens, or whose query and key
+  sequences differ (packed decoding), is refused with a ValueError naming them.
 - Decoding (Lq < Lk, queries at the last Lq positions of the cache: HF's dynamic caches, full or
   sliding): through `attn.decode` (forward only) when the generated module has it, there is no padding
   and no gradient is wanted; otherwise
@@ -36,6 +46,7 @@ CPU tensors run the Triton kernels under TRITON_INTERPRET=1 and attnc's eager re
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -108,6 +119,12 @@ class AttnBackend:
         attn, padded = self.attn, self.padded
         if sliding_window is None and self.unwindowed is not None:
             attn, padded = self.unwindowed, self.unwindowed_padded
+        packed = self._packed(query, key, attention_mask, kwargs)
+        if packed is not None:
+            if keep is not None:
+                raise ValueError(f"{self.where}: a packed call (cu_seq_lens_q/k or restarting position_ids) with "
+                                 f"padding in attention_mask: pack without padding (DataCollatorWithFlattening)")
+            return varlen_call(attn, query, key, value, packed, scaling, values), None
         if keep is not None:
             attn, values = padded, {**values, KEEP: keep}
         if Lq == Lk:
@@ -121,6 +138,53 @@ class AttnBackend:
         else:
             out = decode_by_forward(attn, query, key, value, scale=scaling, **values)
         return out.transpose(1, 2).contiguous(), None
+
+    def _packed(self, query, key, attention_mask, kwargs) -> Packed | None:
+        """The sequences of a padding-free batch (several sequences concatenated into a batch of 1), or
+        None for a plain call. HF passes them as FlashAttention's varlen kwargs (DataCollatorWithFlattening
+        with return_flash_attn_kwargs=True), or only as position_ids that restart at every sequence; those
+        are read as transformers' flash-attention path reads them (prepare_fa_kwargs_from_position_ids):
+        only without a 2-D attention_mask, and on the host (not while torch.compile traces: there the
+        varlen kwargs must be passed)."""
+        given = {name: kwargs.get(name) for name in VARLEN_KWARGS}
+        if any(x is not None for x in given.values()):
+            missing = [name for name, x in given.items() if x is None]
+            if missing:
+                raise ValueError(f"{self.where}: a packed call needs all of {', '.join(VARLEN_KWARGS)}; "
+                                 f"{', '.join(missing)} missing")
+            packed = Packed(*given.values())
+        else:
+            position_ids = kwargs.get("position_ids")
+            if (position_ids is None or attention_mask is not None or query.shape[0] != 1
+                    or query.shape[2] != key.shape[2] or position_ids.numel() != query.shape[2]
+                    or torch.compiler.is_compiling()):
+                return None
+            cu = cu_seqlens_from_position_ids(position_ids)
+            if cu is None:
+                return None
+            if int(cu[0]) != 0:
+                raise ValueError(f"{self.where}: position_ids restart at tokens {cu[:-1].tolist()}, but the first "
+                                 f"token does not start a sequence (its position is not the smallest)")
+            longest = int(cu.diff().max())
+            packed = Packed(cu, cu, longest, longest)
+        if query.shape[0] != 1:
+            raise ValueError(f"{self.where}: a packed call holds its sequences in a batch of 1; got a batch of "
+                             f"{query.shape[0]}")
+        for name, cu, tokens in (("cu_seq_lens_q", packed.cu_q, query.shape[2]),
+                                 ("cu_seq_lens_k", packed.cu_k, key.shape[2])):
+            if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+                what = list(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
+                raise ValueError(f"{self.where}: {name} must be a 1-D tensor [num_sequences + 1]; got {what}")
+            if int(cu[0]) != 0 or int(cu[-1]) != tokens:
+                raise ValueError(f"{self.where}: {name}={cu.tolist()} does not cover the {tokens} packed tokens "
+                                 f"(it must run from 0 to {tokens})")
+        if not torch.equal(packed.cu_q.cpu(), packed.cu_k.cpu()):
+            raise ValueError(f"{self.where}: cu_seq_lens_q={packed.cu_q.tolist()} differs from cu_seq_lens_k="
+                             f"{packed.cu_k.tolist()}: packed sequences with fewer queries than keys (packed "
+                             f"decoding) are not supported; the spec reads q and kv from 0 in each sequence")
+        device = query.device
+        return Packed(packed.cu_q.to(device=device, dtype=torch.int32),
+                      packed.cu_k.to(device=device, dtype=torch.int32), int(packed.max_q), int(packed.max_k))
 
     def _keep(self, attention_mask, batch, Lk):
         if attention_mask is None:
@@ -136,6 +200,37 @@ class AttnBackend:
         if torch.compiler.is_compiling():
             return keep  # no data-dependent shortcut while tracing
         return None if bool(keep.all()) else keep
+
+
+class Packed(NamedTuple):
+    """A padding-free batch, in FlashAttention's varlen terms: sequence i is tokens [cu_q[i], cu_q[i+1])."""
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # HF's names of Packed
+
+
+def cu_seqlens_from_position_ids(position_ids) -> torch.Tensor | None:
+    """cu_seqlens (int32) of a packed batch of 1 from its position_ids: a sequence starts wherever the
+    position is the smallest one (0, or RoBERTa's padding_idx + 1), as in transformers'
+    prepare_fa_kwargs_from_position_ids. None when there is only one sequence."""
+    positions = position_ids.reshape(-1)
+    starts = (positions == positions.min()).nonzero().view(-1)
+    if starts.numel() < 2:
+        return None
+    total = torch.tensor([positions.numel()], device=starts.device)
+    return torch.cat([starts, total]).to(torch.int32)
+
+
+def varlen_call(attn, query, key, value, packed: Packed, scale, inputs):
+    """HF's packed [1, H, total, D] tensors through `attn.varlen` (packed [total, H, D]); the output as
+    HF's [1, total, Hq, Dv]. GQA as in a plain call: varlen runs the spec on each sequence's heads."""
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = attn.varlen(q, k, v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k, scale=scale, **inputs)
+    return out[None]
 
 
 def decode_by_forward(attn, query, key, value, scale=None, **inputs):
