@@ -1,6 +1,6 @@
 """The abstract syntax tree of a `.attn` spec: frozen dataclasses, each with its source span.
 
-The parser (attnc/parse.py) builds these from Lark's parse tree; the checker (attnc/check.py)
+The parser (attnc/parse.py) builds these from Lark's parse tree; the checker (attnc/check/)
 reads them and produces the IR. Nothing here knows about types or meaning.
 """
 

@@ -1,7 +1,7 @@
 """The compiler's driver: the only module that calls the stages, in order, one line each; data flows one way.
 
     text       --parse-->    ast.Spec       attnc/parse.py               (grammar/attn.lark, positions kept)
-    AST        --check-->    ir.Variant     attnc/check.py               (names, types, indices; SpecError)
+    AST        --check-->    ir.Variant     attnc/check/                 (names, types, indices; SpecError)
     IR         --analyse-->  Analyses       attnc/analysis/rowstats.py   (row statistics and passes)
                                             attnc/analysis/bounds.py     (the mask's key ranges)
                                             attnc/analysis/walks.py      (the tile walk: band, lists, all)
