@@ -6,6 +6,8 @@ by `SpecPrinter`, so a dump reads like a spec with every `let` inlined.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import sympy
 from sympy.printing.str import StrPrinter
 
@@ -17,7 +19,7 @@ from .pipeline import Analyses
 class SpecPrinter(StrPrinter):
     """sympy -> .attn notation."""
 
-    _names = {
+    _names: ClassVar[dict[str, str]] = {
         "Sigmoid": "sigmoid", "Softplus": "softplus", "Relu": "relu", "Step": "step", "Log2": "log2",
         "RowSum": "rowsum", "RowMax": "rowmax", "Abs": "abs", "Min": "min", "Max": "max",
     }

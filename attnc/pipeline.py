@@ -25,6 +25,7 @@ from . import parse as _parse
 from .analysis import bounds, factorize, rowstats, walks
 from .analysis.record import Analyses, Family, choose_family
 from .codegen import interval_code, module
+from .codegen.families import general, linear, softmax
 from .errors import SpecError
 
 __all__ = ["Analyses", "Family", "analyse", "choose_family", "compile_file", "compile_text", "generate_module"]
@@ -74,16 +75,15 @@ def analyse(variant: ir.Variant) -> Analyses:
     return Analyses(variant, rows, clauses, walk, algorithm)
 
 
-# the generator of each family: the linear family has its own module (templates/linear.py.j2)
-_GENERATORS = {Family.SOFTMAX: module.attention_module, Family.GENERAL: module.attention_module,
-               Family.LINEAR: module.linear_module}
+# the code of each family: its templates, runtime modules and template context (attnc/codegen/families/)
+_FAMILIES = {Family.SOFTMAX: softmax.FAMILY, Family.GENERAL: general.FAMILY, Family.LINEAR: linear.FAMILY}
 
 
 def generate_module(variant: ir.Variant) -> str:
     """Checked IR -> the generated module's source."""
     analyses = analyse(variant)  # 3.-6.
-    family = choose_family(analyses)  # 7. softmax, general or linear
-    source = _GENERATORS[family](analyses)  # 8. the family's module
+    family = _FAMILIES[choose_family(analyses)]  # 7. softmax, general or linear
+    source = module.generate(analyses, family)  # 8. the family's module
     return module.formatted(source, variant.name)  # 9. long lines wrapped; compiled once
 
 

@@ -18,6 +18,7 @@ times the other side's vectors. Reads of the same input add up.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import sympy
@@ -30,47 +31,85 @@ from .printers import torch_code
 GRID_AXIS = {ir.b: 0, ir.h: 1, ir.q: 2, ir.kv: 3}
 
 
+class GradKind(enum.Enum):
+    """Where the backward sums a read's gradient, and the host buffer that holds it (4-D like the grid
+    [B, Hq, Lq, Lk], runtime/scatter.py)."""
+
+    ROW = "(B, Hq, Lq, 1)"  # summed per query row by dQ
+    KEY = "(B, Hq, 1, Lk)"  # summed per key by dK/dV, which owns a key tile
+    TABLE = "(B, Hq, table_tiles, {entries})"  # summed per entry of a small table by dQ, per dQ program
+    PAIR = "(B, Hq, Lq, Lk)"  # kept per (query, key) pair, written tile by tile by dQ
+
+    @property
+    def zero_filled(self) -> bool:
+        """The kernels write only the tiles they visit (or add entries up): tiles the mask skips stay 0."""
+        return self in (GradKind.PAIR, GradKind.TABLE)
+
+
 @dataclass(frozen=True)
 class InputGrad:
     """One read of a learnable input, as the kernels and the host see it."""
 
     name: str  # the input's spec name
-    var: str  # the kernel's accumulator or buffer pointer, and the host's buffer
-    kind: str  # "row": summed per query row by dQ; "key": summed per key by dK/dV; "table": summed per
-    # entry of a small table by dQ; "pair": kept per (query, key) pair
+    stem: str  # `<name>_<i>`: the read's part of the names below
+    kind: GradKind
     reduce: str  # host code: the buffer -> a tensor of the input's shape
     entries: int  # a small table: its entries (the product of its own axes' extents), else 0
     entry_index: object  # a small table: the entry a pair reads (sympy, flat over its own axes), else None
     entry: str  # ... and that entry in a query-major tile, as the family prints it ("" until then)
+    scatter_indices: frozenset[str]  # a scatter-sum (a read at index expressions): the
+    # grid index tensors (b_idx, ..., runtime/scatter.grid_indices) its `reduce` reads; else empty
 
     @property
     def entries_pow2(self) -> int:
         return 1 << max(self.entries - 1, 0).bit_length()
 
     @property
+    def per_row(self) -> bool:
+        return self.kind is GradKind.ROW
+
+    @property
+    def per_key(self) -> bool:
+        return self.kind is GradKind.KEY
+
+    @property
+    def per_entry(self) -> bool:
+        """A small table's read, summed per entry."""
+        return self.kind is GradKind.TABLE
+
+    @property
     def per_pair(self) -> bool:
-        return self.kind == "pair"
+        return self.kind is GradKind.PAIR
+
+    @property
+    def var(self) -> str:
+        """The kernel's accumulator or buffer pointer, and the host's buffer."""
+        return f"d_{self.stem}"
 
     @property
     def buffer_shape(self) -> str:
-        """The host buffer's shape, 4-D like the grid [B, Hq, Lq, Lk] (runtime/scatter.py)."""
-        if self.kind == "table":  # one row of entry partials per dQ program
-            return f"(B, Hq, table_tiles, {self.entries_pow2})"
-        return {"row": "(B, Hq, Lq, 1)", "key": "(B, Hq, 1, Lk)", "pair": "(B, Hq, Lq, Lk)"}[self.kind]
+        return self.kind.value.format(entries=self.entries_pow2)
 
     @property
     def array(self) -> str:
         """The kernel parameter of its buffer."""
-        return f"D_{self.var[2:]}"
+        return f"D_{self.stem}"
 
     @property
     def term(self) -> str:
         """Its per-tile term in the dQ kernel: dL/d(read) at each (query, key) pair."""
-        return f"dt_{self.var[2:]}"
+        return f"dt_{self.stem}"
 
     @property
-    def scatters(self) -> bool:
-        return self.reduce.startswith("scatter.scatter(")
+    def entry_var(self) -> str:
+        """A small table: the entry each pair of a tile reads."""
+        return f"entry_{self.stem}"
+
+    @property
+    def tile_grad(self) -> str:
+        """A small table: dL/d(read) of each pair of a tile."""
+        return f"grad_{self.stem}"
+
 
 
 class ReadGrads:
@@ -80,12 +119,21 @@ class ReadGrads:
 
     @property
     def dq_grads(self) -> list[InputGrad]:
-        return [g for g in self.grads if g.kind != "key"]
+        return [g for g in self.grads if g.kind is not GradKind.KEY]
 
     @property
     def dq_sums(self) -> list[InputGrad]:
         """The dQ reads kept as program state (per row, per table entry) and stored at its end."""
-        return [g for g in self.grads if g.kind in ("row", "table")]
+        return self.row_grads + self.tables
+
+    @property
+    def row_grads(self) -> list[InputGrad]:
+        return [g for g in self.grads if g.kind is GradKind.ROW]
+
+    @property
+    def scatter_indices(self) -> frozenset[str]:
+        """The grid index tensors that the host's scatter-sums read (runtime/scatter.grid_indices)."""
+        return frozenset().union(*(g.scatter_indices for g in self.grads))
 
     @property
     def grad_arrays(self) -> list[str]:
@@ -94,11 +142,11 @@ class ReadGrads:
 
     @property
     def tables(self) -> list[InputGrad]:
-        return [g for g in self.grads if g.kind == "table"]
+        return [g for g in self.grads if g.kind is GradKind.TABLE]
 
     @property
     def key_grads(self) -> list[InputGrad]:
-        return [g for g in self.grads if g.kind == "key"]
+        return [g for g in self.grads if g.kind is GradKind.KEY]
 
 
 # a table read per pair with at most this many entries is summed per entry inside the dQ kernel (one
@@ -112,16 +160,20 @@ def input_grads(reads, key_reads: bool, table_reads: bool = False) -> list[Input
     buffer); with table_reads, a small table read per pair (T5's buckets) is summed per entry by dQ."""
     out = []
     for i, read in enumerate(reads):
-        var = f"d_{read.tensor.name}_{i}"
+        stem = f"{read.tensor.name}_{i}"
+        var = f"d_{stem}"
         table = _small_table(read) if table_reads and read.per_pair and not read.side else None
         if table is not None:
             dims, entries, index = table
             reduce = f"scatter.table_grad({var}, {dims!r}, {ident(read.tensor.name)}.shape)"
-            out.append(InputGrad(read.tensor.name, var, "table", reduce, entries, index, ""))
+            out.append(InputGrad(read.tensor.name, stem, GradKind.TABLE, reduce, entries, index, "", frozenset()))
             continue
-        kind = "key" if key_reads and read.per_key else "pair" if read.per_pair else "row"
-        reduce = _vector_reduce(var, read) if read.side else _host_reduce(var, read.tensor, read.load)
-        out.append(InputGrad(read.tensor.name, var, kind, reduce, 0, None, ""))
+        kind = GradKind.KEY if key_reads and read.per_key else GradKind.PAIR if read.per_pair else GradKind.ROW
+        if read.side:
+            reduce, indices = _vector_reduce(var, read), frozenset()
+        else:
+            reduce, indices = _host_reduce(var, read.tensor, read.load)
+        out.append(InputGrad(read.tensor.name, stem, kind, reduce, 0, None, "", indices))
     return out
 
 
@@ -157,10 +209,11 @@ def _vector_reduce(var: str, read) -> str:
             f"{_grid_axes(other)!r})")
 
 
-def _host_reduce(var: str, tensor: ir.TensorInput, load) -> str:
+def _host_reduce(var: str, tensor: ir.TensorInput, load) -> tuple[str, frozenset[str]]:
+    """Host code of a direct read's gradient, and the grid index tensors that code reads."""
     axes = [GRID_AXIS.get(arg) for arg in load.args]
     if all(a is not None for a in axes):  # bare indices: a sum and a permutation
-        return f"scatter.direct({var}, {tuple(axes)!r})"
+        return f"scatter.direct({var}, {tuple(axes)!r})", frozenset()
     reads = tuple(sorted(GRID_AXIS[s] for s in load.free_symbols if s in GRID_AXIS))
     names = {ir.INDICES[k]: code for k, code in TORCH_INDEX.items()}
     names.update({sym: name for name, sym in ir.SIZES.items()})
@@ -168,4 +221,5 @@ def _host_reduce(var: str, tensor: ir.TensorInput, load) -> str:
     for arg in load.args:
         names.update({sym: ident(sym.name) for sym in sympy.sympify(arg).free_symbols if sym not in names})
     indices = [names[arg] if arg in GRID_AXIS else f"R.index({torch_code(arg, names)})" for arg in load.args]
-    return f"scatter.scatter({var}, {ident(tensor.name)}.shape, {reads!r}, [{', '.join(indices)}])"
+    grid = frozenset(TORCH_INDEX[str(sym)] for sym in load.free_symbols if sym in GRID_AXIS)
+    return f"scatter.scatter({var}, {ident(tensor.name)}.shape, {reads!r}, [{', '.join(indices)}])", grid

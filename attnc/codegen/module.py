@@ -9,8 +9,8 @@ with generated names or Python keywords.
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -20,13 +20,12 @@ import sympy
 from .. import __version__, ir
 from ..analysis.record import Analyses
 from ..errors import BuildError
-from .families import decode, general, linear, softmax
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
-from .printers import UnsupportedExpression, torch_code, wrapped
-from .skeleton import DECODE_ROW, DECODE_TILE, Signature, decode_bands, walk_cells
+from .printers import host_scalar_code, torch_code, wrapped
+from .skeleton import Signature, decode_bands, walk_cells
 
-__all__ = ["BuildError", "attention_module", "formatted", "linear_module"]
+__all__ = ["BuildError", "formatted", "generate"]
 
 
 @dataclass(frozen=True)
@@ -58,17 +57,8 @@ class Reference:
     probs: str = ""
     lse_offset: str | None = None  # softmax: the row constant the kernels' logits leave out (SoftmaxForm.offset)
 
-    def reads(self, name: str) -> bool:
-        """Whether any printed piece reads `name` (an index tensor such as b_idx)."""
-        pieces = [self.mask or "", self.score, self.softmax_logits or "", self.sink or "", self.probs]
-        return any(name in piece for piece in pieces + [code for _, code in self.stats])
-
-    def reads_name(self, name: str) -> bool:
-        """Whether any printed piece reads the identifier `name` (a param read only by a feature axis'
-        length, as in dot(qr[b, h, q], kr[b, kv]) with `param R`, is not)."""
-        pieces = [self.mask or "", self.score, self.softmax_logits or "", self.sink or "", self.probs]
-        return any(re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", piece)
-                   for piece in pieces + [code for _, code in self.stats])
+    reads: frozenset[str] = frozenset()  # the generated names the pieces read (index tensors, sizes,
+    # params, visible), from the expressions' free symbols before printing
 
 
 def _reference(v: ir.Variant, a: Analyses) -> Reference:
@@ -83,9 +73,10 @@ def _reference(v: ir.Variant, a: Analyses) -> Reference:
     if sm is not None:
         # the score and sink as written (the offset back in): the true log-sum-exp, and autograd
         # differentiates what the spec says
-        return Reference(mask, score, torch_code(sm.logits + sm.offset, names),
-                         None if sm.sink is None else torch_code(sm.sink + sm.offset, names),
-                         lse_offset=None if sm.offset == 0 else torch_code(sm.offset, names))
+        logits, sink = sm.logits + sm.offset, None if sm.sink is None else sm.sink + sm.offset
+        return Reference(mask, score, torch_code(logits, names), None if sink is None else torch_code(sink, names),
+                         lse_offset=None if sm.offset == 0 else torch_code(sm.offset, names),
+                         reads=_read_names(v, [v.mask, v.score, logits, sink]))
     # general probabilities: row statistics computed innermost first, as masked torch reductions
     stats = sorted((st for st, _ in a.rows.stats_in_order if st != ir.visible), key=sympy.count_ops)
     stat_names = {**names, ir.visible: "visible"}
@@ -94,15 +85,30 @@ def _reference(v: ir.Variant, a: Analyses) -> Reference:
         fn = "R.rowsum" if isinstance(st, ir.RowSum) else "R.rowmax"
         lines.append((f"stat_{i}", f"{fn}({torch_code(st.args[0], stat_names)}, mask)"))
         stat_names[st] = f"stat_{i}"
-    return Reference(mask, score, stats=tuple(lines), probs=torch_code(v.probs, stat_names))
+    return Reference(mask, score, stats=tuple(lines), probs=torch_code(v.probs, stat_names),
+                     reads=_read_names(v, [v.mask, v.score, v.probs, *stats]))
+
+
+def _read_names(v: ir.Variant, exprs) -> frozenset[str]:
+    """The names of the reference's scope that code printed from `exprs` reads: index tensors, head
+    counts, params and visible (a param read only by a feature axis' length is not an expression's)."""
+    used = set().union(*(sympy.sympify(e).free_symbols for e in exprs if e is not None))
+    names = {ir.INDICES[k]: code for k, code in TORCH_INDEX.items()}
+    names.update({ir.SIZES[n]: n for n in ("Hk", "Hv")})
+    names.update({p.symbol: ident(p.name) for p in v.params})
+    names[ir.visible] = "visible"
+    return frozenset(names[sym] for sym in used if sym in names)
 
 
 def _params(v: ir.Variant) -> list[Param]:
     out = []
     for p in v.params:
-        code = torch_code(p.default, {sym: name for name, sym in ir.SIZES.items()})
-        if p.default.free_symbols:
-            code = f"float({code.replace('R.safe_log', 'math.log')})" if p.dtype == "float" else f"int({code})"
+        sizes = {sym: name for name, sym in ir.SIZES.items()}
+        if not p.default.free_symbols:
+            code = torch_code(p.default, sizes)
+        else:  # it reads the sizes: a Python scalar at each call
+            code = host_scalar_code(p.default, sizes)
+            code = f"float({code})" if p.dtype == "float" else f"int({code})"
         out.append(Param(p.name, ident(p.name), p.dtype, code))
     return out
 
@@ -146,38 +152,24 @@ def _domains(v: ir.Variant) -> list[tuple[str, str, str]]:
     return out
 
 
-def context(a: Analyses) -> dict:
+def _walk_context(a: Analyses) -> dict:
+    """What a module on the tile walks says of its walk, its reference and its layouts (the family adds
+    its bodies)."""
     v = a.variant
-    is_general = a.rows.softmax is None
-    body = general.build(v, a.rows) if is_general else softmax.build(v, a.rows.softmax)
     sizes = {sym: n for n, sym in ir.SIZES.items()}
     return {
-        **_spec_context(v),
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
         "cells": walk_cells(v, a.walk),
-        "body": body,
-        **_decoding(v, a, is_general),
+        "decode": None,  # the family's decode body: one of these two (families.decoding)
+        "gdecode": None,
         "decode_bands": decode_bands(v, a.walk, a.clauses),
-        "general": is_general,
         "ref": _reference(v, a),
         "has_lse": a.rows.has_lse,
         "layouts": [(lay.index, [torch_code(e, {**sizes, **{p.symbol: f'values["{p.name}"]' for p in v.params}})
                                  for e in lay.extents])
                     for lay in v.layouts if lay.index in ("q", "kv")],
     }
-
-
-def _decoding(v: ir.Variant, a: Analyses, is_general: bool) -> dict:
-    """The split-KV decode body: the softmax family's (`decode`) or the general family's passes printed
-    for decode rows (`gdecode`). A spec decoding cannot print keeps its forward: its `decode` raises a
-    ValueError with the reason instead (`decode_error`)."""
-    try:
-        if is_general:
-            return {"decode": None, "gdecode": general.build(v, a.rows, DECODE_TILE, DECODE_ROW), "decode_error": ""}
-        return {"decode": decode.build(v, a.rows.softmax), "gdecode": None, "decode_error": ""}
-    except (BuildError, UnsupportedExpression) as err:
-        return {"decode": None, "gdecode": None, "decode_error": str(err)}
 
 
 def _environment() -> jinja2.Environment:
@@ -199,22 +191,30 @@ def _environment() -> jinja2.Environment:
 
 
 # The generated module's imports: torch, triton and attnc.runtime only. The family names the runtime
-# modules its module always calls; helper modules are imported where the module's code uses them (its
-# alias followed by a dot), so the module stays lint-clean.
-_OPTIONAL_IMPORTS = (
-    ("math.", "import math\n\n", ""),
-    ("I.", "", "from attnc.runtime import intervals as I\n"),
-    ("R.", "", "from attnc.runtime import ref_helpers as R\n"),
-    ("rt.", "", "from attnc.runtime import tl_helpers as rt\n"),
-)
-_KERNEL_RUNTIME = ("checks", "decoding", "launch", "ops")  # what a module of quadratic kernels calls
+# modules its module always calls; helper modules are imported where the module's code uses them (an
+# attribute of the name, found in the parsed module), so the module stays lint-clean.
+_OPTIONAL_IMPORTS = {
+    "math": ("import math\n\n", ""),
+    "I": ("", "from attnc.runtime import intervals as I\n"),
+    "R": ("", "from attnc.runtime import ref_helpers as R\n"),
+    "rt": ("", "from attnc.runtime import tl_helpers as rt\n"),
+}
+_OPTIONAL_RUNTIME = ("merge", "scatter")  # attnc.runtime modules imported by their own names where used
+
+
+def _used_modules(source: str) -> set[str]:
+    """The names whose attributes the module's code reads (`R` of `R.index(...)`), from its syntax tree:
+    comments and strings do not count."""
+    return {node.value.id for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
 
 
 def _imports(body: str, runtime: tuple[str, ...], triton: bool) -> str:
     """The import lines of a module whose code is `body`, which calls the attnc.runtime modules `runtime`
     and, when `triton`, defines Triton kernels."""
-    used = [(std, ours) for alias, std, ours in _OPTIONAL_IMPORTS if re.search(rf"(?<![\w.]){re.escape(alias)}", body)]
-    modules = list(runtime) + [m for m in ("merge", "scatter") if re.search(rf"(?<![\w.]){m}\.", body)]
+    names = _used_modules(body)
+    used = [lines for alias, lines in _OPTIONAL_IMPORTS.items() if alias in names]
+    modules = list(runtime) + [m for m in _OPTIONAL_RUNTIME if m in names]
     ours = sorted([f"from attnc.runtime import {', '.join(sorted(modules))}\n",
                    "from attnc.runtime import plan as tile_plan\n"] + [o for _, o in used if o])
     third_party = "import torch\n" + ("import triton\nimport triton.language as tl\n" if triton else "")
@@ -227,16 +227,10 @@ def _render(template: str, ctx: dict, runtime: tuple[str, ...], triton: bool) ->
     return source.replace("#@IMPORTS@#\n", _imports(source, runtime, triton))
 
 
-def linear_module(a: Analyses) -> str:
-    """The source of the chunked linear-attention module (templates/linear.py.j2)."""
-    family = linear.FAMILY
-    return _render(family.template, {**_spec_context(a.variant), **family.context(a)}, family.runtime,
-                   family.triton)
-
-
-def attention_module(a: Analyses) -> str:
-    """The source of a softmax or general module on the tile walks (templates/module.py.j2)."""
-    return _render("module.py.j2", context(a), _KERNEL_RUNTIME, triton=True)
+def generate(a: Analyses, family) -> str:
+    """The source of the module of `family` (a `FAMILY` of attnc/codegen/families/) for the analysed spec."""
+    ctx = {**_spec_context(a.variant), **(_walk_context(a) if family.tile_walks else {}), **family.context(a)}
+    return _render(family.template, ctx, family.runtime, family.triton)
 
 
 def formatted(source: str, name: str) -> str:

@@ -319,6 +319,22 @@ class TorchPrinter(_BasePrinter):
     _print_BitOr = _print_BitXor = _print_LShift = _print_BitAnd
 
 
+class HostScalarPrinter(TorchPrinter):
+    """Python scalars on the host (a param's default that reads the sizes): elementary functions from
+    `math`, the rest as the reference prints them."""
+
+    functions: ClassVar[dict] = {
+        **TorchPrinter.functions,
+        "exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "floor": "math.floor", "ceiling": "math.ceil",
+        "tanh": "math.tanh", "Log2": "math.log2", "sin": "math.sin", "cos": "math.cos", "tan": "math.tan",
+        "erf": "math.erf",
+    }
+
+
+def host_scalar_code(expr, names: dict) -> str:
+    return HostScalarPrinter(names).doprint(expr)
+
+
 def triton_code(expr, names: dict) -> str:
     return TritonPrinter(names).doprint(expr)
 

@@ -1,10 +1,34 @@
-"""Kernel families on the shared skeleton (attnc/codegen/skeleton.py). Each supplies its tile bodies,
-row state and epilogues as one typed object for its template (templates/<family>.py.j2):
+"""Kernel families on the shared skeleton (attnc/codegen/skeleton.py). Each module supplies its tile
+bodies, row state and epilogues as one typed object for its templates, and a `FAMILY` object that the
+pipeline picks (attnc/pipeline.py): its templates, the attnc.runtime modules its module calls, and its
+part of the template context.
 
     softmax.py   the online softmax (FlashAttention-2 forward and backward): softmax, sinks, scores
     general.py   normalizations other than softmax: multi-pass forward, sympy-derived backward
-    decode.py    split-KV decoding: the rows of a KV group (query heads x new queries)
+    decode.py    split-KV decoding of the softmax family: the rows of a KV group (query heads x new
+                 queries); the general family decodes with its own passes
     linear.py    chunked linear attention: feature maps, chunk state, decay (docs/linear.md)
 
-No family imports another, and none imports attnc/codegen/module.py.
+No family imports another (softmax.py reads decode.py's body for its decode kernel), and none imports
+attnc/codegen/module.py.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ...errors import BuildError
+from ..printers import UnsupportedExpression
+
+# the generated module of a family on the tile walks calls these attnc.runtime modules
+TILE_RUNTIME = ("checks", "decoding", "launch", "ops")
+
+
+def decoding(key: str, build: Callable[[], object]) -> dict:
+    """The split-KV decode body of a family on the tile walks, under the name templates/decode.py.j2
+    reads it by (`key`). A spec whose decode kernel cannot be printed keeps its forward: its `decode`
+    raises a ValueError with the reason (`decode_error`)."""
+    try:
+        return {key: build(), "decode_error": ""}
+    except (BuildError, UnsupportedExpression) as err:
+        return {key: None, "decode_error": str(err)}

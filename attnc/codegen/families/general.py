@@ -13,7 +13,7 @@ Row values are [BLOCK_M] vectors; tile expressions read them as `r1[:, None]`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import sympy
 
@@ -23,6 +23,8 @@ from ...analysis.rowstats import RowPlan, is_row_constant
 from ..grads import InputGrad, ReadGrads, input_grads
 from ..printers import guarded_triton_code
 from ..skeleton import (
+    DECODE_ROW,
+    DECODE_TILE,
     ROW,
     TILE,
     TILE_T,
@@ -34,6 +36,7 @@ from ..skeleton import (
     tensor_loads,
     tile_mask,
 )
+from . import TILE_RUNTIME, decoding
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
     acc_terms = ([(folded, sympy.Integer(1))] if folded != 0 else []) + accumulated
 
     reads = input_grads([read for read, _ in grad.learnable], key_reads=True, table_reads=True)
-    terms = [(g.term, e, g.kind == "key") for g, (_, e) in zip(reads, grad.learnable)]
+    terms = [(g.term, e, g.per_key) for g, (_, e) in zip(reads, grad.learnable)]
     dscore_terms = [("ds", grad.dscore)] + [(t, e) for t, e, per_key in terms if not per_key]
     key_terms = [(t, e) for t, e, per_key in terms if per_key]  # summed per key by dK/dV
     tile_exprs = [v.mask] + [st.arg for st in reducible] + [w for w, _ in acc_terms] \
@@ -260,3 +263,26 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         grads=tuple(g if g.entry_index is None else replace(g, entry=guarded_triton_code(g.entry_index, tnames))
                     for g in reads),
     )
+
+
+@dataclass(frozen=True)
+class GeneralFamily:
+    """Normalizations other than softmax on the tile walks: its kernels (templates/general.py.j2), its
+    part of the shared launchers (general_host.py.j2) and its passes printed for decode rows."""
+
+    template: str = "module.py.j2"
+    kernels: str = "general.py.j2"
+    host: str = "general_host.py.j2"
+    runtime: tuple[str, ...] = TILE_RUNTIME
+    triton: bool = True
+    tile_walks: bool = True  # the module runs on the tile walks (module.py adds the walk's context)
+    row_array: str = "stats"  # what the forward keeps per row for the backward: the row statistics
+    bwd_row_arrays: list[str] = field(default_factory=lambda: ["stats", "rbar"])  # what dQ and dK/dV read per row
+    returns_lse: bool = False  # the weights are no softmax: there is no log-sum-exp
+
+    def context(self, a) -> dict:
+        return {"family": self, "body": build(a.variant, a.rows),
+                **decoding("gdecode", lambda: build(a.variant, a.rows, DECODE_TILE, DECODE_ROW))}
+
+
+FAMILY = GeneralFamily()

@@ -125,6 +125,7 @@ class LinearFamily:
     template: str = "linear.py.j2"
     runtime: tuple[str, ...] = ("checks", "launch", "linear")  # the attnc.runtime modules every such module calls
     triton: bool = False  # the module defines no Triton kernels (they are in attnc/runtime/linear.py)
+    tile_walks: bool = False
 
     def context(self, a: Analysed) -> dict:
         """The family's part of the template context (the spec's part is module.py's _spec_context)."""
