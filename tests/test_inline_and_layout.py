@@ -167,3 +167,15 @@ def test_readme_t5_spec_matches_t5s_buckets_forward_and_table_gradient():
     for name, got, ref in (("dq", q.grad, qd.grad), ("dk", k.grad, kd.grad), ("dv", v.grad, vd.grad),
                            ("dtable", table.grad, td.grad)):
         _close(name, got, ref)
+
+
+def test_param_defaults_that_read_the_sizes_are_host_scalars():
+    """A param default computed from the sizes (sqrt, exp, log of Lq/Lk) is evaluated on the host at each
+    call: the output equals the float64 formula with that value."""
+    spec = attnc.compile("attention size_scaled\nparam c = sqrt(Lk) / 4 + exp(-Lq / 8) + log(Lk) / 10\n"
+                         "score s * c\n", name="size_scaled")
+    q, k, v = _rand(1, 2, 5, 8, seed=3), _rand(1, 2, 9, 8, seed=4), _rand(1, 2, 9, 8, seed=5)
+    c = math.sqrt(9) / 4 + math.exp(-5 / 8) + math.log(9) / 10
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(8) * c
+    want = torch.softmax(s, -1) @ v.double()
+    _close("size-reading default", spec(q, k, v), want)
