@@ -30,6 +30,12 @@ CASES = {
     "score_transform": ("attention bad\n" + FEATURE + "mask kv <= q  # a causal mask\nscore s + 1\n" + WEIGHT, 4, 1),
     # probs left to the default softmax: at the feature map that asks for linear attention
     "default_softmax": ("attention bad\n\n" + FEATURE + "score dot(phi(q), phi(k))\n", 3, 1),
+    # row factors a running state cannot know: `attnc check` refused these only at build before
+    "row_factor_reads_lq": ("attention bad\n" + FEATURE + "mask kv <= q\nlet a = dot(phi(q), phi(k))\n"
+                            "probs a / rowsum(a) * Lq\n", 5, 1),
+    "row_factor_reads_a_per_row_input": (
+        "attention bad\ninput gate: float[B, Lq]\n" + FEATURE + "mask kv <= q\nlet a = dot(phi(q), phi(k))\n"
+        "probs a / rowsum(a) * gate[b, q]\n", 6, 1),
 }
 
 

@@ -178,5 +178,14 @@ def _factorize(v: ir.Variant) -> Algorithm:
         poly = (c[0], c[1], c[2])
     if v.score != ir.s:
         return _quadratic(ir.Statement.SCORE, "a score transform other than s does not factorize")
+    row = sympy.Add(alpha, beta)
+    if ir.SIZES["Lq"] in row.free_symbols:
+        return _quadratic(ir.Statement.PROBS, "alpha_i and beta_i read Lq, which a running state does not know")
+    other = [load for e in (row, decay) if e is not None for load in sympy.sympify(e).atoms(AppliedUndef)
+             if load.args != (ir.h,)]
+    if other:
+        read = f"{other[0].func.__name__}[{', '.join(map(str, other[0].args))}]"
+        return _quadratic(ir.Statement.PROBS, f"alpha_i, beta_i and the decay may read per-head inputs only (x[h]), "
+                          f"not {read}")
     fact = Factorization(kind == "causal", feature, body, poly, coef, decay, alpha, beta, key_feature, key_body)
     return Algorithm("chunked", fact.describe(), fact)
