@@ -271,6 +271,18 @@ class TileCode:
     bwd_dscore: str = ""
 
 
+@dataclass(frozen=True)
+class RowReads:
+    """How a backward tile gets the per-row values it reads (the softmax's lse2 and delta, the general
+    family's row statistics and adjoints), for templates/backward.py.j2. `lines` compute them from the
+    row arrays at `rows` (with row_ok): in the dQ kernel before its walk, where a query tile's rows are
+    fixed, or in the dK/dV tile, where each query tile has its own."""
+
+    lines: tuple[str, ...]
+    values: tuple[str, ...]  # what the lines compute: the dQ tile's parameters
+    arrays: tuple[str, ...]  # the row arrays the lines read: with head_rows, the dK/dV tile's parameters
+
+
 def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: Indices) -> tuple[TileCode, dict]:
     """The logits (and their derivative) of a tile whose indices `where` spells, with the mask of its
     PARTIAL tiles; every family prints its score this way."""

@@ -30,6 +30,7 @@ from ..skeleton import (
     TILE_T,
     BuildError,
     Load,
+    RowReads,
     TileMask,
     base_names,
     split_loads,
@@ -86,7 +87,6 @@ class GeneralBody(ReadGrads):
     coefficients: tuple[str, ...]  # o = sum_t c_t * acc_t
     saved: tuple[Stat, ...]  # statistics the forward stores for the backward
     row_lines: tuple[tuple[str, str], ...]  # (var, statement): what a backward kernel reads per query row
-    adjoint_lines: tuple[str, ...]
     stat_vars: tuple[str, ...]
     adjoints: tuple[Adjoint, ...]
     reductions: tuple[Reduction, ...]
@@ -98,6 +98,11 @@ class GeneralBody(ReadGrads):
     mask_t: TileMask
     dkdv_lines: tuple[str, ...]
     grads: tuple[InputGrad, ...]
+    # -- the backward (templates/backward.py.j2) --
+    dq_rows: RowReads  # the statistics and adjoints dS reads
+    dkdv_rows: RowReads  # ... and the weights p
+    row_arrays = ("STATS", "RBAR")  # the forward's row statistics and _bwd_rows' adjoints
+    read_weight = ""  # a read's term is dL/d(read) already
 
     @property
     def split_dkdv(self) -> bool:
@@ -239,6 +244,23 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
                                  "+ tl.zeros([BLOCK_M], dtype=tl.float32), 1.0)"))
     adjoint_lines = [f"{a.symbol} = tl.load(RBAR + {i} * stat_stride + rows, mask=row_ok, other=0.0)"
                      for i, a in enumerate(grad.adjoints)]
+    vis_loads = {row_names_[a] for a in ir.scalar_loads(rows.visible) if a in row_names_} if closed_vis else set()
+
+    def row_reads(exprs) -> RowReads:
+        """The statistics and adjoints that tile expressions read, and the lines computing them with
+        what those lines read in turn (stat_stride; a closed-form visible's loads)."""
+        read = set().union(*(sympy.sympify(e).free_symbols for e in exprs))
+        stats_read = [st for st in stats if st.symbol in read]
+        adjoints_read = [i for i, a in enumerate(grad.adjoints) if a.symbol in read]
+        arrays = ("STATS",) * any(st in saved for st in stats_read) + ("RBAR",) * bool(adjoints_read)
+        needed = {var(st) for st in stats_read} | (vis_loads if closed_vis in stats_read else set())
+        needed |= {"stat_stride"} if arrays else set()
+        return RowReads(
+            lines=tuple(line for name, line in row_lines if name in needed)
+            + tuple(adjoint_lines[i] for i in adjoints_read),
+            values=tuple(var(st) for st in stats_read) + tuple(str(grad.adjoints[i].symbol) for i in adjoints_read),
+            arrays=arrays,
+        )
     return GeneralBody(
         loads=tuple(always),
         mask=tile_mask(v, tnames, mask_only, tile),
@@ -248,7 +270,6 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         coefficients=tuple(guarded_triton_code(c, rnames) for _, c in acc_terms),
         saved=tuple(Stat(var(st), st.kind, i) for i, st in enumerate(saved)),
         row_lines=tuple(row_lines),
-        adjoint_lines=tuple(adjoint_lines),
         stat_vars=tuple(var(st) for st in stats),
         adjoints=tuple(Adjoint(str(a.symbol), i, guarded_triton_code(a.value, rnames))
                        for i, a in enumerate(grad.adjoints)),
@@ -262,6 +283,8 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)] + key_terms, tnames_t)),
         grads=tuple(g if g.entry_index is None else replace(g, entry=guarded_triton_code(g.entry_index, tnames))
                     for g in reads),
+        dq_rows=row_reads([e for _, e in dscore_terms]),
+        dkdv_rows=row_reads([grad.probs, grad.dscore] + [e for _, e in key_terms]),
     )
 
 

@@ -19,6 +19,7 @@ from ..skeleton import (
     TILE,
     TILE_T,
     Load,
+    RowReads,
     TileCode,
     base_names,
     tensor_loads,
@@ -46,7 +47,25 @@ class SoftmaxBody(ReadGrads):
     sink: str | None  # the sink logit of a row, if any
     row_loads: tuple[Load, ...]  # per-row inputs the sink reads
     grads: tuple[Grad, ...]
-
+    # -- the backward (templates/backward.py.j2) --
+    row_arrays = ("LSE2", "DELTA")  # lse2 = lse * log2(e), +inf on empty rows; delta = rowsum(dO * O) - dlse
+    dq_rows = RowReads(
+        lines=('lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',
+               "delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)"),
+        values=("delta", "lse2"),
+        arrays=row_arrays,
+    )
+    dkdv_rows = RowReads(  # FULL tiles lie inside Lq (see [Note] In-bounds FULL tiles): unmasked loads
+        lines=("if APPLY_MASK:  # rows past Lq load lse2 = +inf: p = 0 there",
+               '    lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',
+               "    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)",
+               "else:",
+               "    lse2 = tl.load(LSE2 + rows)",
+               "    delta = tl.load(DELTA + rows)"),
+        values=("lse2", "delta"),
+        arrays=row_arrays,
+    )
+    read_weight = "ds * "  # a read's term is d score / d read: dL/d(read) = dS * term
 
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
