@@ -47,6 +47,9 @@ class StatKind(abc.ABC):
     start = "tl.zeros([BLOCK_M], dtype=tl.float32)"  # the value of no key
     pad = "0.0"  # what the backward loads for a row past Lq
 
+    def __repr__(self) -> str:
+        return f"StatKind({self.name})"
+
     @abc.abstractmethod
     def masked(self, v: str) -> str:
         """On a tile with masked entries, once `keep` is known."""
@@ -213,6 +216,7 @@ class GeneralBody(ReadGrads):
     adjoints: tuple[Adjoint, ...]
     adjoint_needs: RowNeeds  # what the adjoints' code reads per row
     output_needs: RowNeeds  # what the output's coefficients read per row
+    visible_needs: RowNeeds  # what visible's closed form reads per row (nothing without one)
     reductions: tuple[Reduction, ...]
     reduction_lines: tuple[str, ...]
     reductions_read_dp: bool
@@ -390,6 +394,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
                        for i, a in enumerate(grad.adjoints)),
         adjoint_needs=needs([a.value for a in grad.adjoints]),
         output_needs=needs([c for _, c in acc_terms]),
+        visible_needs=needs([ir.visible]),
         reductions=tuple(Reduction(str(r.symbol), r.text) for r in grad.reductions),
         reduction_lines=tuple(_block([(f"term_{r.symbol}", r.term) for r in grad.reductions], tnames)),
         reductions_read_dp=any(rowgrad.DP in r.term.free_symbols for r in grad.reductions),
