@@ -264,6 +264,31 @@ def test_rowmax_statistic():
     run_and_check(load_text(MAX_NORMALIZED), _max_normalized, q, k, v)
 
 
+START_VISIBLE = """attention start_visible
+input start: int[B]
+mask kv <= q and kv >= start[b]
+probs exp(score - rowmax(score) / visible) / visible
+"""
+
+
+def _start_visible(q, k, v, start, scale=None):
+    """Keys from start[b] on, causal: visible in closed form reads an input, and so does the row
+    adjoint of rowmax (it reads visible). Rows before start[b] see no key."""
+    k, v = F.expand_heads(q, k, v)
+    S = F.scores(q, k, scale)
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    M = ((j <= i) & (j >= start.view(-1, 1, 1, 1))).expand(S.shape)
+    n = M.sum(-1, keepdim=True).clamp(min=1).double()
+    m = torch.where(M, S, torch.full_like(S, -math.inf)).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(M, torch.exp(S - m / n), torch.zeros_like(S)) / n @ v
+
+
+def test_row_adjoint_reads_a_closed_form_visible_that_reads_an_input():
+    q, k, v = make_qkv(2, (2, 1, 1), (37, 37), (24, 24), seed=13)
+    run_and_check(load_text(START_VISIBLE), _start_visible, q, k, v, {"start": torch.tensor([0, 9])})
+
+
 def test_learnable_input_of_a_general_normalization():
     q, k, v = make_qkv(1, (4, 2, 2), (37, 37), (24, 24), seed=11)
     bias = torch.randn(4, generator=_gen(3), dtype=torch.float64)

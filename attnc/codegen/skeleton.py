@@ -135,6 +135,19 @@ def tensor_loads(exprs, where: Indices, prefix: str) -> tuple[dict, list[Load]]:
     return names, loads
 
 
+_BOUNDS = {"q": "Lq", "kv": "Lk"}  # the length a load's bounds mask compares a bare q or kv index with
+
+
+def atoms_read(expr) -> set:
+    """The IR atoms that expr's printed code reads, its tensor loads' lines (`tensor_loads`) included:
+    its free symbols, its tensor loads (nested ones too), and the lengths their bounds masks read."""
+    expr = sympy.sympify(expr)
+    loads = ir.scalar_loads(expr)
+    lengths = {ir.SIZES[_BOUNDS[str(index)]] for load in loads for index in load.args
+               if index.is_Symbol and str(index) in _BOUNDS}
+    return expr.free_symbols | loads | lengths
+
+
 def _offsets(load, where: Indices, names: dict) -> tuple[list[str], list[str]]:
     """The address terms of `load`'s subscripts (`off_b * stride_doc_0`, ...) and its bounds masks."""
     tensor = load.func.__name__
@@ -145,8 +158,8 @@ def _offsets(load, where: Indices, names: dict) -> tuple[list[str], list[str]]:
             if code is None:
                 raise BuildError(f"{tensor} is read per key where only row values are available")
             parts.append(f"{code} * stride_{tensor}_{axis}")
-            if str(index) in ("q", "kv") and where.shape is not Shape.POINT:
-                bounds.append(f"({code} < {'Lq' if str(index) == 'q' else 'Lk'})")
+            if str(index) in _BOUNDS and where.shape is not Shape.POINT:
+                bounds.append(f"({code} < {_BOUNDS[str(index)]})")
             continue
         if ir.kv in index.free_symbols and where.kv is None:
             raise BuildError(f"{tensor} is read per key where only row values are available")

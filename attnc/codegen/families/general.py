@@ -12,7 +12,7 @@ Row values are [BLOCK_M] vectors; tile expressions read them as `r1[:, None]`.
 
 from __future__ import annotations
 
-import re
+import abc
 from dataclasses import dataclass, field, replace
 
 import sympy
@@ -32,6 +32,7 @@ from ..skeleton import (
     Load,
     RowReads,
     TileMask,
+    atoms_read,
     base_names,
     split_loads,
     tensor_loads,
@@ -40,11 +41,117 @@ from ..skeleton import (
 from . import TILE_RUNTIME, decoding
 
 
+class StatKind(abc.ABC):
+    """How one kind of row statistic is computed, as the Triton statements the templates render for a
+    statistic `v` (a [BLOCK_M] row value; a reduction's argument on a tile is `g_<v>`): its value before
+    the first key tile, its update on masked and on fully unmasked tiles, the merge of split-KV
+    decoding's per-split values, and the value of a row that saw no key."""
+
+    name: str
+    start = "tl.zeros([BLOCK_M], dtype=tl.float32)"  # the value of no key
+    pad = "0.0"  # what the backward loads for a row past Lq
+
+    def __repr__(self) -> str:
+        return f"StatKind({self.name})"
+
+    @abc.abstractmethod
+    def masked(self, v: str) -> str:
+        """On a tile with masked entries, once `keep` is known."""
+
+    def unmasked(self, v: str) -> str | None:
+        """On a fully unmasked tile (APPLY_MASK False), where anything is to be done there."""
+        return None
+
+    def reduce(self, v: str) -> str | None:
+        """The tile folded into the row value, after the mask, where the mask has not done it."""
+        return None
+
+    def merge(self, v: str, parts: str) -> str:
+        """The row value from the splits' values at `parts` (s_ok: the splits that exist)."""
+        return f"{v} = tl.sum(tl.load({parts}, mask=s_ok, other=0.0), 0)"
+
+    def empty_row(self, v: str) -> str | None:
+        """The value of a row that saw no key, once all its keys are in, where it needs one."""
+        return None
+
+
+class _Sum(StatKind):
+    name = "sum"
+
+    def masked(self, v):
+        return f"g_{v} = tl.where(keep, g_{v}, 0.0)"
+
+    def reduce(self, v):
+        return f"{v} += tl.sum(g_{v}, 1)"
+
+
+class _Max(StatKind):
+    name = "max"
+    start = 'tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)'
+
+    def masked(self, v):
+        return f'g_{v} = tl.where(keep, g_{v}, float("-inf"))'
+
+    def reduce(self, v):
+        return f"{v} = tl.maximum({v}, tl.max(g_{v}, 1))"
+
+    def merge(self, v, parts):
+        return f'{v} = tl.max(tl.load({parts}, mask=s_ok, other=float("-inf")), 0)'
+
+    def empty_row(self, v):
+        return f'{v} = tl.where({v} == float("-inf"), 0.0, {v})  # a row with no key: 0, as the reference'
+
+
+class _Count(StatKind):
+    """`visible`, counted over the tiles (the mask has no closed form of it)."""
+
+    name = "count"
+    pad = "1.0"  # a count is evaluated >= 1
+
+    def masked(self, v):
+        return f"{v} += tl.sum(tl.where(keep, 1.0, 0.0), 1)"
+
+    def unmasked(self, v):
+        return f"{v} += BLOCK_N"
+
+    def empty_row(self, v):
+        # log(visible) and 1 / visible stay finite; the row's weights are all masked anyway
+        return f"{v} = tl.maximum({v}, 1.0)  # a row with no key is evaluated on visible = 1"
+
+
+KINDS: dict[str, StatKind] = {"sum": _Sum(), "max": _Max(), "count": _Count()}  # by rowgrad.Stat.kind
+
+
 @dataclass(frozen=True)
 class Stat:
+    """A row statistic the kernels accumulate, and the statements of its kind (StatKind) for it."""
+
     var: str  # the kernel's name for the row statistic (`vis` for visible)
-    kind: str  # "sum", "max", "count" or "closed"
+    kind: StatKind
     index: int = 0  # its slot in the saved STATS array
+
+    @property
+    def init(self) -> str:
+        return f"{self.var} = {self.kind.start}"
+
+    @property
+    def masked(self) -> str:
+        return self.kind.masked(self.var)
+
+    @property
+    def unmasked(self) -> str | None:
+        return self.kind.unmasked(self.var)
+
+    @property
+    def reduce(self) -> str | None:
+        return self.kind.reduce(self.var)
+
+    @property
+    def empty_row(self) -> str | None:
+        return self.kind.empty_row(self.var)
+
+    def merge(self, parts: str) -> str:
+        return self.kind.merge(self.var, parts)
 
 
 @dataclass(frozen=True)
@@ -78,6 +185,27 @@ class Reduction:
 
 
 @dataclass(frozen=True)
+class RowNeeds:
+    """What code printed for rows from some expressions reads of the row's context, computed from their
+    sympy form: a kernel defines just that before it (decoding's merge, which starts from a flat row
+    index; the backward's row adjoints)."""
+
+    batch: bool  # b
+    head: bool  # h
+    query: bool  # q
+    key_length: bool  # Lk
+    query_length: bool  # Lq
+    loads: tuple[Load, ...]  # the row loads, in load order (nested ones first)
+    closed_visible: bool  # visible in closed form (what it reads is in the fields above)
+    stats: tuple[str, ...]  # the saved row statistics it reads, in pass order
+
+    @property
+    def vars(self) -> frozenset[str]:
+        """The row values it reads: loads, statistics and visible."""
+        return frozenset([load.var for load in self.loads] + list(self.stats) + ["vis"] * self.closed_visible)
+
+
+@dataclass(frozen=True)
 class GeneralBody(ReadGrads):
     loads: tuple[Load, ...]  # tensor inputs every tile reads
     mask: TileMask
@@ -89,6 +217,9 @@ class GeneralBody(ReadGrads):
     row_lines: tuple[tuple[str, str], ...]  # (var, statement): what a backward kernel reads per query row
     stat_vars: tuple[str, ...]
     adjoints: tuple[Adjoint, ...]
+    adjoint_needs: RowNeeds  # what the adjoints' code reads per row
+    output_needs: RowNeeds  # what the output's coefficients read per row
+    visible_needs: RowNeeds  # what visible's closed form reads per row (nothing without one)
     reductions: tuple[Reduction, ...]
     reduction_lines: tuple[str, ...]
     reductions_read_dp: bool
@@ -115,10 +246,6 @@ class GeneralBody(ReadGrads):
         one more tile product (the dV launch recomputes s = k.qT and p). Elementwise weights (sigmoid,
         relu) read no statistics and keep one launch (0 B)."""
         return bool(self.saved)
-
-    @staticmethod
-    def reads(code: str, var: str) -> bool:
-        return re.search(rf"(?<![\w.]){re.escape(var)}(?!\w)", code) is not None
 
 
 def _block(outputs, names, like="s") -> list[str]:
@@ -224,7 +351,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         described = [f"{'visible' if st.kind == 'count' else st.symbol} ({st.kind})" for st in here]
         passes.append(Pass(
             index=p,
-            stats=tuple(Stat(var(st), st.kind) for st in here),
+            stats=tuple(Stat(var(st), KINDS[st.kind]) for st in here),
             accs=tuple(accs),
             known=tuple(var(st) for st in stats if st.pass_ < p),
             lines=tuple(_block(outputs, tnames)),
@@ -237,11 +364,27 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
     row_lines = [(load.var, load.code) for load in row_loads]
     if saved:
         row_lines.append(("stat_stride", "stat_stride = B * Hq * Lq"))
-    row_lines += [(var(st), f"{var(st)} = tl.load(STATS + {i} * stat_stride + rows, mask=row_ok, "
-                            f"other={'1.0' if st.kind == 'count' else '0.0'})") for i, st in enumerate(saved)]
+    row_lines += [(var(st), (f"{var(st)} = tl.load(STATS + {i} * stat_stride + rows, mask=row_ok, "
+                             f"other={KINDS[st.kind].pad})")) for i, st in enumerate(saved)]
     if closed_vis is not None:
-        row_lines.append(("vis", f"vis = tl.maximum(({guarded_triton_code(rows.visible, rnames)}) "
-                                 "+ tl.zeros([BLOCK_M], dtype=tl.float32), 1.0)"))
+        row_lines.append(("vis", (f"vis = tl.maximum(({guarded_triton_code(rows.visible, rnames)}) "
+                                  "+ tl.zeros([BLOCK_M], dtype=tl.float32), 1.0)")))
+
+    def needs(exprs) -> RowNeeds:
+        """What row code printed from exprs reads, visible's closed form included where they read it."""
+        atoms = set().union(*(atoms_read(e) for e in exprs))
+        closed = closed_vis is not None and ir.visible in atoms
+        if closed:
+            atoms |= atoms_read(rows.visible)
+        loads = {row_names_[a] for a in atoms if a in row_names_}
+        return RowNeeds(
+            batch=ir.b in atoms, head=ir.h in atoms, query=ir.q in atoms,
+            key_length=ir.SIZES["Lk"] in atoms, query_length=ir.SIZES["Lq"] in atoms,
+            loads=tuple(load for load in row_loads if load.var in loads),
+            closed_visible=closed,
+            stats=tuple(var(st) for st in saved if st.symbol in atoms),
+        )
+
     adjoint_lines = [f"{a.symbol} = tl.load(RBAR + {i} * stat_stride + rows, mask=row_ok, other=0.0)"
                      for i, a in enumerate(grad.adjoints)]
     vis_loads = {row_names_[a] for a in ir.scalar_loads(rows.visible) if a in row_names_} if closed_vis else set()
@@ -268,11 +411,14 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         vis_closed=None if closed_vis is None else guarded_triton_code(rows.visible, rnames),
         passes=tuple(passes),
         coefficients=tuple(guarded_triton_code(c, rnames) for _, c in acc_terms),
-        saved=tuple(Stat(var(st), st.kind, i) for i, st in enumerate(saved)),
+        saved=tuple(Stat(var(st), KINDS[st.kind], i) for i, st in enumerate(saved)),
         row_lines=tuple(row_lines),
         stat_vars=tuple(var(st) for st in stats),
         adjoints=tuple(Adjoint(str(a.symbol), i, guarded_triton_code(a.value, rnames))
                        for i, a in enumerate(grad.adjoints)),
+        adjoint_needs=needs([a.value for a in grad.adjoints]),
+        output_needs=needs([c for _, c in acc_terms]),
+        visible_needs=needs([ir.visible]),
         reductions=tuple(Reduction(str(r.symbol), r.text) for r in grad.reductions),
         reduction_lines=tuple(_block([(f"term_{r.symbol}", r.term) for r in grad.reductions], tnames)),
         reductions_read_dp=any(rowgrad.DP in r.term.free_symbols for r in grad.reductions),
