@@ -161,8 +161,6 @@ def _walk_context(a: Analyses) -> dict:
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
         "cells": walk_cells(v, a.walk),
-        "decode": None,  # the family's decode body: one of these two (families.decoding)
-        "gdecode": None,
         "decode_bands": decode_bands(v, a.walk, a.clauses),
         "ref": _reference(v, a),
         "has_lse": a.rows.has_lse,

@@ -24,11 +24,11 @@ from ..printers import UnsupportedExpression
 TILE_RUNTIME = ("checks", "decoding", "launch", "ops")
 
 
-def decoding(key: str, build: Callable[[], object]) -> dict:
-    """The split-KV decode body of a family on the tile walks, under the name templates/decode.py.j2
-    reads it by (`key`). A spec whose decode kernel cannot be printed keeps its forward: its `decode`
-    raises a ValueError with the reason (`decode_error`)."""
+def decoding(build: Callable[[], object]) -> dict:
+    """The split-KV decode body of a family on the tile walks, for its decode kernels
+    (family.decode_kernels, rendered by templates/decode.py.j2). A spec whose decode kernel cannot be
+    printed keeps its forward: its `decode` raises a ValueError with the reason (`decode_error`)."""
     try:
-        return {key: build(), "decode_error": ""}
+        return {"decode_body": build(), "decode_error": ""}
     except (BuildError, UnsupportedExpression) as err:
-        return {key: None, "decode_error": str(err)}
+        return {"decode_body": None, "decode_error": str(err)}

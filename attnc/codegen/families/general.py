@@ -442,6 +442,7 @@ class GeneralFamily:
     template: str = "module.py.j2"
     kernels: str = "general.py.j2"
     host: str = "general_host.py.j2"
+    decode_kernels: str = "general_decode.py.j2"  # split-KV decoding against a KV cache
     runtime: tuple[str, ...] = TILE_RUNTIME
     triton: bool = True
     tile_walks: bool = True  # the module runs on the tile walks (module.py adds the walk's context)
@@ -451,7 +452,7 @@ class GeneralFamily:
 
     def context(self, a) -> dict:
         return {"family": self, "body": build(a.variant, a.rows),
-                **decoding("gdecode", lambda: build(a.variant, a.rows, DECODE_TILE, DECODE_ROW))}
+                **decoding(lambda: build(a.variant, a.rows, DECODE_TILE, DECODE_ROW))}
 
 
 FAMILY = GeneralFamily()

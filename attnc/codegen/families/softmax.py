@@ -110,6 +110,7 @@ class SoftmaxFamily:
     template: str = "module.py.j2"
     kernels: str = "softmax.py.j2"
     host: str = "softmax_host.py.j2"
+    decode_kernels: str = "softmax_decode.py.j2"  # split-KV decoding against a KV cache
     runtime: tuple[str, ...] = TILE_RUNTIME
     triton: bool = True
     tile_walks: bool = True  # the module runs on the tile walks (module.py adds the walk's context)
@@ -120,7 +121,7 @@ class SoftmaxFamily:
     def context(self, a) -> dict:
         form = a.rows.softmax
         return {"family": self, "body": build(a.variant, form),
-                **decoding("decode", lambda: decode.build(a.variant, form))}
+                **decoding(lambda: decode.build(a.variant, form))}
 
 
 FAMILY = SoftmaxFamily()
