@@ -207,7 +207,7 @@ _OPTIONAL_IMPORTS = (
     ("R.", "", "from attnc.runtime import ref_helpers as R\n"),
     ("rt.", "", "from attnc.runtime import tl_helpers as rt\n"),
 )
-_KERNEL_RUNTIME = ("checks", "decoding", "launch", "ops")  # what a module of quadratic kernels calls
+_KERNEL_RUNTIME = ("checks", "decoding", "launch", "ops", "varlen")  # what a module of quadratic kernels calls
 
 
 def _imports(body: str, runtime: tuple[str, ...], triton: bool) -> str:

@@ -228,7 +228,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
     # what a backward kernel reads per query row (with offs_m, row_ok and rows in scope)
     row_lines = [(load.var, load.code) for load in row_loads]
     if saved:
-        row_lines.append(("stat_stride", "stat_stride = B * Hq * Lq"))
+        row_lines.append(("stat_stride", "stat_stride = ROWS"))  # entries of each row array (varlen: Hq * tokens)
     row_lines += [(var(st), f"{var(st)} = tl.load(STATS + {i} * stat_stride + rows, mask=row_ok, "
                             f"other={'1.0' if st.kind == 'count' else '0.0'})") for i, st in enumerate(saved)]
     if closed_vis is not None:
