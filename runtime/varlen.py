@@ -158,12 +158,18 @@ def length_groups(sig: Signature, offsets_q, offsets_k, count: int, heads: tuple
                   "varlen call cannot read: pass it explicitly")
         return [(None, None)]
     groups: dict = {}
+    empty = []  # sequences without queries or keys output zeros (or nothing), whatever the defaults
     for i, (a, b, c, d) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])):
+        if a == b or c == d:
+            empty.append(i)
+            continue
         values = defaults(b - a, d - c, count, Hq, Hk, Hv)
         key = tuple((name, value) for name, value in values.items() if name not in inputs)
         groups.setdefault(key, ([], values))[0].append(i)
-    if len(groups) == 1:
-        return [(None, next(iter(groups.values()))[1])]
+    if len(groups) <= 1:
+        return [(None, next(iter(groups.values()))[1] if groups else None)]
+    first = next(iter(groups.values()))[0]
+    first[:] = sorted(first + empty)
     return list(groups.values())
 
 
