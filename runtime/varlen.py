@@ -158,12 +158,15 @@ def length_groups(sig: Signature, offsets_q, offsets_k, count: int, heads: tuple
                   "varlen call cannot read: pass it explicitly")
         return [(None, None)]
     groups: dict = {}
+    by_lengths: dict = {}  # the defaults of each distinct (Lq, Lk): O(N) work, not N calls of `defaults`
     empty = []  # sequences without queries or keys output zeros (or nothing), whatever the defaults
     for i, (a, b, c, d) in enumerate(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:])):
         if a == b or c == d:
             empty.append(i)
             continue
-        values = defaults(b - a, d - c, count, Hq, Hk, Hv)
+        if (b - a, d - c) not in by_lengths:
+            by_lengths[b - a, d - c] = defaults(b - a, d - c, count, Hq, Hk, Hv)
+        values = by_lengths[b - a, d - c]
         key = tuple((name, value) for name, value in values.items() if name not in inputs)
         groups.setdefault(key, ([], values))[0].append(i)
     if len(groups) <= 1:
