@@ -3,7 +3,7 @@
 Checked here, through the Triton interpreter:
 - every walk and both families (band: causal, alibi; plan list: document, a mask reading Lk per sequence;
   all: full; dense: a mask outside the interval rules; general: softplus_reweight), GQA (even and
-  uneven), learnable inputs with and without a batch axis (per row, per key, per pair): o and every
+  uneven) and DiffQKV heads, learnable inputs with and without a batch axis (per row, per key, per pair): o and every
   gradient against float64 formulas written in this file, sequence by sequence, with lengths 0 and 1
   and Lq != Lk;
 - the same against plain per-sequence calls of the kernels;
@@ -79,11 +79,11 @@ def cu_of(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def packed(lq, lk, Hq, Hk, seed):
+def packed(lq, lk, Hq, Hk, seed, Hv=None, Dv=D):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(sum(lq), Hq, D, generator=g)
     k = torch.randn(sum(lk), Hk, D, generator=g)
-    v = torch.randn(sum(lk), Hk, D, generator=g)
+    v = torch.randn(sum(lk), Hk if Hv is None else Hv, Dv, generator=g)
     return [x.requires_grad_(True) for x in (q, k, v)], g
 
 
@@ -105,7 +105,7 @@ def make_inputs(name, n, Hq, max_q, max_k, g) -> dict:
 def _weights(name, s, i, qi, kj, Lk, inputs, b, scale):
     """(score, mask) of one sequence: s [H, Lq, Lk] = scale * q.k, i / j the query / key positions."""
     j = kj
-    if name in ("causal", "alibi", "keybias", "softplus_reweight", "sigmoid"):
+    if name in ("causal", "diffqkv", "alibi", "keybias", "softplus_reweight", "sigmoid"):
         mask = j <= i
     elif name == "document":
         d = inputs["doc_ids"][b]
@@ -141,8 +141,8 @@ def _probs(name, score, mask, Lk):
 def formula(name, q, k, v, lq, lk, inputs, scale=D ** -0.5):
     """o [total_q, Hq, Dv] in float64, sequence by sequence."""
     cq, ck = cu_of(lq).tolist(), cu_of(lk).tolist()
-    Hq, Hk = q.shape[1], k.shape[1]
-    heads = torch.arange(Hq) * Hk // Hq  # query head h reads key head h * Hk // Hq
+    Hq, Hk, Hv = q.shape[1], k.shape[1], v.shape[1]
+    heads = torch.arange(Hq) * Hk // Hq  # query head h reads key head h * Hk // Hq, value head h * Hv // Hq
     out = []
     for b, (a, c) in enumerate(zip(cq, ck)):
         if b == len(lq):
@@ -150,7 +150,7 @@ def formula(name, q, k, v, lq, lk, inputs, scale=D ** -0.5):
         Lq, Lk = lq[b], lk[b]
         qi = q[a:a + Lq].double().transpose(0, 1)
         ki = k[c:c + Lk].double().transpose(0, 1)[heads]
-        vi = v[c:c + Lk].double().transpose(0, 1)[heads]
+        vi = v[c:c + Lk].double().transpose(0, 1)[torch.arange(Hq) * Hv // Hq]
         if Lk == 0:
             out.append(q.new_zeros((Lq, Hq, v.shape[2]), dtype=torch.float64))
             continue
@@ -171,11 +171,11 @@ def _leaves(qkv, inputs):
     return list(qkv) + [x for x in inputs.values() if x.requires_grad]
 
 
-def _check(name, attn, lq, lk, Hq=2, Hk=2, seed=0, rtol=2e-4):
+def _check(name, attn, lq, lk, Hq=2, Hk=2, seed=0, rtol=2e-4, Hv=None, Dv=D):
     """varlen's o and gradients against the formula; returns the launches of its forward and backward."""
-    qkv, g = packed(lq, lk, Hq, Hk, seed)
+    qkv, g = packed(lq, lk, Hq, Hk, seed, Hv, Dv)
     inputs = make_inputs(name, len(lq), Hq, max(max(lq), 1), max(max(lk), 1), g)
-    do = torch.randn(sum(lq), Hq, D, generator=g)
+    do = torch.randn(sum(lq), Hq, Dv, generator=g)
     with count_launches() as launches:
         o = attn.varlen(*qkv, cu_of(lq), cu_of(lk), max(max(lq), 1), max(max(lk), 1), **inputs)
         got = torch.autograd.grad((o * do).sum(), _leaves(qkv, inputs))
@@ -203,9 +203,11 @@ def test_matches_the_formula_in_a_plain_calls_launches(specs, name):
     assert launches == plain.launches, "varlen launches what a plain call launches"
 
 
-@pytest.mark.parametrize("Hq, Hk", [(4, 2), (3, 2)])  # GQA: groups of 2 heads; uneven groups (summed on the host)
-def test_grouped_query_heads(specs, Hq, Hk):
-    _check("causal", specs("causal"), LQ, LK, Hq=Hq, Hk=Hk, seed=1)
+# GQA: groups of 2 heads; uneven groups (summed on the host); DiffQKV: Hk != Hv, Dv != Dqk
+@pytest.mark.parametrize("name, Hq, Hk, Hv, Dv", [("causal", 4, 2, 2, D), ("causal", 3, 2, 2, D),
+                                                  ("diffqkv", 4, 1, 2, 2 * D)])
+def test_grouped_query_heads(specs, name, Hq, Hk, Hv, Dv):
+    _check(name, specs(name), LQ, LK, Hq=Hq, Hk=Hk, seed=1, Hv=Hv, Dv=Dv)
 
 
 def test_equals_per_sequence_calls(specs):
