@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .checks import Signature, _fail, _shape, same_device
 
@@ -32,8 +33,8 @@ def _listed(offsets: list[int]) -> str:
 def check_cu_seqlens(owner: str, name: str, cu, tokens: int, device) -> list[int] | None:
     """The offsets of `cu` (cu_seqlens_q or _k, or transformers' cu_seq_lens_q or _k): an int32 tensor
     [num_sequences + 1] on `device` that runs from 0 to `tokens` without decreasing. Raises
-    "<owner>: argument '<name>': ..."; returns None where the values cannot be read without a device
-    sync that torch.compile would break the graph on (it reads them only when not compiling)."""
+    "<owner>: argument '<name>': ...". Returns None where there are no values to read: while
+    torch.compile traces (a device sync would break the graph), and for meta or fake tensors."""
     def fail(message):
         raise ValueError(f"{owner}: argument '{name}': {message}")
 
@@ -44,7 +45,7 @@ def check_cu_seqlens(owner: str, name: str, cu, tokens: int, device) -> list[int
         fail(f"expected dtype int32, got {cu.dtype}")
     if not same_device(cu.device, device):
         fail(f"is on {cu.device} but q is on {device}")
-    if torch.compiler.is_compiling() or cu.device.type == "meta":
+    if torch.compiler.is_compiling() or cu.device.type == "meta" or is_fake(cu):  # no values to read
         return None
     offsets = cu.cpu().tolist()
     if offsets[0] != 0 or offsets[-1] != tokens or any(a > b for a, b in pairwise(offsets)):

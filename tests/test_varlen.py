@@ -284,6 +284,14 @@ def test_one_axis_specs_need_as_many_keys_as_queries(specs):
         _call(attn, cu_seqlens_k=cu_of([3, 2]), doc_ids=doc)
 
 
+def test_fake_tensors_give_the_output_shape(specs):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        o = _call(specs("causal"))
+    assert o.shape == (5, 2, D)
+
+
 def test_torch_compile_traces_one_graph(specs):
     attn = specs("alibi")
     lens = [3, 0, 6]
