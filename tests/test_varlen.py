@@ -287,8 +287,12 @@ def test_one_axis_specs_need_as_many_keys_as_queries(specs):
 def test_fake_tensors_give_the_output_shape(specs):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
-        o = _call(specs("causal"))
+    mode = FakeTensorMode()
+    lens = [2, 3]
+    q, k, v = (mode.from_tensor(torch.randn(5, 2, D)) for _ in range(3))
+    cu = mode.from_tensor(cu_of(lens))
+    with mode:
+        o = specs("causal").varlen(q, k, v, cu, cu, 3, 3)
     assert o.shape == (5, 2, D)
 
 
