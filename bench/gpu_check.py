@@ -26,7 +26,7 @@ Sections, each with a share of the time budget (time a section leaves unused goe
 7. varlen (0.05): packed ragged batches (bench/varlen_bench.py) at 64 x 512 and 1,000 x 64 tokens:
    `attn.varlen` of causal, one call of the document-mask spec on the packed sequence, and FlexAttention
    with a document block mask; launches per call, forward and forward+backward ms, and the largest
-   |output - varlen's|. One autotune config per kernel (today's varlen autotunes each sequence length).
+   |output - varlen's|. One autotune config per kernel (varlen autotunes each distinct longest length).
 8. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
    forward and forward+backward ms at L = 4K and 16K (the speed section's B*H), beside
    flash-linear-attention's chunked kernels where `import fla` works (`chunk_linear_attn` on the features
@@ -758,7 +758,7 @@ def _varlen_bench():
 
 def run_varlen(s: Settings, emit, method, sequences, mean):
     bench = _varlen_bench()
-    # one config per kernel: today's varlen autotunes every distinct sequence length anew
+    # one config per kernel: varlen autotunes every distinct longest length (max_seqlen) anew
     os.environ["ATTNC_AUTOTUNE"] = "quick"
     for row in bench.measure(method, sequences, mean, bench.Settings.make("dry" if s.dry_run else "gpu")):
         emit({"spec": method, **{k: v for k, v in row.items() if k != "method"}})

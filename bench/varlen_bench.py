@@ -18,7 +18,7 @@ JITFunction.run, or InterpretedFunction.run under TRITON_INTERPRET=1; on the CPU
 off the eager reference runs and launches nothing; FlexAttention's inductor kernels are not counted),
 milliseconds (the median of --reps calls after a warm-up; on the CPU the host time of the call, which
 for attnc is the interpreter's), and the largest |output - varlen's| of the forward. One autotune config
-per kernel (ATTNC_AUTOTUNE=quick unless set): today's varlen autotunes each distinct sequence length.
+per kernel (ATTNC_AUTOTUNE=quick unless set): varlen autotunes each distinct longest length anew.
 """
 
 from __future__ import annotations

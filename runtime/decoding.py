@@ -1,11 +1,10 @@
-"""Host side of decoding against a KV cache and of ragged (varlen) calls, shared by generated modules:
-argument checks (every mistake a ValueError naming the argument), head grouping, cache gathering for
-the eager path, and varlen as per-sequence calls. docs/decoding.md."""
+"""Host side of decoding against a KV cache, shared by generated modules: argument checks (every mistake
+a ValueError naming the argument), head grouping, and cache gathering for the eager path. Ragged
+(varlen) calls: runtime/varlen.py. docs/decoding.md."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 
@@ -169,62 +168,3 @@ def sequence_inputs(sig: Signature, values: dict, b: int, length: int) -> dict:
                       for a in t.axes)
         out[t.name] = x[index]
     return out
-
-
-# ---- varlen: ragged batches on packed [total_tokens, H, D] tensors ----
-def _check_cu(sig: Signature, name: str, cu, total: int, device, max_len, max_name: str) -> list[int]:
-    if not isinstance(cu, torch.Tensor):
-        _fail(sig, name, f"expected a torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        _fail(sig, name, f"expected dtype int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.shape[0] < 2:
-        _fail(sig, name, f"expected a 1-D tensor [num_sequences + 1], got shape {_shape(cu)}")
-    if not same_device(cu.device, device):
-        _fail(sig, name, f"is on {cu.device} but q is on {device}")
-    offsets = cu.cpu().tolist()
-    if offsets[0] != 0 or any(a > b for a, b in pairwise(offsets)):
-        _fail(sig, name, f"must start at 0 and never decrease, got {offsets}")
-    if offsets[-1] != total:
-        _fail(sig, name, f"ends at {offsets[-1]} but the packed tensor holds {total} tokens")
-    longest = max(b - a for a, b in pairwise(offsets))
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < longest:
-        _fail(sig, max_name, f"expected an int >= the longest sequence ({longest}), got {max_len!r}")
-    return offsets
-
-
-def varlen(sig: Signature, fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, inputs):
-    """Sequence i is q[cu_q[i]:cu_q[i+1]] against k, v[cu_k[i]:cu_k[i+1]], positions from 0: one call of
-    `fn` per sequence on [1, H, L, D] views (differentiable; its kernels run per sequence)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            _fail(sig, name, f"expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            _fail(sig, name, f"expected a packed 3-D tensor [total_tokens, H, D], got shape {_shape(t)}")
-    if k.shape[0] != v.shape[0]:
-        _fail(sig, "v", f"holds {v.shape[0]} tokens but k holds {k.shape[0]}")
-    cq = _check_cu(sig, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
-    ck = _check_cu(sig, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k")
-    if len(cq) != len(ck):
-        _fail(sig, "cu_seqlens_k", f"describes {len(ck) - 1} sequences but cu_seqlens_q {len(cq) - 1}")
-    outs = []
-    for i in range(len(cq) - 1):
-        lq, lk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
-        if lq == 0:
-            continue
-        if lk == 0:  # a sequence without keys: every row sees nothing and outputs 0
-            outs.append(q.new_zeros((lq, q.shape[1], v.shape[2])))
-            continue
-        seq_inputs = {}
-        for name, x in inputs.items():
-            spec = next((t for t in sig.tensors if t.name == name), None)
-            if spec is not None and isinstance(x, torch.Tensor):
-                index = tuple(slice(i, i + 1) if a == "B" else slice(0, lq) if a in ("Lq", "L") else
-                              slice(0, lk) if a == "Lk" else slice(None) for a in spec.axes)
-                x = x[index]
-            seq_inputs[name] = x
-        o = fn(q[cq[i]:cq[i + 1]].transpose(0, 1)[None], k[ck[i]:ck[i + 1]].transpose(0, 1)[None],
-               v[ck[i]:ck[i + 1]].transpose(0, 1)[None], scale=scale, **seq_inputs)
-        outs.append(o[0].transpose(0, 1))
-    if not outs:
-        return q.new_zeros((0, q.shape[1], v.shape[2]))
-    return torch.cat(outs)

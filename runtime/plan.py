@@ -408,24 +408,45 @@ def band_rows(band, q_first, b_idx, h_idx, *, Lq, Lk, block_m):
     return torch.where(seen, lo, Lk).amin(1), torch.where(seen, hi, -1).amax(1)
 
 
-def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="cpu", sizes=None) -> TilePlan:
+def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="cpu", sizes=None,
+             lengths=None) -> TilePlan:
     """The exact plan of a mask given as `mask_cells(cells) -> (all, any)` (see module docstring);
-    `sizes` gives B, Hq, Hk, Hv for masks that read them."""
+    `sizes` gives B, Hq, Hk, Hv for masks that read them.
+
+    `lengths`: (query lengths, key lengths), int tensors [batch], for a packed batch (varlen): entry b is
+    planned for its own lengths, at most Lq and Lk (its cells are cut at them, the mask sees them as Lq
+    and Lk, and tiles past them are EMPTY), all entries in one pass over the cells."""
     tq, tk = -(-Lq // block_m), -(-Lk // block_n)
     summaries = Summaries()
     groups = batch * heads
     sizes = {name: (value, value) for name, value in {**(sizes or {}), "Lq": Lq, "Lk": Lk}.items()}
+    if lengths is not None:
+        lengths = tuple(torch.as_tensor(x, device=device).long() for x in lengths)
+
+    def cell_sizes(g):
+        """The sizes the cells of groups g see: per cell Lq and Lk for a packed batch."""
+        if lengths is None:
+            return sizes
+        b = torch.div(g, heads, rounding_mode="floor")
+        lq, lk = lengths[0][b], lengths[1][b]
+        return {**sizes, "Lq": (lq, lq), "Lk": (lk, lk)}
 
     def evaluate(g, q_lo, q_size, kv_lo, kv_size):
         # in chunks: the interval form's temporaries are a few dozen tensors the size of the batch
         out_all, out_any = [], []
         for start in range(0, max(g.shape[0], 1), _CHUNK):
             part = slice(start, start + _CHUNK)
-            cells = Cells(g[part].long(), q_lo[part].long(), q_size, kv_lo[part].long(), kv_size, sizes, heads, summaries)
+            g_part = g[part].long()
+            cells = Cells(g_part, q_lo[part].long(), q_size, kv_lo[part].long(), kv_size, cell_sizes(g_part), heads,
+                          summaries)
             all_, any_ = mask_cells(cells)
             n = cells.q[0].shape[0]
-            out_all.append(_as_mask(all_, n, g.device))
-            out_any.append(_as_mask(any_, n, g.device))
+            all_, any_ = _as_mask(all_, n, g.device), _as_mask(any_, n, g.device)
+            if lengths is not None:  # a cell past its entry's lengths holds no pair
+                inside = (cells.q[0] <= cells.q[1]) & (cells.kv[0] <= cells.kv[1])
+                all_, any_ = all_ & inside, any_ & inside
+            out_all.append(all_)
+            out_any.append(any_)
         return torch.cat(out_all), torch.cat(out_any)
 
     # -- top down over blocks of 2^level x 2^level tiles --
@@ -448,7 +469,8 @@ def classify(mask_cells, *, Lq, Lk, block_m, block_n, batch=1, heads=1, device="
             break
         level -= 1
         g, i, j = _children(g, i, j, (tq - 1) >> level, (tk - 1) >> level)
-    nonempty = _has_unmasked_pair(evaluate, g, i, j, block_m, block_n, Lq, Lk)
+    nonempty = _has_unmasked_pair(evaluate, g, i, j, block_m, block_n, Lq, Lk)  # (sub-cells past a packed
+    # entry's lengths are cut to nothing by evaluate, which proves no pair there)
     full = tuple(torch.cat(parts) for parts in zip(*full))
     partial = (g[nonempty], i[nonempty], j[nonempty])
     return from_blocks(full, partial, block_m=block_m, block_n=block_n, Lq=Lq, Lk=Lk, batch=batch, heads=heads)

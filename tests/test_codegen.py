@@ -164,4 +164,4 @@ def test_learnable_reads_of_every_kind_check_and_build():
         assert host.replace(" ", "") in "".join(source.split()), name  # long lines are wrapped
         # reads per key are summed by dK/dV; only reads per (query, key) pair need a pair buffer
         assert ("torch.zeros((B, Hq, Lq, Lk)" in source) == (name == "table"), name
-        assert ("torch.empty((B, Hq, 1, Lk)" in source) == (name in ("per_key", "two_reads")), name
+        assert ("torch.zeros((B, Hq, 1, Lk)" in source) == (name in ("per_key", "two_reads")), name

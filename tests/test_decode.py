@@ -309,9 +309,7 @@ def test_varlen_matches_per_sequence_formula(name):
     if name == "alibi":
         slopes = (0.1 + 0.5 * torch.rand(H, generator=g)).requires_grad_()
         inputs["slopes"] = slopes
-    with launch.count_visits() as log:
-        o = attn.varlen(q, k, v, cu(lq), cu(lk), max(lq), max(lk), **inputs)
-    assert len(log) == 3, "one forward kernel launch per sequence"
+    o = attn.varlen(q, k, v, cu(lq), cu(lk), max(lq), max(lk), **inputs)  # (its launches: tests/test_varlen.py)
     do = torch.randn(o.shape, generator=g)
     (o * do).sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)] + ([slopes.grad.clone()] if slopes is not None else [])

@@ -40,11 +40,6 @@ class GradKind(enum.Enum):
     TABLE = "(B, Hq, table_tiles, {entries})"  # summed per entry of a small table by dQ, per dQ program
     PAIR = "(B, Hq, Lq, Lk)"  # kept per (query, key) pair, written tile by tile by dQ
 
-    @property
-    def zero_filled(self) -> bool:
-        """The kernels write only the tiles they visit (or add entries up): tiles the mask skips stay 0."""
-        return self in (GradKind.PAIR, GradKind.TABLE)
-
 
 @dataclass(frozen=True)
 class InputGrad:

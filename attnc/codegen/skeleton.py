@@ -294,6 +294,7 @@ class RowReads:
     lines: tuple[str, ...]
     values: tuple[str, ...]  # what the lines compute: the dQ tile's parameters
     arrays: tuple[str, ...]  # the row arrays the lines read: with head_rows, the dK/dV tile's parameters
+    sizes: tuple[str, ...] = ()  # kernel sizes the lines read (ROWS, the row arrays' stride): dK/dV tile parameters
 
 
 def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: Indices) -> tuple[TileCode, dict]:

@@ -52,6 +52,7 @@ import torch
 
 from .. import build
 from ..pipeline import compile_text, read_spec
+from ..runtime import varlen
 
 KEEP = "attnc_hf_keep"  # the padding input of a spec's padded variant
 
@@ -170,21 +171,16 @@ class AttnBackend:
         if query.shape[0] != 1:
             raise ValueError(f"{self.where}: a packed call holds its sequences in a batch of 1; got a batch of "
                              f"{query.shape[0]}")
-        for name, cu, tokens in (("cu_seq_lens_q", packed.cu_q, query.shape[2]),
-                                 ("cu_seq_lens_k", packed.cu_k, key.shape[2])):
-            if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
-                what = list(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
-                raise ValueError(f"{self.where}: {name} must be a 1-D tensor [num_sequences + 1]; got {what}")
-            if int(cu[0]) != 0 or int(cu[-1]) != tokens:
-                raise ValueError(f"{self.where}: {name}={cu.tolist()} does not cover the {tokens} packed tokens "
-                                 f"(it must run from 0 to {tokens})")
-        if not torch.equal(packed.cu_q.cpu(), packed.cu_k.cpu()):
-            raise ValueError(f"{self.where}: cu_seq_lens_q={packed.cu_q.tolist()} differs from cu_seq_lens_k="
-                             f"{packed.cu_k.tolist()}: packed sequences with fewer queries than keys (packed "
-                             f"decoding) are not supported; the spec reads q and kv from 0 in each sequence")
         device = query.device
-        return Packed(packed.cu_q.to(device=device, dtype=torch.int32),
-                      packed.cu_k.to(device=device, dtype=torch.int32), int(packed.max_q), int(packed.max_k))
+        cu_q, cu_k = (cu.to(device=device, dtype=torch.int32) if isinstance(cu, torch.Tensor) else cu
+                      for cu in (packed.cu_q, packed.cu_k))
+        for name, cu, tokens in (("cu_seq_lens_q", cu_q, query.shape[2]), ("cu_seq_lens_k", cu_k, key.shape[2])):
+            varlen.check_cu_seqlens(self.where, name, cu, tokens, device)  # attn.varlen's own checks
+        if not torch.equal(cu_q.cpu(), cu_k.cpu()):
+            raise ValueError(f"{self.where}: cu_seq_lens_q={cu_q.tolist()} differs from cu_seq_lens_k="
+                             f"{cu_k.tolist()}: packed sequences with fewer queries than keys (packed "
+                             f"decoding) are not supported; the spec reads q and kv from 0 in each sequence")
+        return Packed(cu_q, cu_k, int(packed.max_q), int(packed.max_k))
 
     def _keep(self, attention_mask, batch, Lk):
         if attention_mask is None:

@@ -21,7 +21,7 @@ from ...errors import BuildError
 from ..printers import UnsupportedExpression
 
 # the generated module of a family on the tile walks calls these attnc.runtime modules
-TILE_RUNTIME = ("checks", "decoding", "launch", "ops")
+TILE_RUNTIME = ("checks", "decoding", "launch", "ops", "varlen")
 
 
 def decoding(build: Callable[[], object]) -> dict:

@@ -363,7 +363,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
     # what a backward kernel reads per query row (with offs_m, row_ok and rows in scope)
     row_lines = [(load.var, load.code) for load in row_loads]
     if saved:
-        row_lines.append(("stat_stride", "stat_stride = B * Hq * Lq"))
+        row_lines.append(("stat_stride", "stat_stride = ROWS"))  # entries of each row array (varlen: Hq * tokens)
     row_lines += [(var(st), (f"{var(st)} = tl.load(STATS + {i} * stat_stride + rows, mask=row_ok, "
                              f"other={KINDS[st.kind].pad})")) for i, st in enumerate(saved)]
     if closed_vis is not None:
@@ -403,6 +403,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
             + tuple(adjoint_lines[i] for i in adjoints_read),
             values=tuple(var(st) for st in stats_read) + tuple(str(grad.adjoints[i].symbol) for i in adjoints_read),
             arrays=arrays,
+            sizes=("ROWS",) if arrays else (),  # stat_stride = ROWS
         )
     return GeneralBody(
         loads=tuple(always),
