@@ -16,12 +16,32 @@ attnc/codegen/module.py.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ...errors import BuildError
 from ..printers import UnsupportedExpression
 
 # the generated module of a family on the tile walks calls these attnc.runtime modules
 TILE_RUNTIME = ("checks", "decoding", "launch", "ops", "varlen")
+
+
+@dataclass(frozen=True)
+class TileFamily:
+    """A family on the tile walks (softmax, general): templates/module.py.j2 with the family's kernels
+    (`kernels`), its part of the shared launchers (`host`) and its split-KV decode kernels
+    (`decode_kernels`). `row_array` is what the forward keeps per row for the backward, and
+    `bwd_row_arrays` what dQ and dK/dV read per row; `returns_lse` whether there is a log-sum-exp."""
+
+    kernels: str
+    host: str
+    decode_kernels: str
+    row_array: str
+    bwd_row_arrays: tuple[str, ...]
+    returns_lse: bool
+    template: str = "module.py.j2"
+    runtime: tuple[str, ...] = TILE_RUNTIME
+    triton: bool = True
+    tile_walks: bool = True  # the module runs on the tile walks (module.py adds the walk's context)
 
 
 def decoding(build: Callable[[], object]) -> dict:

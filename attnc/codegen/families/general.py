@@ -13,7 +13,7 @@ Row values are [BLOCK_M] vectors; tile expressions read them as `r1[:, None]`.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -38,7 +38,7 @@ from ..skeleton import (
     tensor_loads,
     tile_mask,
 )
-from . import TILE_RUNTIME, decoding
+from . import TileFamily, decoding
 
 
 class StatKind(abc.ABC):
@@ -435,25 +435,15 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
     )
 
 
-@dataclass(frozen=True)
-class GeneralFamily:
+class GeneralFamily(TileFamily):
     """Normalizations other than softmax on the tile walks: its kernels (templates/general.py.j2), its
-    part of the shared launchers (general_host.py.j2) and its passes printed for decode rows."""
-
-    template: str = "module.py.j2"
-    kernels: str = "general.py.j2"
-    host: str = "general_host.py.j2"
-    decode_kernels: str = "general_decode.py.j2"  # split-KV decoding against a KV cache
-    runtime: tuple[str, ...] = TILE_RUNTIME
-    triton: bool = True
-    tile_walks: bool = True  # the module runs on the tile walks (module.py adds the walk's context)
-    row_array: str = "stats"  # what the forward keeps per row for the backward: the row statistics
-    bwd_row_arrays: list[str] = field(default_factory=lambda: ["stats", "rbar"])  # what dQ and dK/dV read per row
-    returns_lse: bool = False  # the weights are no softmax: there is no log-sum-exp
+    part of the shared launchers (general_host.py.j2) and its passes printed for decode rows
+    (general_decode.py.j2). The weights are no softmax: there is no log-sum-exp."""
 
     def context(self, a) -> dict:
         return {"family": self, "body": build(a.variant, a.rows),
                 **decoding(lambda: build(a.variant, a.rows, DECODE_TILE, DECODE_ROW))}
 
 
-FAMILY = GeneralFamily()
+FAMILY = GeneralFamily("general.py.j2", "general_host.py.j2", "general_decode.py.j2", row_array="stats",
+                       bwd_row_arrays=("stats", "rbar"), returns_lse=False)

@@ -7,7 +7,7 @@ learnable input gets a gradient buffer that the host reduces in a fixed order (a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ... import ir
 from ...analysis import derivatives
@@ -25,7 +25,7 @@ from ..skeleton import (
     tensor_loads,
 )
 from ..skeleton import tile_code as skeleton_tile_code
-from . import TILE_RUNTIME, decode, decoding
+from . import TileFamily, decode, decoding
 
 
 @dataclass(frozen=True)
@@ -102,21 +102,9 @@ def _entry(read: InputGrad, names: dict) -> str:
     return "" if read.entry_index is None else triton_code(read.entry_index, names)
 
 
-@dataclass(frozen=True)
-class SoftmaxFamily:
+class SoftmaxFamily(TileFamily):
     """The online softmax on the tile walks: its kernels (templates/softmax.py.j2), its part of the shared
-    launchers (softmax_host.py.j2) and its decode kernel (families/decode.py)."""
-
-    template: str = "module.py.j2"
-    kernels: str = "softmax.py.j2"
-    host: str = "softmax_host.py.j2"
-    decode_kernels: str = "softmax_decode.py.j2"  # split-KV decoding against a KV cache
-    runtime: tuple[str, ...] = TILE_RUNTIME
-    triton: bool = True
-    tile_walks: bool = True  # the module runs on the tile walks (module.py adds the walk's context)
-    row_array: str = "lse"  # what the forward keeps per row for the backward: the log-sum-exp
-    bwd_row_arrays: list[str] = field(default_factory=lambda: ["lse2", "delta"])  # what dQ and dK/dV read per row
-    returns_lse: bool = True
+    launchers (softmax_host.py.j2) and its decode kernel (families/decode.py, softmax_decode.py.j2)."""
 
     def context(self, a) -> dict:
         form = a.rows.softmax
@@ -124,4 +112,5 @@ class SoftmaxFamily:
                 **decoding(lambda: decode.build(a.variant, form))}
 
 
-FAMILY = SoftmaxFamily()
+FAMILY = SoftmaxFamily("softmax.py.j2", "softmax_host.py.j2", "softmax_decode.py.j2", row_array="lse",
+                       bwd_row_arrays=("lse2", "delta"), returns_lse=True)
