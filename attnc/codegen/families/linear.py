@@ -26,7 +26,7 @@ class LinearBody:
     poly: tuple | None
     log_decay: str | None  # torch code of log(decay) per head, broadcastable to [Hq]
     coef: str
-    alpha: str
+    alpha: str | None  # torch code of the row factor alpha_i, None where it is 1
     beta: str | None
     needs_rowsum: bool
     reads_visible: bool
@@ -99,7 +99,7 @@ def build(v: ir.Variant, fact: Factorization) -> LinearBody:
         poly=fact.poly,
         log_decay=log_decay,
         coef=repr(float(fact.coef)),
-        alpha=_code(v, fact.alpha) if fact.alpha != 1 else "1",
+        alpha=_code(v, fact.alpha) if fact.alpha != 1 else None,
         beta=None if fact.beta == 0 else _code(v, fact.beta),
         needs_rowsum=fact.needs_rowsum,
         reads_visible=ir.visible in used,
