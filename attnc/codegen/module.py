@@ -92,7 +92,13 @@ def _reference(v: ir.Variant, a: Analyses) -> Reference:
 def _read_names(v: ir.Variant, exprs) -> frozenset[str]:
     """The names of the reference's scope that code printed from `exprs` reads: index tensors, head
     counts, params and visible (a param read only by a feature axis' length is not an expression's)."""
-    used = set().union(*(sympy.sympify(e).free_symbols for e in exprs if e is not None))
+    used = set()
+    for e in (sympy.sympify(e) for e in exprs if e is not None):
+        # a dot of feature vectors prints as a matmul of its two loads: the feature axis' length
+        # (`param R` of dot(qr[b, h, q], kr[b, kv])) is not read
+        dots = ir.vec_dots(e)
+        used |= e.xreplace({d: sympy.Dummy() for d in dots}).free_symbols
+        used |= set().union(*(d.query.free_symbols | d.key.free_symbols for d in dots))
     names = {ir.INDICES[k]: code for k, code in TORCH_INDEX.items()}
     names.update({ir.SIZES[n]: n for n in ("Hk", "Hv")})
     names.update({p.symbol: ident(p.name) for p in v.params})
