@@ -149,6 +149,17 @@ def prepare_in_layout(sig: Signature, layout, q, k, v, prepare) -> tuple:
                          "if that is what they are, pass layout='bshd')") from None
 
 
+def batch_entries(sig: Signature, inputs: dict, index: torch.Tensor) -> dict:
+    """`inputs` for the sub-batch `index`: tensors with a B axis at those entries, the rest as given."""
+    out = {}
+    for name, x in inputs.items():
+        spec = next((t for t in sig.tensors if t.name == name), None)
+        if spec is not None and "B" in spec.axes and isinstance(x, torch.Tensor):
+            x = x.index_select(spec.axes.index("B"), index.to(x.device))
+        out[name] = x
+    return out
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Devices equal as tensors see them: 'cuda' without an index is the current CUDA device."""
     if a.type != b.type:

@@ -105,11 +105,7 @@ def decode_by_groups(sig: Signature, fn, groups, q, k_cache, v_cache, cache_seql
     for batch, values in groups:
         idx = torch.tensor(batch, device=q.device)
         sub = {name: value for name, value in values.items() if name not in inputs}
-        for name, x in inputs.items():
-            spec = next((t for t in sig.tensors if t.name == name), None)
-            if spec is not None and "B" in spec.axes and isinstance(x, torch.Tensor):
-                x = x.index_select(spec.axes.index("B"), idx.to(x.device))
-            sub[name] = x
+        sub.update(checks.batch_entries(sig, inputs, idx))
         paged = block_table is not None
         out = fn(q[idx], k_cache if paged else k_cache[idx], v_cache if paged else v_cache[idx], cache_seqlens[idx],
                  block_table=block_table[idx] if paged else None, scale=scale, return_lse=return_lse, **sub)

@@ -19,7 +19,7 @@ from itertools import pairwise
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .checks import Signature, _fail, _shape, same_device
+from .checks import Signature, _fail, _shape, batch_entries, same_device
 
 
 # ---- checks: every mistake a ValueError naming the argument ----
@@ -196,13 +196,7 @@ def select_sequences(sig: Signature, sequences: list[int], q, k, v, offsets_q, o
     lens_q = [len(p) for p in pieces_q]
     lens_k = [len(p) for p in pieces_k]
     cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    index = torch.tensor(sequences, device=device)
-    sub = {}
-    for name, x in inputs.items():
-        spec = next((t for t in sig.tensors if t.name == name), None)
-        if spec is not None and "B" in spec.axes and isinstance(x, torch.Tensor):
-            x = x.index_select(spec.axes.index("B"), index.to(x.device))
-        sub[name] = x
+    sub = batch_entries(sig, inputs, torch.tensor(sequences, device=device))
     return (q[tokens_q], k[tokens_k], v[tokens_k], cu(lens_q), cu(lens_k), max(max(lens_q), 1),
             max(max(lens_k), 1), sub, tokens_q)
 
