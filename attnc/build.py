@@ -20,6 +20,7 @@ from . import __version__
 from .errors import SpecError
 from .pipeline import (
     MAX_SPEC_BYTES,
+    block_variant,
     compile_file,
     compile_text,
     generate_module,
@@ -113,17 +114,23 @@ def compile_spec(text: str, name: str | None = None):
     return load_text(text.removeprefix("\ufeff"), label)  # a byte-order mark, as read_spec drops it
 
 
-def load_text(text: str, path: str = "<spec>", unbounded: tuple | None = None, and_mask: tuple | None = None):
+def load_text(text: str, path: str = "<spec>", unbounded: tuple | None = None, and_mask: tuple | None = None,
+              shifted: str | None = None):
     """`load` for a spec given as text (`path` names it in error messages). Derived variants, built from
     the checked IR (attnc/ir.py) and cached under keys of their own:
     `unbounded=(param, suffix)`: `Variant.unbounded`, the spec with a parameter at infinity (no window);
+    `shifted=suffix`: `Variant.shifted`, the spec on a block of a longer problem (global positions and
+    lengths as params: context parallelism's ring steps);
     `and_mask=(suffix, inputs)`: `Variant.and_mask`, extra boolean inputs ANDed into the mask (the
-    integrations' padding and context-parallel variants); applied after `unbounded`."""
+    integrations' padding variants); applied last."""
     variant = compile_text(text, path)
     material = [text]
     if unbounded is not None:
         variant = variant.unbounded(*unbounded)
         material += ["unbounded", repr(tuple(unbounded))]
+    if shifted is not None:
+        variant = block_variant(variant, shifted)
+        material += ["shifted", shifted]
     if and_mask is not None:
         suffix, inputs = and_mask
         inputs = tuple(tuple(i) for i in inputs)

@@ -37,6 +37,11 @@ DQK = Symbol("Dqk", integer=True, positive=True)  # the head dim: the extent of 
 
 s = Symbol("s", real=True)  # the raw score, scale * dot(q, k)
 visible = Symbol("visible", integer=True, nonnegative=True)  # unmasked keys in the row
+VISIBLE = visible  # (the name, where a parameter shadows it)
+
+# the int params of a block of a longer problem (Variant.shifted): its first query's and first key's
+# positions in the whole problem, and the whole problem's query and key counts
+POSITION_PARAMS = ("attnc_q_start", "attnc_kv_start", "attnc_total_lq", "attnc_total_lk")
 
 
 # ---- integer functions ----
@@ -388,6 +393,53 @@ class Variant:
         source = self.source + ("" if self.source.endswith("\n") else "\n") + notes
         return replace(self, name=f"{self.name}_{suffix}", source=source, tensors=self.tensors + tuple(extra),
                        mask=sympy.And(self.mask, *loads))
+
+    def shifted(self, suffix: str, visible=None) -> Variant:
+        """This variant, named `<name>_<suffix>`, on a block of a longer problem: its queries and keys
+        are rows [Q_START, Q_START + Lq) and [KV_START, KV_START + Lk) of a problem of TOTAL_LQ queries
+        and TOTAL_LK keys (four more int params, named by `POSITION_PARAMS`; by default 0, 0, Lq, Lk,
+        which is the spec itself). Every expression sees the global positions and lengths: `q` becomes
+        `q + Q_START`, `kv` becomes `kv + KV_START`, `Lq` and `Lk` the totals, and a tensor input's
+        length axes (Lq, Lk, L) have the totals' extents, so `doc_ids[b, q]` reads the global row.
+        `visible` is the block's row count of the whole problem: its closed form (`visible`, computed by
+        the caller from this variant's mask) shifted the same way; without one it stays a counted
+        statistic (of this block's keys: a caller that splits the keys adds the counts up).
+
+        Context parallelism runs each ring step on the shard pair itself this way: memory is the
+        block's, positions are the sequence's. Param defaults that read Lq or Lk stay the block's:
+        the caller passes the whole problem's (`defaults` of the spec itself)."""
+        taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
+        taken |= {n for names, _ in self.lets for n in names}
+        clash = taken & set(POSITION_PARAMS)
+        if clash:
+            raise ValueError(f"{self.path}: '{sorted(clash)[0]}' clashes with a name the block variant adds")
+        q0, k0, lq, lk = (Symbol(n, integer=True) for n in POSITION_PARAMS)
+        to_global = {q: q + q0, kv: kv + k0, SIZES["Lq"]: lq, SIZES["Lk"]: lk}
+        if visible is not None:
+            to_global[VISIBLE] = sympy.sympify(visible).subs(to_global, simultaneous=True)
+
+        def shift(e):
+            return e if e is None else sympy.sympify(e).subs(to_global, simultaneous=True)
+
+        axis_extent = {"Lq": lq, "Lk": lk, "L": lq}
+        tensors = []
+        for t in self.tensors:
+            extents = t.extents or (None,) * len(t.axes)
+            axes = tuple(axis_extent[a].name if a in axis_extent and e is None else a for a, e in zip(t.axes, extents))
+            extents = tuple(axis_extent[a] if a in axis_extent and e is None else shift(e) for a, e in zip(t.axes, extents))
+            tensors.append(replace(t, axes=axes, extents=extents))
+        layouts = tuple(replace(lay, index=f"({lay.index}) + {POSITION_PARAMS[0 if lay.index == 'q' else 1]}"
+                                if lay.index in ("q", "kv") else lay.index,
+                                extents=tuple(shift(e) for e in lay.extents), coords=tuple(shift(e) for e in lay.coords))
+                        for lay in self.layouts)
+        added = tuple(Param(name, "int", default, symbol) for name, default, symbol in
+                      zip(POSITION_PARAMS, (Integer(0), Integer(0), SIZES["Lq"], SIZES["Lk"]), (q0, k0, lq, lk)))
+        source = self.source + ("" if self.source.endswith("\n") else "\n") + (
+            f"# shifted: a block of a longer problem, at {POSITION_PARAMS[0]}, {POSITION_PARAMS[1]} of "
+            f"{POSITION_PARAMS[2]} x {POSITION_PARAMS[3]} positions\n")
+        return replace(self, name=f"{self.name}_{suffix}", source=source, params=self.params + added,
+                       tensors=tuple(tensors), layouts=layouts, mask=shift(self.mask), score=shift(self.score),
+                       probs=shift(self.probs), lets=tuple((names, shift(e)) for names, e in self.lets))
 
     def unbounded(self, param: str, suffix: str) -> Variant:
         """This variant, named `<name>_<suffix>`, with scalar parameter `param` taken to +infinity and

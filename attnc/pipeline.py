@@ -28,7 +28,8 @@ from .codegen import interval_code, module
 from .codegen.families import general, linear, softmax
 from .errors import SpecError
 
-__all__ = ["Analyses", "Family", "analyse", "choose_family", "compile_file", "compile_text", "generate_module"]
+__all__ = ["Analyses", "Family", "analyse", "block_variant", "choose_family", "compile_file", "compile_text",
+           "generate_module"]
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few lines; refuse megabytes of junk before parsing it
 
@@ -64,6 +65,12 @@ def compile_text(source: str, path: str = "<spec>") -> ir.Variant:
 
 def compile_file(path: str | Path) -> ir.Variant:
     return compile_text(*reversed(read_spec(path)))
+
+
+def block_variant(variant: ir.Variant, suffix: str) -> ir.Variant:
+    """The spec on a block of a longer problem (`ir.Variant.shifted`): `visible` keeps the whole
+    problem's count where the mask gives it in closed form (the row statistics' analysis finds it)."""
+    return variant.shifted(suffix, rowstats.visible_closed_form(variant.mask))
 
 
 def analyse(variant: ir.Variant) -> Analyses:
