@@ -1,73 +1,79 @@
 """Context parallelism: ring attention over torch.distributed (gloo on CPUs, NCCL on GPUs).
 
-    cp = attnc.distributed.context_parallel(attn, group, layout="zigzag")
+    cp = attnc.distributed.context_parallel(attn, group_or_mesh, layout="zigzag")
     o = cp(q, k, v, **inputs)          # q, k, v: this rank's shard of the sequence, [B, H, L / P, D]
 
 Each of the P ranks holds its shard of q, k and v along the sequence (self-attention: one sequence of
 L = P * n tokens). K/V shards go round the ring (batch_isend_irecv, posted before each step's compute so
-the transfer overlaps it); each step attends the local queries to one K/V shard and the partial outputs
-are merged by log-sum-exp. The backward recomputes each step, and the K/V gradients travel round the
-ring with their shard back to its owner. Tensor inputs (document ids, ALiBi slopes, ...) are passed
-whole (global shapes, the same on every rank); gradients of learnable ones are all-reduced.
+the transfer overlaps it); each step attends the local queries to one K/V shard. Tensor inputs
+(document ids, ALiBi slopes, ...) are passed whole (global shapes, the same on every rank); gradients of
+learnable ones are all-reduced.
 
-Global positions: each step runs a variant of the spec with two more inputs, `attnc_cp_q: bool[B, Lq]`
-and `attnc_cp_kv: bool[B, Lk]`, ANDed into its mask in the IR (ir.Variant.and_mask), on the global
-length with the local queries and the step's keys at their global positions (zeros elsewhere). Mask and score expressions therefore see global
-positions, and tile plans skip the tiles outside the (query shard, key shard) block. A step whose block
-is fully masked (its tile plan, aligned to the shards, visits nothing) is skipped, forward and backward:
-a causal rank reads no later shard, a sliding window its neighbours only; the K/V still pass through. The global-length placement costs O(L) memory per rank
-for the step's q/k/v blocks: the kernels' work is the block's, the memory is not yet the shard's.
+Shard-sized steps. A step calls the kernels on the (query chunk, key chunk) pair itself: the spec's
+block variant (`ir.Variant.shifted`, built in the IR) takes the chunks' global start positions and the
+sequence's length as int params, so mask and score expressions see global positions and tile plans
+and band bounds are the pair's. Memory per rank is O(L / P): no tensor with a sequence axis longer
+than the shard is made. A contiguous shard is one chunk, a zigzag shard two (chunks r and 2P - 1 - r of
+2P, which balances causal masks); a pair whose tile plan visits nothing is skipped, forward and
+backward (a causal rank reads no later chunk, a sliding window its neighbours only), and the K/V still
+pass through.
 
-Layouts: "contiguous" (rank r holds tokens [r n, (r + 1) n)) and "zigzag" (the sequence in 2P chunks;
-rank r holds chunks r and 2P - 1 - r, which balances causal masks). Softmax-family specs only (merging
-needs a log-sum-exp); others are refused.
+Merging partial rows. Softmax specs merge each pair's (o, lse) by log-sum-exp; a softmax sink (a
+logit with no value) is added once, after the merge. General normalizations (softplus, sigmoid,
+re-weighted, ... : docs/families.md) run one ring per pass: each pass's row statistics are summed (or
+maxed) over every key shard, and the next pass reads the merged values, as split-KV decoding merges
+its splits. Backward: the K/V gradients travel round the ring with their shard back to its owner.
 
 Across machines: `torchrun --nnodes N --nproc-per-node G train.py`, `dist.init_process_group("nccl")`,
-and pass the process group (or None for the world) to context_parallel.
+and pass the process group, a 1-D DeviceMesh (or None for the world) to context_parallel; see
+docs/integrations.md for a training step with FSDP on the other mesh dimension.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from . import build
+from . import build, ir
 from .runtime.merge import merge_pair
 
 __all__ = ["context_parallel", "shard", "unshard"]
 
-Q_KEEP, KV_KEEP = "attnc_cp_q", "attnc_cp_kv"
-_VARIANTS: dict = {}
+Q_START, KV_START, TOTAL_LQ, TOTAL_LK = ir.POSITION_PARAMS
+_BLOCKS: dict = {}
 _LAST_STEPS: list = []  # the owners of the K/V shards the last forward on this rank attended to (tests read it)
 
 
-def _variant(attn):
-    key = attn.spec
-    if key not in _VARIANTS:
-        _VARIANTS[key] = build.load_text(attn.spec, f"{attn.signature.spec} (context parallel)",
-                                         and_mask=("cp", [(Q_KEEP, "Lq", "q"), (KV_KEEP, "Lk", "kv")]))
-    return _VARIANTS[key]
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens [lo, hi) of a shard, at global positions [start, start + hi - lo)."""
+
+    start: int
+    lo: int
+    hi: int
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, self.lo:self.hi]
 
 
-def _has_sink(attn) -> bool:
-    from . import pipeline
-
-    rows = pipeline.analyse(pipeline.compile_text(attn.spec, attn.signature.spec)).rows
-    return rows.softmax is not None and rows.softmax.sink is not None
-
-
-def positions(rank: int, world: int, n: int, layout: str, device=None) -> torch.Tensor:
-    """Global token positions of `rank`'s shard of n tokens."""
+def chunks(rank: int, world: int, n: int, layout: str) -> tuple[Chunk, ...]:
+    """The chunks of `rank`'s shard of n tokens."""
     if layout == "contiguous":
-        return torch.arange(rank * n, (rank + 1) * n, device=device)
+        return (Chunk(rank * n, 0, n),)
     if layout == "zigzag":
         if n % 2:
             raise ValueError(f"context_parallel: layout 'zigzag' needs an even shard length, got {n}")
         h = n // 2
-        first, second = rank, 2 * world - 1 - rank
-        return torch.cat([torch.arange(first * h, (first + 1) * h, device=device),
-                          torch.arange(second * h, (second + 1) * h, device=device)])
+        return Chunk(rank * h, 0, h), Chunk((2 * world - 1 - rank) * h, h, n)
     raise ValueError(f"context_parallel: layout must be 'contiguous' or 'zigzag', got {layout!r}")
+
+
+def positions(rank: int, world: int, n: int, layout: str, device=None) -> torch.Tensor:
+    """Global token positions of `rank`'s shard of n tokens."""
+    return torch.cat([torch.arange(c.start, c.start + c.hi - c.lo, device=device)
+                      for c in chunks(rank, world, n, layout)])
 
 
 def shard(x: torch.Tensor, rank: int, world: int, layout: str = "zigzag", dim: int = 2) -> torch.Tensor:
@@ -84,157 +90,226 @@ def unshard(shards: list, layout: str = "zigzag", dim: int = 2) -> torch.Tensor:
     return full.index_select(dim, torch.argsort(order).to(full.device))
 
 
-def _place(x, pos, length):
-    """x [B, H, n, D] at sequence positions pos of a zero [B, H, length, D] block (differentiable)."""
-    full = x.new_zeros((*x.shape[:2], length, x.shape[3]))
-    return full.index_copy(2, pos, x)
+def _block(attn):
+    """The spec as a block of a longer sequence (global positions as params), built once per spec."""
+    if attn.spec not in _BLOCKS:
+        _BLOCKS[attn.spec] = build.load_text(attn.spec, f"{attn.signature.spec} (context parallel)",
+                                             shifted="cp")
+    return _BLOCKS[attn.spec]
 
 
-def _keep(pos, B, length, device):
-    keep = torch.zeros((B, length), dtype=torch.bool, device=device)
-    keep[:, pos] = True
-    return keep
+class _Ring:
+    """The ring of a process group: rank r sends to r + 1 and receives from r - 1."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+
+    def _peer(self, rank):
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+    def post(self, tensors):
+        """Post the sends of `tensors` to the next rank and the receives from the previous one, before the
+        step's compute (the transfer overlaps it); returns a function that waits and gives the received."""
+        if self.world == 1:
+            return lambda: tensors
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self._peer((self.rank + 1) % self.world), self.group)
+               for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self._peer((self.rank - 1) % self.world), self.group) for r in recv]
+        requests = dist.batch_isend_irecv(ops)
+
+        def wait():
+            for request in requests:
+                request.wait()
+            return recv
+
+        return wait
 
 
-def _needed(variant, q, k, v, length, block, values) -> bool:
-    """Whether the step's (query shard, key shard) block has a visible pair: its tile plan, with tiles
-    aligned to the shards' chunks, visits a tile. (Plans are exact on the catalog; a conservative one
-    only costs a step that adds nothing.) O(tiles visited)."""
-    plan = variant.plan(length, length, B=q.shape[0], Hq=q.shape[1], Hk=k.shape[1], Hv=v.shape[1],
-                        block_m=block, block_n=block, device=q.device, **values)
-    return plan.tiles_visited > 0
+@dataclass
+class _Problem:
+    """What every step of one call shares: the block attention, the ring, the layout, the values."""
+
+    block: object  # the block variant's attention function
+    ring: _Ring
+    layout: str
+    n: int  # shard length
+    scale: float
+    values: dict  # every scalar and tensor input but the learnable ones, defaults resolved for the sequence
+    learnable: tuple  # the names of the learnable inputs given (passed to the Function, for their gradients)
+
+    @property
+    def length(self) -> int:
+        return self.n * self.ring.world
+
+    def chunks(self, owner: int) -> tuple[Chunk, ...]:
+        return chunks(owner, self.ring.world, self.n, self.layout)
+
+    def at(self, qc: Chunk, kc: Chunk, values=None) -> dict:
+        """The block call's inputs for the pair (qc, kc)."""
+        return {**(self.values if values is None else values), Q_START: qc.start, KV_START: kc.start,
+                TOTAL_LQ: self.length, TOTAL_LK: self.length}
+
+    def needed(self, q, k, v, qc: Chunk, kc: Chunk, values: dict) -> bool:
+        """Whether the pair has a visible (query, key): its tile plan visits a tile. (Plans are exact on the
+        catalog; a conservative one only costs a step that adds nothing.) O(tiles)."""
+        plan = self.block.plan(qc.hi - qc.lo, kc.hi - kc.lo, B=q.shape[0], Hq=q.shape[1], Hk=k.shape[1],
+                               Hv=v.shape[1], device=q.device, **self.at(qc, kc, values))
+        return plan.tiles_visited > 0
 
 
-def _ring(tensors, group, rank, world):
-    """Post the sends of `tensors` to the next rank and the receives from the previous one; returns
-    (requests, received buffers)."""
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
-    recv = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, nxt) if group else nxt, group)
-           for t in tensors]
-    ops += [dist.P2POp(dist.irecv, r, dist.get_global_rank(group, prv) if group else prv, group) for r in recv]
-    return dist.batch_isend_irecv(ops), recv
+class _SoftmaxRing(torch.autograd.Function):
+    """Softmax specs: each pair's (o, lse) merged by log-sum-exp; lse is differentiable (a sink, added
+    after the ring, reads it)."""
 
-
-class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, q, k, v, *float_inputs):
-        variant, group, rank, world, layout, scale, fixed, float_names = cfg
-        B, n = q.shape[0], q.shape[2]
-        length = n * world
-        pos_q = positions(rank, world, n, layout, q.device)
-        q_full = _place(q, pos_q, length)
-        chunk = n // 2 if layout == "zigzag" else n
-        block = min(128, chunk & -chunk)  # the largest power of two dividing the chunks (tiles never straddle)
-        values = {**fixed, **dict(zip(float_names, float_inputs)), Q_KEEP: _keep(pos_q, B, length, q.device)}
-        o = lse = None
+    def forward(ctx, problem, q, k, v, *float_inputs):
+        ring, rank = problem.ring, problem.ring.rank
+        values = {**problem.values, **dict(zip(problem.learnable, float_inputs))}
+        q_chunks = problem.chunks(rank)
+        merged = [(None, None) for _ in q_chunks]
         k_cur, v_cur = k, v
-        steps = []  # the owners of the K/V shards this rank attended to (the others are fully masked)
-        for step in range(world):
-            owner = (rank - step) % world
-            reqs, recv = _ring([k_cur, v_cur], group, rank, world) if step < world - 1 else ([], None)
-            pos_kv = positions(owner, world, n, layout, q.device)
-            step_values = {**values, KV_KEEP: _keep(pos_kv, B, length, q.device)}
-            if _needed(variant, q, k, v, length, block, step_values):
-                steps.append(owner)
-                o_s, lse_s = variant(q_full, _place(k_cur, pos_kv, length), _place(v_cur, pos_kv, length),
-                                     scale=scale, return_lse=True, **step_values)
-                o, lse = merge_pair(o, lse, o_s[:, :, pos_q], lse_s[:, :, pos_q])
-            for req in reqs:
-                req.wait()
-            if recv is not None:
-                k_cur, v_cur = recv
-        if o is None:  # every key masked for every local query: o = 0, lse = -inf (as attn gives)
-            o = q.new_zeros((*q.shape[:3], v.shape[3]), dtype=torch.float32)
-            lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
-        o = o.to(q.dtype)
-        ctx.cfg, ctx.steps = cfg, steps
-        _LAST_STEPS[:] = steps
+        pairs = []  # (step, q chunk index, kv chunk index) of the pairs with work
+        for step in range(ring.world):
+            owner = (rank - step) % ring.world
+            received = ring.post([k_cur, v_cur]) if step < ring.world - 1 else None
+            for i, qc in enumerate(q_chunks):
+                for j, kc in enumerate(problem.chunks(owner)):
+                    if not problem.needed(q, k_cur, v_cur, qc, kc, values):
+                        continue
+                    pairs.append((step, i, j))
+                    o_s, lse_s = problem.block(qc.of(q), kc.of(k_cur), kc.of(v_cur), scale=problem.scale,
+                                               return_lse=True, **problem.at(qc, kc, values))
+                    merged[i] = merge_pair(*merged[i], o_s, lse_s)
+            if received is not None:
+                k_cur, v_cur = received()
+        outs, lses = [], []
+        for qc, (o, lse) in zip(q_chunks, merged):
+            if o is None:  # every key masked for every query of the chunk: o = 0, lse = -inf (as attn gives)
+                o = q.new_zeros((q.shape[0], q.shape[1], qc.hi - qc.lo, v.shape[3]), dtype=torch.float32)
+                lse = q.new_full((q.shape[0], q.shape[1], qc.hi - qc.lo), float("-inf"), dtype=torch.float32)
+            outs.append(o)
+            lses.append(lse)
+        o, lse = torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+        ctx.problem, ctx.pairs = problem, pairs
+        _LAST_STEPS[:] = sorted({(rank - step) % ring.world for step, _, _ in pairs})
         ctx.save_for_backward(q, k, v, o, lse, *float_inputs)
-        ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
-    def backward(ctx, do, _dlse):
-        variant, group, rank, world, layout, scale, fixed, float_names = ctx.cfg
+    def backward(ctx, do, dlse):
+        problem = ctx.problem
+        ring, rank = problem.ring, problem.ring.rank
         q, k, v, o, lse, *float_inputs = ctx.saved_tensors
-        B, n = q.shape[0], q.shape[2]
-        length = n * world
-        pos_q = positions(rank, world, n, layout, q.device)
         do = do.float()
-        delta = (do * o.float()).sum(-1)  # rowsum(dO * O), shared by every step's lse gradient
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
+        delta = (do * o.float()).sum(-1)  # rowsum(dO * O), shared by every pair's lse gradient
         dq = torch.zeros_like(q, dtype=torch.float32)
         d_inputs = [torch.zeros_like(t, dtype=torch.float32) for t in float_inputs]
         k_cur, v_cur = k, v
         dk_cur, dv_cur = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
-        for step in range(world):
-            owner = (rank - step) % world
-            if owner in ctx.steps:  # the steps the forward skipped (fully masked) add no gradient
+        q_chunks = problem.chunks(rank)
+        for step in range(ring.world):
+            owner = (rank - step) % ring.world
+            received = ring.post([k_cur, v_cur]) if step < ring.world - 1 else None
+            for i, j in ((i, j) for s, i, j in ctx.pairs if s == step):
+                qc, kc = q_chunks[i], problem.chunks(owner)[j]
                 with torch.enable_grad():
-                    qs = q.detach().requires_grad_()
-                    ks, vs = k_cur.detach().requires_grad_(), v_cur.detach().requires_grad_()
+                    qs = qc.of(q).detach().requires_grad_()
+                    ks, vs = kc.of(k_cur).detach().requires_grad_(), kc.of(v_cur).detach().requires_grad_()
                     ins = [t.detach().requires_grad_() for t in float_inputs]
-                    pos_kv = positions(owner, world, n, layout, q.device)
-                    values = {**fixed, **dict(zip(float_names, ins)), Q_KEEP: _keep(pos_q, B, length, q.device),
-                              KV_KEEP: _keep(pos_kv, B, length, q.device)}
-                    o_s, lse_s = variant(_place(qs, pos_q, length), _place(ks, pos_kv, length),
-                                         _place(vs, pos_kv, length), scale=scale, return_lse=True, **values)
-                    o_s, lse_s = o_s[:, :, pos_q], lse_s[:, :, pos_q]
-                    # o = sum_s w_s o_s, w_s = exp(lse_s - lse): dL/do_s = w_s dO, dL/dlse_s = w_s dO.(o_s - o)
-                    w = torch.where(torch.isfinite(lse_s) & torch.isfinite(lse), torch.exp(lse_s - lse),
-                                    torch.zeros_like(lse))
-                    g_o = (w[..., None] * do).to(o_s.dtype)
-                    g_lse = w * ((do * o_s.detach().float()).sum(-1) - delta)
+                    values = {**problem.values, **dict(zip(problem.learnable, ins))}
+                    o_s, lse_s = problem.block(qs, ks, vs, scale=problem.scale, return_lse=True,
+                                               **problem.at(qc, kc, values))
+                    # o = sum_s w_s o_s, lse = log sum_s exp(lse_s), w_s = exp(lse_s - lse):
+                    # dL/do_s = w_s dO, dL/dlse_s = w_s (dO . (o_s - o) + dlse)
+                    lse_c, do_c = qc.of(lse), qc.of(do)
+                    w = torch.where(torch.isfinite(lse_s) & torch.isfinite(lse_c), torch.exp(lse_s - lse_c),
+                                    torch.zeros_like(lse_c))
+                    g_o = (w[..., None] * do_c).to(o_s.dtype)
+                    g_lse = w * ((do_c * o_s.detach().float()).sum(-1) - qc.of(delta) + qc.of(dlse))
                     grads = torch.autograd.grad([o_s, lse_s], [qs, ks, vs, *ins], [g_o, g_lse], allow_unused=True)
-                dq += grads[0].float()
-                dk_cur = dk_cur + (grads[1].float() if grads[1] is not None else 0)
-                dv_cur = dv_cur + (grads[2].float() if grads[2] is not None else 0)
+                dq[:, :, qc.lo:qc.hi] += grads[0].float()
+                for acc, g in ((dk_cur, grads[1]), (dv_cur, grads[2])):
+                    if g is not None:
+                        acc[:, :, kc.lo:kc.hi] += g.float()
                 for acc, g in zip(d_inputs, grads[3:]):
                     if g is not None:
                         acc += g.float()
-            if world > 1:  # the shard and its gradients move on; after `world` moves they are home
-                sending = [dk_cur, dv_cur] if step == world - 1 else [k_cur, v_cur, dk_cur, dv_cur]
-                reqs, recv = _ring(sending, group, rank, world)
-                for req in reqs:
-                    req.wait()
-                if step < world - 1:
-                    k_cur, v_cur, dk_cur, dv_cur = recv
-                else:
-                    dk_cur, dv_cur = recv
-        for acc in d_inputs:
-            if world > 1:
-                dist.all_reduce(acc, group=group)
-        d_inputs = [acc.to(t.dtype) for acc, t in zip(d_inputs, float_inputs)]
-        return (None, dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), *d_inputs)
+            if received is not None:
+                k_cur, v_cur = received()
+            dk_cur, dv_cur = _pass_on(ring, dk_cur, dv_cur)
+        return (None, dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), *_all_reduced(ring, d_inputs, float_inputs))
+
+
+def _pass_on(ring: _Ring, *grads):
+    """The K/V gradients move on with their shard (after `world` moves they are home)."""
+    return tuple(ring.post(list(grads))()) if ring.world > 1 else grads
+
+
+def _all_reduced(ring: _Ring, d_inputs, float_inputs):
+    for acc in d_inputs:
+        if ring.world > 1:
+            dist.all_reduce(acc, group=ring.group)
+    return [acc.to(t.dtype) for acc, t in zip(d_inputs, float_inputs)]
+
+
+def _process_group(group_or_mesh):
+    """A process group from a group, a 1-D DeviceMesh (as torch's own context_parallel takes) or None."""
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # a torch without device meshes
+        DeviceMesh = ()
+    if isinstance(group_or_mesh, DeviceMesh):
+        if group_or_mesh.ndim != 1:
+            raise ValueError(f"context_parallel: a DeviceMesh must be 1-D (the context-parallel dimension); got "
+                             f"{group_or_mesh.ndim} dimensions {group_or_mesh.mesh_dim_names}: pass mesh['cp']")
+        return group_or_mesh.get_group()
+    return group_or_mesh
 
 
 def context_parallel(attn, group=None, layout: str = "zigzag"):
     """A function with `attn`'s call signature, `cp(q, k, v, scale=None, return_lse=False, **inputs)`,
     taking this rank's shard of q, k, v (along the sequence, in `layout`) and returning this rank's
-    shard of the output (and of the log-sum-exp)."""
-    if not getattr(attn, "has_lse", False):
-        raise ValueError(f"context_parallel: {attn.signature.spec}'s weights are not a softmax, so its partial "
-                         f"outputs cannot be merged by log-sum-exp; multi-pass normalizations are not supported")
-    if _has_sink(attn):
+    shard of the output (and of the log-sum-exp). `group`: a process group, a 1-D DeviceMesh, or None
+    (the world)."""
+    from . import pipeline
+
+    analyses = pipeline.analyse(pipeline.compile_text(attn.spec, attn.signature.spec))
+    if pipeline.choose_family(analyses) is pipeline.Family.LINEAR:
+        raise ValueError(f"context_parallel: {attn.signature.spec} runs as linear attention, whose state is a "
+                         f"running sum over the sequence, not a ring of key shards; it is not supported")
+    sink = analyses.rows.softmax is not None and analyses.rows.softmax.sink is not None
+    if sink:
         raise ValueError(f"context_parallel: {attn.signature.spec} has a softmax sink; every ring step would add "
                          f"the sink's logit to its log-sum-exp, so the merged rows would count it once per rank. "
                          f"Sinks are not supported under context parallelism yet")
-    positions(0, 1, 2, layout)  # checks the layout's name
+    if not analyses.rows.has_lse:
+        raise ValueError(f"context_parallel: {attn.signature.spec}'s weights are not a softmax; the multi-pass "
+                         f"normalizations are not supported yet")
+    chunks(0, 1, 2, layout)  # checks the layout's name
     if not dist.is_initialized():
         raise RuntimeError("context_parallel: torch.distributed is not initialized (dist.init_process_group)")
-    variant = _variant(attn)
-    learnable = {t.name for t in attn.signature.tensors if t.dtype == "float"}
+    group = _process_group(group)
+    block = _block(attn)
+    learnable = {t.name for t in attn.signature.tensors if t.learnable}
+    param_names = {name for name, _ in attn.signature.params}
 
     def cp(q, k, v, scale=None, return_lse=False, **inputs):
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        ring = _Ring(group)
         if not (q.shape[2] == k.shape[2] == v.shape[2]):
             raise ValueError(f"context_parallel: q, k and v shards must have one length (self-attention); got "
                              f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
+        n = q.shape[2]
+        L = n * ring.world
+        defaults = attn.defaults(L, L, q.shape[0], q.shape[1], k.shape[1], v.shape[1])  # the sequence's, not a shard's
+        values = {**{p: d for p, d in defaults.items() if p in param_names}, **inputs}
         scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-        floats = sorted(name for name in inputs if name in learnable and isinstance(inputs[name], torch.Tensor))
-        fixed = {name: value for name, value in inputs.items() if name not in floats}
-        cfg = (variant, group, rank, world, layout, scale, fixed, floats)
-        o, lse = _RingAttention.apply(cfg, q, k, v, *(inputs[name] for name in floats))
+        floats = sorted(name for name in values if name in learnable and isinstance(values[name], torch.Tensor))
+        fixed = {name: x for name, x in values.items() if name not in floats}
+        problem = _Problem(block, ring, layout, n, scale, fixed, tuple(floats))
+        o, lse = _SoftmaxRing.apply(problem, q, k, v, *(values[name] for name in floats))
         return (o, lse) if return_lse else o
 
     return cp
