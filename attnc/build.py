@@ -25,6 +25,7 @@ from .pipeline import (
     compile_text,
     generate_module,
     read_spec,
+    sink_free_variant,
 )
 
 
@@ -115,10 +116,11 @@ def compile_spec(text: str, name: str | None = None):
 
 
 def load_text(text: str, path: str = "<spec>", unbounded: tuple | None = None, and_mask: tuple | None = None,
-              shifted: str | None = None):
+              shifted: str | None = None, sink_free: bool = False):
     """`load` for a spec given as text (`path` names it in error messages). Derived variants, built from
     the checked IR (attnc/ir.py) and cached under keys of their own:
     `unbounded=(param, suffix)`: `Variant.unbounded`, the spec with a parameter at infinity (no window);
+    `sink_free=True`: the spec without its softmax sink (context parallelism adds it after merging);
     `shifted=suffix`: `Variant.shifted`, the spec on a block of a longer problem (global positions and
     lengths as params: context parallelism's ring steps);
     `and_mask=(suffix, inputs)`: `Variant.and_mask`, extra boolean inputs ANDed into the mask (the
@@ -128,6 +130,9 @@ def load_text(text: str, path: str = "<spec>", unbounded: tuple | None = None, a
     if unbounded is not None:
         variant = variant.unbounded(*unbounded)
         material += ["unbounded", repr(tuple(unbounded))]
+    if sink_free:
+        variant = sink_free_variant(variant, "nosink")
+        material += ["sink_free"]
     if shifted is not None:
         variant = block_variant(variant, shifted)
         material += ["shifted", shifted]

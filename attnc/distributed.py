@@ -90,12 +90,14 @@ def unshard(shards: list, layout: str = "zigzag", dim: int = 2) -> torch.Tensor:
     return full.index_select(dim, torch.argsort(order).to(full.device))
 
 
-def _block(attn):
-    """The spec as a block of a longer sequence (global positions as params), built once per spec."""
-    if attn.spec not in _BLOCKS:
-        _BLOCKS[attn.spec] = build.load_text(attn.spec, f"{attn.signature.spec} (context parallel)",
-                                             shifted="cp")
-    return _BLOCKS[attn.spec]
+def _block(attn, sink_free: bool = False):
+    """The spec as a block of a longer sequence (global positions as params), built once per spec;
+    `sink_free`: without its softmax sink."""
+    key = (attn.spec, sink_free)
+    if key not in _BLOCKS:
+        _BLOCKS[key] = build.load_text(attn.spec, f"{attn.signature.spec} (context parallel)", shifted="cp",
+                                       sink_free=sink_free)
+    return _BLOCKS[key]
 
 
 class _Ring:
@@ -243,6 +245,22 @@ class _SoftmaxRing(torch.autograd.Function):
         return (None, dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), *_all_reduced(ring, d_inputs, float_inputs))
 
 
+class _SumGradients(torch.autograd.Function):
+    """The identity, whose gradient is summed over the ranks: for a whole input every rank reads."""
+
+    @staticmethod
+    def forward(ctx, ring, x):
+        ctx.ring = ring
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        if ctx.ring.world > 1:
+            dist.all_reduce(grad, group=ctx.ring.group)
+        return None, grad
+
+
 def _pass_on(ring: _Ring, *grads):
     """The K/V gradients move on with their shard (after `world` moves they are home)."""
     return tuple(ring.post(list(grads))()) if ring.world > 1 else grads
@@ -280,19 +298,16 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
     if pipeline.choose_family(analyses) is pipeline.Family.LINEAR:
         raise ValueError(f"context_parallel: {attn.signature.spec} runs as linear attention, whose state is a "
                          f"running sum over the sequence, not a ring of key shards; it is not supported")
-    sink = analyses.rows.softmax is not None and analyses.rows.softmax.sink is not None
-    if sink:
-        raise ValueError(f"context_parallel: {attn.signature.spec} has a softmax sink; every ring step would add "
-                         f"the sink's logit to its log-sum-exp, so the merged rows would count it once per rank. "
-                         f"Sinks are not supported under context parallelism yet")
     if not analyses.rows.has_lse:
         raise ValueError(f"context_parallel: {attn.signature.spec}'s weights are not a softmax; the multi-pass "
                          f"normalizations are not supported yet")
+    sink = analyses.rows.softmax.sink is not None
     chunks(0, 1, 2, layout)  # checks the layout's name
     if not dist.is_initialized():
         raise RuntimeError("context_parallel: torch.distributed is not initialized (dist.init_process_group)")
     group = _process_group(group)
-    block = _block(attn)
+    block = _block(attn, sink_free=sink)
+    sink_block = _block(attn) if sink else None  # its sink_logits: the sink, added once after the ring
     learnable = {t.name for t in attn.signature.tensors if t.learnable}
     param_names = {name for name, _ in attn.signature.params}
 
@@ -310,6 +325,12 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
         fixed = {name: x for name, x in values.items() if name not in floats}
         problem = _Problem(block, ring, layout, n, scale, fixed, tuple(floats))
         o, lse = _SoftmaxRing.apply(problem, q, k, v, *(values[name] for name in floats))
+        if sink_block is not None:  # o = sum_j e^s_j v_j / (sum_j e^s_j + e^sink): the merged rows rescaled
+            shared = {name: _SumGradients.apply(ring, values[name]) for name in floats}  # read by every rank
+            logits = torch.cat([sink_block.sink_logits(qc.of(q), problem.at(qc, qc, {**values, **shared}))
+                                for qc in problem.chunks(ring.rank)], 2).float()
+            with_sink = torch.logaddexp(lse, logits)
+            o, lse = (o.float() * torch.exp(lse - with_sink)[..., None]).to(q.dtype), with_sink
         return (o, lse) if return_lse else o
 
     return cp

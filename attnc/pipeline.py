@@ -17,6 +17,7 @@ benchmarks all read, so no consumer runs an analysis again. `generate_module` ru
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from . import check as _check
@@ -29,7 +30,7 @@ from .codegen.families import general, linear, softmax
 from .errors import SpecError
 
 __all__ = ["Analyses", "Family", "analyse", "block_variant", "choose_family", "compile_file", "compile_text",
-           "generate_module"]
+           "generate_module", "sink_free_variant"]
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few lines; refuse megabytes of junk before parsing it
 
@@ -71,6 +72,15 @@ def block_variant(variant: ir.Variant, suffix: str) -> ir.Variant:
     """The spec on a block of a longer problem (`ir.Variant.shifted`): `visible` keeps the whole
     problem's count where the mask gives it in closed form (the row statistics' analysis finds it)."""
     return variant.shifted(suffix, rowstats.visible_closed_form(variant.mask))
+
+
+def sink_free_variant(variant: ir.Variant, suffix: str) -> ir.Variant:
+    """The spec with its softmax sink left out (`rowstats.without_sink`); the spec itself where it has none."""
+    probs = rowstats.without_sink(variant.probs)
+    if probs is None:
+        return variant
+    return replace(variant, name=f"{variant.name}_{suffix}", probs=probs,
+                   source=variant.source + ("" if variant.source.endswith("\n") else "\n") + "# sink-free: the softmax sink left out\n")
 
 
 def analyse(variant: ir.Variant) -> Analyses:

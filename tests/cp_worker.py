@@ -53,6 +53,8 @@ def make_inputs(attn, L, B=2, Hq=4, Hkv=2, D=16):
         inputs["doc_ids"] = torch.tensor([[0] * (L // 3) + [1] * (L - L // 3 - 3) + [2] * 3] * B)
     if "window" in names:
         inputs["window"] = 5
+    if "sink" in names:
+        inputs["sink"] = torch.randn(Hq, generator=gen)
     if "key_bias" in names:  # a learnable table along the keys: [Lk], read at global positions
         inputs["key_bias"] = torch.randn(L, generator=gen)
     return q, k, v, g, inputs

@@ -24,7 +24,7 @@ import formulas
 EXAMPLES = TESTS.parent / "examples"
 L = 32
 KEY_BIAS = "attention key_bias\ninput key_bias: float[Lk] learnable\nmask kv <= q\nscore s + key_bias[kv]\n"
-SPECS = ["causal", "sliding_window", "document", "alibi", "streaming_sink", "key_bias"]
+SPECS = ["causal", "sliding_window", "document", "alibi", "streaming_sink", "key_bias", "sink_logit", "sink_softmax1"]
 REACH = {"causal": None, "key_bias": None, "sliding_window": 2}  # contiguous: the owners a rank reads (None: all earlier)
 
 
@@ -99,16 +99,6 @@ def test_refusals():
         positions(0, 2, 4, "striped")
     with pytest.raises(RuntimeError, match="not initialized"):
         context_parallel(attnc.load(EXAMPLES / "causal.attn"))
-
-
-def test_a_sink_is_refused_rather_than_counted_once_per_rank(tmp_path):
-    """Each ring step's log-sum-exp includes the sink's logit; merged over P steps it would count P times."""
-    from attnc.distributed import context_parallel
-
-    spec = tmp_path / "sinky.attn"
-    spec.write_text("attention sinky\ninput sink: float[Hq]\nmask kv <= q\nprobs softmax(score, sink=sink[h])\n")
-    with pytest.raises(ValueError, match="softmax sink"):
-        context_parallel(attnc.load(spec))
 
 
 MULTILINE = {  # masks over two lines, which a line-by-line text edit of the spec changed (issue 22)

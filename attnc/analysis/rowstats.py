@@ -76,6 +76,18 @@ def recognize_softmax(probs) -> SoftmaxForm | None:
     return SoftmaxForm(elementwise, sink, offset)
 
 
+def without_sink(probs):
+    """A softmax with a sink, `exp(x) / (rowsum(exp(x)) + E)`, as the plain softmax `exp(x) / rowsum(exp(x))`
+    (None when `probs` has no sink): what a split of the keys computes per part, the sink being added
+    once to the merged rows (context parallelism)."""
+    form = recognize_softmax(probs)
+    if form is None or form.sink is None:
+        return None
+    numer, denom = sympy.fraction(sympy.sympify(probs), exact=True)
+    rowsum = next(t for t in _split_add(denom) if isinstance(t, ir.RowSum) and t.args[0] == numer)
+    return numer / rowsum
+
+
 # ---- visible in closed form ----
 def kv_bounds(mask):
     """(lo, hi) with mask == (lo <= kv <= hi) when the mask is a conjunction of linear bounds on kv

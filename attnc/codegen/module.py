@@ -57,6 +57,7 @@ class Reference:
     probs: str = ""
     lse_offset: str | None = None  # softmax: the row constant the kernels' logits leave out (SoftmaxForm.offset)
 
+    sink_reads: frozenset[str] = frozenset()  # ... and those the sink alone reads (`_sink_logits`)
     reads: frozenset[str] = frozenset()  # the generated names the pieces read (index tensors, sizes,
     # params, visible), from the expressions' free symbols before printing
 
@@ -76,7 +77,7 @@ def _reference(v: ir.Variant, a: Analyses) -> Reference:
         logits, sink = sm.logits + sm.offset, None if sm.sink is None else sm.sink + sm.offset
         return Reference(mask, score, torch_code(logits, names), None if sink is None else torch_code(sink, names),
                          lse_offset=None if sm.offset == 0 else torch_code(sm.offset, names),
-                         reads=_read_names(v, [v.mask, v.score, logits, sink]))
+                         reads=_read_names(v, [v.mask, v.score, logits, sink]), sink_reads=_read_names(v, [sink]))
     # general probabilities: row statistics computed innermost first, as masked torch reductions
     stats = sorted((st for st, _ in a.rows.stats_in_order if st != ir.visible), key=sympy.count_ops)
     stat_names = {**names, ir.visible: "visible"}
