@@ -161,16 +161,69 @@ class _Problem:
         return plan.tiles_visited > 0
 
 
-class _SoftmaxRing(torch.autograd.Function):
-    """Softmax specs: each pair's (o, lse) merged by log-sum-exp; lse is differentiable (a sink, added
-    after the ring, reads it)."""
+class _LogSumExp:
+    """Softmax specs: a part is (o, lse), merged by log-sum-exp; lse is an output (differentiable: a
+    sink, added after the ring, reads it)."""
+
+    with_lse = True
 
     @staticmethod
-    def forward(ctx, problem, q, k, v, *float_inputs):
+    def call(problem, q, k, v, values):
+        return problem.block(q, k, v, scale=problem.scale, return_lse=True, **values)
+
+    @staticmethod
+    def combine(merged, part):
+        return merge_pair(*(merged or (None, None)), *part)
+
+    @staticmethod
+    def empty(q, rows, dv):  # every key masked for every query: o = 0, lse = -inf (as attn gives)
+        return (q.new_zeros((q.shape[0], q.shape[1], rows, dv), dtype=torch.float32),
+                q.new_full((q.shape[0], q.shape[1], rows), float("-inf"), dtype=torch.float32))
+
+    @staticmethod
+    def upstream(part, merged, do, dlse):
+        """The gradients of the loss by a part's outputs, given the merged rows (o, lse) and the
+        gradients of the loss by them: o = sum_s w_s o_s, lse = log sum_s exp(lse_s), w_s = exp(lse_s -
+        lse), so dL/do_s = w_s dO and dL/dlse_s = w_s (dO . (o_s - o) + dlse)."""
+        (o_s, lse_s), (o, lse) = part, merged
+        w = torch.where(torch.isfinite(lse_s) & torch.isfinite(lse), torch.exp(lse_s - lse), torch.zeros_like(lse))
+        g_lse = w * ((do * (o_s.detach().float() - o.float())).sum(-1) + dlse)
+        return (w[..., None] * do).to(o_s.dtype), g_lse
+
+
+class _Sum:
+    """Specs without row statistics (sigmoid, relu / visible, ...): the weights of a key do not depend
+    on the other keys, so a part is the output over its keys, and parts add."""
+
+    with_lse = False
+
+    @staticmethod
+    def call(problem, q, k, v, values):
+        return (problem.block(q, k, v, scale=problem.scale, **values),)
+
+    @staticmethod
+    def combine(merged, part):
+        return (part[0].float(),) if merged is None else (merged[0] + part[0].float(),)
+
+    @staticmethod
+    def empty(q, rows, dv):
+        return (q.new_zeros((q.shape[0], q.shape[1], rows, dv), dtype=torch.float32),)
+
+    @staticmethod
+    def upstream(part, merged, do, dlse):
+        return (do.to(part[0].dtype),)
+
+
+class _RingAttention(torch.autograd.Function):
+    """The ring: every (query chunk, key chunk) pair with work computes a part, merged by `merge`;
+    the backward recomputes each pair's part and back-propagates the merge's upstream gradients."""
+
+    @staticmethod
+    def forward(ctx, problem, merge, q, k, v, *float_inputs):
         ring, rank = problem.ring, problem.ring.rank
         values = {**problem.values, **dict(zip(problem.learnable, float_inputs))}
         q_chunks = problem.chunks(rank)
-        merged = [(None, None) for _ in q_chunks]
+        merged = [None for _ in q_chunks]
         k_cur, v_cur = k, v
         pairs = []  # (step, q chunk index, kv chunk index) of the pairs with work
         for step in range(ring.world):
@@ -181,32 +234,28 @@ class _SoftmaxRing(torch.autograd.Function):
                     if not problem.needed(q, k_cur, v_cur, qc, kc, values):
                         continue
                     pairs.append((step, i, j))
-                    o_s, lse_s = problem.block(qc.of(q), kc.of(k_cur), kc.of(v_cur), scale=problem.scale,
-                                               return_lse=True, **problem.at(qc, kc, values))
-                    merged[i] = merge_pair(*merged[i], o_s, lse_s)
+                    part = merge.call(problem, qc.of(q), kc.of(k_cur), kc.of(v_cur), problem.at(qc, kc, values))
+                    merged[i] = merge.combine(merged[i], part)
             if received is not None:
                 k_cur, v_cur = received()
-        outs, lses = [], []
-        for qc, (o, lse) in zip(q_chunks, merged):
-            if o is None:  # every key masked for every query of the chunk: o = 0, lse = -inf (as attn gives)
-                o = q.new_zeros((q.shape[0], q.shape[1], qc.hi - qc.lo, v.shape[3]), dtype=torch.float32)
-                lse = q.new_full((q.shape[0], q.shape[1], qc.hi - qc.lo), float("-inf"), dtype=torch.float32)
-            outs.append(o)
-            lses.append(lse)
-        o, lse = torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
-        ctx.problem, ctx.pairs = problem, pairs
+        rows = [m or merge.empty(q, qc.hi - qc.lo, v.shape[3]) for qc, m in zip(q_chunks, merged)]
+        out = [torch.cat(parts, 2) for parts in zip(*rows)]  # o (and lse), this rank's rows
+        out[0] = out[0].to(q.dtype)
+        ctx.problem, ctx.merge, ctx.pairs = problem, merge, pairs
         _LAST_STEPS[:] = sorted({(rank - step) % ring.world for step, _, _ in pairs})
-        ctx.save_for_backward(q, k, v, o, lse, *float_inputs)
-        return o, lse
+        ctx.save_for_backward(q, k, v, *out, *float_inputs)
+        ctx.n_out = len(out)
+        return tuple(out)
 
     @staticmethod
-    def backward(ctx, do, dlse):
-        problem = ctx.problem
+    def backward(ctx, do, dlse=None):
+        problem, merge = ctx.problem, ctx.merge
         ring, rank = problem.ring, problem.ring.rank
-        q, k, v, o, lse, *float_inputs = ctx.saved_tensors
+        q, k, v, *rest = ctx.saved_tensors
+        merged, float_inputs = rest[:ctx.n_out], rest[ctx.n_out:]
         do = do.float()
-        dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
-        delta = (do * o.float()).sum(-1)  # rowsum(dO * O), shared by every pair's lse gradient
+        if merge.with_lse and dlse is None:
+            dlse = torch.zeros_like(merged[1])
         dq = torch.zeros_like(q, dtype=torch.float32)
         d_inputs = [torch.zeros_like(t, dtype=torch.float32) for t in float_inputs]
         k_cur, v_cur = k, v
@@ -222,16 +271,10 @@ class _SoftmaxRing(torch.autograd.Function):
                     ks, vs = kc.of(k_cur).detach().requires_grad_(), kc.of(v_cur).detach().requires_grad_()
                     ins = [t.detach().requires_grad_() for t in float_inputs]
                     values = {**problem.values, **dict(zip(problem.learnable, ins))}
-                    o_s, lse_s = problem.block(qs, ks, vs, scale=problem.scale, return_lse=True,
-                                               **problem.at(qc, kc, values))
-                    # o = sum_s w_s o_s, lse = log sum_s exp(lse_s), w_s = exp(lse_s - lse):
-                    # dL/do_s = w_s dO, dL/dlse_s = w_s (dO . (o_s - o) + dlse)
-                    lse_c, do_c = qc.of(lse), qc.of(do)
-                    w = torch.where(torch.isfinite(lse_s) & torch.isfinite(lse_c), torch.exp(lse_s - lse_c),
-                                    torch.zeros_like(lse_c))
-                    g_o = (w[..., None] * do_c).to(o_s.dtype)
-                    g_lse = w * ((do_c * o_s.detach().float()).sum(-1) - qc.of(delta) + qc.of(dlse))
-                    grads = torch.autograd.grad([o_s, lse_s], [qs, ks, vs, *ins], [g_o, g_lse], allow_unused=True)
+                    part = merge.call(problem, qs, ks, vs, problem.at(qc, kc, values))
+                    upstream = merge.upstream(part, [qc.of(m) for m in merged], qc.of(do),
+                                              None if dlse is None else qc.of(dlse))
+                    grads = torch.autograd.grad(part, [qs, ks, vs, *ins], upstream, allow_unused=True)
                 dq[:, :, qc.lo:qc.hi] += grads[0].float()
                 for acc, g in ((dk_cur, grads[1]), (dv_cur, grads[2])):
                     if g is not None:
@@ -242,7 +285,8 @@ class _SoftmaxRing(torch.autograd.Function):
             if received is not None:
                 k_cur, v_cur = received()
             dk_cur, dv_cur = _pass_on(ring, dk_cur, dv_cur)
-        return (None, dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), *_all_reduced(ring, d_inputs, float_inputs))
+        return (None, None, dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype),
+                *_all_reduced(ring, d_inputs, float_inputs))
 
 
 class _SumGradients(torch.autograd.Function):
@@ -298,10 +342,16 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
     if pipeline.choose_family(analyses) is pipeline.Family.LINEAR:
         raise ValueError(f"context_parallel: {attn.signature.spec} runs as linear attention, whose state is a "
                          f"running sum over the sequence, not a ring of key shards; it is not supported")
-    if not analyses.rows.has_lse:
-        raise ValueError(f"context_parallel: {attn.signature.spec}'s weights are not a softmax; the multi-pass "
-                         f"normalizations are not supported yet")
-    sink = analyses.rows.softmax.sink is not None
+    block_rows = pipeline.analyse(pipeline.block_variant(analyses.variant, "cp")).rows
+    if analyses.rows.has_lse:
+        merge = _LogSumExp
+    elif not block_rows.stat_pass:  # visible in closed form is the whole row's count in the block variant
+        merge = _Sum
+    else:
+        raise ValueError(f"context_parallel: {attn.signature.spec}'s weights need row statistics "
+                         f"({', '.join(str(st) for st, _ in block_rows.stats_in_order)}); the ring of "
+                         f"multi-pass normalizations is not supported yet")
+    sink = analyses.rows.softmax is not None and analyses.rows.softmax.sink is not None
     chunks(0, 1, 2, layout)  # checks the layout's name
     if not dist.is_initialized():
         raise RuntimeError("context_parallel: torch.distributed is not initialized (dist.init_process_group)")
@@ -324,7 +374,11 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
         floats = sorted(name for name in values if name in learnable and isinstance(values[name], torch.Tensor))
         fixed = {name: x for name, x in values.items() if name not in floats}
         problem = _Problem(block, ring, layout, n, scale, fixed, tuple(floats))
-        o, lse = _SoftmaxRing.apply(problem, q, k, v, *(values[name] for name in floats))
+        if return_lse and not merge.with_lse:
+            raise ValueError(f"context_parallel: argument 'return_lse': {attn.signature.spec}'s weights are not a "
+                             f"softmax, so it has no log-sum-exp")
+        o, *lse = _RingAttention.apply(problem, merge, q, k, v, *(values[name] for name in floats))
+        lse = lse[0] if lse else None
         if sink_block is not None:  # o = sum_j e^s_j v_j / (sum_j e^s_j + e^sink): the merged rows rescaled
             shared = {name: _SumGradients.apply(ring, values[name]) for name in floats}  # read by every rank
             logits = torch.cat([sink_block.sink_logits(qc.of(q), problem.at(qc, qc, {**values, **shared}))

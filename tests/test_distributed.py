@@ -24,7 +24,8 @@ import formulas
 EXAMPLES = TESTS.parent / "examples"
 L = 32
 KEY_BIAS = "attention key_bias\ninput key_bias: float[Lk] learnable\nmask kv <= q\nscore s + key_bias[kv]\n"
-SPECS = ["causal", "sliding_window", "document", "alibi", "streaming_sink", "key_bias", "sink_logit", "sink_softmax1"]
+SPECS = ["causal", "sliding_window", "document", "alibi", "streaming_sink", "key_bias", "sink_logit", "sink_softmax1",
+         "sigmoid", "relu"]
 REACH = {"causal": None, "key_bias": None, "sliding_window": 2}  # contiguous: the owners a rank reads (None: all earlier)
 
 
@@ -93,7 +94,7 @@ def test_context_parallel_kernels_through_the_interpreter():
 def test_refusals():
     from attnc.distributed import context_parallel, positions
 
-    with pytest.raises(ValueError, match="not a softmax"):
+    with pytest.raises(ValueError, match="row statistics"):
         context_parallel(attnc.load(EXAMPLES / "softplus.attn"))
     with pytest.raises(ValueError, match="layout must be"):
         positions(0, 2, 4, "striped")
