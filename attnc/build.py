@@ -141,6 +141,12 @@ def load_text(text: str, path: str = "<spec>", unbounded: tuple | None = None, a
         inputs = tuple(tuple(i) for i in inputs)
         variant = variant.and_mask(suffix, inputs)
         material += ["and_mask", suffix, repr(inputs)]
+    return load_variant(variant, material)
+
+
+def load_variant(variant, material: list):
+    """The attention function of a checked (or derived) IR variant, built once into the cache under a key
+    of `material`: the spec text and the derivations that made the variant from it."""
     key = cache_key("\0".join(material))  # equal to cache_key(text) for the spec itself
     target = cache_dir() / f"{variant.name}_{key}.py"
     if not target.exists():

@@ -133,7 +133,6 @@ class _Ring:
 class _Problem:
     """What every step of one call shares: the block attention, the ring, the layout, the values."""
 
-    block: object  # the block variant's attention function
     ring: _Ring
     layout: str
     n: int  # shard length
@@ -153,10 +152,10 @@ class _Problem:
         return {**(self.values if values is None else values), Q_START: qc.start, KV_START: kc.start,
                 TOTAL_LQ: self.length, TOTAL_LK: self.length}
 
-    def needed(self, q, k, v, qc: Chunk, kc: Chunk, values: dict) -> bool:
+    def needed(self, block, q, k, v, qc: Chunk, kc: Chunk, values: dict) -> bool:
         """Whether the pair has a visible (query, key): its tile plan visits a tile. (Plans are exact on the
         catalog; a conservative one only costs a step that adds nothing.) O(tiles)."""
-        plan = self.block.plan(qc.hi - qc.lo, kc.hi - kc.lo, B=q.shape[0], Hq=q.shape[1], Hk=k.shape[1],
+        plan = block.plan(qc.hi - qc.lo, kc.hi - kc.lo, B=q.shape[0], Hq=q.shape[1], Hk=k.shape[1],
                                Hv=v.shape[1], device=q.device, **self.at(qc, kc, values))
         return plan.tiles_visited > 0
 
@@ -168,8 +167,8 @@ class _LogSumExp:
     with_lse = True
 
     @staticmethod
-    def call(problem, q, k, v, values):
-        return problem.block(q, k, v, scale=problem.scale, return_lse=True, **values)
+    def call(block, problem, q, k, v, values):
+        return block(q, k, v, scale=problem.scale, return_lse=True, **values)
 
     @staticmethod
     def combine(merged, part):
@@ -198,8 +197,8 @@ class _Sum:
     with_lse = False
 
     @staticmethod
-    def call(problem, q, k, v, values):
-        return (problem.block(q, k, v, scale=problem.scale, **values),)
+    def call(block, problem, q, k, v, values):
+        return (block(q, k, v, scale=problem.scale, **values),)
 
     @staticmethod
     def combine(merged, part):
@@ -214,14 +213,24 @@ class _Sum:
         return (do.to(part[0].dtype),)
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """One ring: the block attention function it calls per pair, how its parts merge, and the per-row
+    inputs it reads (row statistics of earlier rings, this rank's rows: sliced per query chunk, their
+    gradients not all-reduced)."""
+
+    block: object
+    merge: type
+    rows: tuple = ()
+
+
 class _RingAttention(torch.autograd.Function):
     """The ring: every (query chunk, key chunk) pair with work computes a part, merged by `merge`;
     the backward recomputes each pair's part and back-propagates the merge's upstream gradients."""
 
     @staticmethod
-    def forward(ctx, problem, merge, q, k, v, *float_inputs):
-        ring, rank = problem.ring, problem.ring.rank
-        values = {**problem.values, **dict(zip(problem.learnable, float_inputs))}
+    def forward(ctx, problem, ring_pass, q, k, v, *float_inputs):
+        ring, rank, merge = problem.ring, problem.ring.rank, ring_pass.merge
         q_chunks = problem.chunks(rank)
         merged = [None for _ in q_chunks]
         k_cur, v_cur = k, v
@@ -230,18 +239,20 @@ class _RingAttention(torch.autograd.Function):
             owner = (rank - step) % ring.world
             received = ring.post([k_cur, v_cur]) if step < ring.world - 1 else None
             for i, qc in enumerate(q_chunks):
+                values = _inputs(problem, ring_pass, qc, float_inputs)
                 for j, kc in enumerate(problem.chunks(owner)):
-                    if not problem.needed(q, k_cur, v_cur, qc, kc, values):
+                    if not problem.needed(ring_pass.block, q, k_cur, v_cur, qc, kc, values):
                         continue
                     pairs.append((step, i, j))
-                    part = merge.call(problem, qc.of(q), kc.of(k_cur), kc.of(v_cur), problem.at(qc, kc, values))
+                    part = merge.call(ring_pass.block, problem, qc.of(q), kc.of(k_cur), kc.of(v_cur),
+                                      problem.at(qc, kc, values))
                     merged[i] = merge.combine(merged[i], part)
             if received is not None:
                 k_cur, v_cur = received()
         rows = [m or merge.empty(q, qc.hi - qc.lo, v.shape[3]) for qc, m in zip(q_chunks, merged)]
         out = [torch.cat(parts, 2) for parts in zip(*rows)]  # o (and lse), this rank's rows
         out[0] = out[0].to(q.dtype)
-        ctx.problem, ctx.merge, ctx.pairs = problem, merge, pairs
+        ctx.problem, ctx.ring_pass, ctx.pairs = problem, ring_pass, pairs
         _LAST_STEPS[:] = sorted({(rank - step) % ring.world for step, _, _ in pairs})
         ctx.save_for_backward(q, k, v, *out, *float_inputs)
         ctx.n_out = len(out)
@@ -249,7 +260,8 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse=None):
-        problem, merge = ctx.problem, ctx.merge
+        problem, ring_pass = ctx.problem, ctx.ring_pass
+        merge = ring_pass.merge
         ring, rank = problem.ring, problem.ring.rank
         q, k, v, *rest = ctx.saved_tensors
         merged, float_inputs = rest[:ctx.n_out], rest[ctx.n_out:]
@@ -270,23 +282,32 @@ class _RingAttention(torch.autograd.Function):
                     qs = qc.of(q).detach().requires_grad_()
                     ks, vs = kc.of(k_cur).detach().requires_grad_(), kc.of(v_cur).detach().requires_grad_()
                     ins = [t.detach().requires_grad_() for t in float_inputs]
-                    values = {**problem.values, **dict(zip(problem.learnable, ins))}
-                    part = merge.call(problem, qs, ks, vs, problem.at(qc, kc, values))
+                    part = merge.call(ring_pass.block, problem, qs, ks, vs,
+                                      problem.at(qc, kc, _inputs(problem, ring_pass, qc, ins)))
                     upstream = merge.upstream(part, [qc.of(m) for m in merged], qc.of(do),
                                               None if dlse is None else qc.of(dlse))
                     grads = torch.autograd.grad(part, [qs, ks, vs, *ins], upstream, allow_unused=True)
-                dq[:, :, qc.lo:qc.hi] += grads[0].float()
-                for acc, g in ((dk_cur, grads[1]), (dv_cur, grads[2])):
-                    if g is not None:
-                        acc[:, :, kc.lo:kc.hi] += g.float()
+                for acc, chunk, g in ((dq, qc, grads[0]), (dk_cur, kc, grads[1]), (dv_cur, kc, grads[2])):
+                    if g is not None:  # (a count of visible keys reads neither q nor k)
+                        acc[:, :, chunk.lo:chunk.hi] += g.float()
                 for acc, g in zip(d_inputs, grads[3:]):
                     if g is not None:
                         acc += g.float()
             if received is not None:
                 k_cur, v_cur = received()
             dk_cur, dv_cur = _pass_on(ring, dk_cur, dv_cur)
+        shared = len(problem.learnable)  # whole inputs, read by every rank: their gradients are summed
         return (None, None, dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype),
-                *_all_reduced(ring, d_inputs, float_inputs))
+                *_all_reduced(ring, d_inputs[:shared], float_inputs[:shared]),
+                *(acc.to(t.dtype) for acc, t in zip(d_inputs[shared:], float_inputs[shared:])))
+
+
+def _inputs(problem: _Problem, ring_pass: _Pass, qc: Chunk, float_inputs) -> dict:
+    """A pair's inputs for query chunk qc: the fixed ones, the learnable whole ones, and the chunk's rows of
+    the per-row ones."""
+    shared = len(problem.learnable)
+    return {**problem.values, **dict(zip(problem.learnable, float_inputs[:shared])),
+            **{name: qc.of(t) for name, t in zip(ring_pass.rows, float_inputs[shared:])}}
 
 
 class _SumGradients(torch.autograd.Function):
@@ -331,6 +352,31 @@ def _process_group(group_or_mesh):
     return group_or_mesh
 
 
+def _statistic_rings(attn, block_variant, stats) -> tuple[tuple[str, _Pass], ...]:
+    """One ring per row statistic of the block variant, in pass order: (its input name, the ring that sums
+    it over every key shard, reading the statistics before it). A statistic's ring runs the spec whose
+    probabilities are the sum's argument (1 for a count of `visible`) with v = 1: its output is the sum."""
+    names = {stat: f"attnc_row_{i}" for i, stat in enumerate(stats)}
+    rings = []
+    for i, stat in enumerate(stats):
+        if not (stat == ir.visible or isinstance(stat, ir.RowSum)):
+            raise ValueError(f"context_parallel: {attn.signature.spec}'s weights need {stat}, a maximum over the "
+                             f"keys; only sums and counts are merged across ranks (a rowmax is not supported)")
+        given = {earlier: names[earlier] for earlier in stats[:i]}
+        loads = {earlier: ir.row_input(name) for earlier, name in given.items()}
+        variant = block_variant.rows_given(given, f"given{i}").statistic(stat.xreplace(loads), f"stat{i}")
+        block = _cached(attn, variant, ("statistic", str(i)))
+        rings.append((names[stat], _Pass(block, _Sum, tuple(given.values()))))
+    return tuple(rings)
+
+
+def _cached(attn, variant, derivation):
+    key = (attn.spec, *derivation)
+    if key not in _BLOCKS:
+        _BLOCKS[key] = build.load_variant(variant, [attn.spec, "context parallel", *derivation])
+    return _BLOCKS[key]
+
+
 def context_parallel(attn, group=None, layout: str = "zigzag"):
     """A function with `attn`'s call signature, `cp(q, k, v, scale=None, return_lse=False, **inputs)`,
     taking this rank's shard of q, k, v (along the sequence, in `layout`) and returning this rank's
@@ -342,22 +388,23 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
     if pipeline.choose_family(analyses) is pipeline.Family.LINEAR:
         raise ValueError(f"context_parallel: {attn.signature.spec} runs as linear attention, whose state is a "
                          f"running sum over the sequence, not a ring of key shards; it is not supported")
-    block_rows = pipeline.analyse(pipeline.block_variant(analyses.variant, "cp")).rows
-    if analyses.rows.has_lse:
-        merge = _LogSumExp
-    elif not block_rows.stat_pass:  # visible in closed form is the whole row's count in the block variant
-        merge = _Sum
-    else:
-        raise ValueError(f"context_parallel: {attn.signature.spec}'s weights need row statistics "
-                         f"({', '.join(str(st) for st, _ in block_rows.stats_in_order)}); the ring of "
-                         f"multi-pass normalizations is not supported yet")
-    sink = analyses.rows.softmax is not None and analyses.rows.softmax.sink is not None
     chunks(0, 1, 2, layout)  # checks the layout's name
+    sink = analyses.rows.softmax is not None and analyses.rows.softmax.sink is not None
+    statistics: tuple = ()
+    if analyses.rows.has_lse:
+        output = _Pass(_block(attn, sink_free=sink), _LogSumExp)
+    else:
+        # general normalizations: a ring per row statistic, then the output's ring reading them all
+        block_variant = pipeline.block_variant(analyses.variant, "cp")
+        stats = tuple(stat for stat, _ in pipeline.analyse(block_variant).rows.stats_in_order)
+        statistics = _statistic_rings(attn, block_variant, stats)
+        names = {stat: name for stat, (name, _) in zip(stats, statistics)}
+        output = _Pass(_cached(attn, block_variant.rows_given(names, "given"), ("output",)), _Sum,
+                       tuple(names.values()))
+    sink_block = _block(attn) if sink else None  # its sink_logits: the sink, added once after the ring
     if not dist.is_initialized():
         raise RuntimeError("context_parallel: torch.distributed is not initialized (dist.init_process_group)")
     group = _process_group(group)
-    block = _block(attn, sink_free=sink)
-    sink_block = _block(attn) if sink else None  # its sink_logits: the sink, added once after the ring
     learnable = {t.name for t in attn.signature.tensors if t.learnable}
     param_names = {name for name, _ in attn.signature.params}
 
@@ -366,6 +413,9 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
         if not (q.shape[2] == k.shape[2] == v.shape[2]):
             raise ValueError(f"context_parallel: q, k and v shards must have one length (self-attention); got "
                              f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
+        if return_lse and not output.merge.with_lse:
+            raise ValueError(f"context_parallel: argument 'return_lse': {attn.signature.spec}'s weights are not a "
+                             f"softmax, so it has no log-sum-exp")
         n = q.shape[2]
         L = n * ring.world
         defaults = attn.defaults(L, L, q.shape[0], q.shape[1], k.shape[1], v.shape[1])  # the sequence's, not a shard's
@@ -373,15 +423,19 @@ def context_parallel(attn, group=None, layout: str = "zigzag"):
         scale = q.shape[3] ** -0.5 if scale is None else float(scale)
         floats = sorted(name for name in values if name in learnable and isinstance(values[name], torch.Tensor))
         fixed = {name: x for name, x in values.items() if name not in floats}
-        problem = _Problem(block, ring, layout, n, scale, fixed, tuple(floats))
-        if return_lse and not merge.with_lse:
-            raise ValueError(f"context_parallel: argument 'return_lse': {attn.signature.spec}'s weights are not a "
-                             f"softmax, so it has no log-sum-exp")
-        o, *lse = _RingAttention.apply(problem, merge, q, k, v, *(values[name] for name in floats))
+        problem = _Problem(ring, layout, n, scale, fixed, tuple(floats))
+        shared = [values[name] for name in floats]
+        rows: dict = {}  # the row statistics merged so far: this rank's rows, [B, Hq, n]
+        ones = v.new_ones((*v.shape[:3], 1))  # a statistic's ring sums its weights: v = 1
+        for name, ring_pass in statistics:
+            (total,) = _RingAttention.apply(problem, ring_pass, q, k, ones, *shared,
+                                            *(rows[r] for r in ring_pass.rows))
+            rows[name] = total[..., 0].float()
+        o, *lse = _RingAttention.apply(problem, output, q, k, v, *shared, *(rows[r] for r in output.rows))
         lse = lse[0] if lse else None
         if sink_block is not None:  # o = sum_j e^s_j v_j / (sum_j e^s_j + e^sink): the merged rows rescaled
-            shared = {name: _SumGradients.apply(ring, values[name]) for name in floats}  # read by every rank
-            logits = torch.cat([sink_block.sink_logits(qc.of(q), problem.at(qc, qc, {**values, **shared}))
+            whole = {name: _SumGradients.apply(ring, values[name]) for name in floats}  # read by every rank
+            logits = torch.cat([sink_block.sink_logits(qc.of(q), problem.at(qc, qc, {**values, **whole}))
                                 for qc in problem.chunks(ring.rank)], 2).float()
             with_sink = torch.logaddexp(lse, logits)
             o, lse = (o.float() * torch.exp(lse - with_sink)[..., None]).to(q.dtype), with_sink

@@ -195,6 +195,11 @@ def row_stats(expr) -> set:
     return found
 
 
+def row_input(name: str):
+    """The load of a per-row input `NAME: float[B, Hq, Lq]` at [b, h, q] (Variant.rows_given)."""
+    return tensor_function(name, "float")(b, h, q)
+
+
 # ---- feature maps (linear attention, attnc/analysis/factorize.py) ----
 FEATURE_X = Symbol("_fx", real=True)  # one element of the head vector a feature map acts on
 
@@ -440,6 +445,41 @@ class Variant:
         return replace(self, name=f"{self.name}_{suffix}", source=source, params=self.params + added,
                        tensors=tuple(tensors), layouts=layouts, mask=shift(self.mask), score=shift(self.score),
                        probs=shift(self.probs), lets=tuple((names, shift(e)) for names, e in self.lets))
+
+    def rows_given(self, stats: dict, suffix: str) -> Variant:
+        """This variant, named `<name>_<suffix>`, with each row statistic of `stats` (a RowSum or RowMax
+        of the probabilities, or `visible`, mapped to a new input's name) read from that input instead:
+        `NAME: float[B, Hq, Lq] learnable` at [b, h, q]. A caller that splits the keys computes the
+        statistics over all of them first (`statistic`) and passes them in; the gradient of the loss by
+        them is the input's. Outer statistics are replaced first, so one inside another goes with it."""
+        taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
+        extra, loads = [], {}
+        for stat, name in stats.items():
+            if name in taken:
+                raise ValueError(f"{self.path}: row input '{name}' clashes with a name the spec defines")
+            tensor = TensorInput(name, "float", ("B", "Hq", "Lq"), True, tensor_function(name, "float"),
+                                 (None, None, None))
+            extra.append(tensor)
+            loads[stat] = row_input(name)
+        return replace(self, name=f"{self.name}_{suffix}", tensors=self.tensors + tuple(extra),
+                       probs=sympy.sympify(self.probs).xreplace(loads),
+                       source=self.source + ("" if self.source.endswith("\n") else "\n")
+                       + "".join(f"# rows_given: {stat} read from input {name}\n" for stat, name in stats.items()))
+
+    def statistic(self, stat, suffix: str) -> Variant:
+        """This variant, named `<name>_<suffix>`, whose output with v = 1 (one value feature) is the row
+        statistic `stat` over its keys: probs is the sum's argument (RowSum), or 1 (`visible`, counted).
+        The statistics inside it must already be given (`rows_given`)."""
+        if stat == visible:
+            probs = Integer(1)
+        elif isinstance(stat, RowSum):
+            probs = stat.args[0]
+        else:
+            raise ValueError(f"{self.path}: {stat} is not a sum or a count over the keys")
+        if row_stats(probs):
+            raise ValueError(f"{self.path}: {stat} reads row statistics {sorted(map(str, row_stats(probs)))}: give them first")
+        return replace(self, name=f"{self.name}_{suffix}", probs=probs, probs_written=True,
+                       source=self.source + ("" if self.source.endswith("\n") else "\n") + f"# statistic: {stat}\n")
 
     def unbounded(self, param: str, suffix: str) -> Variant:
         """This variant, named `<name>_<suffix>`, with scalar parameter `param` taken to +infinity and
