@@ -19,10 +19,12 @@ backward (a causal rank reads no later chunk, a sliding window its neighbours on
 pass through.
 
 Merging partial rows. Softmax specs merge each pair's (o, lse) by log-sum-exp; a softmax sink (a
-logit with no value) is added once, after the merge. General normalizations (softplus, sigmoid,
-re-weighted, ... : docs/families.md) run one ring per pass: each pass's row statistics are summed (or
-maxed) over every key shard, and the next pass reads the merged values, as split-KV decoding merges
-its splits. Backward: the K/V gradients travel round the ring with their shard back to its owner.
+logit with no value) is left out of the steps and added once, after the merge. Specs without row
+statistics (sigmoid) add their parts. Other general normalizations (softplus, re-weighted, ...) run one
+ring per row statistic: its ring computes the statistic as an output (the sum's argument as the
+weights, v = 1) summed over every key shard, and later rings read the merged statistics as per-row
+inputs; autograd chains the rings' backwards. Backward: the K/V gradients travel round the ring with
+their shard back to its owner.
 
 Across machines: `torchrun --nnodes N --nproc-per-node G train.py`, `dist.init_process_group("nccl")`,
 and pass the process group, a 1-D DeviceMesh (or None for the world) to context_parallel; see
