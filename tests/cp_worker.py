@@ -129,3 +129,29 @@ def memory(rank, world, init_file, spec, out_dir, L, B, H, D):
                    os.path.join(out_dir, f"memory.rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def mesh(rank, init_file, spec, out_dir, L):
+    """context_parallel given a 1-D DeviceMesh (and refusing a 2-D one), on 2 ranks."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import attnc
+    from attnc.distributed import context_parallel, shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        attn = attnc.load(spec)
+        q, k, v, _, _ = make_inputs(attn, L)
+        cp_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))
+        o = context_parallel(attn, cp_mesh, layout="zigzag")(*(shard(x, rank, 2, "zigzag") for x in (q, k, v)))
+        try:
+            context_parallel(attn, init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "cp")))
+            refusal = ""
+        except ValueError as err:
+            refusal = str(err)
+        torch.save({"o": o, "refusal": refusal}, os.path.join(out_dir, f"mesh.rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
