@@ -167,3 +167,20 @@ def lshift(a, n):
 def index(x):
     """A computed index (an axis of a tensor input's own, already clamped) as torch indexing takes it."""
     return x.long() if isinstance(x, torch.Tensor) else int(x)
+
+
+# ---- a select's tiles (block top-k), densely: the reference's own reading of the selection ----
+def tiles_any(mask: torch.Tensor, tile: int) -> torch.Tensor:
+    """bool [..., R, L] -> [..., ceil(R / tile), ceil(L / tile)]: whether each tile x tile block holds a True."""
+    *lead, R, L = mask.shape
+    padded = torch.nn.functional.pad(mask, (0, -L % tile, 0, -R % tile))
+    return padded.view(*lead, padded.shape[-2] // tile, tile, padded.shape[-1] // tile, tile).any(-1).any(-2)
+
+
+def tile_visible(visible: torch.Tensor, first_row: int, rows: int, Lk: int, tile: int) -> torch.Tensor:
+    """The selection of tiles `visible` [B, H, tiles_q, tiles_k] as an element mask of rows
+    [first_row, first_row + rows) and keys [0, Lk): [B, H, rows, Lk]."""
+    device = visible.device
+    row_tiles = torch.div(torch.arange(first_row, first_row + rows, device=device), tile, rounding_mode="floor")
+    key_tiles = torch.div(torch.arange(Lk, device=device), tile, rounding_mode="floor")
+    return visible[:, :, row_tiles][..., key_tiles]
