@@ -132,6 +132,33 @@ def test_document_mask_with_a_select(tmp_path):
     _check(fn, q, k, v, mask & F.tile_mask(visible, L, L, T), doc=doc)
 
 
+# ---- the general family: its row statistics are over the selected tiles ----
+@pytest.mark.parametrize("name,body,weights", [
+    # visible is counted (a select hides tiles), not the mask's closed form q + 1
+    ("relu_topk", "mask kv <= q\nprobs relu(score) / visible\n",
+     lambda S, mask: torch.relu(S) * mask / mask.sum(-1, keepdim=True).clamp(min=1)),
+    ("sigmoid_topk", "param bias = -1.0\nmask kv <= q\nprobs sigmoid(score + bias)\n",
+     lambda S, mask: torch.sigmoid(S - 1.0) * mask),
+])
+def test_general_normalizations_on_selected_tiles(tmp_path, name, body, weights):
+    fn = _load(tmp_path, name, body + "select topk(1, tiles=128) keep q - kv < 8\n")
+    L = 400
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 1, L, L, seed=8))
+    _, _, i, j = F.indices(1, 1, L, L)
+    mask = (j <= i) & F.tile_mask(F.tile_selection(q.detach(), k.detach(), j <= i, i - j < 8, 1, T), L, L, T)
+    with launch.count_visits() as log:
+        o = fn(q, k, v)
+    assert torch.equal(log[0], expected_visits(mask))
+    qd, kd, vd = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    want = weights(qd @ kd.transpose(-1, -2) / D ** 0.5, mask) @ vd
+    assert (o.double() - want).abs().max().item() <= 2e-3 * want.abs().max().item()
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    o.backward(g.float())
+    want.backward(g)
+    for got, ref in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert (got.double() - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
+
+
 # ---- memory: nothing of size Lq x Lk ----
 class _Allocations(TorchDispatchMode):
     """The element count of every tensor an op returns while active."""
