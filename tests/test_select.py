@@ -195,6 +195,30 @@ def test_no_allocation_of_lq_by_lk():
     assert max(dense.sizes) >= L * L
 
 
+# ---- torch.compile: the plan is chosen inside the custom op, from the traced call's q and k ----
+def test_compiled_select_equals_eager():
+    fn = attnc.load(EXAMPLES / "block_topk.attn")
+    torch._dynamo.reset()
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 1, 300, 300, seed=9))
+
+    def call(q, k, v):
+        return fn(q, k, v, k_tiles=0, window=16) * 2.0
+
+    explained = torch._dynamo.explain(call)(q, k, v)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    eager = call(q, k, v)
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+    for got, want in zip(torch.autograd.grad(compiled.square().sum(), (q, k, v)),
+                         torch.autograd.grad(eager.square().sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    _, _, i, j = F.indices(1, 1, 300, 300)
+    mask = (j <= i) & F.tile_mask(F.tile_selection(q.detach(), k.detach(), j <= i, (j < 4) | (i - j < 16), 0, T),
+                                  300, 300, T)
+    want, _ = F.attention(q.detach().double(), k.detach().double(), v.detach().double(), mask)
+    assert (compiled.detach().double() / 2 - want).abs().max().item() <= 2e-3 * want.abs().max().item()
+
+
 # ---- the plan API ----
 def test_plan_is_the_calls_and_is_checked(tmp_path):
     fn = attnc.load(EXAMPLES / "block_topk.attn")
