@@ -438,7 +438,7 @@ class Variant:
         taken |= {n for names, _ in self.lets for n in names}
         clash = taken & set(POSITION_PARAMS)
         if clash:
-            raise ValueError(f"{self.path}: '{sorted(clash)[0]}' clashes with a name the block variant adds")
+            raise ValueError(f"{self.path}: '{min(clash)}' clashes with a name the block variant adds")
         q0, k0, lq, lk = (Symbol(n, integer=True) for n in POSITION_PARAMS)
         to_global = {q: q + q0, kv: kv + k0, SIZES["Lq"]: lq, SIZES["Lk"]: lk}
         if visible is not None:

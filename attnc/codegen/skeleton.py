@@ -38,7 +38,13 @@ from ..analysis.walks import (
 from ..errors import BuildError
 from .interval_code import MaskCells, mask_cells
 from .names import ident, torch_loads
-from .printers import UnsupportedExpression, host_scalar_code, torch_code, triton_code, wrapped
+from .printers import (
+    UnsupportedExpression,
+    host_scalar_code,
+    torch_code,
+    triton_code,
+    wrapped,
+)
 
 
 # ---- names: how IR symbols read inside a kernel -----------------------------------------------------
