@@ -155,6 +155,22 @@ def gather_cache(cache, b: int, length: int, block_table):
     return seq[None, :, :length]
 
 
+def cache_tile_means(k_cache, cache_seqlens, block_table, tile: int, capacity: int) -> torch.Tensor:
+    """The mean key of every tile of `tile` positions of each sequence's valid keys, float64
+    [B, Hk, ceil(capacity / tile), D] (0 for tiles past the sequence): a select's decode estimates
+    each new query against them. One sequence at a time, through gather_cache: O(cache) reads."""
+    from . import plan
+
+    B = cache_seqlens.shape[0]
+    n = -(-capacity // tile)
+    out = torch.zeros(B, k_cache.shape[1], n, k_cache.shape[3], dtype=torch.float64, device=k_cache.device)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        if length:
+            means = plan.tile_means(gather_cache(k_cache, b, length, block_table), tile)
+            out[b, :, :means.shape[2]] = means[0]
+    return out
+
+
 def sequence_inputs(sig: Signature, values: dict, b: int, length: int) -> dict:
     """The spec's inputs of one sequence: batch entry b, positions [0, length)."""
     out = dict(values)

@@ -251,12 +251,88 @@ def test_plan_is_the_calls_and_is_checked(tmp_path):
         fn(q, k, v, k_tiles=-1)
 
 
-def test_what_does_not_run_a_select_yet_says_so():
+# ---- decode: each new query chooses its own tiles ----
+def decode_formula(q, k, v, lengths, count, sinks, window):
+    """block_topk's decode in float64: new query i of sequence b at position p = lengths[b] - Lnew + i is a
+    query tile of its own: of the key tiles its causal row reaches, those holding a key j < sinks or
+    p - j < window are kept, and the `count` others with the largest dot(q_i, mean of the tile's valid
+    keys) chosen (ties: the lower tile); softmax over its causal row inside those tiles. Also returns
+    the tiles chosen per (sequence, new query, head): [B][Lnew][Hq] sets."""
+    B, Hq, Lnew, _ = q.shape
+    Hk = k.shape[1]
+    o = torch.zeros(B, Hq, Lnew, v.shape[-1], dtype=torch.float64)
+    chosen = []
+    for b in range(B):
+        L = int(lengths[b])
+        keys, values = k[b, :, :L].double(), v[b, :, :L].double()
+        tiles = -(-L // T)
+        means = [keys[:, j * T:(j + 1) * T].mean(1) for j in range(tiles)]  # per tile: [Hk, D]
+        per_query = []
+        for i in range(Lnew):
+            p, j_all = L - Lnew + i, torch.arange(L)
+            row = j_all <= p
+            kept = row & ((j_all < sinks) | (p - j_all < window))
+            per_head = []
+            for h in range(Hq):
+                kh, qi = h * Hk // Hq, q[b, h, i].double()
+                visible = {t for t in range(tiles) if kept[t * T:(t + 1) * T].any()}
+                ranked = sorted((-float(qi @ means[t][kh]), t) for t in range(tiles)
+                                if t not in visible and row[t * T:(t + 1) * T].any())
+                visible |= {t for _, t in ranked[:count]}
+                per_head.append(visible)
+                mask = row & torch.tensor([j // T in visible for j in range(L)])
+                s = (keys[kh] @ qi / D ** 0.5).masked_fill(~mask, float("-inf"))
+                o[b, h, i] = torch.softmax(s, 0) @ values[kh]
+            per_query.append(per_head)
+        chosen.append(per_query)
+    return o, chosen
+
+
+def _paged(cache, lengths, page, seed):
+    """A logical cache [B, H, capacity, D] as pages in a random order: (pages, block_table)."""
+    B, H, capacity, Dh = cache.shape
+    per = capacity // page
+    perm = torch.randperm(B * per + 1, generator=torch.Generator().manual_seed(seed))[: B * per].view(B, per)
+    pages = torch.randn(B * per + 1, H, page, Dh, generator=torch.Generator().manual_seed(seed + 1))
+    for b in range(B):
+        for j in range(per):
+            pages[perm[b, j]] = cache[b, :, j * page:(j + 1) * page]
+    return pages, perm.to(torch.int32)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("lnew,count", [(1, 0), (3, 1), (1, 2), (3, 6)])
+def test_decode_chooses_per_new_query(layout, lnew, count):
     fn = attnc.load(EXAMPLES / "block_topk.attn")
+    B, Hq, Hk, capacity = 3, 2, 1, 704
+    q, k, v = _qkv(B, Hk, Hk, capacity, capacity, seed=10 + count)
+    q = torch.randn(B, Hq, lnew, D, generator=torch.Generator().manual_seed(count))
+    lengths = torch.tensor([650, 300, 3], dtype=torch.int32)  # 6, 3 and 1 key tiles, the last one cut
+    inputs = {"k_tiles": count, "sinks": 4, "window": 16}
+    want, chosen = decode_formula(q, k, v, lengths, **{"count": count, "sinks": 4, "window": 16})
+    k_cache, table = (k, None) if layout == "contiguous" else _paged(k, lengths, 64, 3)
+    v_cache = v if layout == "contiguous" else _paged(v, lengths, 64, 3)[0]
+    with launch.count_visits() as log:
+        o = fn.decode(q, k_cache, v_cache, lengths, block_table=table, **inputs)
+    assert (o.double() - want).abs().max().item() <= 2e-3 * want.abs().max().item()
+    # one program row per sequence (the two query heads share the key head: one group), its splits
+    # visit each kernel key tile once that some new query of some head chose
+    block_n = launch.decode_config(Hq * lnew, None)["BLOCK_N"]
+    for b, L in enumerate(lengths.tolist()):
+        union = set().union(*(tiles for per_head in chosen[b] for tiles in per_head))
+        expected = sum(1 for start in range(0, L, block_n) if start // T in union)
+        assert int(log[0][b].clamp(min=0).sum()) == expected, (b, union)
+    assert torch.allclose(fn.decode(q.double(), k_cache.double(), v_cache.double(), lengths, block_table=table,
+                                    **inputs), want, atol=1e-9)  # the reference chooses alike
+
+
+def test_what_does_not_run_a_select_yet_says_so(tmp_path):
+    fn = _load(tmp_path, "relu_select", "mask kv <= q\nprobs relu(score) / visible\nselect topk(1, tiles=128)\n")
     q = torch.randn(1, 1, 1, D)
     cache = torch.randn(1, 1, 64, D)
     with pytest.raises(ValueError, match="decode has no split-KV kernel for this spec: .* select"):
         fn.decode(q, cache, cache, torch.tensor([10], dtype=torch.int32))
+    fn = attnc.load(EXAMPLES / "block_topk.attn")
     tokens = torch.randn(40, 1, D)
     cu = torch.tensor([0, 15, 40], dtype=torch.int32)
     with pytest.raises(ValueError, match="packed batches .varlen. cannot run the select yet"):

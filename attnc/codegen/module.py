@@ -113,7 +113,7 @@ def _read_names(v: ir.Variant, exprs) -> frozenset[str]:
         used |= e.xreplace({d: sympy.Dummy() for d in dots}).free_symbols
         used |= set().union(*(d.query.free_symbols | d.key.free_symbols for d in dots))
     names = {ir.INDICES[k]: code for k, code in TORCH_INDEX.items()}
-    names.update({ir.SIZES[n]: n for n in ("Hk", "Hv")})
+    names.update({ir.SIZES[n]: n for n in ("Hk", "Hv", "Lq", "Lk")})
     names.update({p.symbol: ident(p.name) for p in v.params})
     names[ir.visible] = "visible"
     return frozenset(names[sym] for sym in used if sym in names)
@@ -248,6 +248,9 @@ def _render(template: str, ctx: dict, runtime: tuple[str, ...], triton: bool) ->
 def generate(a: Analyses, family) -> str:
     """The source of the module of `family` (a `FAMILY` of attnc/codegen/families/) for the analysed spec."""
     ctx = {**_spec_context(a.variant), **(_walk_context(a) if family.tile_walks else {}), **family.context(a)}
+    if a.variant.select is not None and ctx.get("decode_body") is not None and not family.decode_selects:
+        # its decode kernels would visit tiles no new query chose: `decode` raises instead
+        ctx.update(decode_body=None, decode_error="this family's split-KV decoding does not run a select yet")
     return _render(family.template, ctx, family.runtime, family.triton)
 
 

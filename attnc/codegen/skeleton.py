@@ -307,9 +307,6 @@ class RowReads:
 def tile_code(variant: ir.Variant, logits, dscore, every_tile: list, where: Indices) -> tuple[TileCode, dict]:
     """The logits (and their derivative) of a tile whose indices `where` spells, with the mask of its
     PARTIAL tiles; every family prints its score this way."""
-    if where.packed_rows and variant.select is not None:
-        raise BuildError("split-KV decoding does not run a select yet (its key tiles are chosen per query tile "
-                         "of the forward)")
     load_names, loads = tensor_loads([variant.mask] + every_tile, where, "t_")
     names = {**base_names(variant, where), **load_names}
     always, mask_only = split_loads(load_names, loads, variant.mask, every_tile)
