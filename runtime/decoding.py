@@ -171,6 +171,20 @@ def cache_tile_means(k_cache, cache_seqlens, block_table, tile: int, capacity: i
     return out
 
 
+def chosen_key_tiles(selected, group: int, cache_seqlens, tile: int, block_n: int) -> tuple:
+    """A select's decode walk: per (sequence, group of `group` query heads), the first keys of the
+    kernel's key tiles (`block_n` keys) inside the selection tiles (`tile` keys) that some new query of
+    some head of the group chose, in order, below the sequence's length: (starts int32 [B * groups,
+    n], counts int32 [B * groups]); `selected` [B, Hq, Lnew, tiles] is the rows' choice."""
+    B, Hq, Lnew, tiles = selected.shape
+    union = (selected != 0).view(B, Hq // group, group * Lnew, tiles).any(2)
+    starts = torch.arange(tiles * tile // block_n, device=selected.device) * block_n
+    inside = union.repeat_interleave(tile // block_n, dim=-1) & (starts < cache_seqlens.to(starts.device)[:, None, None])
+    inside = inside.reshape(B * (Hq // group), -1)
+    order = torch.argsort((~inside).to(torch.int8), dim=-1, stable=True)  # the chosen tiles first, in order
+    return starts[order].to(torch.int32).contiguous(), inside.sum(-1).to(torch.int32)
+
+
 def sequence_inputs(sig: Signature, values: dict, b: int, length: int) -> dict:
     """The spec's inputs of one sequence: batch entry b, positions [0, length)."""
     out = dict(values)
