@@ -161,6 +161,18 @@ class Feature(Stmt):
 
 
 @dataclass(frozen=True)
+class Select(Stmt):
+    """`select topk(COUNT, tiles=T) [by ESTIMATE] [keep COND]`: per query tile, the key tiles to visit."""
+
+    func: str  # the selection rule as written (`topk`)
+    func_span: Span = field(compare=False)
+    args: tuple[Expr, ...] = ()
+    kwargs: tuple[tuple[str, Expr], ...] = ()
+    by: Expr | None = None  # the estimate of a tile pair's score; None: the default
+    keep: Expr | None = None  # the tiles always kept: those where the mask and COND hold for some pair
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     name_span: Span

@@ -328,6 +328,27 @@ class Layout:
     coords: tuple[sympy.Expr, ...]
 
 
+class Estimate(enum.Enum):
+    """How a `select` estimates the score of a (query tile, key tile) pair, as the spec writes it."""
+
+    MEAN_DOT = "dot(mean(q), mean(k))"  # the tile's mean query against the tile's mean key
+
+
+@dataclass(frozen=True)
+class Selection:
+    """`select topk(count, tiles=tile) by estimate keep keep`: block top-k sparsity.
+
+    Queries and keys are cut into tiles of `tile` positions. Each query tile (per batch entry and
+    query head) visits the key tiles where `keep` holds together with the mask for some pair, and the
+    `count` other key tiles the mask lets through with the largest `estimate` (ties: the lower tile).
+    The element mask becomes mask(q, kv) and (q's tile visits kv's tile): docs/language.md, `select`."""
+
+    count: sympy.Expr  # an int expression of params (consts are numbers already)
+    tile: int  # a power of two, a multiple of every plan tile (attnc/check/statements.py)
+    estimate: Estimate
+    keep: sympy.Basic = sympy.false  # bool, of the indices, sizes, params and tensor inputs
+
+
 class Statement(enum.Enum):
     """A kind of statement whose source span the IR keeps (`Spans`)."""
 
@@ -337,6 +358,7 @@ class Statement(enum.Enum):
     FEATURE = enum.auto()  # one per feature map, by its name
     PARAM = enum.auto()  # one per param, by its name
     INPUT = enum.auto()  # one per tensor input, by its name
+    SELECT = enum.auto()  # the select statement (name None) and its keep condition (name "keep")
 
 
 @dataclass(frozen=True)
@@ -371,6 +393,7 @@ class Variant:
     probs: sympy.Expr  # of score, row statistics
     probs_written: bool = field(default=False)  # False when probs defaulted to softmax(score)
     features: tuple = field(default=())  # (name, body of FEATURE_X): `feature phi(x) = ...`
+    select: Selection | None = None  # block top-k sparsity: the key tiles each query tile visits
     # where each statement was written; not compared, as the source already is
     spans: Spans = field(default=Spans(), compare=False)
 
@@ -413,6 +436,9 @@ class Variant:
         Context parallelism runs each ring step on the shard pair itself this way: memory is the
         block's, positions are the sequence's. Param defaults that read Lq or Lk stay the block's:
         the caller passes the whole problem's (`defaults` of the spec itself)."""
+        if self.select is not None:
+            raise ValueError(f"{self.path}: a block of a longer problem cannot run the select: its top-k ranks "
+                             "every key tile of a query tile, which the block does not hold")
         taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
         taken |= {n for names, _ in self.lets for n in names}
         clash = taken & set(POSITION_PARAMS)
@@ -489,6 +515,8 @@ class Variant:
         p = next((p for p in self.params if p.name == param), None)
         if p is None:
             raise ValueError(f"{self.path}: the spec has no scalar parameter '{param}' to take to infinity")
+        if self.select is not None and p.symbol in sympy.sympify(self.select.count).free_symbols:
+            raise ValueError(f"{self.path}: '{param}' is the select's count; it cannot be taken to infinity")
         mask, score, probs = (e.subs(p.symbol, sympy.oo) for e in (self.mask, self.score, self.probs))
         reads = [e for lay in self.layouts for e in (*lay.extents, *lay.coords)]
         reads += [e for t in self.tensors for e in t.extents if e is not None] + [body for _, body in self.features]
@@ -499,7 +527,8 @@ class Variant:
                              f"a spec: '{param}' must appear only in mask conditions that infinity makes True, "
                              f"as in `q - kv < {param}`; the mask becomes {mask}")
         lets = tuple((names, sympy.sympify(e).subs(p.symbol, sympy.oo)) for names, e in self.lets)
-        return replace(self, name=f"{self.name}_{suffix}", params=tuple(x for x in self.params if x is not p),
+        select = self.select and replace(self.select, keep=sympy.sympify(self.select.keep).subs(p.symbol, sympy.oo))
+        return replace(self, select=select, name=f"{self.name}_{suffix}", params=tuple(x for x in self.params if x is not p),
                        spans=self.spans.without(Statement.PARAM, param),
                        source=self.source + ("" if self.source.endswith("\n") else "\n")
                        + f"# unbounded: param {param} taken to infinity and removed\n",

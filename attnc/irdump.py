@@ -152,6 +152,10 @@ def dump(analyses: Analyses) -> str:
     for name, body in variant.features:
         out.append(f"feature    {name}(x) = {spec_str(body)}")
     out.append(f"mask       {spec_str(variant.mask)}")
+    if variant.select is not None:
+        sel = variant.select
+        keep = "" if sel.keep is sympy.false else f" keep {spec_str(sel.keep)}"
+        out.append(f"select     topk({spec_str(sel.count)}, tiles={sel.tile}) by {sel.estimate.value}{keep}")
     out.append(f"tiles      {analyses.walk.ir_line()}")
     out.append(f"score      {spec_str(variant.score)}")
     if rows.softmax is not None:

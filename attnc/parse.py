@@ -44,7 +44,7 @@ _TERMINAL_WORDS = {
     "$END": "the end of the file",
 }
 
-_STATEMENT_KEYWORDS = ("heads", "param", "const", "input", "let", "mask", "score", "probs", "feature")
+_STATEMENT_KEYWORDS = ("heads", "param", "const", "input", "let", "mask", "score", "probs", "feature", "select")
 
 # How deeply expressions may nest (parentheses alone do not count). Real specs need a handful of levels;
 # the limit keeps the recursive passes after parsing (AST builder, checker, sympy) far from Python's
@@ -180,6 +180,18 @@ class _ToAst(Transformer):
 
     def feature(self, meta, children):
         return ast.Feature(_span(meta), str(children[0]), str(children[1]), children[2])
+
+    def select(self, meta, children):
+        func, *args, by, keep = children
+        args = [a for a in args if a is not None]
+        return ast.Select(_span(meta), str(func), _tok_span(func), tuple(a for a in args if not isinstance(a, tuple)),
+                          tuple(a for a in args if isinstance(a, tuple)), by, keep)
+
+    def select_by(self, meta, children):
+        return children[0]
+
+    def select_keep(self, meta, children):
+        return children[0]
 
     def start(self, meta, children):
         header, *statements = children

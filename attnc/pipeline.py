@@ -108,6 +108,10 @@ def choose_algorithm(variant: ir.Variant):
     """Chunked where the weight factorizes (attnc/analysis/factorize.py), else quadratic; a spec with
     a feature map must factorize (the quadratic kernels cannot evaluate one)."""
     algorithm = factorize.factorize(variant)
+    if variant.select is not None and algorithm.kind is factorize.AlgorithmKind.CHUNKED:
+        # a running state sums every key the mask lets through: it cannot skip the tiles a select hides
+        algorithm = factorize.Algorithm("quadratic", "a select hides key tiles chosen from q and k at run time",
+                                        failed_at=ir.Statement.SELECT)
     if variant.features and algorithm.kind is not factorize.AlgorithmKind.CHUNKED:
         # at the statement that does not factorize; where that is unknown or not written (probs left
         # to the default softmax), at the feature map that asks for linear attention

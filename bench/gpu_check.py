@@ -13,7 +13,7 @@ Sections, each with a share of the time budget (time a section leaves unused goe
    and the configuration the autotuner chose for each attnc kernel ("configs": BLOCK_M x BLOCK_N,
    warps, stages, e.g. `fwd 128x64 w8 s3; dq 128x64 w8 s3; dkdv 64x128 w8 s3`).
 3. sparse (0.10): tier-2 masks (a 2-D neighbourhood, radial) at 16K beside FlexAttention with the same mask.
-4. norm (0.15): the normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time
+4. norm (0.10): the normalizations (tier 3) beside the softmax kernel with the same (causal) mask: time
    ratios against `causal`, with the design's targets (<= 1.3x for a normalization of one pass over the
    keys, e.g. softplus; <= 2x for one of two passes, softplus_reweight), and the chosen configs.
 5. decode (0.15): `attn.decode` (split-KV, one new query, 32 query heads on 8 KV heads, bf16) for causal,
@@ -27,7 +27,10 @@ Sections, each with a share of the time budget (time a section leaves unused goe
    `attn.varlen` of causal, one call of the document-mask spec on the packed sequence, and FlexAttention
    with a document block mask; launches per call, forward and forward+backward ms, and the largest
    |output - varlen's|. One autotune config per kernel (varlen autotunes each distinct longest length).
-8. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
+8. select (0.05): block top-k (examples/block_topk.attn, issue 20) at 16K (k_tiles 8 and 32) and 64K,
+   forward and forward+backward ms beside the plain causal spec, with the time of choosing the tiles
+   from q and k alone (its plan) and the tile density it keeps.
+9. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
    forward and forward+backward ms at L = 4K and 16K (the speed section's B*H), beside
    flash-linear-attention's chunked kernels where `import fla` works (`chunk_linear_attn` on the features
    elu(x) + 1 applied by the caller, normalized; `chunk_simple_gla` with the constant per-head log-decay
@@ -74,8 +77,8 @@ NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_soft
 DECODE = [("causal", "contiguous"), ("causal", "paged"), ("sliding_window", "contiguous"),
           ("streaming_sink", "contiguous")]
 HBM_BYTES_S = 3.35e12  # the H100's HBM bandwidth, the decode section's yardstick
-SHARES = {"verify": 0.20, "speed": 0.25, "sparse": 0.10, "norm": 0.15, "decode": 0.15, "learn": 0.05,
-          "varlen": 0.05, "linear": 0.05}  # of the budget; they sum to 1
+SHARES = {"verify": 0.20, "speed": 0.25, "sparse": 0.10, "norm": 0.10, "decode": 0.15, "learn": 0.05,
+          "varlen": 0.05, "select": 0.05, "linear": 0.05}  # of the budget; they sum to 1
 NORM_TARGETS = {1: 1.3, 2: 2.0}  # passes over the keys -> the largest time / causal's time
 # chunked linear attention (attn.algorithm == "chunked") timed beside flash-linear-attention
 LINEAR = ["linear_elu", "lightning"]
@@ -119,6 +122,7 @@ class Settings:
     learn_check_L: int = 512
     decode_heads: tuple = (32, 8)  # (Hq, Hk) of the decode section
     linear_shapes: tuple = ()  # (L, B, H) of the linear section
+    select_shapes: tuple = ()  # (L, B, H, k_tiles) of the select section (block_topk.attn)
     page_size: int = 256  # the paged cache's page size
 
     @staticmethod
@@ -129,7 +133,8 @@ class Settings:
                             (("neighborhood_2d", (24, 4, 3)), ("radial", (3, 32))), window=12, doc_len=12,
                             verify=("causal", "softplus"), bench=tuple(BENCH), compile_flex=False, flex_backward=False,
                             min_unit_s=0.0, decode_shapes=((2, 48),), decode_heads=(4, 2), page_size=16,
-                            learn_shapes=((40, 1, 2),), learn_check_L=24, linear_shapes=((40, 1, 2),))
+                            learn_shapes=((40, 1, 2),), learn_check_L=24, linear_shapes=((40, 1, 2),),
+                            select_shapes=((256, 1, 1, 1),))
         order = BENCH + NORMALIZATIONS + sorted(p.stem for p in EXAMPLES.glob("*.attn"))
         return Settings(False, "cuda", 128, ((4096, 8, 16), (16384, 1, 32)), ((4096, 8, 16), (16384, 1, 32)),
                         (16384, 1, 32), (("neighborhood_2d", (128, 128, 7)), ("radial", (16, 1024))),
@@ -137,7 +142,8 @@ class Settings:
                         flex_backward=True, min_unit_s=10.0,
                         decode_shapes=((1, 131072), (8, 32768), (32, 32768), (64, 4096)), decode_heads=(32, 8),
                         page_size=256, learn_shapes=((4096, 2, 16),), learn_check_L=512,
-                        linear_shapes=((4096, 8, 16), (16384, 1, 32)))
+                        linear_shapes=((4096, 8, 16), (16384, 1, 32)),
+                        select_shapes=((16384, 1, 32, 8), (16384, 1, 32, 32), (65536, 1, 8, 16)))
 
     # -- timing: the warm-up call (compile + autotune) timed apart, then the steady state
     def sync(self):
@@ -292,6 +298,11 @@ COLUMNS = {  # key, header, format of a number
                ("attnc_ms", "attnc ms", "{:.3f}"), ("sdpa_ms", "SDPA ms", "{:.3f}"), ("vs_sdpa", "SDPA/attnc", "{:.2f}x"),
                ("attnc_gbs", "attnc GB/s", "{:.0f}"), ("hbm_pct", "% of 3.35 TB/s", "{:.0f}"),
                ("diff_sdpa", "max abs(attnc - SDPA)", "{:.1e}")],
+    "select": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("k_tiles", "k_tiles", None),
+               ("density", "tile density", "{:.4f}"), ("pass", "pass", None), ("plan_ms", "plan ms", "{:.3f}"),
+               ("attnc_ms", "select ms", "{:.3f}"), ("causal_ms", "causal ms", "{:.3f}"),
+               ("vs_causal", "causal/select", "{:.2f}x"), ("attnc_warm_s", "select warm s", "{:.1f}"),
+               ("configs", "configs", None)],
     "varlen": [("spec", "method", None), ("sequences", "sequences", None), ("tokens", "tokens", None),
                ("pass", "pass", None), ("launches", "launches per call", None), ("ms", "ms", "{:.3f}"),
                ("warm_s", "warm s", "{:.1f}"), ("diff", "max abs(out - varlen)", "{:.1e}")],
@@ -310,6 +321,8 @@ TITLES = {
     "learn": "Trained biases (bf16; the cost of a learnable bias's gradient, and its error)",
     "varlen": ("Packed ragged batches (bench/varlen_bench.py: attn.varlen, one document-mask call, FlexAttention "
                "with a document block mask; bf16 on a GPU, one autotune config)"),
+    "select": ("Block top-k (block_topk.attn, bf16; select ms includes choosing the tiles from q and k at every "
+               "call, plan ms alone; beside the plain causal spec: causal time / select time)"),
     "linear": ("Linear attention, chunked (bf16; beside flash-linear-attention's chunked kernels, the "
                "feature map applied by the caller; ratio: fla time / attnc time)"),
 }
@@ -333,6 +346,8 @@ def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
     if section == "varlen":
         return [(f"{method} {n}x{mean}", (method, n, mean)) for n, mean in _varlen_bench().Settings.make(
             "dry" if s.dry_run else "gpu").cases for method in _varlen_bench().METHODS]
+    if section == "select":
+        return [(f"block_topk L={L} k_tiles={n}", (L, B, H, n)) for L, B, H, n in s.select_shapes]
     if section == "linear":  # attnc at every length first; fla's rows (slow first calls) fill in its cells
         return [(f"{name} L={L}" + (" (fla)" if fla else ""), (name, L, B, H, fla)) for fla in (False, True)
                 for L, B, H in s.linear_shapes for name in LINEAR]
@@ -505,6 +520,33 @@ def run_sparse(s: Settings, emit, name, grid):
             row["diff_flex"] = _flex_diff(attn_fn, flex_fn, row_notes)
         row["configs"] = kernel_configs(attn, ("fwd",) if pass_ == "fwd" else None)
         row["note"] = "; ".join(row_notes)
+        emit(row)
+
+
+def run_select(s: Settings, emit, L, B, H, k_tiles):
+    """Block top-k against the plain causal spec at one size: the whole call (the tiles chosen from q
+    and k every time, as a model runs it) and the choice alone (plan)."""
+    import torch
+
+    from attnc import load
+
+    attn, causal = load(EXAMPLES / "block_topk.attn"), load(EXAMPLES / "causal.attn")
+    q, k, v = s.qkv(B, H, L)
+    do = torch.randn_like(q)
+    kw = {"k_tiles": k_tiles}
+    plan_fn = lambda: attn.plan(Lq=L, Lk=L, B=B, Hq=H, device=s.device, q=q, k=k, **kw)
+    density = plan_fn().density
+    s.warm(plan_fn)
+    plan_ms = s.time_ms(plan_fn)
+    for pass_ in ("fwd", "fwd+bwd"):
+        row, notes = {"spec": "block_topk", "L": L, "BH": B * H, "k_tiles": k_tiles, "density": density,
+                      "pass": pass_, "plan_ms": plan_ms}, []
+        runs = {"attnc": lambda: attn(q, k, v, **kw), "causal": lambda: causal(q, k, v)}
+        _time_runs(s, runs, pass_, do, (q, k, v), row, notes)
+        if isinstance(row.get("causal_ms"), float):
+            row["vs_causal"] = row["causal_ms"] / row["attnc_ms"]
+        row["configs"] = kernel_configs(attn, ("fwd",) if pass_ == "fwd" else None)
+        row["note"] = "; ".join(notes)
         emit(row)
 
 
@@ -765,7 +807,7 @@ def run_varlen(s: Settings, emit, method, sequences, mean):
 
 
 RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm, "decode": run_decode,
-           "learn": run_learn, "varlen": run_varlen, "linear": run_linear}
+           "learn": run_learn, "varlen": run_varlen, "select": run_select, "linear": run_linear}
 
 
 def _short(err: BaseException) -> str:

@@ -114,6 +114,24 @@ def check_head_counts(sig: Signature, counts: dict, arg: dict) -> None:
                   f"heads would leave some unread (grouped-query attention needs H{role} <= Hq)")
 
 
+def check_plan_qk(sig: Signature, q, k, Lq: int, Lk: int, B: int, Hq: int, Hk, device) -> tuple:
+    """The q and k of plan() for a spec whose select chooses the tiles from them: given, 4-D float
+    tensors [B, Hq, Lq, Dqk] and [B, Hk, Lk, Dqk] of the sizes plan() was called with, on its device."""
+    for name, t in (("q", q), ("k", k)):
+        if t is None:
+            _fail(sig, name, "the select chooses the plan's tiles from q and k: pass q= and k= to plan()")
+    check_head_tensors(sig, q, {"k": k}, {"q": "[B, Hq, Lq, Dqk]", "k": "[B, Hk, Lk, Dqk]"}, "q and k")
+    want = {"q": (B, Hq, Lq, q.shape[3]), "k": (B, k.shape[1] if Hk is None else Hk, Lk, q.shape[3])}
+    for name, t in (("q", q), ("k", k)):
+        if tuple(t.shape) != want[name]:
+            _fail(sig, name, f"expected shape [{', '.join(map(str, want[name]))}] (the sizes given to plan()), "
+                  f"got {_shape(t)}")
+    check_head_counts(sig, {"q": Hq, "k": k.shape[1], "v": k.shape[1]}, {"q": "q", "k": "k", "v": "k"})
+    if not same_device(q.device, check_device(sig, device)):
+        _fail(sig, "q", f"is on {q.device} but the plan is for device {device!r}")
+    return q, k
+
+
 LAYOUTS = {"bhsd": "[B, H, L, D]", "bshd": "[B, L, H, D]"}
 
 

@@ -155,6 +155,36 @@ def gather_cache(cache, b: int, length: int, block_table):
     return seq[None, :, :length]
 
 
+def cache_tile_means(k_cache, cache_seqlens, block_table, tile: int, capacity: int) -> torch.Tensor:
+    """The mean key of every tile of `tile` positions of each sequence's valid keys, float64
+    [B, Hk, ceil(capacity / tile), D] (0 for tiles past the sequence): a select's decode estimates
+    each new query against them. One sequence at a time, through gather_cache: O(cache) reads."""
+    from . import plan
+
+    B = cache_seqlens.shape[0]
+    n = -(-capacity // tile)
+    out = torch.zeros(B, k_cache.shape[1], n, k_cache.shape[3], dtype=torch.float64, device=k_cache.device)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        if length:
+            means = plan.tile_means(gather_cache(k_cache, b, length, block_table), tile)
+            out[b, :, :means.shape[2]] = means[0]
+    return out
+
+
+def chosen_key_tiles(selected, group: int, cache_seqlens, tile: int, block_n: int) -> tuple:
+    """A select's decode walk: per (sequence, group of `group` query heads), the first keys of the
+    kernel's key tiles (`block_n` keys) inside the selection tiles (`tile` keys) that some new query of
+    some head of the group chose, in order, below the sequence's length: (starts int32 [B * groups,
+    n], counts int32 [B * groups]); `selected` [B, Hq, Lnew, tiles] is the rows' choice."""
+    B, Hq, Lnew, tiles = selected.shape
+    union = (selected != 0).view(B, Hq // group, group * Lnew, tiles).any(2)
+    starts = torch.arange(tiles * tile // block_n, device=selected.device) * block_n
+    inside = union.repeat_interleave(tile // block_n, dim=-1) & (starts < cache_seqlens.to(starts.device)[:, None, None])
+    inside = inside.reshape(B * (Hq // group), -1)
+    order = torch.argsort((~inside).to(torch.int8), dim=-1, stable=True)  # the chosen tiles first, in order
+    return starts[order].to(torch.int32).contiguous(), inside.sum(-1).to(torch.int32)
+
+
 def sequence_inputs(sig: Signature, values: dict, b: int, length: int) -> dict:
     """The spec's inputs of one sequence: batch entry b, positions [0, length)."""
     out = dict(values)

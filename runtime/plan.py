@@ -297,12 +297,17 @@ class TilePlan:
         return self._kv_lists
 
     def to_dense(self) -> torch.Tensor:
-        """The classes as an int8 tensor [batch, heads, tiles_q, tiles_k]: 0 EMPTY, 1 PARTIAL, 2 FULL
-        (for inspection at small sizes: this is the one O(tiles_q * tiles_k) object)."""
-        dense = torch.zeros(self.batch * self.heads * self.tiles_q, self.tiles_k, dtype=torch.int8)
+        """The classes as an int8 tensor [batch, heads, tiles_q, tiles_k] on the CPU: 0 EMPTY, 1 PARTIAL,
+        2 FULL (for inspection at small sizes: this is the one O(tiles_q * tiles_k) object)."""
+        return self.classes().cpu()
+
+    def classes(self) -> torch.Tensor:
+        """`to_dense` on the plan's device (a select restricts the classes there: `restrict`)."""
+        device = self.q_full.offsets.device
+        dense = torch.zeros(self.batch * self.heads * self.tiles_q, self.tiles_k, dtype=torch.int8, device=device)
         for runs, cls in ((self.q_full, FULL), (self.q_partial, PARTIAL)):
             rows, cols = runs.expand()
-            dense[rows.cpu(), cols.cpu()] = cls
+            dense[rows, cols] = cls
         return dense.view(self.batch, self.heads, self.tiles_q, self.tiles_k)
 
     def kernel_args(self) -> tuple:
@@ -331,6 +336,20 @@ def from_blocks(full, partial, *, block_m, block_n, Lq, Lk, batch, heads) -> Til
     ones = torch.ones_like(pi)
     q_partial = Runs.build(pg * tq + pi, pj, ones, batch * heads * tq, tk)
     kv_partial = Runs.build(pg * tk + pj, pi, ones, batch * heads * tk, tq)
+    return TilePlan(block_m, block_n, Lq, Lk, batch, heads, q_full, q_partial, (kv_full, kv_partial))
+
+
+def from_classes(classes: torch.Tensor, *, block_m, block_n, Lq, Lk) -> TilePlan:
+    """A plan from its classes, int8 [batch, heads, tiles_q, tiles_k] (0 EMPTY, 1 PARTIAL, 2 FULL), on
+    their device: the rows and the transposed lists, one run per tile before touching runs merge."""
+    batch, heads, tq, tk = classes.shape
+    lists = []
+    for cls in (FULL, PARTIAL):
+        row, j = (classes == cls).reshape(batch * heads * tq, tk).nonzero(as_tuple=True)
+        g, i = torch.div(row, tq, rounding_mode="floor"), row % tq
+        ones = torch.ones_like(j)
+        lists.append((Runs.build(row, j, ones, batch * heads * tq, tk), Runs.build(g * tk + j, i, ones, batch * heads * tk, tq)))
+    (q_full, kv_full), (q_partial, kv_partial) = lists
     return TilePlan(block_m, block_n, Lq, Lk, batch, heads, q_full, q_partial, (kv_full, kv_partial))
 
 
@@ -547,6 +566,74 @@ def _search(evaluate, g, i, j, tiles, block_m, block_n, Lq, Lk, beam):
             keep = rank < beam
             owner, q_lo, kv_lo = owner[keep], q_lo[keep], kv_lo[keep]
     return found
+
+
+# ---- block top-k (a spec's `select`): the plan chosen at every call from q and k ----------------------
+# A select cuts queries and keys into tiles of SELECT_TILE positions (a multiple of the plan tiles). Per
+# query tile it keeps the key tiles where the mask and the keep condition hold for some pair, and the
+# `count` other tiles the mask lets through with the largest estimate, dot(mean(q), mean(k)); the kernels
+# then visit the mask's plan tiles inside the tiles kept. Every step is O(L * D) or O(tiles * D), on the
+# inputs' device: never a [Lq, Lk] product.
+def check_select_blocks(spec: str, tile: int, block_m: int, block_n: int):
+    """The plan tiles must cut every selection tile into whole plan tiles."""
+    for arg, block in (("block_m", block_m), ("block_n", block_n)):
+        if block > tile or tile % block:
+            raise ValueError(f"{spec}: argument '{arg}': the select's tiles ({tile} positions) must be a multiple "
+                             f"of the plan's tiles, got {arg} = {block}")
+
+
+def tile_means(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, ceil(L / tile), D], float64: the mean vector of each tile of `tile`
+    positions (the last tile's over the positions it holds). A padded copy and a sum: deterministic,
+    where an index_add would sum in any order on a GPU."""
+    B, H, L, D = x.shape
+    n = -(-L // tile)
+    padded = torch.nn.functional.pad(x.detach().double(), (0, 0, 0, n * tile - L))
+    sums = padded.view(B, H, n, tile, D).sum(3)
+    counts = torch.clamp(L - torch.arange(n, device=x.device) * tile, max=tile)
+    return sums / counts.double()[:, None]
+
+
+def tile_estimate(q: torch.Tensor, k: torch.Tensor, tile: int) -> torch.Tensor:
+    """The estimate dot(mean(q), mean(k)) of every (query tile, key tile): float64 [B, Hq, tiles_q,
+    tiles_k], query head h against key head h * Hk // Hq (float64, so that a GPU and the CPU rank alike
+    but for exact ties)."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    key_means = tile_means(k, tile)[:, torch.arange(Hq, device=k.device) * Hk // Hq]
+    return tile_means(q, tile) @ key_means.transpose(-1, -2)
+
+
+def top_tiles(estimate: torch.Tensor, count: int, nonempty: torch.Tensor, kept: torch.Tensor,
+              spec: str = "select") -> torch.Tensor:
+    """The key tiles each query tile visits, bool like `estimate` [B, Hq, tiles_q, tiles_k]: the `kept`
+    ones, and the `count` others among the `nonempty` ones with the largest estimate, the lower tile
+    first among equal estimates (a stable sort). `nonempty`, `kept`: bool, broadcastable to it."""
+    if isinstance(count, bool) or int(count) != count or count < 0:
+        raise ValueError(f"{spec}: the count of topk() must be a whole number >= 0, got {count!r}")
+    candidates = (nonempty & ~kept).expand(estimate.shape)
+    ranked = torch.where(candidates, estimate, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :int(count)]
+    chosen = torch.zeros_like(candidates).scatter_(-1, order, True)
+    return kept | (chosen & candidates)
+
+
+def tiles_touched(plan: TilePlan, tile: int) -> torch.Tensor:
+    """bool [batch, heads, tiles, tiles]: the selection tiles of `tile` positions that hold a tile the
+    plan visits (a plan tile divides `tile`)."""
+    touched = (plan.classes() > 0).to(torch.int8)
+    for axis, block in ((2, plan.block_m), (3, plan.block_n)):
+        touched = _blocks(touched, axis, tile // block, torch.amax, 0)
+    return touched > 0
+
+
+def restrict(plan: TilePlan, visible: torch.Tensor, tile: int) -> TilePlan:
+    """The plan's tiles inside the selection tiles `visible` (bool [B, Hq, tiles, tiles] of `tile`
+    positions), each keeping its class: a plan per batch entry and head."""
+    shown = visible
+    for axis, block, n in ((2, plan.block_m, plan.tiles_q), (3, plan.block_n, plan.tiles_k)):
+        shown = shown.repeat_interleave(tile // block, dim=axis).narrow(axis, 0, n)
+    classes = torch.where(shown, plan.classes(), 0).to(torch.int8)
+    return from_classes(classes, block_m=plan.block_m, block_n=plan.block_n, Lq=plan.Lq, Lk=plan.Lk)
 
 
 def check_plan(plan, spec: str, *, Lq, Lk, batch, heads, device, block_m, block_n,

@@ -167,3 +167,28 @@ def lshift(a, n):
 def index(x):
     """A computed index (an axis of a tensor input's own, already clamped) as torch indexing takes it."""
     return x.long() if isinstance(x, torch.Tensor) else int(x)
+
+
+# ---- a select's tiles (block top-k), densely: the reference's own reading of the selection ----
+def tiles_any(mask: torch.Tensor, tile: int) -> torch.Tensor:
+    """bool [..., R, L] -> [..., ceil(R / tile), ceil(L / tile)]: whether each tile x tile block holds a True."""
+    *lead, R, L = mask.shape
+    padded = torch.nn.functional.pad(mask, (0, -L % tile, 0, -R % tile))
+    return padded.view(*lead, padded.shape[-2] // tile, tile, padded.shape[-1] // tile, tile).any(-1).any(-2)
+
+
+def key_tiles_any(mask: torch.Tensor, tile: int) -> torch.Tensor:
+    """bool [..., L] -> [..., ceil(L / tile)]: whether each tile of `tile` keys holds a True."""
+    padded = torch.nn.functional.pad(mask, (0, -mask.shape[-1] % tile))
+    return padded.view(*mask.shape[:-1], padded.shape[-1] // tile, tile).any(-1)
+
+
+def tile_visible(visible: torch.Tensor, first_row: int, rows: int, Lk: int, tile: int, row_tile: int = 0) -> torch.Tensor:
+    """The selection of tiles `visible` [B, H, row tiles, key tiles] as an element mask of rows
+    [first_row, first_row + rows) and keys [0, Lk): [B, H, rows, Lk]. Key tiles have `tile` keys, row
+    tiles `row_tile` rows (default `tile`; 1 where each row chose its own tiles, as decode does)."""
+    device = visible.device
+    row_tiles = torch.div(torch.arange(first_row, first_row + rows, device=device), row_tile or tile,
+                          rounding_mode="floor")
+    key_tiles = torch.div(torch.arange(Lk, device=device), tile, rounding_mode="floor")
+    return visible[:, :, row_tiles][..., key_tiles]

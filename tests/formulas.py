@@ -459,6 +459,55 @@ def temperature(q, k, v, temp, scale=None):
     return attention(q, k, v, mask_causal(*_lens(q, k)), mod, scale)
 
 
+# ----------------------------------------------------------------------------------------------
+# Block top-k selection (Tier 5): the selected tiles as a mask
+# ----------------------------------------------------------------------------------------------
+def tile_selection(q, k, mask, keep, count, tile):
+    """bool [B, Hq, tiles_q, tiles_k], per query tile I of `tile` queries (per batch entry and head):
+    key tile J is kept where `mask and keep` holds for some pair of (I, J); of the other tiles with
+    a pair under `mask`, the `count` with the largest dot(mean q over tile I, mean k over tile J) are
+    chosen (ties: the lower J). mask, keep: bool broadcastable to [B, Hq, Lq, Lk]. Python loops over
+    the tiles, the means one slice at a time (independent of the compiler's padded sums and sort)."""
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    k = k.index_select(1, head_index(Hq, k.shape[1]))
+    mask = mask.expand(B, Hq, Lq, Lk)
+    both = (mask & keep).expand(B, Hq, Lq, Lk)
+    tq, tk = -(-Lq // tile), -(-Lk // tile)
+    visible = torch.zeros(B, Hq, tq, tk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(tq):
+                rows = slice(i * tile, (i + 1) * tile)
+                q_mean = q[b, h, rows].double().mean(0)
+                ranked = []
+                for j in range(tk):
+                    cols = slice(j * tile, (j + 1) * tile)
+                    if both[b, h, rows, cols].any():
+                        visible[b, h, i, j] = True
+                    elif mask[b, h, rows, cols].any():
+                        ranked.append((-float(q_mean @ k[b, h, cols].double().mean(0)), j))
+                for _, j in sorted(ranked)[:count]:
+                    visible[b, h, i, j] = True
+    return visible
+
+
+def tile_mask(visible, Lq, Lk, tile):
+    """The tile selection [B, H, tiles_q, tiles_k] as an element mask [B, H, Lq, Lk]."""
+    return visible.repeat_interleave(tile, 2)[:, :, :Lq].repeat_interleave(tile, 3)[..., :Lk]
+
+
+def block_topk(q, k, v, k_tiles=8, sinks=4, window=256, tile=128, scale=None):
+    """Kinetics / The Sparse Frontier style block top-k, causal: `k_tiles` key tiles per query tile
+    chosen by mean-pooled scores, and the tiles holding the sinks (j < sinks) or the local window
+    (i - j < window) always; softmax over the causal mask restricted to the selected tiles."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    _, _, i, j = indices(1, 1, Lq, Lk)
+    causal = j <= i
+    visible = tile_selection(q.detach(), k.detach(), causal, (j < sinks) | (i - j < window), k_tiles, tile)
+    return attention(q, k, v, causal & tile_mask(visible, Lq, Lk, tile), scale=scale)
+
+
 SOFTMAX_FAMILY = {
     "full", "causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap",
     "streaming_sink", "sink_logit", "zerotuning", "moa", "diffqkv", "neighborhood_1d",

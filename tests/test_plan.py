@@ -25,6 +25,9 @@ from attnc.errors import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CATALOG = sorted(p.stem for p in EXAMPLES.glob("*.attn"))
+# a select's plan is chosen from q and k at every call: tests/test_select.py checks those plans against
+# its own selection of tiles; the mask's own plan, the candidates, is checked here through the others
+SELECT_EXAMPLES = {"block_topk"}
 
 
 @cache
@@ -70,7 +73,7 @@ def _inputs(fn, B, H, L, seed=0):
 # ----------------------------------------------------------------------------------------------
 # Exactness on the catalog
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", CATALOG)
+@pytest.mark.parametrize("name", sorted(set(CATALOG) - SELECT_EXAMPLES))
 def test_catalog_plans_are_exact(name):
     fn = load(name)
     B, H = 2, 3

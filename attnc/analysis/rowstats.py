@@ -184,7 +184,8 @@ def _merge_terms(terms):
 
 def plan_rows(variant: ir.Variant) -> RowPlan:
     softmax = recognize_softmax(variant.probs)
-    closed = visible_closed_form(variant.mask)
+    # a select hides key tiles chosen at run time: the keys a row sees are counted, never the mask's form
+    closed = visible_closed_form(variant.mask) if variant.select is None else None
     if softmax is not None:
         return RowPlan(softmax, {}, closed, (OutputTerm(sympy.exp(softmax.logits), 1),), 1, 1)
 

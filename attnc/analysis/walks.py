@@ -9,6 +9,8 @@ that is a `TileWalk`, chosen once per spec (`choose_walk`), one class per walk:
                    1-D neighbourhoods): key ranges in closed form inside the kernels, no plan at all
     ListTiles      everything the interval rules cover: per-tile lists built on the host by
                    runtime/plan.py from the interval form of the mask (attnc/codegen/interval_code.py)
+    SelectedTiles  a spec with `select` (block top-k): the list walk's kernels on lists chosen at every
+                   call from q and k, among the tiles of the mask's lists
     UnplannedTiles a mask outside the interval rules: every tile PARTIAL (none in the catalog)
 
 The walks hold sympy (bounds, the mask) and what it reads; attnc/codegen/skeleton.py and
@@ -26,6 +28,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from .. import ir
+from ..errors import SpecError
 from .bounds import Clause
 
 _INDEX_NAMES = ("q", "kv", "b", "h")  # the order `_mask_cells` binds the indices it reads
@@ -42,11 +45,21 @@ class TileWalk:
     # (`decode_clauses`); the band and all walks bound their keys themselves
     decodes_by_bands: ClassVar[bool] = False
     bounds_tile_ends: ClassVar[bool] = False  # the key walk bounds a query tile by its first and last query
+    reads_qk: ClassVar[bool] = False  # the plan is chosen from q and k at every call (a select)
     uses_b: bool = False  # the mask reads the batch index: plans are per batch entry
     uses_h: bool = False  # ... per head
     tensors: tuple[str, ...] = ()  # tensor inputs the mask reads (plans are rebuilt when they change)
     params: tuple[str, ...] = ()  # scalar parameters it reads (part of the plan cache's key)
     sizes: tuple[str, ...] = ("Lq", "Lk")  # the sizes a plan depends on (part of its key)
+
+    @property
+    def mask_params(self) -> tuple[str, ...]:
+        """The params the element mask itself reads (a select's plan reads more)."""
+        return self.params
+
+    @property
+    def mask_tensors(self) -> tuple[str, ...]:
+        return self.tensors
 
     @property
     def per(self) -> str:
@@ -119,6 +132,37 @@ class ListTiles(TileWalk):
         return f"lists of FULL and PARTIAL key tiles from interval analysis of the mask{self.per}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class SelectedTiles(ListTiles):
+    """Block top-k (`select`): the list walk's kernels, on lists that the host chooses at every call from
+    q and k among the tiles of the mask's own lists. The lists are per batch entry and head (uses_b,
+    uses_h), whatever the mask reads; `mask_uses_b`, `mask_uses_h` say what the mask's own plan is per."""
+
+    plan_mode = "selected"
+    template = "walks/selected.j2"
+    decodes_by_bands = False
+    reads_qk = True
+    select: ir.Selection
+    mask_uses_b: bool = False
+    mask_uses_h: bool = False
+    keep_uses_b: bool = False  # the keep condition (with the mask) reads b: its kept tiles are per batch entry
+    keep_uses_h: bool = False
+    keep_cell_indices: tuple[str, ...] = ()  # the indices `_kept_cells` reads outside its plain loads
+    mask_reads: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # the mask's own (params, tensors)
+
+    @property
+    def mask_params(self) -> tuple[str, ...]:
+        return self.mask_reads[0]
+
+    @property
+    def mask_tensors(self) -> tuple[str, ...]:
+        return self.mask_reads[1]
+
+    def ir_line(self) -> str:
+        return ("the select's key tiles, chosen from q and k at every call per batch and head, among the "
+                "lists of FULL and PARTIAL key tiles from interval analysis of the mask")
+
+
 def band_reads(clause: Clause) -> frozenset:
     """The symbols a band's bounds read (indices, sizes, params; a load's subscripts included)."""
     return frozenset().union(*(e.free_symbols for e in (clause.lo, clause.hi) if e is not None))
@@ -142,29 +186,60 @@ def _cell_indices(variant: ir.Variant, mask) -> tuple[str, ...]:
     return tuple(name for name in _INDEX_NAMES if ir.INDICES[name] in symbols)
 
 
-def choose_walk(variant: ir.Variant, clauses: tuple[Clause, ...],
-                interval_gap: Callable[[ir.Variant], str | None]) -> TileWalk:
-    """The tile walk of a spec's mask. `interval_gap(variant)` says why the mask has no interval form
-    (no interval rule for one of its functions: attnc/codegen/interval_code.py), None when it has one;
-    it is asked only of masks that are not one band."""
-    mask = sympy.sympify(variant.mask)
-    if mask is sympy.true:
-        return AllTiles()
-    loads = mask.atoms(AppliedUndef)
-    symbols = mask.free_symbols | {a for load in loads for a in load.args}
+def _reads(variant: ir.Variant, *exprs) -> dict:
+    """What a plan of exprs (the mask; a select's keep condition and count) depends on: the walk's
+    uses_b, uses_h, sizes, tensors and params."""
+    exprs = [sympy.sympify(e) for e in exprs]
+    loads = set().union(*(e.atoms(AppliedUndef) for e in exprs))
+    symbols = set().union(*(e.free_symbols for e in exprs)) | {a for load in loads for a in load.args}
     # the sizes a plan depends on: the lengths, and any other size the mask reads (as an index's
     # extent, b and h make the plan per batch entry and per head)
     sizes = ("Lq", "Lk") + tuple(name for name, sym in ir.SIZES.items() if name not in ("Lq", "Lk") and (
         sym in symbols or (name == "B" and ir.b in symbols) or (name == "Hq" and ir.h in symbols)))
-    per = {"uses_b": ir.b in symbols, "uses_h": ir.h in symbols, "sizes": sizes,
-           "tensors": tuple(sorted({load.func.__name__ for load in loads})),
-           "params": tuple(p.name for p in variant.params if p.symbol in mask.free_symbols)}
+    return {"uses_b": ir.b in symbols, "uses_h": ir.h in symbols, "sizes": sizes,
+            "tensors": tuple(sorted({load.func.__name__ for load in loads})),
+            "params": tuple(p.name for p in variant.params if p.symbol in symbols)}
+
+
+def choose_walk(variant: ir.Variant, clauses: tuple[Clause, ...],
+                interval_gap: Callable[[ir.Variant, object], str | None]) -> TileWalk:
+    """The tile walk of a spec's mask. `interval_gap(variant, condition)` says why a condition has no
+    interval form (no interval rule for one of its functions: attnc/codegen/interval_code.py), None
+    when it has one; it is asked only of masks that are not one band, and of a select's conditions."""
+    mask = sympy.sympify(variant.mask)
+    if variant.select is not None:
+        return _selected_walk(variant, mask, interval_gap)
+    if mask is sympy.true:
+        return AllTiles()
+    per = _reads(variant, mask)
     if len(clauses) == 1 and clauses[0].exact:
         return BandTiles(**per, clause=clauses[0])
-    gap = interval_gap(variant)
+    gap = interval_gap(variant, mask)
     if gap is not None:
         return UnplannedTiles(**per, reason=gap)
     return ListTiles(**per, cell_indices=_cell_indices(variant, mask))
+
+
+def _selected_walk(variant: ir.Variant, mask, interval_gap) -> SelectedTiles:
+    """A select's walk: the candidates are the tiles of the mask's plan and the kept ones those of
+    mask-and-keep's, so both need an interval form (a SpecError at the statement otherwise)."""
+    sel = variant.select
+    kept = sympy.And(mask, sel.keep)
+    for condition, span, what in ((mask, variant.spans.of(ir.Statement.MASK), "the mask"),
+                                  (kept, variant.spans.of(ir.Statement.SELECT, "keep"), "the keep condition")):
+        gap = interval_gap(variant, condition)
+        if gap is not None:
+            raise SpecError.at(f"select needs tile plans of {what}, which has no interval form: {gap}",
+                               span or variant.spans.of(ir.Statement.SELECT),
+                               "block top-k chooses among the tiles of the mask's plan",
+                               path=variant.path, source=variant.source)
+    reads, kept_reads = _reads(variant, mask), _reads(variant, kept)
+    every = _reads(variant, mask, kept, sel.count)
+    return SelectedTiles(**{**every, "uses_b": True, "uses_h": True}, cell_indices=_cell_indices(variant, mask),
+                         select=sel, mask_uses_b=reads["uses_b"], mask_uses_h=reads["uses_h"],
+                         keep_uses_b=kept_reads["uses_b"], keep_uses_h=kept_reads["uses_h"],
+                         keep_cell_indices=_cell_indices(variant, kept),
+                         mask_reads=(reads["params"], reads["tensors"]))
 
 
 def decode_clauses(walk: TileWalk, clauses: tuple[Clause, ...]) -> tuple[Clause, ...]:

@@ -59,6 +59,7 @@ class Checker(Statements):
             probs=probs,
             probs_written=probs_written,
             features=tuple(self.features),
+            select=self.select,
             spans=statement_spans(self.spec),
         )
 
@@ -84,6 +85,10 @@ def statement_spans(spec: ast.Spec) -> ir.Spans:
             entries.append((ir.Statement.PARAM, stmt.name, stmt.span))
         elif isinstance(stmt, ast.Input):
             entries.append((ir.Statement.INPUT, stmt.name, stmt.span))
+        elif isinstance(stmt, ast.Select):
+            entries.append((ir.Statement.SELECT, None, stmt.span))
+            if stmt.keep is not None:
+                entries.append((ir.Statement.SELECT, "keep", stmt.keep.span))
     return ir.Spans(tuple(entries))
 
 

@@ -26,7 +26,8 @@ class Declarations(Expressions):
     def once(self, stmt, keyword_: str):
         if type(stmt) in self.seen:
             first = self.seen[type(stmt)]
-            how = "combine the conditions with 'and'" if keyword_ == "mask" else "name intermediate values with 'let'"
+            how = {"mask": "combine the conditions with 'and'", "select": "combine keep conditions with 'or'"}.get(
+                keyword_, "name intermediate values with 'let'")
             self.error(f"duplicate '{keyword_}' statement (the first is at line {first.line})", stmt.span,
                        f"a spec has at most one '{keyword_}'; {how}")
         self.seen[type(stmt)] = stmt.span

@@ -12,6 +12,11 @@ from .declarations import Declarations
 from .scope import GENERATED_ARGS, RESERVED, Entry, Kind, describe_builtin
 from .types import BOOL, INT, REAL, Value
 
+# The smallest selection tile: the plan tile of the GPU kernels (runtime/launch.plan_blocks), which a
+# selection tile must be a multiple of, so that a plan tile lies in one selected tile or outside it.
+SELECT_TILE_MIN = 128
+_SELECT_USAGE = "write 'select topk(COUNT, tiles=T)': COUNT key tiles per query tile of T queries"
+
 
 class Statements(Declarations):
     def __init__(self, spec: ast.Spec):
@@ -19,6 +24,7 @@ class Statements(Declarations):
         self.lets: list = []
         self.layouts: list[ir.Layout] = []
         self.mask = self.probs = None
+        self.select: ir.Selection | None = None
 
     # ---- let ----
     def stmt_let(self, stmt: ast.Let):
@@ -155,3 +161,75 @@ class Statements(Declarations):
                        stmt.value.span, "a feature map acts on each element of one head vector")
         self.define(stmt.name, stmt.span, Entry(Kind.FEATURE, stmt.span, Value(value.expr, REAL)))
         self.features.append((stmt.name, value.expr))
+
+    # ---- select ----
+    def stmt_select(self, stmt: ast.Select):
+        """`select topk(COUNT, tiles=T) [by dot(mean(q), mean(k))] [keep COND]` (docs/language.md)."""
+        self.once(stmt, "select")
+        if stmt.func != "topk":
+            self.error(f"unknown selection '{stmt.func}'", stmt.func_span, _SELECT_USAGE)
+        kwargs = dict(stmt.kwargs)
+        for name, value in stmt.kwargs:
+            if name != "tiles":
+                self.error(f"topk() has no argument '{name}'", value.span, _SELECT_USAGE)
+        if len(stmt.args) != 1 or "tiles" not in kwargs:
+            self.error(f"topk() takes the count of key tiles and tiles=T, got {len(stmt.args)} "
+                       f"positional argument(s){'' if 'tiles' in kwargs else ' and no tiles='}", stmt.span,
+                       _SELECT_USAGE)
+        count = self.select_count(stmt.args[0])
+        tile = self.select_tile(kwargs["tiles"])
+        estimate = self.select_estimate(stmt.by)
+        keep = sympy.false if stmt.keep is None else self.select_keep(stmt.keep)
+        self.select = ir.Selection(count, tile, estimate, keep)
+
+    def select_count(self, node) -> sympy.Expr:
+        value = self.lower_int(node, "the count of topk()")
+        expr = sympy.sympify(value.expr)
+        params = {p.symbol for p in self.params}
+        if value.uses_score or value.uses_rowstat or expr.free_symbols - params or expr.atoms(AppliedUndef):
+            self.error("the count of topk() may use numbers, params and consts only", node.span,
+                       "one count for every query tile, e.g. 'param k_tiles = 8' (a param's default may "
+                       "read the sizes: 'param k_tiles = Lk // 1024')")
+        if expr.is_number and expr < 0:
+            self.error(f"the count of topk() must be at least 0, got {expr}", node.span)
+        return expr
+
+    def select_tile(self, node) -> int:
+        value = self.lower_int(node, "tiles=")
+        expr = sympy.sympify(value.expr)
+        if not expr.is_Integer:
+            self.error("tiles= must be a number known at build time", node.span,
+                       "a number or a const: the kernels' plans are cut at it")
+        tile = int(expr)
+        if tile < SELECT_TILE_MIN or tile & (tile - 1):
+            self.error(f"tiles= must be a power of two, at least {SELECT_TILE_MIN}, got {tile}", node.span,
+                       f"a selection tile holds whole plan tiles ({SELECT_TILE_MIN} x {SELECT_TILE_MIN} on a GPU)")
+        return tile
+
+    def select_estimate(self, node) -> ir.Estimate:
+        """The estimate `by` names: only the forms of ir.Estimate, where `q` and `k` are the head
+        vectors (elsewhere `q` is the query's position)."""
+        if node is None:
+            return ir.Estimate.MEAN_DOT
+
+        def pooled(arg, vector):
+            return (isinstance(arg, ast.Call) and arg.func == "mean" and not arg.kwargs and len(arg.args) == 1
+                    and isinstance(arg.args[0], ast.Name) and arg.args[0].id == vector)
+
+        if (isinstance(node, ast.Call) and node.func == "dot" and not node.kwargs and len(node.args) == 2
+                and pooled(node.args[0], "q") and pooled(node.args[1], "k")):
+            return ir.Estimate.MEAN_DOT
+        offered = ", ".join(e.value for e in ir.Estimate)
+        self.error("unknown estimate of a tile pair's score", node.span,
+                   f"the estimates offered: {offered} (q and k: the query and key vectors of the tiles)")
+
+    def select_keep(self, node) -> sympy.Basic:
+        value = self.lower(node)
+        if value.type != BOOL:
+            self.error(f"the keep condition must be a condition (bool), not {value.type}", node.span,
+                       "e.g. keep kv < sinks or q - kv < window")
+        if value.uses_score:
+            self.error("the keep condition cannot depend on the score", value.uses_score)
+        if value.uses_rowstat:
+            self.error("the keep condition cannot depend on row statistics", value.uses_rowstat)
+        return value.expr

@@ -26,15 +26,16 @@ class MaskCells:
     result: str
 
 
-def mask_cells(variant: ir.Variant) -> MaskCells:
-    lines, result = interval_function(variant, sympy.sympify(variant.mask))
+def mask_cells(variant: ir.Variant, condition=None) -> MaskCells:
+    """The interval form of the mask (or of another condition of the spec's indices and inputs)."""
+    lines, result = interval_function(variant, sympy.sympify(variant.mask if condition is None else condition))
     return MaskCells(tuple(lines), result)
 
 
-def interval_gap(variant: ir.Variant) -> str | None:
-    """Why the mask has no interval form (a function without an interval rule), or None."""
+def interval_gap(variant: ir.Variant, condition=None) -> str | None:
+    """Why the mask (or `condition`) has no interval form (a function without an interval rule), or None."""
     try:
-        interval_function(variant, sympy.sympify(variant.mask))
+        interval_function(variant, sympy.sympify(variant.mask if condition is None else condition))
     except UnsupportedExpression as err:
         return str(err)
     return None

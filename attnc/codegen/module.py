@@ -23,7 +23,7 @@ from ..errors import BuildError
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import host_scalar_code, torch_code, wrapped
-from .skeleton import Signature, decode_bands, walk_cells
+from .skeleton import Signature, decode_bands, select_host, walk_cells
 
 __all__ = ["BuildError", "formatted", "generate"]
 
@@ -56,6 +56,12 @@ class Reference:
     stats: tuple[tuple[str, str], ...] = ()  # general probabilities: (var, masked reduction), innermost first
     probs: str = ""
     lse_offset: str | None = None  # softmax: the row constant the kernels' logits leave out (SoftmaxForm.offset)
+    # a select's keep condition (None: none), for the reference's own dense selection of tiles, with
+    # what that selection reads (the mask's and the keep condition's names) and the tensor inputs only
+    # the keep condition reads (which the reference's own loop does not load)
+    select_keep: str | None = None
+    select_reads: frozenset[str] = frozenset()
+    keep_only: frozenset[str] = frozenset()
 
     sink_reads: frozenset[str] = frozenset()  # ... and those the sink alone reads (`_sink_logits`)
     reads: frozenset[str] = frozenset()  # the generated names the pieces read (index tensors, sizes,
@@ -67,16 +73,23 @@ def _reference(v: ir.Variant, a: Analyses) -> Reference:
              ir.s: "s"}
     names.update({sym: name for name, sym in ir.SIZES.items()})
     names.update({p.symbol: ident(p.name) for p in v.params})
-    names.update(torch_loads(v.mask, v.score, v.probs))
+    keep = None if v.select is None or v.select.keep is sympy.false else v.select.keep
+    names.update(torch_loads(v.mask, v.score, v.probs, keep))
     mask = torch_code(v.mask, names) if v.mask is not sympy.true else None
     score = torch_code(v.score, names)
+    select_keep = None if keep is None else torch_code(keep, names)
+    select = {"select_keep": select_keep, "select_reads": _read_names(v, [v.mask, keep])}
+    if keep is not None:
+        loaded = {load.func.__name__ for e in (v.mask, v.score, v.probs) for load in ir.scalar_loads(e)}
+        select["keep_only"] = frozenset(ident(load.func.__name__) for load in ir.scalar_loads(keep)
+                                        if load.func.__name__ not in loaded)
     sm = a.rows.softmax
     if sm is not None:
         # the score and sink as written (the offset back in): the true log-sum-exp, and autograd
         # differentiates what the spec says
         logits, sink = sm.logits + sm.offset, None if sm.sink is None else sm.sink + sm.offset
         return Reference(mask, score, torch_code(logits, names), None if sink is None else torch_code(sink, names),
-                         lse_offset=None if sm.offset == 0 else torch_code(sm.offset, names),
+                         lse_offset=None if sm.offset == 0 else torch_code(sm.offset, names), **select,
                          reads=_read_names(v, [v.mask, v.score, logits, sink]), sink_reads=_read_names(v, [sink]))
     # general probabilities: row statistics computed innermost first, as masked torch reductions
     stats = sorted((st for st, _ in a.rows.stats_in_order if st != ir.visible), key=sympy.count_ops)
@@ -86,7 +99,7 @@ def _reference(v: ir.Variant, a: Analyses) -> Reference:
         fn = "R.rowsum" if isinstance(st, ir.RowSum) else "R.rowmax"
         lines.append((f"stat_{i}", f"{fn}({torch_code(st.args[0], stat_names)}, mask)"))
         stat_names[st] = f"stat_{i}"
-    return Reference(mask, score, stats=tuple(lines), probs=torch_code(v.probs, stat_names),
+    return Reference(mask, score, stats=tuple(lines), probs=torch_code(v.probs, stat_names), **select,
                      reads=_read_names(v, [v.mask, v.score, v.probs, *stats]))
 
 
@@ -101,7 +114,7 @@ def _read_names(v: ir.Variant, exprs) -> frozenset[str]:
         used |= e.xreplace({d: sympy.Dummy() for d in dots}).free_symbols
         used |= set().union(*(d.query.free_symbols | d.key.free_symbols for d in dots))
     names = {ir.INDICES[k]: code for k, code in TORCH_INDEX.items()}
-    names.update({ir.SIZES[n]: n for n in ("Hk", "Hv")})
+    names.update({ir.SIZES[n]: n for n in ("Hk", "Hv", "Lq", "Lk")})
     names.update({p.symbol: ident(p.name) for p in v.params})
     names[ir.visible] = "visible"
     return frozenset(names[sym] for sym in used if sym in names)
@@ -168,6 +181,7 @@ def _walk_context(a: Analyses) -> dict:
         "walk": a.walk,
         "sig": Signature.of(v, a.walk),
         "cells": walk_cells(v, a.walk),
+        "select": select_host(v, a.walk),
         "decode_bands": decode_bands(v, a.walk, a.clauses),
         "ref": _reference(v, a),
         "has_lse": a.rows.has_lse,
@@ -235,6 +249,9 @@ def _render(template: str, ctx: dict, runtime: tuple[str, ...], triton: bool) ->
 def generate(a: Analyses, family) -> str:
     """The source of the module of `family` (a `FAMILY` of attnc/codegen/families/) for the analysed spec."""
     ctx = {**_spec_context(a.variant), **(_walk_context(a) if family.tile_walks else {}), **family.context(a)}
+    if a.variant.select is not None and ctx.get("decode_body") is not None and not family.decode_selects:
+        # its decode kernels would visit tiles no new query chose: `decode` raises instead
+        ctx.update(decode_body=None, decode_error="this family's split-KV decoding does not run a select yet")
     return _render(family.template, ctx, family.runtime, family.triton)
 
 

@@ -29,6 +29,7 @@ from ..analysis.bounds import Clause
 from ..analysis.walks import (
     BandTiles,
     ListTiles,
+    SelectedTiles,
     TileWalk,
     band_reads,
     band_text,
@@ -37,7 +38,13 @@ from ..analysis.walks import (
 from ..errors import BuildError
 from .interval_code import MaskCells, mask_cells
 from .names import ident, torch_loads
-from .printers import UnsupportedExpression, torch_code, triton_code, wrapped
+from .printers import (
+    UnsupportedExpression,
+    host_scalar_code,
+    torch_code,
+    triton_code,
+    wrapped,
+)
 
 
 # ---- names: how IR symbols read inside a kernel -----------------------------------------------------
@@ -497,3 +504,22 @@ def decode_bands(variant: ir.Variant, walk: TileWalk, clauses: tuple[Clause, ...
 def walk_cells(variant: ir.Variant, walk: TileWalk) -> MaskCells | None:
     """The interval form of the mask, for the host plans of a list walk (templates/walks/lists.j2)."""
     return mask_cells(variant) if isinstance(walk, ListTiles) else None
+
+
+
+@dataclass(frozen=True)
+class SelectHost:
+    """A select's host pieces (templates/walks/selected.j2; the reference's dense selection also reads
+    the tile and the count)."""
+
+    tile: int  # the selection tiles' side
+    count: str  # the count of key tiles, in Python: params read from `values`, as the host and reference have them
+    kept_cells: MaskCells  # the interval form of the mask and the keep condition: the tiles always kept
+
+
+def select_host(variant: ir.Variant, walk: TileWalk) -> SelectHost | None:
+    if not isinstance(walk, SelectedTiles):
+        return None
+    sel = walk.select
+    count = host_scalar_code(sel.count, {p.symbol: f"values[{p.name!r}]" for p in variant.params})
+    return SelectHost(sel.tile, count, mask_cells(variant, sympy.And(sympy.sympify(variant.mask), sel.keep)))

@@ -30,7 +30,8 @@ class TileFamily:
     """A family on the tile walks (softmax, general): templates/module.py.j2 with the family's kernels
     (`kernels`), its part of the shared launchers (`host`) and its split-KV decode kernels
     (`decode_kernels`). `row_array` is what the forward keeps per row for the backward, and
-    `bwd_row_arrays` what dQ and dK/dV read per row; `returns_lse` whether there is a log-sum-exp."""
+    `bwd_row_arrays` what dQ and dK/dV read per row; `returns_lse` whether there is a log-sum-exp;
+    `decode_selects` whether its decode kernels apply a select's tiles per new query."""
 
     kernels: str
     host: str
@@ -42,6 +43,7 @@ class TileFamily:
     runtime: tuple[str, ...] = TILE_RUNTIME
     triton: bool = True
     tile_walks: bool = True  # the module runs on the tile walks (module.py adds the walk's context)
+    decode_selects: bool = False
 
 
 def decoding(build: Callable[[], object]) -> dict:

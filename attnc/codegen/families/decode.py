@@ -33,10 +33,13 @@ class DecodeBody:
     sink: str | None  # the sink logit of a row, if any
     row_loads: tuple[Load, ...]  # per-row inputs the sink and the offset read
     offset: str | None  # the score's row constant the logits leave out (SoftmaxForm.offset), if any
+    # a select: each row (one new query) keeps the key tiles the host chose for it (`row_sel`, per tile)
+    row_select: bool = False
 
 
 def build(variant: ir.Variant, form: SoftmaxForm) -> DecodeBody:
     logits = form.logits
+    row_select = variant.select is not None
     tile, _ = tile_code(variant, logits, logits, [logits], DECODE_TILE)
     offset = None if form.offset == 0 else form.offset
     row_names, row_loads = tensor_loads([e for e in (form.sink, offset) if e is not None], DECODE_ROW, "r_")
@@ -47,4 +50,5 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> DecodeBody:
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
         offset=None if offset is None else triton_code(offset, rnames),
+        row_select=row_select,
     )

@@ -113,4 +113,4 @@ class SoftmaxFamily(TileFamily):
 
 
 FAMILY = SoftmaxFamily("softmax.py.j2", "softmax_host.py.j2", "softmax_decode.py.j2", row_array="lse",
-                       bwd_row_arrays=("lse2", "delta"), returns_lse=True)
+                       bwd_row_arrays=("lse2", "delta"), returns_lse=True, decode_selects=True)
