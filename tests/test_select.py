@@ -159,6 +159,19 @@ def test_general_normalizations_on_selected_tiles(tmp_path, name, body, weights)
         assert (got.double() - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
 
 
+def test_general_reference_in_chunks_of_rows(tmp_path):
+    """The eager reference runs its rows in chunks (about 4M scores each) and keeps the selection apart
+    from the general family's own `visible` count: at 2500 x 2500 it takes two chunks."""
+    fn = _load(tmp_path, "relu_topk", "mask kv <= q\nprobs relu(score) / visible\nselect topk(1, tiles=128) "
+                                     "keep q - kv < 8\n")
+    L = 2500
+    q, k, v = (x.double() for x in _qkv(1, 1, 1, L, L, seed=12))
+    _, _, i, j = F.indices(1, 1, L, L)
+    mask = (j <= i) & F.tile_mask(F.tile_selection(q, k, j <= i, i - j < 8, 1, T), L, L, T)
+    want = (torch.relu(q @ k.transpose(-1, -2) / D ** 0.5) * mask / mask.sum(-1, keepdim=True).clamp(min=1)) @ v
+    assert (fn.reference(q, k, v) - want).abs().max().item() <= 1e-9
+
+
 # ---- memory: nothing of size Lq x Lk ----
 class _Allocations(TorchDispatchMode):
     """The element count of every tensor an op returns while active."""
