@@ -159,6 +159,19 @@ def test_general_normalizations_on_selected_tiles(tmp_path, name, body, weights)
         assert (got.double() - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
 
 
+def test_general_reference_in_chunks_of_rows(tmp_path):
+    """The eager reference runs its rows in chunks (about 4M scores each) and keeps the selection apart
+    from the general family's own `visible` count: at 2500 x 2500 it takes two chunks."""
+    fn = _load(tmp_path, "relu_topk", "mask kv <= q\nprobs relu(score) / visible\nselect topk(1, tiles=128) "
+                                     "keep q - kv < 8\n")
+    L = 2500
+    q, k, v = (x.double() for x in _qkv(1, 1, 1, L, L, seed=12))
+    _, _, i, j = F.indices(1, 1, L, L)
+    mask = (j <= i) & F.tile_mask(F.tile_selection(q, k, j <= i, i - j < 8, 1, T), L, L, T)
+    want = (torch.relu(q @ k.transpose(-1, -2) / D ** 0.5) * mask / mask.sum(-1, keepdim=True).clamp(min=1)) @ v
+    assert (fn.reference(q, k, v) - want).abs().max().item() <= 1e-9
+
+
 # ---- memory: nothing of size Lq x Lk ----
 class _Allocations(TorchDispatchMode):
     """The element count of every tensor an op returns while active."""
@@ -309,7 +322,7 @@ def test_decode_chooses_per_new_query(layout, lnew, count):
     q = torch.randn(B, Hq, lnew, D, generator=torch.Generator().manual_seed(count))
     lengths = torch.tensor([650, 300, 3], dtype=torch.int32)  # 6, 3 and 1 key tiles, the last one cut
     inputs = {"k_tiles": count, "sinks": 4, "window": 16}
-    want, chosen = decode_formula(q, k, v, lengths, **{"count": count, "sinks": 4, "window": 16})
+    want, chosen = decode_formula(q, k, v, lengths, count=count, sinks=4, window=16)
     k_cache, table = (k, None) if layout == "contiguous" else _paged(k, lengths, 64, 3)
     v_cache = v if layout == "contiguous" else _paged(v, lengths, 64, 3)[0]
     with launch.count_visits() as log:
@@ -340,6 +353,25 @@ def test_what_does_not_run_a_select_yet_says_so(tmp_path):
     variant = compile_text((EXAMPLES / "block_topk.attn").read_text())
     with pytest.raises(ValueError, match="a block of a longer problem cannot run the select"):
         variant.shifted("block")
+
+
+# ---- the runtime's pieces, against loops written here ----
+def test_tile_means_and_ties():
+    from attnc.runtime import plan as tile_plan
+
+    x = torch.randn(2, 3, 300, 5, generator=torch.Generator().manual_seed(11))
+    means = tile_plan.tile_means(x, 128)
+    want = torch.stack([x[:, :, j * 128:(j + 1) * 128].double().mean(2) for j in range(3)], 2)  # the last of 44
+    assert torch.allclose(means, want, rtol=0, atol=1e-12)
+    # equal estimates: the lower tile first; tiles not nonempty and kept tiles are never chosen
+    estimate = torch.tensor([[[[1.0, 2.0, 2.0, 2.0, 5.0]]]], dtype=torch.float64)
+    nonempty = torch.tensor([True, True, True, True, False])
+    kept = torch.tensor([False, False, True, False, False])
+    got = tile_plan.top_tiles(estimate, 1, nonempty, kept)
+    assert got[0, 0, 0].tolist() == [False, True, True, False, False]  # kept 2; 1 and 3 tie: 1 chosen
+    assert tile_plan.top_tiles(estimate, 9, nonempty, kept)[0, 0, 0].tolist() == [True, True, True, True, False]
+    with pytest.raises(ValueError, match="the count of topk"):
+        tile_plan.top_tiles(estimate, 1.5, nonempty, kept)
 
 
 # ---- the language: what check accepts is what build builds ----

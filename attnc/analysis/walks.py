@@ -149,6 +149,7 @@ class SelectedTiles(ListTiles):
     keep_uses_h: bool = False
     keep_cell_indices: tuple[str, ...] = ()  # the indices `_kept_cells` reads outside its plain loads
     mask_reads: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # the mask's own (params, tensors)
+    base_params: tuple[str, ...] = ()  # the params the mask and the keep condition read (not the count)
 
     @property
     def mask_params(self) -> tuple[str, ...]:
@@ -239,7 +240,7 @@ def _selected_walk(variant: ir.Variant, mask, interval_gap) -> SelectedTiles:
                          select=sel, mask_uses_b=reads["uses_b"], mask_uses_h=reads["uses_h"],
                          keep_uses_b=kept_reads["uses_b"], keep_uses_h=kept_reads["uses_h"],
                          keep_cell_indices=_cell_indices(variant, kept),
-                         mask_reads=(reads["params"], reads["tensors"]))
+                         mask_reads=(reads["params"], reads["tensors"]), base_params=kept_reads["params"])
 
 
 def decode_clauses(walk: TileWalk, clauses: tuple[Clause, ...]) -> tuple[Clause, ...]:
