@@ -397,14 +397,20 @@ class Variant:
     # where each statement was written; not compared, as the source already is
     spans: Spans = field(default=Spans(), compare=False)
 
+    @property
+    def defined_names(self) -> set:
+        """The names the spec defines (tensors, params, consts, lets): a derived variant's new inputs and
+        params must not clash with them."""
+        return ({t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
+                | {n for names, _ in self.lets for n in names})
+
     def and_mask(self, suffix: str, inputs) -> Variant:
         """This variant, named `<name>_<suffix>`, with one more input `NAME: bool[B, AXIS]` per
         (NAME, AXIS, INDEX) of `inputs` (AXIS Lq with INDEX q, or Lk with kv), its mask ANDed with
         `NAME[b, INDEX]`. The integrations add padding and context-parallel conditions this way: composed
         in the IR, any mask the checker accepted keeps its meaning (spec text edits could not). The
         spans stay the text's: the mask's is that of the mask as written."""
-        taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
-        taken |= {n for names, _ in self.lets for n in names}
+        taken = self.defined_names
         extra, loads = [], []
         for name, axis, index in inputs:
             if (axis, index) not in (("Lq", "q"), ("Lk", "kv")):
@@ -439,8 +445,7 @@ class Variant:
         if self.select is not None:
             raise ValueError(f"{self.path}: a block of a longer problem cannot run the select: its top-k ranks "
                              "every key tile of a query tile, which the block does not hold")
-        taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
-        taken |= {n for names, _ in self.lets for n in names}
+        taken = self.defined_names
         clash = taken & set(POSITION_PARAMS)
         if clash:
             raise ValueError(f"{self.path}: '{min(clash)}' clashes with a name the block variant adds")
@@ -478,7 +483,7 @@ class Variant:
         `NAME: float[B, Hq, Lq] learnable` at [b, h, q]. A caller that splits the keys computes the
         statistics over all of them first (`statistic`) and passes them in; the gradient of the loss by
         them is the input's. Outer statistics are replaced first, so one inside another goes with it."""
-        taken = {t.name for t in self.tensors} | {p.name for p in self.params} | set(self.consts)
+        taken = self.defined_names
         extra, loads = [], {}
         for stat, name in stats.items():
             if name in taken:
