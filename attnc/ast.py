@@ -173,6 +173,15 @@ class Select(Stmt):
 
 
 @dataclass(frozen=True)
+class Stat(Stmt):
+    """`stat NAME = FORM`: a statistic of the attention weights that the call returns."""
+
+    name: str
+    name_span: Span = field(compare=False)
+    value: Expr = None
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     name_span: Span

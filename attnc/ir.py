@@ -349,6 +349,36 @@ class Selection:
     keep: sympy.Basic = sympy.false  # bool, of the indices, sizes, params and tensor inputs
 
 
+class StatKind(enum.Enum):
+    """A statistic of the attention weights P[q, kv] that a `stat` statement returns: its form as the spec
+    writes it, and the axis it is indexed by (a reduction over the other one)."""
+
+    RECEIVED = "sum_q(P)"  # per key: the attention it receives, summed over the queries that see it
+    RECEIVED_MAX = "max_q(P)"  # per key: the largest weight any query gives it
+    ROW_SUM = "sum_kv(P)"  # per row: the weights' mass over the keys (1 for a softmax without sink)
+    ROW_MAX = "max_kv(P)"  # per row: its largest weight
+    ENTROPY = "entropy(P)"  # per row: -sum over kv of P log P
+    VISIBLE = "visible"  # per row: the keys it attends (the mask's and the select's)
+
+    @property
+    def per_key(self) -> bool:
+        return self in (StatKind.RECEIVED, StatKind.RECEIVED_MAX)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """`stat NAME = FORM` or `stat NAME = total(FORM)`: a statistic the call returns with the output
+    ([B, Hq, Lk] per key, [B, Hq, Lq] per row, [B, Hq] with `total`: the sum over its axis)."""
+
+    name: str
+    kind: StatKind
+    total: bool = False
+
+    @property
+    def text(self) -> str:
+        return f"total({self.kind.value})" if self.total else self.kind.value
+
+
 class Statement(enum.Enum):
     """A kind of statement whose source span the IR keeps (`Spans`)."""
 
@@ -359,6 +389,7 @@ class Statement(enum.Enum):
     PARAM = enum.auto()  # one per param, by its name
     INPUT = enum.auto()  # one per tensor input, by its name
     SELECT = enum.auto()  # the select statement (name None) and its keep condition (name "keep")
+    STAT = enum.auto()  # one per stat, by its name
 
 
 @dataclass(frozen=True)
@@ -394,6 +425,7 @@ class Variant:
     probs_written: bool = field(default=False)  # False when probs defaulted to softmax(score)
     features: tuple = field(default=())  # (name, body of FEATURE_X): `feature phi(x) = ...`
     select: Selection | None = None  # block top-k sparsity: the key tiles each query tile visits
+    stats: tuple[Stat, ...] = ()  # statistics of the weights the call returns with return_stats=True
     # where each statement was written; not compared, as the source already is
     spans: Spans = field(default=Spans(), compare=False)
 

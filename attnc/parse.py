@@ -44,7 +44,7 @@ _TERMINAL_WORDS = {
     "$END": "the end of the file",
 }
 
-_STATEMENT_KEYWORDS = ("heads", "param", "const", "input", "let", "mask", "score", "probs", "feature", "select")
+_STATEMENT_KEYWORDS = ("heads", "param", "const", "input", "let", "mask", "score", "probs", "feature", "select", "stat")
 
 # How deeply expressions may nest (parentheses alone do not count). Real specs need a handful of levels;
 # the limit keeps the recursive passes after parsing (AST builder, checker, sympy) far from Python's
@@ -186,6 +186,10 @@ class _ToAst(Transformer):
         args = [a for a in args if a is not None]
         return ast.Select(_span(meta), str(func), _tok_span(func), tuple(a for a in args if not isinstance(a, tuple)),
                           tuple(a for a in args if isinstance(a, tuple)), by, keep)
+
+    def stat(self, meta, children):
+        name, value = children
+        return ast.Stat(_span(meta), str(name), _tok_span(name), value)
 
     def select_by(self, meta, children):
         return children[0]

@@ -60,6 +60,7 @@ class Checker(Statements):
             probs_written=probs_written,
             features=tuple(self.features),
             select=self.select,
+            stats=tuple(self.stats),
             spans=statement_spans(self.spec),
         )
 
@@ -85,6 +86,8 @@ def statement_spans(spec: ast.Spec) -> ir.Spans:
             entries.append((ir.Statement.PARAM, stmt.name, stmt.span))
         elif isinstance(stmt, ast.Input):
             entries.append((ir.Statement.INPUT, stmt.name, stmt.span))
+        elif isinstance(stmt, ast.Stat):
+            entries.append((ir.Statement.STAT, stmt.name, stmt.span))
         elif isinstance(stmt, ast.Select):
             entries.append((ir.Statement.SELECT, None, stmt.span))
             if stmt.keep is not None:

@@ -31,7 +31,7 @@ AXIS_INDEX = {"B": ("b",), "Hq": ("h",), "H": ("h",), "Lq": ("q",), "Lk": ("kv",
 
 # Names a user may not define: the language's own, Python's keywords, and the generated function's
 # own arguments (params and inputs become keyword arguments of it, and of its plan() and mask()).
-GENERATED_ARGS = {"k", "v", "scale", "return_lse", "plan", "layout", "block_m", "block_n", "device",
+GENERATED_ARGS = {"k", "v", "scale", "return_lse", "return_stats", "plan", "layout", "block_m", "block_n", "device",
                   "torch", "triton", "tl", "math", "attnc"}
 RESERVED = (
     set(INDEX_DOC) | set(SIZE_DOC) | {"s", "score", "visible", "true", "false"} | FUNCTIONS | GENERATED_ARGS

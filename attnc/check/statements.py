@@ -25,6 +25,8 @@ class Statements(Declarations):
         self.layouts: list[ir.Layout] = []
         self.mask = self.probs = None
         self.select: ir.Selection | None = None
+        self.stats: list[ir.Stat] = []
+        self.stat_spans: dict[str, object] = {}
 
     # ---- let ----
     def stmt_let(self, stmt: ast.Let):
@@ -161,6 +163,38 @@ class Statements(Declarations):
                        stmt.value.span, "a feature map acts on each element of one head vector")
         self.define(stmt.name, stmt.span, Entry(Kind.FEATURE, stmt.span, Value(value.expr, REAL)))
         self.features.append((stmt.name, value.expr))
+
+    # ---- stat ----
+    def stmt_stat(self, stmt: ast.Stat):
+        """`stat NAME = FORM`, FORM one of ir.StatKind's forms of the weights P, or total(FORM): the
+        statistics the call returns with return_stats=True (docs/language.md, `stat`)."""
+        self.check_identifier(stmt.name, stmt.name_span, what="statistic name")
+        if stmt.name in self.stat_spans:
+            self.error(f"statistic '{stmt.name}' is already defined at line {self.stat_spans[stmt.name].line}",
+                       stmt.name_span)
+        if "P" in self.env:
+            self.error("'P' names the attention weights in a stat, but the spec defines 'P'",
+                       self.env["P"].span, "rename the spec's 'P'")
+        node, total = stmt.value, False
+        if isinstance(node, ast.Call) and node.func == "total":
+            if node.kwargs or len(node.args) != 1:
+                self.error("total() takes one statistic: total(entropy(P)), total(sum_q(P)), ...", node.span)
+            node, total = node.args[0], True
+        kind = self.stat_kind(node)
+        self.stat_spans[stmt.name] = stmt.name_span
+        self.stats.append(ir.Stat(stmt.name, kind, total))
+
+    def stat_kind(self, node) -> ir.StatKind:
+        if isinstance(node, ast.Name) and node.id == "visible":
+            return ir.StatKind.VISIBLE
+        if (isinstance(node, ast.Call) and not node.kwargs and len(node.args) == 1
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == "P"):
+            kind = next((k for k in ir.StatKind if k.value == f"{node.func}(P)"), None)
+            if kind is not None:
+                return kind
+        offered = ", ".join(k.value for k in ir.StatKind)
+        self.error("unknown statistic", node.span,
+                   f"the statistics offered: {offered} (P: the attention weights), each also as total(...)")
 
     # ---- select ----
     def stmt_select(self, stmt: ast.Select):

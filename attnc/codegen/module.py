@@ -23,6 +23,7 @@ from ..errors import BuildError
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import host_scalar_code, torch_code, wrapped
+from . import statistics
 from .skeleton import Signature, decode_bands, select_host, walk_cells
 
 __all__ = ["BuildError", "formatted", "generate"]
@@ -184,6 +185,7 @@ def _walk_context(a: Analyses) -> dict:
         "select": select_host(v, a.walk),
         "decode_bands": decode_bands(v, a.walk, a.clauses),
         "ref": _reference(v, a),
+        "stats": statistics.plan(v),
         "has_lse": a.rows.has_lse,
         "layouts": [(lay.index, [torch_code(e, {**sizes, **{p.symbol: f'values["{p.name}"]' for p in v.params}})
                                  for e in lay.extents])
@@ -213,7 +215,8 @@ def _environment() -> jinja2.Environment:
 # modules its module always calls; helper modules are imported where the module's code uses them (an
 # attribute of the name, found in the parsed module), so the module stays lint-clean.
 _OPTIONAL_IMPORTS = {
-    "math": ("import math\n\n", ""),
+    "collections": ("import collections\n", ""),
+    "math": ("import math\n", ""),
     "I": ("", "from attnc.runtime import intervals as I\n"),
     "R": ("", "from attnc.runtime import ref_helpers as R\n"),
     "rt": ("", "from attnc.runtime import tl_helpers as rt\n"),
@@ -238,7 +241,8 @@ def _imports(body: str, runtime: tuple[str, ...], triton: bool) -> str:
                    "from attnc.runtime import plan as tile_plan\n"] + [o for _, o in used if o])
     third_party = "import torch\n" + ("import triton\nimport triton.language as tl\n" if triton else "")
     kernel_configs = "from attnc.runtime.launch import kernel_configs\n" if triton else ""
-    return "".join(s for s, _ in used) + third_party + "".join(ours) + kernel_configs
+    standard = "".join(s for s, _ in used)
+    return standard + ("\n" if standard else "") + third_party + "".join(ours) + kernel_configs
 
 
 def _render(template: str, ctx: dict, runtime: tuple[str, ...], triton: bool) -> str:

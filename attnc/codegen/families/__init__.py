@@ -29,15 +29,14 @@ TILE_RUNTIME = ("checks", "decoding", "launch", "ops", "varlen")
 class TileFamily:
     """A family on the tile walks (softmax, general): templates/module.py.j2 with the family's kernels
     (`kernels`), its part of the shared launchers (`host`) and its split-KV decode kernels
-    (`decode_kernels`). `row_array` is what the forward keeps per row for the backward, and
-    `bwd_row_arrays` what dQ and dK/dV read per row; `returns_lse` whether there is a log-sum-exp;
+    (`decode_kernels`). `row_array` is what the forward keeps per row for the backward (what dQ and
+    dK/dV read per row is the body's `row_arrays`); `returns_lse` whether there is a log-sum-exp;
     `decode_selects` whether its decode kernels apply a select's tiles per new query."""
 
     kernels: str
     host: str
     decode_kernels: str
     row_array: str
-    bwd_row_arrays: tuple[str, ...]
     returns_lse: bool
     template: str = "module.py.j2"
     runtime: tuple[str, ...] = TILE_RUNTIME

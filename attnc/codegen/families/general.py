@@ -232,6 +232,10 @@ class GeneralBody(ReadGrads):
     # -- the backward (templates/backward.py.j2) --
     dq_rows: RowReads  # the statistics and adjoints dS reads
     dkdv_rows: RowReads  # ... and the weights p
+    stat_rows: RowReads  # what the weights p read per row (templates/statistics.py.j2)
+    stat_lines: tuple[str, ...]  # the weights p of a query-major tile
+    stat_lines_t: tuple[str, ...]  # ... of a key-major tile
+    entropy_grad = False  # the general family's backward takes no entropy gradient (refused at the call)
     row_arrays = ("STATS", "RBAR")  # the forward's row statistics and _bwd_rows' adjoints
     read_weight = ""  # a read's term is dL/d(read) already
 
@@ -432,6 +436,9 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
                     for g in reads),
         dq_rows=row_reads([e for _, e in dscore_terms]),
         dkdv_rows=row_reads([grad.probs, grad.dscore] + [e for _, e in key_terms]),
+        stat_rows=row_reads([grad.probs]),
+        stat_lines=tuple(_block([("p", grad.probs)], tnames)),
+        stat_lines_t=tuple(_block([("p", grad.probs)], tnames_t)),
     )
 
 
@@ -445,5 +452,4 @@ class GeneralFamily(TileFamily):
                 **decoding(lambda: build(a.variant, a.rows, DECODE_TILE, DECODE_ROW))}
 
 
-FAMILY = GeneralFamily("general.py.j2", "general_host.py.j2", "general_decode.py.j2", row_array="stats",
-                       bwd_row_arrays=("stats", "rbar"), returns_lse=False)
+FAMILY = GeneralFamily("general.py.j2", "general_host.py.j2", "general_decode.py.j2", row_array="stats", returns_lse=False)

@@ -47,24 +47,41 @@ class SoftmaxBody(ReadGrads):
     sink: str | None  # the sink logit of a row, if any
     row_loads: tuple[Load, ...]  # per-row inputs the sink reads
     grads: tuple[Grad, ...]
+    entropy_grad: bool = False  # the spec returns an entropy (`stat`): dQ and dK/dV take its gradient
+    # -- the statistics' passes (templates/statistics.py.j2): the weights from lse2 --
+    stat_rows = RowReads(lines=('lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',),
+                         values=("lse2",), arrays=("LSE2",))
+
     # -- the backward (templates/backward.py.j2) --
-    row_arrays = ("LSE2", "DELTA")  # lse2 = lse * log2(e), +inf on empty rows; delta = rowsum(dO * O) - dlse
-    dq_rows = RowReads(
-        lines=('lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',
-               "delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)"),
-        values=("delta", "lse2"),
-        arrays=row_arrays,
-    )
-    dkdv_rows = RowReads(  # FULL tiles lie inside Lq (see [Note] In-bounds FULL tiles): unmasked loads
-        lines=("if APPLY_MASK:  # rows past Lq load lse2 = +inf: p = 0 there",
-               '    lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',
-               "    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)",
-               "else:",
-               "    lse2 = tl.load(LSE2 + rows)",
-               "    delta = tl.load(DELTA + rows)"),
-        values=("lse2", "delta"),
-        arrays=row_arrays,
-    )
+    @property
+    def row_arrays(self) -> tuple[str, ...]:
+        """lse2 = lse * log2(e), +inf on empty rows; delta = rowsum(dO * O) - dlse (plus the entropy's row
+        terms); gent = dLoss/d entropy per row, where the spec returns an entropy."""
+        return ("LSE2", "DELTA") + ("GENT",) * self.entropy_grad
+
+    @property
+    def dq_rows(self) -> RowReads:
+        gent = ("gent = tl.load(GENT + rows, mask=row_ok, other=0.0)",) * self.entropy_grad
+        return RowReads(
+            lines=('lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',
+                   "delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)") + gent,
+            values=("delta", "lse2") + ("gent",) * self.entropy_grad,
+            arrays=self.row_arrays,
+        )
+
+    @property
+    def dkdv_rows(self) -> RowReads:  # FULL tiles lie inside Lq (see [Note] In-bounds FULL tiles): unmasked loads
+        masked = ("    gent = tl.load(GENT + rows, mask=row_ok, other=0.0)",) * self.entropy_grad
+        whole = ("    gent = tl.load(GENT + rows)",) * self.entropy_grad
+        return RowReads(
+            lines=("if APPLY_MASK:  # rows past Lq load lse2 = +inf: p = 0 there",
+                   '    lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',
+                   "    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)") + masked
+            + ("else:", "    lse2 = tl.load(LSE2 + rows)", "    delta = tl.load(DELTA + rows)") + whole,
+            values=("lse2", "delta") + ("gent",) * self.entropy_grad,
+            arrays=self.row_arrays,
+        )
+
     read_weight = "ds * "  # a read's term is d score / d read: dL/d(read) = dS * term
 
 
@@ -90,6 +107,7 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         tile_t=tile_t,
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
+        entropy_grad=any(st.kind is ir.StatKind.ENTROPY for st in variant.stats),
         grads=tuple(Grad(**{**vars(read), "entry": _entry(read, names)}, dscore=triton_code(g.dscore, names),
                          dscore_t=triton_code(g.dscore, names_t),
                          dsink=None if g.dsink is None else triton_code(g.dsink, rnames))
@@ -112,5 +130,4 @@ class SoftmaxFamily(TileFamily):
                 **decoding(lambda: decode.build(a.variant, form))}
 
 
-FAMILY = SoftmaxFamily("softmax.py.j2", "softmax_host.py.j2", "softmax_decode.py.j2", row_array="lse",
-                       bwd_row_arrays=("lse2", "delta"), returns_lse=True, decode_selects=True)
+FAMILY = SoftmaxFamily("softmax.py.j2", "softmax_host.py.j2", "softmax_decode.py.j2", row_array="lse", returns_lse=True, decode_selects=True)
