@@ -1,0 +1,280 @@
+"""Statistics of the weights (`stat`, issue 20 part 1) against float64 formulas written here: the dense
+weights P of each spec computed in torch, then each statistic as its definition reads (received
+attention sum_q P and max_q P per key; sum_kv P, max_kv P, entropy -sum P log P and the visible count
+per row; totals per head). Softmax and general families, band, plan-list and dense walks, a select,
+odd lengths with Lq != Lk, grouped heads; the entropy's gradient (q, k, v and a learnable sink) against
+autograd through the formula; torch.compile; nothing of size Lq x Lk allocated; the errors."""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnc
+from attnc.errors import SpecError
+from attnc.pipeline import compile_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import formulas as F
+
+D = 16
+EVERY = """
+stat received = sum_q(P)
+stat peak_received = max_q(P)
+stat mass = sum_kv(P)
+stat peak = max_kv(P)
+stat entropy = entropy(P)
+stat keys = visible
+stat head_received = total(sum_q(P))
+stat head_entropy = total(entropy(P))
+"""
+
+
+def _load(tmp_path, name, body):
+    path = tmp_path / f"{name}.attn"
+    path.write_text(f"attention {name}\n{body}")
+    return attnc.load(path)
+
+
+def _qkv(B, Hq, Hk, Lq, Lk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hk, Lk, D, generator=g),
+            torch.randn(B, Hk, Lk, D, generator=g))
+
+
+def _scores(q, k):
+    kf, _ = F.expand_heads(q, k, k)
+    return F.scores(q.double(), kf.double())
+
+
+def softmax_weights(S, M, sink=None):
+    """P = exp(S) / (sum_j M exp(S) + exp(sink)) on M, 0 elsewhere; a row without keys is 0."""
+    Sm = torch.where(M, S, -math.inf)
+    m = Sm.amax(-1, keepdim=True)
+    if sink is not None:
+        m = torch.maximum(m, sink)
+    m = torch.where(torch.isfinite(m), m, 0.0).detach()
+    e = torch.where(M, torch.exp(Sm - m), 0.0)
+    den = e.sum(-1, keepdim=True) + (torch.exp(sink - m) if sink is not None else 0.0)
+    return e / torch.where(den > 0, den, 1.0)
+
+
+def formula_stats(P, M):
+    """Each statistic by its definition, from dense weights P and mask M [B, Hq, Lq, Lk]."""
+    logp = torch.log(torch.where(P > 0, P, 1.0))
+    entropy = -(P * logp).sum(-1)
+    return {
+        "received": P.sum(2),
+        "peak_received": torch.where(M, P, -math.inf).amax(2).nan_to_num(neginf=0.0),
+        "mass": P.sum(-1),
+        "peak": torch.where(M, P, -math.inf).amax(-1).nan_to_num(neginf=0.0),
+        "entropy": entropy,
+        "keys": M.sum(-1).double(),
+        "head_received": P.sum((2, 3)),
+        "head_entropy": entropy.sum(-1),
+    }
+
+
+def _mask(B, Hq, Lq, Lk, rule):
+    _, _, i, j = F.indices(B, Hq, Lq, Lk)
+    return torch.broadcast_to(rule(i, j), (B, Hq, Lq, Lk))
+
+
+# (spec body, extra inputs, weights(S, M, inputs), mask(i, j, inputs), Lq, Lk, Hk)
+CASES = {
+    # band walk, Lq != Lk
+    "causal": ("mask kv <= q", {}, lambda S, M, x: softmax_weights(S, M), lambda i, j, x: j <= i, 37, 53, 2),
+    # band walk with a lower bound (a window), grouped heads
+    "window": ("param window = 9\nmask kv <= q and q - kv < window", {"window": 9},
+               lambda S, M, x: softmax_weights(S, M), lambda i, j, x: (j <= i) & (i - j < 9), 45, 45, 1),
+    # plan-list walk (a data-dependent mask)
+    "document": ("input doc_ids: int[B, L]\nmask doc_ids[b, q] == doc_ids[b, kv]",
+                 {"doc_ids": (torch.arange(41) // 13)[None]},
+                 lambda S, M, x: softmax_weights(S, M),
+                 lambda i, j, x: x["doc_ids"][0][i] == x["doc_ids"][0][j], 41, 41, 2),
+    # dense walk (no mask), Lq != Lk, and a learnable sink
+    "sink": ("input sink: float[Hq] learnable\nprobs softmax(score, sink=sink[h])",
+             {"sink": torch.tensor([0.5, -1.0])},
+             lambda S, M, x: softmax_weights(S, M, x["sink"].double().view(1, -1, 1, 1)),
+             lambda i, j, x: torch.ones_like(i == j), 30, 47, 2),
+    # the general family: elementwise weights, and weights normalized by row statistics
+    "sigmoid": ("mask kv <= q\nprobs sigmoid(score - 1.0)", {},
+                lambda S, M, x: torch.where(M, torch.sigmoid(S - 1.0), 0.0), lambda i, j, x: j <= i, 33, 40, 2),
+    "relu": ("mask kv <= q\nprobs relu(score) / visible", {},
+             lambda S, M, x: torch.where(M, torch.relu(S), 0.0) / M.sum(-1, keepdim=True).clamp(min=1),
+             lambda i, j, x: j <= i, 35, 35, 2),
+    "softplus": ("mask kv <= q\nprobs softplus(score) / rowsum(softplus(score))", {},
+                 lambda S, M, x: (lambda w: w / w.sum(-1, keepdim=True).clamp(min=1e-300))(
+                     torch.where(M, torch.nn.functional.softplus(S), 0.0)),
+                 lambda i, j, x: j <= i, 29, 38, 1),
+}
+
+
+def _expected(case, q, k, inputs):
+    _, _, weights, rule, Lq, Lk, _ = CASES[case]
+    M = _mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], lambda i, j: rule(i, j, inputs))
+    return weights(_scores(q, k), M, inputs), M
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_statistics_equal_their_formulas(tmp_path, case):
+    body, inputs, _, _, Lq, Lk, Hk = CASES[case]
+    fn = _load(tmp_path, f"st_{case}", body + EVERY)
+    q, k, v = _qkv(1, 2, Hk, Lq, Lk, seed=len(case))
+    o, stats = fn(q, k, v, return_stats=True, **inputs)
+    assert isinstance(stats, fn.Stats)
+    P, M = _expected(case, q, k, inputs)
+    want = formula_stats(P, M)
+    _, vf = F.expand_heads(q, k, v)
+    torch.testing.assert_close(o.double(), P @ vf.double(), atol=2e-5, rtol=1e-4)
+    for name, value in want.items():
+        got = getattr(stats, name)
+        assert got.shape == value.shape and got.dtype == torch.float32, name
+        torch.testing.assert_close(got.double(), value, atol=2e-5, rtol=1e-4, msg=name)
+    assert fn(q, k, v, **inputs).shape == o.shape  # return_stats=False: the output alone
+
+
+@pytest.mark.parametrize("case", ["causal", "document", "sink"])
+def test_entropy_gradient(tmp_path, case):
+    """An entropy regularizer: loss = sum(w * entropy) + sum(g * o), through the kernels' backward,
+    against autograd through the float64 formula (learnable inputs included)."""
+    body, inputs, _, _, Lq, Lk, Hk = CASES[case]
+    fn = _load(tmp_path, f"ent_{case}", body + "\nstat entropy = entropy(P)\n")
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, Hk, Lq, Lk, seed=3))
+    inputs = {n: (x.clone().requires_grad_(True) if x.is_floating_point() else x) for n, x in inputs.items()}
+    g = torch.Generator().manual_seed(4)
+    w, go = torch.randn(1, 2, Lq, generator=g), torch.randn(1, 2, Lq, D, generator=g)
+    o, stats = fn(q, k, v, return_stats=True, **inputs)
+    ((w * stats.entropy).sum() + (go * o).sum()).backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    inputs64 = {n: (x.detach().double().requires_grad_(True) if x.is_floating_point() else x) for n, x in inputs.items()}
+    P, M = _expected(case, q64, k64, inputs64)
+    entropy = formula_stats(P, M)["entropy"]
+    _, vf = F.expand_heads(q64, k64, v64)
+    ((w.double() * entropy).sum() + (go.double() * (P @ vf)).sum()).backward()
+    for got, want in [(q, q64), (k, k64), (v, v64)] + [(inputs[n], inputs64[n]) for n in inputs if inputs[n].is_floating_point()]:
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_entropy_alone_and_the_others_detached(tmp_path):
+    """A loss of the entropy only (o unused) still differentiates; the other statistics carry no gradient."""
+    fn = _load(tmp_path, "ent_alone", "mask kv <= q\n" + EVERY)
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, 2, 20, 20, seed=5))
+    _, stats = fn(q, k, v, return_stats=True)
+    assert stats.entropy.requires_grad and not stats.received.requires_grad and not stats.mass.requires_grad
+    stats.head_entropy.sum().backward()
+    q64, k64 = (x.detach().double().requires_grad_(True) for x in (q, k))
+    P, M = _expected("causal", q64, k64, {})
+    formula_stats(P, M)["entropy"].sum().backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(k.grad.double(), k64.grad, atol=5e-5, rtol=1e-4)
+    assert torch.count_nonzero(v.grad) == 0
+
+
+def test_general_entropy_gradient_is_refused_not_dropped(tmp_path):
+    fn = _load(tmp_path, "ent_sigmoid", CASES["sigmoid"][0] + "\nstat entropy = entropy(P)\n")
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, 2, 20, 20, seed=6))
+    o, stats = fn(q, k, v, return_stats=True)
+    assert torch.isfinite(stats.entropy.detach()).all()  # monitoring works
+    with pytest.raises(RuntimeError, match="entropy's gradient is built for softmax specs only"):
+        (stats.entropy.sum() + o.sum()).backward()
+
+
+def test_select_statistics_follow_the_selected_tiles(tmp_path):
+    """A block top-k spec: the statistics are of the weights over the selected tiles (its reference
+    recomputes the selection densely; the formula here applies the same tiles as a mask)."""
+    body = "mask kv <= q\nselect topk(1, tiles=128) keep kv < 2\nstat received = sum_q(P)\nstat keys = visible\nstat entropy = entropy(P)\n"
+    fn = _load(tmp_path, "st_select", body)
+    q, k, v = _qkv(1, 2, 1, 300, 300, seed=7)
+    _, stats = fn(q, k, v, return_stats=True)
+    causal = _mask(1, 2, 300, 300, lambda i, j: j <= i)
+    selected = F.tile_selection(q, k, causal, _mask(1, 2, 300, 300, lambda i, j: j < 2), 1, 128)
+    tiles = selected.repeat_interleave(128, 2).repeat_interleave(128, 3)[:, :, :300, :300]
+    M = causal & tiles
+    want = formula_stats(softmax_weights(_scores(q, k), M), M)
+    assert (stats.keys.double() < causal.sum(-1)).any()  # the selection hid keys
+    for name in ("received", "keys", "entropy"):
+        torch.testing.assert_close(getattr(stats, name).double(), want[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_statistics_equal_eager(tmp_path):
+    fn = _load(tmp_path, "st_compile", "mask kv <= q\nstat received = sum_q(P)\nstat entropy = entropy(P)\n")
+    torch._dynamo.reset()
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, 2, 24, 24, seed=8))
+
+    def call(q, k, v):
+        o, stats = fn(q, k, v, return_stats=True)
+        return o, stats.received, stats.entropy
+
+    explained = torch._dynamo.explain(call)(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = call(q, k, v)
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(q, k, v)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    grads = torch.autograd.grad(compiled[2].sum() + compiled[0].sum(), (q, k))
+    for got, want in zip(grads, torch.autograd.grad(eager[2].sum() + eager[0].sum(), (q, k))):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+class _Allocations(TorchDispatchMode):
+    """The element count of every tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append(t.numel())
+        return out
+
+
+def test_no_allocation_of_lq_by_lk(tmp_path):
+    """At L = 1024 an [Lq, Lk] tensor holds 1M elements: the statistics' forward and the entropy's
+    backward allocate nothing of an eighth of it (the plan is passed in, so the recorder sees the
+    launchers' own tensors, not only the custom op), while the dense reference does."""
+    fn = _load(tmp_path, "st_memory", CASES["document"][0] + "\nstat received = sum_q(P)\nstat peak = max_q(P)\n"
+               "stat entropy = entropy(P)\nstat keys = visible\n")
+    L = 1024
+    doc_ids = (torch.arange(L) // 300)[None]
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 1, L, L, seed=9))
+    with _Allocations() as record:
+        plan = fn.plan(L, L, doc_ids=doc_ids)
+        o, stats = fn(q, k, v, plan=plan, return_stats=True, doc_ids=doc_ids)
+        (stats.entropy.sum() + o.sum()).backward()
+    assert len(record.sizes) > 50 and q.grad is not None
+    assert max(record.sizes) < L * L // 8, max(record.sizes)
+    with _Allocations() as dense:
+        fn.reference(q.detach(), k.detach(), v.detach(), return_stats=True, doc_ids=doc_ids)
+    assert max(dense.sizes) >= L * L
+
+
+@pytest.mark.parametrize("line, message", [
+    ("stat x = sum_q(q)", "unknown statistic"),
+    ("stat x = entropy(P, 2)", "unknown statistic"),
+    ("stat x = total(visible, 1)", "total() takes one statistic"),
+    ("stat x = visible\nstat x = entropy(P)", "statistic 'x' is already defined at line 3"),
+    ("stat class = visible", "Python keyword"),
+    ("input P: float[Lk]\nstat x = sum_q(P)", "'P' names the attention weights"),
+])
+def test_stat_errors_name_the_problem(line, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        compile_text(f"attention t\nmask kv <= q\n{line}\n")
+
+
+def test_return_stats_errors(tmp_path):
+    fn = _load(tmp_path, "st_err", "mask kv <= q\nstat keys = visible\n")
+    q, k, v = _qkv(1, 1, 1, 8, 8)
+    with pytest.raises(TypeError, match="return_stats"):
+        fn(q, k, v, return_stats="yes")
+    plain = _load(tmp_path, "st_plain", "mask kv <= q\n")
+    with pytest.raises(ValueError, match="declares no statistics"):
+        plain(q, k, v, return_stats=True)
