@@ -317,21 +317,3 @@ def resolve_scale(sig: Signature, scale, dqk: int) -> float:
         _fail(sig, "scale", f"expected a float, got {scale!r}")
     return float(scale)
 
-
-class _NoGradient(torch.autograd.Function):
-    """The identity, whose backward raises: a value the call returns whose gradient is not built."""
-
-    @staticmethod
-    def forward(ctx, x, message):
-        ctx.message = message
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError(ctx.message)
-
-
-def no_gradient(x: torch.Tensor, message: str) -> torch.Tensor:
-    """x, where a loss that reads it fails at backward with `message` (reading it without a gradient,
-    to monitor it, works): never a silently missing gradient term."""
-    return _NoGradient.apply(x, message) if torch.is_grad_enabled() and x.requires_grad else x

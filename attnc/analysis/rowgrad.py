@@ -181,5 +181,19 @@ def plan_gradients(variant: ir.Variant, rows: RowPlan) -> GradPlan:
     return GradPlan(tuple(stats), F, dscore, tuple(learnable), tuple(adjoints), tuple(reversed(reductions)))
 
 
+def with_probs_gradient(plan: GradPlan, extra) -> GradPlan:
+    """The plan for a loss with one more term per entry of dLoss/dP (`extra`, of the statistics, the
+    weights' own log and row values): dp becomes dp + extra wherever the chain rule reads it (dS, the
+    learnable reads' terms, the backward row reductions). The adjoints read dp only through delta =
+    rowsum(dp * P) and those reductions; the caller adds rowsum(extra * P) to delta."""
+    shifted = {DP: DP + extra}
+    return GradPlan(
+        plan.stats, plan.probs, sympy.factor_terms(plan.dscore.xreplace(shifted)),
+        tuple((read, sympy.factor_terms(term.xreplace(shifted))) for read, term in plan.learnable),
+        plan.adjoints,
+        tuple(RowReduction(r.symbol, r.term.xreplace(shifted), r.text) for r in plan.reductions),
+    )
+
+
 def _adjoint_symbols(reducible):
     return [sympy.Symbol(f"rbar{str(st.symbol)[1:]}", real=True) for st in reducible]

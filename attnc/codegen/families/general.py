@@ -40,6 +40,14 @@ from ..skeleton import (
 )
 from . import TileFamily, decoding
 
+# [Note] The entropy's gradient (a `stat ... = entropy(P)` in a loss). d entropy / dP = -(log P + 1) joins
+# dL/dP = dO . v per entry: dp becomes dp - gent * (logp + 1) in every derived expression (dS, the
+# learnable reads, the backward row reductions), with gent = dLoss/d entropy per row and logp = log P (0
+# where P <= 0), and delta = rowsum(P * dp) becomes delta + gent * (entropy - sum_kv P), the host's.
+GENT = sympy.Symbol("gent", real=True)
+LOGP = sympy.Symbol("logp", real=True)
+_LOGP_LINE = "logp = tl.log(tl.where(p > 0.0, p, 1.0))  # log P, 0 where P <= 0 (see [Note] The entropy's gradient)"
+
 
 class StatKind(abc.ABC):
     """How one kind of row statistic is computed, as the Triton statements the templates render for a
@@ -223,6 +231,7 @@ class GeneralBody(ReadGrads):
     reductions: tuple[Reduction, ...]
     reduction_lines: tuple[str, ...]
     reductions_read_dp: bool
+    reductions_read_gent: bool  # the backward row reductions read the entropy's gradient (GENT)
     needs_delta: bool
     dq_lines: tuple[str, ...]
     loads_t: tuple[Load, ...]  # dK/dV's key-major tiles: loads, mask and lines
@@ -235,8 +244,12 @@ class GeneralBody(ReadGrads):
     stat_rows: RowReads  # what the weights p read per row (templates/statistics.py.j2)
     stat_lines: tuple[str, ...]  # the weights p of a query-major tile
     stat_lines_t: tuple[str, ...]  # ... of a key-major tile
-    entropy_grad = False  # the general family's backward takes no entropy gradient (refused at the call)
-    row_arrays = ("STATS", "RBAR")  # the forward's row statistics and _bwd_rows' adjoints
+    entropy_grad: bool  # the spec returns an entropy: the backward takes its gradient (GENT)
+
+    @property
+    def row_arrays(self) -> tuple[str, ...]:
+        """The forward's row statistics, _bwd_rows' adjoints and, with an entropy, its gradient per row."""
+        return ("STATS", "RBAR") + ("GENT",) * self.entropy_grad
     read_weight = ""  # a read's term is dL/d(read) already
 
     @property
@@ -290,6 +303,9 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         raise BuildError(str(err)) from None
 
     stats = grad.stats
+    entropy = any(st.kind is ir.StatKind.ENTROPY for st in v.stats)
+    if entropy:  # see [Note] The entropy's gradient
+        grad = rowgrad.with_probs_gradient(grad, -GENT * (LOGP + 1))
     reducible = [st for st in stats if st.kind in ("sum", "max")]
     closed_vis = next((st for st in stats if st.kind == "closed"), None)
     late = {st.symbol for st in stats if st.pass_ >= rows.output_pass}
@@ -325,6 +341,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         for adj in grad.adjoints:
             names[adj.symbol] = f"{adj.symbol}{row}"
         names[rowgrad.DP] = "dp"
+        names[GENT], names[LOGP] = f"gent{row}", "logp"
         always, mask_only = split_loads(load_names, loads, v.mask, tile_exprs[1:])
         return names, always, mask_only
 
@@ -336,11 +353,19 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
     for adj in grad.adjoints:
         rnames[adj.symbol] = str(adj.symbol)
     rnames[rowgrad.DELTA] = "delta"
+    rnames[GENT] = "gent"
     for red in grad.reductions:
         rnames[red.symbol] = str(red.symbol)
 
     def var(st):
         return "vis" if st.stat == ir.visible else str(st.symbol)
+
+    def with_logp(names: dict, outputs: list, always_p: bool = False) -> list[str]:
+        """The lines of `outputs`, after the weights p and their log where the outputs read logp (the
+        entropy's gradient); `always_p`: p is wanted anyway (dK/dV's dV = P^T dO)."""
+        if not any(LOGP in sympy.sympify(e).free_symbols for _, e in outputs):
+            return _block(([("p", grad.probs)] if always_p else []) + outputs, names)
+        return _block([("p", grad.probs)], names) + [_LOGP_LINE] + _block(outputs, names)
 
     # -- forward passes --
     passes = []
@@ -399,13 +424,17 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         read = set().union(*(sympy.sympify(e).free_symbols for e in exprs))
         stats_read = [st for st in stats if st.symbol in read]
         adjoints_read = [i for i, a in enumerate(grad.adjoints) if a.symbol in read]
-        arrays = ("STATS",) * any(st in saved for st in stats_read) + ("RBAR",) * bool(adjoints_read)
+        reads_gent = GENT in read
+        arrays = ("STATS",) * any(st in saved for st in stats_read) + ("RBAR",) * bool(adjoints_read) \
+            + ("GENT",) * reads_gent
         needed = {var(st) for st in stats_read} | (vis_loads if closed_vis in stats_read else set())
         needed |= {"stat_stride"} if arrays else set()
         return RowReads(
             lines=tuple(line for name, line in row_lines if name in needed)
-            + tuple(adjoint_lines[i] for i in adjoints_read),
-            values=tuple(var(st) for st in stats_read) + tuple(str(grad.adjoints[i].symbol) for i in adjoints_read),
+            + tuple(adjoint_lines[i] for i in adjoints_read)
+            + ("gent = tl.load(GENT + rows, mask=row_ok, other=0.0)",) * reads_gent,
+            values=tuple(var(st) for st in stats_read) + tuple(str(grad.adjoints[i].symbol) for i in adjoints_read)
+            + ("gent",) * reads_gent,
             arrays=arrays,
             sizes=("ROWS",) if arrays else (),  # stat_stride = ROWS
         )
@@ -425,20 +454,22 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         output_needs=needs([c for _, c in acc_terms]),
         visible_needs=needs([ir.visible]),
         reductions=tuple(Reduction(str(r.symbol), r.text) for r in grad.reductions),
-        reduction_lines=tuple(_block([(f"term_{r.symbol}", r.term) for r in grad.reductions], tnames)),
+        reduction_lines=tuple(with_logp(tnames, [(f"term_{r.symbol}", r.term) for r in grad.reductions])),
+        reductions_read_gent=any(GENT in r.term.free_symbols for r in grad.reductions),
         reductions_read_dp=any(rowgrad.DP in r.term.free_symbols for r in grad.reductions),
         needs_delta=any(rowgrad.DELTA in a.value.free_symbols for a in grad.adjoints),
-        dq_lines=tuple(_block(dscore_terms, tnames)),
+        dq_lines=tuple(with_logp(tnames, dscore_terms)),
         loads_t=tuple(always_t),
         mask_t=tile_mask(v, tnames_t, mask_only_t, TILE_T),
-        dkdv_lines=tuple(_block([("p", grad.probs), ("ds", grad.dscore)] + key_terms, tnames_t)),
+        dkdv_lines=tuple(with_logp(tnames_t, [("ds", grad.dscore)] + key_terms, always_p=True)),
         grads=tuple(g if g.entry_index is None else replace(g, entry=guarded_triton_code(g.entry_index, tnames))
                     for g in reads),
-        dq_rows=row_reads([e for _, e in dscore_terms]),
+        dq_rows=row_reads([e for _, e in dscore_terms] + [grad.probs] * entropy),
         dkdv_rows=row_reads([grad.probs, grad.dscore] + [e for _, e in key_terms]),
         stat_rows=row_reads([grad.probs]),
         stat_lines=tuple(_block([("p", grad.probs)], tnames)),
         stat_lines_t=tuple(_block([("p", grad.probs)], tnames_t)),
+        entropy_grad=entropy,
     )
 
 
