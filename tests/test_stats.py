@@ -112,6 +112,10 @@ CASES = {
                  lambda S, M, x: (lambda w: w / w.sum(-1, keepdim=True).clamp(min=1e-300))(
                      torch.where(M, torch.nn.functional.softplus(S), 0.0)),
                  lambda i, j, x: j <= i, 29, 38, 1),
+    # two passes (rowsum of A, then of R), whose backward needs row reductions over the keys
+    "reweight": ((Path(__file__).resolve().parents[1] / "examples" / "softplus_reweight.attn").read_text()
+                 .split("\n", 4)[4], {}, lambda S, M, x: F.softplus_reweight_weights(S, M)[0],
+                 lambda i, j, x: j <= i, 33, 33, 2),
 }
 
 
@@ -139,7 +143,7 @@ def test_statistics_equal_their_formulas(tmp_path, case):
     assert fn(q, k, v, **inputs).shape == o.shape  # return_stats=False: the output alone
 
 
-@pytest.mark.parametrize("case", ["causal", "document", "sink", "sigmoid", "relu", "softplus"])
+@pytest.mark.parametrize("case", ["causal", "document", "sink", "sigmoid", "relu", "softplus", "reweight"])
 def test_entropy_gradient(tmp_path, case):
     """An entropy regularizer: loss = sum(w * entropy) + sum(g * o), through the kernels' backward,
     against autograd through the float64 formula (learnable inputs included): the softmax's dS and the
