@@ -274,3 +274,90 @@ def test_return_stats_errors(tmp_path):
     plain = _load(tmp_path, "st_plain", "mask kv <= q\n")
     with pytest.raises(ValueError, match="declares no statistics"):
         plain(q, k, v, return_stats=True)
+
+
+# ---- decode: the new queries' statistics against the cache (H2O-style scores per cached key) ----
+def _decode_formula(q, k_cache, lengths, window=None, sink=None):
+    """Per sequence: the new queries' weights over the first lengths[b] keys (query i of Lnew at
+    position L - Lnew + i, causal, a window if given), as dense float64 [Hq, Lnew, L] with the mask."""
+    B, Hq, Lnew, _ = q.shape
+    Hk = k_cache.shape[1]
+    out = []
+    for b in range(B):
+        L = int(lengths[b])
+        kf = k_cache[b, torch.arange(Hq) * Hk // Hq, :L].double()
+        S = q[b].double() @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        pos, key = L - Lnew + torch.arange(Lnew)[:, None], torch.arange(L)[None]
+        M = (key <= pos) & ((pos - key < window) if window else True)
+        M = torch.broadcast_to(M, S.shape)
+        out.append((softmax_weights(S, M, None if sink is None else sink.double().view(-1, 1, 1)), M))
+    return out
+
+
+def _paged(cache, page, seed):
+    """A logical cache [B, H, CAP, D] as pages in a shuffled order: (pages, block_table)."""
+    B, H, cap, D = cache.shape
+    n = cap // page
+    perm = torch.randperm(B * n + 1, generator=torch.Generator().manual_seed(seed))[: B * n].view(B, n)
+    pages = torch.zeros(B * n + 1, H, page, D)
+    for b in range(B):
+        for j in range(n):
+            pages[perm[b, j]] = cache[b, :, j * page:(j + 1) * page]
+    return pages, perm.to(torch.int32)
+
+
+@pytest.mark.parametrize("case, paged", [("causal", False), ("window", True), ("sink", False)])
+def test_decode_statistics_equal_their_formulas(tmp_path, case, paged):
+    body = {"causal": "mask kv <= q", "window": "param window = 20\nmask kv <= q and q - kv < window",
+            "sink": "input sink: float[Hq]\nmask kv <= q\nprobs softmax(score, sink=sink[h])"}[case]
+    fn = _load(tmp_path, f"dec_{case}", body + "\nstat received = sum_q(P)\nstat peak_received = max_q(P)\n"
+               "stat entropy = entropy(P)\nstat keys = visible\nstat head_received = total(sum_q(P))\n")
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hk, Lnew, cap = 2, 4, 2, 3, 64
+    q, k_cache, v_cache = torch.randn(B, Hq, Lnew, D, generator=g), torch.randn(B, Hk, cap, D, generator=g), \
+        torch.randn(B, Hk, cap, D, generator=g)
+    lengths = torch.tensor([37, 61], dtype=torch.int32)
+    inputs = {"sink": torch.tensor([0.3, -0.5, 1.0, 0.0])} if case == "sink" else {}
+    table = None
+    if paged:
+        k_cache, table = _paged(k_cache, 16, 1)
+        v_cache, _ = _paged(v_cache, 16, 1)
+    o, stats = fn.decode(q, k_cache, v_cache, lengths, block_table=table, return_stats=True, **inputs)
+    logical = k_cache if table is None else torch.stack([torch.cat([k_cache[p] for p in row], dim=1) for row in table])
+    for b, (P, M) in enumerate(_decode_formula(q, logical, lengths, 20 if case == "window" else None,
+                                               inputs.get("sink"))):
+        L = int(lengths[b])
+        want = formula_stats(P[None], M[None])
+        torch.testing.assert_close(stats.received[b, :, :L].double(), want["received"][0], atol=2e-6, rtol=1e-5)
+        assert torch.count_nonzero(stats.received[b, :, L:]) == 0  # past the sequence's keys
+        torch.testing.assert_close(stats.peak_received[b, :, :L].double(), want["peak_received"][0], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(stats.entropy[b].double(), want["entropy"][0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.keys[b].double(), want["keys"][0])
+        torch.testing.assert_close(stats.head_received[b].double(), want["head_received"][0], atol=2e-5, rtol=1e-5)
+    # the eager reference path (float64) returns the same statistics
+    o64, stats64 = fn.decode(q.double(), k_cache.double(), v_cache.double(), lengths, block_table=table,
+                             return_stats=True, **{n: x.double() for n, x in inputs.items()})
+    for name in stats._fields:
+        torch.testing.assert_close(getattr(stats, name).double(), getattr(stats64, name), atol=2e-5, rtol=1e-5, msg=name)
+
+
+def test_decode_statistics_of_a_select(tmp_path):
+    """Decode selects per new query: the statistics are of the weights over each query's own tiles."""
+    fn = _load(tmp_path, "dec_select", "mask kv <= q\nselect topk(1, tiles=128) keep kv < 2\n"
+               "stat received = sum_q(P)\nstat keys = visible\n")
+    g = torch.Generator().manual_seed(12)
+    q, k_cache, v_cache = torch.randn(1, 2, 2, D, generator=g), torch.randn(1, 1, 512, D, generator=g), \
+        torch.randn(1, 1, 512, D, generator=g)
+    lengths = torch.tensor([500], dtype=torch.int32)
+    _, stats = fn.decode(q, k_cache, v_cache, lengths, return_stats=True)
+    _, ref = fn.decode(q.double(), k_cache.double(), v_cache.double(), lengths, return_stats=True)
+    assert (stats.keys < 499).all()  # the selection hid tiles
+    torch.testing.assert_close(stats.keys.double(), ref.keys)
+    torch.testing.assert_close(stats.received.double(), ref.received, atol=2e-6, rtol=1e-5)
+
+
+def test_decode_statistics_of_a_general_spec_are_refused(tmp_path):
+    fn = _load(tmp_path, "dec_sigmoid", CASES["sigmoid"][0] + "\nstat received = sum_q(P)\n")
+    q, k, v = _qkv(1, 1, 1, 1, 16)
+    with pytest.raises(ValueError, match="decode's statistics are built for softmax specs"):
+        fn.decode(q, k, v, torch.tensor([16], dtype=torch.int32), return_stats=True)
