@@ -219,6 +219,8 @@ def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu",
     rows = []
     fwd_tol, bwd_tol = TOLERANCE[dtype]
     has_lse = attn.has_lse
+    stats = hasattr(attn, "Stats")  # `stat` statements: each statistic, and the entropy's gradient
+    entropies = [st.name for st in variant.stats if st.kind is ir.StatKind.ENTROPY]
     for case in cases(variant, length):
         if on_case is not None:
             on_case(case)
@@ -228,6 +230,9 @@ def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu",
         extra = random_inputs(variant, case, generator)
         learnable = [t.name for t in variant.tensors if t.learnable]
         do = torch.randn(case.B, case.Hq, case.Lq, case.Dv, generator=generator, dtype=torch.float64)
+        # the gradient of a loss on each entropy: weights of its rows (or of its heads' totals)
+        dents = {st.name: torch.randn(case.B, case.Hq, *(() if st.total else (case.Lq,)), generator=generator,
+                                      dtype=torch.float64) for st in variant.stats if st.name in entropies}
         # [Note] The reference gets the very values the kernels get (rounded to the tested dtype), so
         # the tolerance measures the kernels' arithmetic alone. Otherwise a kink (relu, step, a mask of
         # scores) moves under the inputs' rounding, and the derivatives of the two differ there by O(1).
@@ -239,26 +244,33 @@ def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu",
             kw = {n: (x.to(device=device, dtype=cast if x.is_floating_point() else x.dtype)) for n, x in extra.items()}
             for n in learnable:
                 kw[n] = kw[n].detach().requires_grad_()
-            out = fn(*leaves, return_lse=has_lse, **kw, **case.params)
-            o, lse = out if has_lse else (out, None)
+            out = fn(*leaves, return_lse=has_lse, **({"return_stats": True} if stats else {}), **kw, **case.params)
+            out = out if isinstance(out, tuple) else (out,)
+            o, lse = out[0], (out[1] if has_lse else None)
+            statistics = out[-1]._asdict() if stats else {}
             wrt = leaves + [kw[n] for n in learnable]
+            outputs = [o] + [statistics[n] for n in dents]
+            weights = [do] + list(dents.values())
             # a learnable input the output does not depend on (read in the mask only, or in a row
             # constant that softmax cancels) has gradient 0, which autograd reports as None
-            grads = torch.autograd.grad(o, wrt, do.to(device=device, dtype=cast), allow_unused=True)
-            return o, lse, [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
+            grads = torch.autograd.grad(outputs, wrt, [w.to(device=device, dtype=cast) for w in weights],
+                                        allow_unused=True)
+            return o, lse, [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)], statistics
 
-        o, lse, grads = run(attn, dtype)
-        ro, rlse, rgrads = run(attn.reference, torch.float64)
+        o, lse, grads, statistics = run(attn, dtype)
+        ro, rlse, rgrads, rstatistics = run(attn.reference, torch.float64)
         rows.append(Row(case.label, "o", _rel(o, ro), fwd_tol))
         if has_lse:
             rows.append(Row(case.label, "lse", _rel(lse, rlse), fwd_tol))
+        for name, value in statistics.items():
+            rows.append(Row(case.label, name, _rel(value, rstatistics[name]), fwd_tol))
         for name, g, rg in zip(["dq", "dk", "dv"] + [f"d{n}" for n in learnable], grads, rgrads):
             rows.append(Row(case.label, name, _rel(g, rg), bwd_tol))
     return rows
 
 
 def format_table(name: str, rows: list[Row]) -> str:
-    lines = [f"{name}", f"  {'case':<16} {'tensor':<10} {'max rel err':>12} {'tol':>8}  ok"]
+    lines = [f"{name}", f"  {'case':<16} {'tensor':<14} {'max rel err':>12} {'tol':>8}  ok"]
     for r in rows:
-        lines.append(f"  {r.case:<16} {r.tensor:<10} {r.error:>12.2e} {r.tolerance:>8.0e}  {'yes' if r.ok else 'NO'}")
+        lines.append(f"  {r.case:<16} {r.tensor:<14} {r.error:>12.2e} {r.tolerance:>8.0e}  {'yes' if r.ok else 'NO'}")
     return "\n".join(lines)

@@ -361,3 +361,22 @@ def test_decode_statistics_of_a_general_spec_are_refused(tmp_path):
     q, k, v = _qkv(1, 1, 1, 1, 16)
     with pytest.raises(ValueError, match="decode's statistics are built for softmax specs"):
         fn.decode(q, k, v, torch.tensor([16], dtype=torch.int32), return_stats=True)
+
+
+def test_verify_checks_the_statistics_and_the_entropy_gradient(tmp_path):
+    """`attnc verify` compares every statistic and takes the entropy's gradient with the output's; a
+    broken statistic fails it (the kernels' entropy scaled by 1.01 against the reference's)."""
+    from attnc.verify import verify_variant
+
+    path = tmp_path / "vstats.attn"
+    path.write_text("attention vstats\nmask kv <= q\nstat received = sum_q(P)\nstat entropy = entropy(P)\n")
+    fn = attnc.load(path)
+    rows = verify_variant(path, fn, length=20)
+    assert {"received", "entropy", "dq"} <= {r.tensor for r in rows} and all(r.ok for r in rows)
+
+    def broken(*args, **kwargs):
+        o, lse, stats = fn(*args, **kwargs)
+        return o, lse, stats._replace(entropy=stats.entropy * 1.01)
+
+    broken.has_lse, broken.Stats, broken.reference = fn.has_lse, fn.Stats, fn.reference
+    assert not all(r.ok for r in verify_variant(path, broken, length=20) if r.tensor == "entropy")
