@@ -30,7 +30,11 @@ Sections, each with a share of the time budget (time a section leaves unused goe
 8. select (0.05): block top-k (examples/block_topk.attn, issue 20) at 16K (k_tiles 8 and 32) and 64K,
    forward and forward+backward ms beside the plain causal spec, with the time of choosing the tiles
    from q and k alone (its plan) and the tile density it keeps.
-9. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
+9. stats (0.05): statistics of the weights (`stat`, issue 20: received attention per key, entropy per row
+   and its per-head total) on a causal spec: the call with return_stats=True (the two statistics passes
+   after the forward; fwd+bwd also takes the entropy's gradient) beside the same call without, at 4K and
+   16K; and decode with the per-key scores of the new queries (H2O's) beside plain decode.
+10. linear (0.05): the chunked linear attention (`attn.algorithm == "chunked"`: linear_elu, lightning),
    forward and forward+backward ms at L = 4K and 16K (the speed section's B*H), beside
    flash-linear-attention's chunked kernels where `import fla` works (`chunk_linear_attn` on the features
    elu(x) + 1 applied by the caller, normalized; `chunk_simple_gla` with the constant per-head log-decay
@@ -77,13 +81,17 @@ NORMALIZATIONS = ["sigmoid", "relu", "softplus", "softplus_reweight", "sink_soft
 DECODE = [("causal", "contiguous"), ("causal", "paged"), ("sliding_window", "contiguous"),
           ("streaming_sink", "contiguous")]
 HBM_BYTES_S = 3.35e12  # the H100's HBM bandwidth, the decode section's yardstick
-SHARES = {"verify": 0.20, "speed": 0.25, "sparse": 0.10, "norm": 0.10, "decode": 0.15, "learn": 0.05,
-          "varlen": 0.05, "select": 0.05, "linear": 0.05}  # of the budget; they sum to 1
+SHARES = {"verify": 0.17, "speed": 0.25, "sparse": 0.08, "norm": 0.10, "decode": 0.15, "learn": 0.05,
+          "varlen": 0.05, "select": 0.05, "stats": 0.05, "linear": 0.05}  # of the budget; they sum to 1
+# the statistics section's spec: causal softmax returning received attention, entropy and its total
+STATS_SPEC = ("attention stats_bench\nmask kv <= q\nstat received = sum_q(P)\nstat entropy = entropy(P)\n"
+              "stat head_entropy = total(entropy(P))\n")
 NORM_TARGETS = {1: 1.3, 2: 2.0}  # passes over the keys -> the largest time / causal's time
 # chunked linear attention (attn.algorithm == "chunked") timed beside flash-linear-attention
 LINEAR = ["linear_elu", "lightning"]
 # the generated module's autotuned kernels: (label in the "configs" column, attribute)
-KERNELS = (("fwd", "_fwd"), ("dq", "_bwd_dq"), ("dkdv", "_bwd_dkdv"), ("rows", "_bwd_rows"))
+KERNELS = (("fwd", "_fwd"), ("dq", "_bwd_dq"), ("dkdv", "_bwd_dkdv"), ("rows", "_bwd_rows"),
+           ("rowstats", "_row_stats"), ("keystats", "_key_stats"))
 # trained biases: (spec body, its bias input's name and shape from (B, H, L))
 LEARNED = {
     "t5_table": (("const NB = 32, E = 8, MAXD = 128\ninput t5: float[Hq, NB] learnable\n"
@@ -123,6 +131,8 @@ class Settings:
     decode_heads: tuple = (32, 8)  # (Hq, Hk) of the decode section
     linear_shapes: tuple = ()  # (L, B, H) of the linear section
     select_shapes: tuple = ()  # (L, B, H, k_tiles) of the select section (block_topk.attn)
+    stats_shapes: tuple = ()  # (L, B, H) of the stats section's calls
+    stats_decode: tuple = ()  # (B, cache length) of its decode rows
     page_size: int = 256  # the paged cache's page size
 
     @staticmethod
@@ -134,7 +144,7 @@ class Settings:
                             verify=("causal", "softplus"), bench=tuple(BENCH), compile_flex=False, flex_backward=False,
                             min_unit_s=0.0, decode_shapes=((2, 48),), decode_heads=(4, 2), page_size=16,
                             learn_shapes=((40, 1, 2),), learn_check_L=24, linear_shapes=((40, 1, 2),),
-                            select_shapes=((256, 1, 1, 1),))
+                            select_shapes=((256, 1, 1, 1),), stats_shapes=((40, 1, 2),), stats_decode=((2, 48),))
         order = BENCH + NORMALIZATIONS + sorted(p.stem for p in EXAMPLES.glob("*.attn"))
         return Settings(False, "cuda", 128, ((4096, 8, 16), (16384, 1, 32)), ((4096, 8, 16), (16384, 1, 32)),
                         (16384, 1, 32), (("neighborhood_2d", (128, 128, 7)), ("radial", (16, 1024))),
@@ -143,7 +153,8 @@ class Settings:
                         decode_shapes=((1, 131072), (8, 32768), (32, 32768), (64, 4096)), decode_heads=(32, 8),
                         page_size=256, learn_shapes=((4096, 2, 16),), learn_check_L=512,
                         linear_shapes=((4096, 8, 16), (16384, 1, 32)),
-                        select_shapes=((16384, 1, 32, 8), (16384, 1, 32, 32), (65536, 1, 8, 16)))
+                        select_shapes=((16384, 1, 32, 8), (16384, 1, 32, 32), (65536, 1, 8, 16)),
+                        stats_shapes=((4096, 8, 16), (16384, 1, 32)), stats_decode=((8, 32768), (64, 4096)))
 
     # -- timing: the warm-up call (compile + autotune) timed apart, then the steady state
     def sync(self):
@@ -306,6 +317,10 @@ COLUMNS = {  # key, header, format of a number
     "varlen": [("spec", "method", None), ("sequences", "sequences", None), ("tokens", "tokens", None),
                ("pass", "pass", None), ("launches", "launches per call", None), ("ms", "ms", "{:.3f}"),
                ("warm_s", "warm s", "{:.1f}"), ("diff", "max abs(out - varlen)", "{:.1e}")],
+    "stats": [("spec", "call", None), ("L", "L or cache len", None), ("BH", "B*H", None), ("pass", "pass", None),
+              ("attnc_ms", "with stats ms", "{:.3f}"), ("plain_ms", "plain ms", "{:.3f}"),
+              ("ratio", "with stats/plain", "{:.2f}x"), ("attnc_warm_s", "with stats warm s", "{:.1f}"),
+              ("configs", "configs", None)],
     "linear": [("spec", "spec", None), ("L", "L", None), ("BH", "B*H", None), ("pass", "pass", None),
                ("attnc_ms", "attnc ms", "{:.3f}"), ("fla_ms", "fla ms", "{:.3f}"), ("vs_fla", "fla/attnc", "{:.2f}x"),
                ("diff_fla", "max abs(attnc - fla)", "{:.1e}"), ("out_max", "max abs(attnc)", "{:.1e}"),
@@ -323,6 +338,9 @@ TITLES = {
                "with a document block mask; bf16 on a GPU, one autotune config)"),
     "select": ("Block top-k (block_topk.attn, bf16; select ms includes choosing the tiles from q and k at every "
                "call, plan ms alone; beside the plain causal spec: causal time / select time)"),
+    "stats": ("Statistics of the weights (bf16; a causal spec's received attention per key, entropy per row and "
+              "its total with return_stats=True, beside the same call without; fwd+bwd adds the entropy's gradient; "
+              "decode: the new queries' scores per cached key)"),
     "linear": ("Linear attention, chunked (bf16; beside flash-linear-attention's chunked kernels, the "
                "feature map applied by the caller; ratio: fla time / attnc time)"),
 }
@@ -348,6 +366,10 @@ def units(section: str, s: Settings) -> list[tuple[str, tuple]]:
             "dry" if s.dry_run else "gpu").cases for method in _varlen_bench().METHODS]
     if section == "select":
         return [(f"block_topk L={L} k_tiles={n}", (L, B, H, n)) for L, B, H, n in s.select_shapes]
+    if section == "stats":
+        return ([(f"stats L={L} {pass_}", ("call", L, B, H, pass_)) for L, B, H in s.stats_shapes
+                 for pass_ in ("fwd", "fwd+bwd")]
+                + [(f"stats decode B={B} cache={C}", ("decode", C, B, 0, "fwd")) for B, C in s.stats_decode])
     if section == "linear":  # attnc at every length first; fla's rows (slow first calls) fill in its cells
         return [(f"{name} L={L}" + (" (fla)" if fla else ""), (name, L, B, H, fla)) for fla in (False, True)
                 for L, B, H in s.linear_shapes for name in LINEAR]
@@ -548,6 +570,43 @@ def run_select(s: Settings, emit, L, B, H, k_tiles):
         row["configs"] = kernel_configs(attn, ("fwd",) if pass_ == "fwd" else None)
         row["note"] = "; ".join(notes)
         emit(row)
+
+
+def run_stats(s: Settings, emit, call, L, B, H, pass_):
+    """The call with return_stats=True beside the call without (the statistics' two passes, and in
+    fwd+bwd the entropy's gradient: the timed output adds the entropy to o, so do reaches both); decode
+    with the new queries' statistics (received attention per cached key) beside plain decode."""
+    import torch
+
+    from attnc.build import load_text
+
+    attn = load_text(STATS_SPEC)
+    if call == "decode":
+        Hq, Hk = s.decode_heads
+        torch.manual_seed(0)
+        q = torch.randn(B, Hq, 1, s.D, device=s.device, dtype=torch.bfloat16)
+        k_cache, v_cache = (torch.randn(B, Hk, L, s.D, device=s.device, dtype=torch.bfloat16) for _ in range(2))
+        lengths = torch.full((B,), L, dtype=torch.int32, device=s.device)
+        row, notes, do, grads = {"spec": "decode", "L": L, "BH": B * Hq, "pass": pass_}, [], None, ()
+        runs = {"attnc": lambda: attn.decode(q, k_cache, v_cache, lengths, return_stats=True)[0],
+                "plain": lambda: attn.decode(q, k_cache, v_cache, lengths)}
+    else:
+        q, k, v = s.qkv(B, H, L)
+        do, grads = torch.randn_like(q), (q, k, v)
+
+        def with_stats():
+            o, stats = attn(q, k, v, return_stats=True)
+            return o + stats.entropy[..., None].to(o.dtype)
+
+        row, notes = {"spec": "call", "L": L, "BH": B * H, "pass": pass_}, []
+        runs = {"attnc": with_stats, "plain": lambda: attn(q, k, v)}
+    _time_runs(s, runs, pass_, do, grads, row, notes)
+    if isinstance(row.get("plain_ms"), float):
+        row["ratio"] = row["attnc_ms"] / row["plain_ms"]
+    if call != "decode":
+        row["configs"] = kernel_configs(attn, ("fwd", "rowstats", "keystats") if pass_ == "fwd" else None)
+    row["note"] = "; ".join(notes)
+    emit(row)
 
 
 def _passes(path):
@@ -807,7 +866,8 @@ def run_varlen(s: Settings, emit, method, sequences, mean):
 
 
 RUNNERS = {"verify": run_verify, "speed": run_speed, "sparse": run_sparse, "norm": run_norm, "decode": run_decode,
-           "learn": run_learn, "varlen": run_varlen, "select": run_select, "linear": run_linear}
+           "learn": run_learn, "varlen": run_varlen, "select": run_select, "linear": run_linear,
+           "stats": run_stats}
 
 
 def _short(err: BaseException) -> str:

@@ -110,7 +110,7 @@ def test_dry_run_takes_every_path(tmp_path):
         assert section["status"] == "done", name
         rows = section["rows"]
         # forward, and forward + backward; the linear section's fla units fill in the attnc units' rows
-        per_unit = 1 if name in ("verify", "decode", "learn", "linear") else 2
+        per_unit = 1 if name in ("verify", "decode", "learn", "linear", "stats") else 2
         assert len(rows) == per_unit * len(gpu_check.units(name, settings)), name
         for row in rows:
             assert not row.get("note") or row["note"] == "Flex has no backward on the CPU", row
@@ -144,6 +144,10 @@ def test_dry_run_takes_every_path(tmp_path):
             assert row["launches"] == (1 if row["pass"] == "fwd" else 3), row
         if row["spec"] != "varlen" and row["pass"] == "fwd":
             assert row["diff"] < 1e-5, row
+    stats = sections["stats"]["rows"]  # the statistics' passes beside the same call without them
+    assert {(r["spec"], r["pass"]) for r in stats} == {("call", "fwd"), ("call", "fwd+bwd"), ("decode", "fwd")}
+    for row in stats:
+        assert isinstance(row["attnc_ms"], float) and isinstance(row["plain_ms"], float) and row["ratio"] > 0, row
     linear = sections["linear"]["rows"]  # chunked linear attention, fla's results filled in beside attnc's
     assert [(r["spec"], r["L"], r["pass"]) for r in linear] == [
         (name, L, pass_) for L, _, _ in settings.linear_shapes for name in gpu_check.LINEAR
