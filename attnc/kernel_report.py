@@ -512,14 +512,19 @@ def record_launches(request: Request) -> list[Launch]:
     keep = {x.data_ptr() for x in (q, k, v, *inputs.values()) if _is_tensor(x)}
     with recording(keep) as launches:
         try:
-            out = fn(q, k, v, **inputs)
-            out = out[0] if isinstance(out, tuple) else out
-            out.float().sum().backward()
+            # a spec with `stat` statements: its statistics' kernels too, and the entropy's gradient
+            with_stats = {"return_stats": True} if hasattr(fn, "Stats") else {}
+            out = fn(q, k, v, **inputs, **with_stats)
+            loss = (out[0] if isinstance(out, tuple) else out).float().sum()
+            if with_stats:
+                loss = loss + sum(x.sum() for x in out[-1] if x.requires_grad)
+            loss.backward()
             if getattr(fn, "has_decode_kernels", False) and fixed_length(module) is None:
                 # one new query per sequence against the whole cache (decode is for 1-D sequences)
                 with torch.no_grad():
                     seqlens = torch.full((sizes["B"],), L, dtype=torch.int32)
-                    fn.decode(q[:, :, -1:].detach(), k.detach(), v.detach(), seqlens, **inputs)
+                    decode_stats = with_stats if fn.has_lse else {}
+                    fn.decode(q[:, :, -1:].detach(), k.detach(), v.detach(), seqlens, **inputs, **decode_stats)
         except (ValueError, TypeError, RuntimeError) as err:
             done = ", ".join(launch.name for launch in launches) or "none"
             raise InspectError(f"{signature.spec}: the call failed (kernels launched before: {done}): "
