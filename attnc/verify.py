@@ -239,7 +239,7 @@ def verify_variant(path, attn, dtype=torch.float32, seed: int = 0, device="cpu",
         q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))
         extra = {n: x.to(dtype).double() if x.is_floating_point() else x for n, x in extra.items()}
 
-        def run(fn, cast, q=q, k=k, v=v, extra=extra, learnable=learnable, case=case, do=do):
+        def run(fn, cast, q=q, k=k, v=v, extra=extra, learnable=learnable, case=case, do=do, dents=dents):
             leaves = [x.to(device=device, dtype=cast).requires_grad_() for x in (q, k, v)]
             kw = {n: (x.to(device=device, dtype=cast if x.is_floating_point() else x.dtype)) for n, x in extra.items()}
             for n in learnable:

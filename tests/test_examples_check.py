@@ -27,6 +27,7 @@ CATALOG = [
 ]
 TIER_4 = ["linear_elu", "linear_elu_full", "based", "hedgehog", "lightning", "mala"]  # linear attention (chunked)
 TIER_5 = ["block_topk"]  # query-aware block sparsity (a select)
+TIER_6 = ["retrieval_heads", "entropy_monitor", "h2o_decode"]  # statistics of the weights (stat)
 
 
 def catalog_names(tiers=(1, 2, 3)) -> list[str]:
@@ -49,7 +50,8 @@ def test_catalog_list_matches_the_catalog():
     assert sorted(catalog_names()) == sorted(CATALOG)
     assert catalog_names((4,)) == TIER_4
     assert catalog_names((5,)) == TIER_5
-    assert sorted(catalog_names((1, 2, 3, 4, 5))) == sorted(CATALOG + TIER_4 + TIER_5)
+    assert catalog_names((6,)) == TIER_6
+    assert sorted(catalog_names((1, 2, 3, 4, 5, 6))) == sorted(CATALOG + TIER_4 + TIER_5 + TIER_6)
 
 
 def test_docs_point_to_the_catalog_in_the_repository():
@@ -60,7 +62,7 @@ def test_docs_point_to_the_catalog_in_the_repository():
 
 
 def test_examples_are_exactly_the_catalog():
-    assert sorted(p.stem for p in example_paths()) == sorted(CATALOG + TIER_4 + TIER_5)
+    assert sorted(p.stem for p in example_paths()) == sorted(CATALOG + TIER_4 + TIER_5 + TIER_6)
 
 
 @pytest.mark.parametrize("path", example_paths(), ids=lambda p: p.stem)

@@ -1,4 +1,4 @@
-"""Generated code is part of the product: snapshots of six modules (one per tile walk and family, so
+"""Generated code is part of the product: snapshots of eight modules (one per tile walk and family, and the statistics, so
 every code-generation change shows its effect in review), a lint check of every example's module, and
 the kernel skeleton's invariants read from the generated source.
 
@@ -29,11 +29,19 @@ INLINE = {
     "trained_biases": "attention trained_biases\nconst R = 8, F = 16\ninput rel: float[Hq, 2 * R + 1] learnable\n"
                       "input kb: float[B, Lk] learnable\ninput qr: float[B, Hq, Lq, F]\ninput kr: float[B, Lk, F]\n"
                       "mask kv <= q\nscore s + rel[h, q - kv + R] + kb[b, kv] + 0.1 * dot(qr[b, h, q], kr[b, kv])\n",
+    # statistics of the weights: the softmax forward's row statistics, the key-major pass, the entropy's
+    # gradient and decode's statistics; and the general family's two statistics passes
+    "softmax_stats": "attention softmax_stats\nmask kv <= q\nstat received = sum_q(P)\nstat peak = max_q(P)\n"
+                     "stat entropy = entropy(P)\nstat top = max_kv(P)\nstat keys = visible\n",
+    "softplus_stats": "attention softplus_stats\nmask kv <= q\nprobs softplus(score) / rowsum(softplus(score))\n"
+                      "stat received = sum_q(P)\nstat entropy = entropy(P)\n",
 }
 # one spec per walk and family: band (causal), learnable per-head input (alibi), plan lists
 # (document), no mask (full), the general family with two passes (softplus_reweight), and the
-# gradients of learnable reads per pair and per key (trained_biases)
-SNAPSHOT_SPECS = ["causal", "alibi", "document", "full", "softplus_reweight", "trained_biases"]
+# gradients of learnable reads per pair and per key (trained_biases), the statistics of the weights
+# in either family (softmax_stats, softplus_stats)
+SNAPSHOT_SPECS = ["causal", "alibi", "document", "full", "softplus_reweight", "trained_biases", "softmax_stats",
+                  "softplus_stats"]
 
 
 def _source(name: str) -> str:

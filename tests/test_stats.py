@@ -85,6 +85,10 @@ def _mask(B, Hq, Lq, Lk, rule):
     return torch.broadcast_to(rule(i, j), (B, Hq, Lq, Lk))
 
 
+def _normalized(w):
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-300)
+
+
 # (spec body, extra inputs, weights(S, M, inputs), mask(i, j, inputs), Lq, Lk, Hk)
 CASES = {
     # band walk, Lq != Lk
@@ -109,8 +113,7 @@ CASES = {
              lambda S, M, x: torch.where(M, torch.relu(S), 0.0) / M.sum(-1, keepdim=True).clamp(min=1),
              lambda i, j, x: j <= i, 35, 35, 2),
     "softplus": ("mask kv <= q\nprobs softplus(score) / rowsum(softplus(score))", {},
-                 lambda S, M, x: (lambda w: w / w.sum(-1, keepdim=True).clamp(min=1e-300))(
-                     torch.where(M, torch.nn.functional.softplus(S), 0.0)),
+                 lambda S, M, x: _normalized(torch.where(M, torch.nn.functional.softplus(S), 0.0)),
                  lambda i, j, x: j <= i, 29, 38, 1),
     # two passes (rowsum of A, then of R), whose backward needs row reductions over the keys
     "reweight": ((Path(__file__).resolve().parents[1] / "examples" / "softplus_reweight.attn").read_text()
@@ -120,7 +123,7 @@ CASES = {
 
 
 def _expected(case, q, k, inputs):
-    _, _, weights, rule, Lq, Lk, _ = CASES[case]
+    _, _, weights, rule, _, _, _ = CASES[case]
     M = _mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], lambda i, j: rule(i, j, inputs))
     return weights(_scores(q, k), M, inputs), M
 
@@ -322,7 +325,7 @@ def test_decode_statistics_equal_their_formulas(tmp_path, case, paged):
     if paged:
         k_cache, table = _paged(k_cache, 16, 1)
         v_cache, _ = _paged(v_cache, 16, 1)
-    o, stats = fn.decode(q, k_cache, v_cache, lengths, block_table=table, return_stats=True, **inputs)
+    _, stats = fn.decode(q, k_cache, v_cache, lengths, block_table=table, return_stats=True, **inputs)
     logical = k_cache if table is None else torch.stack([torch.cat([k_cache[p] for p in row], dim=1) for row in table])
     for b, (P, M) in enumerate(_decode_formula(q, logical, lengths, 20 if case == "window" else None,
                                                inputs.get("sink"))):
@@ -335,7 +338,7 @@ def test_decode_statistics_equal_their_formulas(tmp_path, case, paged):
         torch.testing.assert_close(stats.keys[b].double(), want["keys"][0])
         torch.testing.assert_close(stats.head_received[b].double(), want["head_received"][0], atol=2e-5, rtol=1e-5)
     # the eager reference path (float64) returns the same statistics
-    o64, stats64 = fn.decode(q.double(), k_cache.double(), v_cache.double(), lengths, block_table=table,
+    _, stats64 = fn.decode(q.double(), k_cache.double(), v_cache.double(), lengths, block_table=table,
                              return_stats=True, **{n: x.double() for n, x in inputs.items()})
     for name in stats._fields:
         torch.testing.assert_close(getattr(stats, name).double(), getattr(stats64, name), atol=2e-5, rtol=1e-5, msg=name)

@@ -20,10 +20,10 @@ import sympy
 from .. import __version__, ir
 from ..analysis.record import Analyses
 from ..errors import BuildError
+from . import statistics
 from .layout import wrap_long_lines
 from .names import TORCH_INDEX, ident, torch_loads
 from .printers import host_scalar_code, torch_code, wrapped
-from . import statistics
 from .skeleton import Signature, decode_bands, select_host, walk_cells
 
 __all__ = ["BuildError", "formatted", "generate"]

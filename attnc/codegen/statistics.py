@@ -60,6 +60,62 @@ def _reduction(kind: ir.StatKind) -> Reduction:
 
 
 @dataclass(frozen=True)
+class Fused:
+    """One accumulator the online softmax's forward tile keeps for the row statistics (the softmax
+    family computes them in its forward, not in `_row_stats`): its variable, start value and update in
+    the tile's terms (inside the online softmax, before l_i's update: m_i and l_i the row's state before
+    the tile, m_ref the new max or 0, alpha the rescale, score the tile's base-2 logits, -inf where
+    masked, p = exp2(score - m_ref))."""
+
+    var: str
+    start: str
+    update: str
+
+    def init(self) -> str:
+        return f"tl.full([BLOCK_M], {self.start}, dtype=tl.float32)"
+
+
+# [Note] Row statistics in the softmax forward. With l the row's sum of exp2(score - m) (the sink's
+# term included), lk its keys' part and t = sum over keys of exp2(score - m) * (score - m), rescaled
+# with the running max as l is (t -> alpha * (t + lk * (m_old - m_new))): sum_kv P = lk / l, the
+# entropy -sum P ln P = ln 2 * (lk * log2(l) - t) / l (two non-negative terms: no cancellation, unlike
+# lse - sum P s), max_kv P = exp2(max score - m - log2 l), and the count of the tiles' kept entries.
+_KEYS_MASS = Fused("st_lk", "0.0", "st_lk = st_lk * alpha + tl.sum(p, 1)")
+# (the tl.where's select before multiplying: 0 * -inf would be NaN where a row or an entry has no key yet)
+_SPREAD = Fused("st_t", "0.0", "st_t = alpha * (st_t + st_lk * tl.where(st_lk > 0.0, m_i - m_ref, 0.0))\n"
+                               "st_t += tl.sum(p * tl.where(p > 0.0, score - m_ref[:, None], 0.0), 1)")
+_KEYS_MAX = Fused("st_mk", _NEG_INF, "st_mk = tl.maximum(st_mk, tl.max(score, 1))")
+_COUNT = Fused("st_n", "0.0", "if APPLY_MASK:\n    st_n += tl.sum(tl.where(keep, 1.0, 0.0) + tl.zeros_like(p), 1)\n"
+                              "else:\n    st_n += BLOCK_N")
+
+
+def fused_rows(rows: tuple[Reduction, ...], sink: bool) -> tuple[tuple[Fused, ...], dict]:
+    """The softmax forward's accumulators for the row statistics `rows`, and each statistic's value in
+    the epilogue's terms (l_safe: the row sum, 1 where empty; m_i the row max)."""
+    kinds = {r.kind for r in rows}
+    # the sum over the keys alone is l itself where no sink adds to l (the t update reads it as st_lk)
+    keys_mass = "st_lk" if sink else "l_i"
+    state = []  # in update order: t reads the keys' mass before the tile (the updates precede l_i's)
+    if ir.StatKind.ENTROPY in kinds:
+        state.append(_SPREAD if sink else Fused(_SPREAD.var, _SPREAD.start, _SPREAD.update.replace("st_lk", "l_i")))
+    if sink and kinds & {ir.StatKind.ROW_SUM, ir.StatKind.ENTROPY}:
+        state.append(_KEYS_MASS)
+    if ir.StatKind.ROW_MAX in kinds and sink:
+        state.append(_KEYS_MAX)
+    if ir.StatKind.VISIBLE in kinds:
+        state.append(_COUNT)
+    values = {
+        ir.StatKind.ROW_SUM: f"{keys_mass} / l_safe",
+        ir.StatKind.ENTROPY: f"LN2 * ({keys_mass} * tl.log2(l_safe) - st_t) / l_safe",
+        # (without a sink the largest weight is exp2(m - m) / l)
+        ir.StatKind.ROW_MAX: ('tl.where(st_mk == float("-inf"), 0.0, tl.exp2(st_mk - m_i - tl.log2(l_safe)))'
+                              if sink else "1.0 / l_safe"),
+        ir.StatKind.VISIBLE: "st_n",
+    }
+    return tuple(state), {r.kind: values[r.kind] for r in rows}
+
+
+@dataclass(frozen=True)
 class StatisticsPlan:
     """What the statistics kernels compute: the row reductions and the key reductions, each in the
     order of its kernel's output array, and each spec statistic's place in them."""

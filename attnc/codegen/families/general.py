@@ -245,6 +245,7 @@ class GeneralBody(ReadGrads):
     stat_lines: tuple[str, ...]  # the weights p of a query-major tile
     stat_lines_t: tuple[str, ...]  # ... of a key-major tile
     entropy_grad: bool  # the spec returns an entropy: the backward takes its gradient (GENT)
+    fused = ()  # the row statistics are a pass of their own (_row_stats), not the forward's
 
     @property
     def row_arrays(self) -> tuple[str, ...]:

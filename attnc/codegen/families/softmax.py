@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ... import ir
 from ...analysis import derivatives
 from ...analysis.rowstats import SoftmaxForm
+from .. import statistics
 from ..grads import InputGrad, ReadGrads, input_grads
 from ..printers import triton_code
 from ..skeleton import (
@@ -25,6 +26,7 @@ from ..skeleton import (
     tensor_loads,
 )
 from ..skeleton import tile_code as skeleton_tile_code
+from ..statistics import Fused
 from . import TileFamily, decode, decoding
 
 
@@ -48,6 +50,10 @@ class SoftmaxBody(ReadGrads):
     row_loads: tuple[Load, ...]  # per-row inputs the sink reads
     grads: tuple[Grad, ...]
     entropy_grad: bool = False  # the spec returns an entropy (`stat`): dQ and dK/dV take its gradient
+    # the row statistics, computed by the forward (statistics.fused_rows): its accumulators, and the
+    # value of each row of ROW_STATS in the epilogue's terms
+    fused: tuple[Fused, ...] = ()
+    fused_rows: tuple[str, ...] = ()
     # -- the statistics' passes (templates/statistics.py.j2): the weights from lse2 --
     stat_rows = RowReads(lines=('lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',),
                          values=("lse2",), arrays=("LSE2",))
@@ -108,11 +114,21 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
         entropy_grad=any(st.kind is ir.StatKind.ENTROPY for st in variant.stats),
+        **_fused(variant, form.sink is not None),
         grads=tuple(Grad(**{**vars(read), "entry": _entry(read, names)}, dscore=triton_code(g.dscore, names),
                          dscore_t=triton_code(g.dscore, names_t),
                          dsink=None if g.dsink is None else triton_code(g.dsink, rnames))
                     for read, g in zip(reads, grads)),
     )
+
+
+def _fused(variant: ir.Variant, sink: bool) -> dict:
+    """The forward's accumulators for the spec's row statistics (none without `stat`)."""
+    plan = statistics.plan(variant)
+    if plan is None or not plan.rows:
+        return {}
+    fused, values = statistics.fused_rows(plan.rows, sink)
+    return {"fused": fused, "fused_rows": tuple(values[r.kind] for r in plan.rows)}
 
 
 def _entry(read: InputGrad, names: dict) -> str:
