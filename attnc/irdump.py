@@ -189,6 +189,10 @@ def dump(analyses: Analyses) -> str:
         out += _backward_lines(variant, rows)
     if chunked:
         out.append("backward   autograd through the chunked form (deterministic; docs/linear.md)")
+    for st in variant.stats:  # returned with return_stats=True (docs/statistics.md)
+        axis = "[B, Hq]" if st.total else ("[B, Hq, Lk] per key" if st.kind.per_key else "[B, Hq, Lq] per row")
+        grad = ", with a gradient" if st.kind is ir.StatKind.ENTROPY else ""
+        out.append(f"stat       {st.name} = {st.text}: {axis}{grad}")
     alg = analyses.algorithm
     out.append(f"algorithm  {alg.name}: {alg.reason}" if chunked else
                f"algorithm  quadratic (not linear attention: {alg.reason})")

@@ -112,6 +112,15 @@ def choose_algorithm(variant: ir.Variant):
         # a running state sums every key the mask lets through: it cannot skip the tiles a select hides
         algorithm = factorize.Algorithm("quadratic", "a select hides key tiles chosen from q and k at run time",
                                         failed_at=ir.Statement.SELECT)
+    if variant.stats and algorithm.kind is factorize.AlgorithmKind.CHUNKED:
+        if variant.features:
+            raise SpecError.at("statistics of the weights need the quadratic kernels, and a feature map runs as "
+                               "linear attention only", variant.spans.of(ir.Statement.STAT, variant.stats[0].name),
+                               "drop the feature map, or the stat statements (docs/statistics.md)",
+                               path=variant.path, source=variant.source)
+        # a running state never holds a weight per (query, key) pair: the quadratic kernels do
+        algorithm = factorize.Algorithm("quadratic", "the stat statements reduce the weights per pair",
+                                        failed_at=ir.Statement.STAT)
     if variant.features and algorithm.kind is not factorize.AlgorithmKind.CHUNKED:
         # at the statement that does not factorize; where that is unknown or not written (probs left
         # to the default softmax), at the feature map that asks for linear attention

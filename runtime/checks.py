@@ -208,8 +208,9 @@ def check_inputs(sig: Signature, shapes: Shapes, device: torch.device, inputs: d
     known = {name for name, _ in sig.params} | {t.name for t in sig.tensors}
     unknown = sorted(set(inputs) - known)
     if "return_stats" in unknown:  # the argument exists where the spec declares statistics
-        _fail(sig, "return_stats", "the spec declares no statistics to return (write `stat NAME = ...`, "
-              "docs/language.md)")
+        _fail(sig, "return_stats", "this call returns no statistics: the spec's call and its decode do, where "
+              "the spec declares them (`stat NAME = ...`, docs/statistics.md); varlen, context parallelism, "
+              "plan() and mask() do not")
     if unknown:
         hint = f"; it accepts: {', '.join(sorted(known))}" if known else "; it takes no extra inputs"
         _fail(sig, unknown[0], f"unknown keyword argument{hint}")

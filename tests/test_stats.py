@@ -275,8 +275,26 @@ def test_return_stats_errors(tmp_path):
     with pytest.raises(TypeError, match="return_stats"):
         fn(q, k, v, return_stats="yes")
     plain = _load(tmp_path, "st_plain", "mask kv <= q\n")
-    with pytest.raises(ValueError, match="declares no statistics"):
+    with pytest.raises(ValueError, match="this call returns no statistics"):
         plain(q, k, v, return_stats=True)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="this call returns no statistics"):  # varlen returns none
+        fn.varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 8, 8, return_stats=True)
+
+
+def test_statistics_keep_a_linear_spec_quadratic_and_refuse_a_feature_map():
+    """A weight that factorizes runs quadratic when the spec reduces it per pair; a feature map, which
+    runs as linear attention only, cannot be combined with statistics (the error points at the stat)."""
+    from attnc.irdump import dump
+    from attnc.pipeline import analyse
+
+    a = analyse(compile_text("attention t\nmask kv <= q\nprobs score\nstat r = sum_q(P)\n"))
+    assert a.algorithm.name == "quadratic" and "stat" in a.algorithm.reason
+    assert "stat       r = sum_q(P): [B, Hq, Lk] per key" in dump(a)
+    with pytest.raises(SpecError, match="statistics of the weights need the quadratic kernels") as err:
+        analyse(compile_text("attention t\nfeature phi(x) = elu(x) + 1\nmask kv <= q\nlet a = dot(phi(q), phi(k))\n"
+                             "probs a / rowsum(a)\nstat r = sum_q(P)\n"))
+    assert ":6:" in str(err.value)
 
 
 # ---- decode: the new queries' statistics against the cache (H2O-style scores per cached key) ----
