@@ -401,3 +401,50 @@ def test_verify_checks_the_statistics_and_the_entropy_gradient(tmp_path):
 
     broken.has_lse, broken.Stats, broken.reference = fn.has_lse, fn.Stats, fn.reference
     assert not all(r.ok for r in verify_variant(path, broken, length=20) if r.tensor == "entropy")
+
+
+# ---- the examples (Tier 6), against the formulas above ----
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_retrieval_heads_example():
+    fn = attnc.load(EXAMPLES / "retrieval_heads.attn")
+    q, k, v = _qkv(2, 2, 1, 45, 45, seed=13)
+    _, stats = fn(q, k, v, return_stats=True)
+    P, M = _expected("causal", q, k, {})
+    want = formula_stats(P, M)
+    torch.testing.assert_close(stats.received.double(), want["received"], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stats.peak.double(), want["peak_received"], atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(stats.head_focus.double(), want["peak"].sum(-1), atol=2e-5, rtol=1e-4)
+
+
+def test_entropy_monitor_example_forward_and_backward():
+    fn = attnc.load(EXAMPLES / "entropy_monitor.attn")
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, 2, 40, 40, seed=14))
+    o, stats = fn(q, k, v, return_stats=True)
+    (stats.head_entropy.sum() + o.sum()).backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    P, M = _expected("causal", q64, k64, {})
+    want = formula_stats(P, M)
+    torch.testing.assert_close(stats.entropy.detach().double(), want["entropy"], atol=2e-5, rtol=1e-4)
+    _, vf = F.expand_heads(q64, k64, v64)
+    (want["head_entropy"].sum() + (P @ vf).sum()).backward()
+    for got, ref in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=5e-5, rtol=1e-4)
+
+
+def test_h2o_decode_example_scores_accumulate_over_steps():
+    """Two decode steps' scores summed per cached key (H2O's accumulation) against the formula's."""
+    fn = attnc.load(EXAMPLES / "h2o_decode.attn")
+    g = torch.Generator().manual_seed(15)
+    k_cache, v_cache = torch.randn(1, 2, 48, D, generator=g), torch.randn(1, 2, 48, D, generator=g)
+    total, want = torch.zeros(1, 4, 48), torch.zeros(1, 4, 48, dtype=torch.float64)
+    for length in (30, 31):
+        q = torch.randn(1, 4, 1, D, generator=g)
+        lengths = torch.tensor([length], dtype=torch.int32)
+        _, stats = fn.decode(q, k_cache, v_cache, lengths, return_stats=True)
+        total += stats.received
+        (P, _), = _decode_formula(q, k_cache, lengths)
+        want[0, :, :length] += P.sum(1)
+        torch.testing.assert_close(stats.head_received.double(), P.sum((1, 2))[None], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(total.double(), want, atol=4e-6, rtol=1e-5)
