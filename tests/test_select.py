@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from attnc.runtime import launch
 
 import attnc
 from attnc.check.statements import SELECT_TILE_MIN
 from attnc.errors import SpecError
 from attnc.pipeline import analyse, compile_text
-from attnc.runtime import launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F
+from allocations import Allocations
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 T = 128  # the selection tiles of the specs below
@@ -173,21 +173,6 @@ def test_general_reference_in_chunks_of_rows(tmp_path):
 
 
 # ---- memory: nothing of size Lq x Lk ----
-class _Allocations(TorchDispatchMode):
-    """The element count of every tensor an op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.sizes.append(t.numel())
-        return out
-
-
 def test_no_allocation_of_lq_by_lk():
     """At L = 1024 an [Lq, Lk] tensor holds 1M elements, 64 times q's: planning, forward and backward
     allocate nothing of even an eighth of it, while the dense reference does (the recorder sees it).
@@ -197,13 +182,13 @@ def test_no_allocation_of_lq_by_lk():
     L = 1024
     q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 1, L, L, seed=6))
     inputs = {"k_tiles": 1, "sinks": 1, "window": 1}
-    with _Allocations() as record:
+    with Allocations() as record:
         plan = fn.plan(L, L, q=q, k=k, **inputs)
         o = fn(q, k, v, plan=plan, **inputs)
         o.sum().backward()
     assert len(record.sizes) > 100 and q.grad is not None
     assert max(record.sizes) < L * L // 8, max(record.sizes)
-    with _Allocations() as dense:
+    with Allocations() as dense:
         fn.reference(q.detach(), k.detach(), v.detach(), **inputs)
     assert max(dense.sizes) >= L * L
 

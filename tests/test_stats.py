@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnc
 from attnc.errors import SpecError
@@ -21,6 +20,7 @@ from attnc.pipeline import compile_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F
+from allocations import Allocations
 
 D = 16
 EVERY = """
@@ -221,21 +221,6 @@ def test_compiled_statistics_equal_eager(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-class _Allocations(TorchDispatchMode):
-    """The element count of every tensor an op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.sizes.append(t.numel())
-        return out
-
-
 def test_no_allocation_of_lq_by_lk(tmp_path):
     """At L = 1024 an [Lq, Lk] tensor holds 1M elements: the statistics' forward and the entropy's
     backward allocate nothing of an eighth of it (the plan is passed in, so the recorder sees the
@@ -245,13 +230,13 @@ def test_no_allocation_of_lq_by_lk(tmp_path):
     L = 1024
     doc_ids = (torch.arange(L) // 300)[None]
     q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 1, L, L, seed=9))
-    with _Allocations() as record:
+    with Allocations() as record:
         plan = fn.plan(L, L, doc_ids=doc_ids)
         o, stats = fn(q, k, v, plan=plan, return_stats=True, doc_ids=doc_ids)
         (stats.entropy.sum() + o.sum()).backward()
     assert len(record.sizes) > 50 and q.grad is not None
     assert max(record.sizes) < L * L // 8, max(record.sizes)
-    with _Allocations() as dense:
+    with Allocations() as dense:
         fn.reference(q.detach(), k.detach(), v.detach(), return_stats=True, doc_ids=doc_ids)
     assert max(dense.sizes) >= L * L
 
