@@ -22,6 +22,13 @@ def _qkv(B=1, H=2, Lq=L, Lk=L, seed=0):
             torch.randn(B, H, Lk, D, generator=g))
 
 
+def qkv_heads(B, Hq, Hk, Lq, Lk, seed=0):
+    """q [B, Hq, Lq, D] and k, v [B, Hk, Lk, D] (grouped heads where Hk < Hq)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hk, Lk, D, generator=g),
+            torch.randn(B, Hk, Lk, D, generator=g))
+
+
 def _formula(q, k, v, mask, score=None):
     """Softmax attention in float64 from a mask [.., Lq, Lk] and a score map S -> S'."""
     q, k, v = q.double(), k.double(), v.double()

@@ -20,22 +20,12 @@ from attnc.pipeline import analyse, compile_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F
 from allocations import Allocations
+from spec_helpers import _load
+from spec_helpers import qkv_heads as _qkv
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 T = 128  # the selection tiles of the specs below
 D = 16
-
-
-def _load(tmp_path, name, body):
-    path = tmp_path / f"{name}.attn"
-    path.write_text(f"attention {name}\n{body}")
-    return attnc.load(path)
-
-
-def _qkv(B, Hq, Hk, Lq, Lk, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hk, Lk, D, generator=g),
-            torch.randn(B, Hk, Lk, D, generator=g))
 
 
 def expected_visits(mask: torch.Tensor) -> torch.Tensor:

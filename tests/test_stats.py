@@ -21,6 +21,8 @@ from attnc.pipeline import compile_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import formulas as F
 from allocations import Allocations
+from spec_helpers import _load
+from spec_helpers import qkv_heads as _qkv
 
 D = 16
 EVERY = """
@@ -33,18 +35,6 @@ stat keys = visible
 stat head_received = total(sum_q(P))
 stat head_entropy = total(entropy(P))
 """
-
-
-def _load(tmp_path, name, body):
-    path = tmp_path / f"{name}.attn"
-    path.write_text(f"attention {name}\n{body}")
-    return attnc.load(path)
-
-
-def _qkv(B, Hq, Hk, Lq, Lk, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, Hk, Lk, D, generator=g),
-            torch.randn(B, Hk, Lk, D, generator=g))
 
 
 def _scores(q, k):
