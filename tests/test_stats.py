@@ -352,11 +352,25 @@ def test_decode_statistics_of_a_select(tmp_path):
     torch.testing.assert_close(stats.received.double(), ref.received, atol=2e-6, rtol=1e-5)
 
 
-def test_decode_statistics_of_a_general_spec_are_refused(tmp_path):
-    fn = _load(tmp_path, "dec_sigmoid", CASES["sigmoid"][0] + "\nstat received = sum_q(P)\n")
-    q, k, v = _qkv(1, 1, 1, 1, 16)
-    with pytest.raises(ValueError, match="decode's statistics are built for softmax specs"):
-        fn.decode(q, k, v, torch.tensor([16], dtype=torch.int32), return_stats=True)
+@pytest.mark.parametrize("case", ["sigmoid", "relu", "softplus"])
+def test_decode_statistics_of_the_general_family(tmp_path, case):
+    """The general family's decode: its merged row statistics make P exact for the statistics' pass
+    (elementwise weights; visible in closed form; a row sum)."""
+    body, _, weights, _, _, _, _ = CASES[case]
+    fn = _load(tmp_path, f"dec_{case}", body + "\nstat received = sum_q(P)\nstat entropy = entropy(P)\nstat mass = sum_kv(P)\n")
+    g = torch.Generator().manual_seed(16)
+    q, k_cache, v_cache = torch.randn(2, 2, 3, D, generator=g), torch.randn(2, 1, 48, D, generator=g), \
+        torch.randn(2, 1, 48, D, generator=g)
+    lengths = torch.tensor([29, 48], dtype=torch.int32)
+    _, stats = fn.decode(q, k_cache, v_cache, lengths, return_stats=True)
+    for b, (_, M) in enumerate(_decode_formula(q, k_cache, lengths)):
+        L = int(lengths[b])
+        S = q[b].double() @ k_cache[b, [0, 0], :L].double().transpose(-1, -2) / math.sqrt(D)
+        want = formula_stats(weights(S[None], M[None], {}), M[None])
+        torch.testing.assert_close(stats.received[b, :, :L].double(), want["received"][0], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(stats.entropy[b].double(), want["entropy"][0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.mass[b].double(), want["mass"][0], atol=2e-6, rtol=1e-5)
+        assert torch.count_nonzero(stats.received[b, :, L:]) == 0
 
 
 def test_verify_checks_the_statistics_and_the_entropy_gradient(tmp_path):

@@ -246,6 +246,7 @@ class GeneralBody(ReadGrads):
     stat_lines_t: tuple[str, ...]  # ... of a key-major tile
     entropy_grad: bool  # the spec returns an entropy: the backward takes its gradient (GENT)
     fused = ()  # the row statistics are a pass of their own (_row_stats), not the forward's
+    row_select = False  # its decode runs no select (decode_selects is False)
 
     @property
     def row_arrays(self) -> tuple[str, ...]:
