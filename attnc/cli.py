@@ -63,9 +63,10 @@ def check(specs):
                 Family.LINEAR: "linear attention, chunked"}[choose_family(analyses)]
         params = [p.name for p in variant.params]
         inputs = [t.name + ("*" if t.learnable else "") for t in variant.tensors]
+        stats = "".join(f"; stat {st.name} = {st.text}" for st in variant.stats)  # return_stats=True
         click.echo(f"{path}: ok: attention {variant.name} ({kind}, {rows.passes} pass"
                    f"{'es' if rows.passes > 1 else ''}; params: {', '.join(params) or 'none'}; "
-                   f"inputs: {', '.join(inputs) or 'none'})")
+                   f"inputs: {', '.join(inputs) or 'none'}{stats})")
     sys.exit(1 if failed else 0)
 
 

@@ -437,3 +437,15 @@ def test_h2o_decode_example_scores_accumulate_over_steps():
         want[0, :, :length] += P.sum(1)
         torch.testing.assert_close(stats.head_received.double(), P.sum((1, 2))[None], atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(total.double(), want, atol=4e-6, rtol=1e-5)
+
+
+def test_check_lists_the_statistics():
+    from click.testing import CliRunner
+
+    from attnc.cli import main
+
+    result = CliRunner().invoke(main, ["check", str(EXAMPLES / "h2o_decode.attn")])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith(
+        "(softmax, 1 pass; params: none; inputs: none; stat received = sum_q(P); "
+        "stat head_received = total(sum_q(P)))")
