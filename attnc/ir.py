@@ -364,6 +364,11 @@ class StatKind(enum.Enum):
     def per_key(self) -> bool:
         return self in (StatKind.RECEIVED, StatKind.RECEIVED_MAX)
 
+    @property
+    def has_gradient(self) -> bool:
+        """Only the entropy is differentiable (a regularizer); the others are returned detached."""
+        return self is StatKind.ENTROPY
+
 
 @dataclass(frozen=True)
 class Stat:

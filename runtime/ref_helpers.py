@@ -7,6 +7,8 @@ so no NaN ever reaches a value or a gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -132,6 +134,19 @@ def softmax_rows(logits, mask, sink=None):
     p = e / torch.where(empty, torch.ones_like(denom), denom)
     lse = torch.where(empty, torch.full_like(denom, float("-inf")), m + torch.log(torch.where(empty, torch.ones_like(denom), denom)))
     return p, lse.squeeze(-1)
+
+
+def masked_max(p, mask, dim):
+    """The largest of p where mask holds, along dim; -inf where it holds nowhere (a `stat`'s parts
+    are combined first, then the empty ones become 0)."""
+    return torch.where(mask, p, -math.inf).amax(dim)
+
+
+def entropy(p, dim):
+    """-sum p log p along dim, the terms with p <= 0 left out; the log of 1 there keeps the gradient
+    finite (a log of 0 would give 0 * inf = NaN through torch.where)."""
+    positive = p > 0
+    return -(p * torch.where(positive, p, torch.ones_like(p)).log()).where(positive, 0.0).sum(dim)
 
 
 def expand_heads(x: torch.Tensor, hq: int) -> torch.Tensor:

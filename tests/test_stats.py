@@ -449,3 +449,24 @@ def test_check_lists_the_statistics():
     assert result.output.strip().endswith(
         "(softmax, 1 pass; params: none; inputs: none; stat received = sum_q(P); "
         "stat head_received = total(sum_q(P)))")
+
+
+def test_maxima_of_negative_weights(tmp_path):
+    """Weights below 0 (probs = score - 8): a maximum is over the kept entries only, never a masked 0,
+    in the forward's passes and in decode's."""
+    fn = _load(tmp_path, "st_negative", "mask kv <= q\nprobs score - 8.0\nstat peak_received = max_q(P)\n"
+               "stat peak = max_kv(P)\n")
+    q, k, v = _qkv(1, 2, 2, 30, 30, seed=17)
+    _, stats = fn(q, k, v, return_stats=True)
+    M = _mask(1, 2, 30, 30, lambda i, j: j <= i)
+    want = formula_stats(torch.where(M, _scores(q, k) - 8.0, 0.0), M)
+    assert (want["peak"] < 0).all() and (want["peak_received"] < 0).all()
+    torch.testing.assert_close(stats.peak.double(), want["peak"], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(stats.peak_received.double(), want["peak_received"], atol=2e-6, rtol=1e-5)
+    lengths = torch.tensor([30], dtype=torch.int32)
+    _, dec = fn.decode(q[:, :, -3:], k, v, lengths, return_stats=True)
+    (P, Md), = _decode_formula(q[:, :, -3:], k, lengths)
+    S = q[0, :, -3:].double() @ k[0].double().transpose(-1, -2) / math.sqrt(D)
+    want = formula_stats(torch.where(Md, S - 8.0, 0.0)[None], Md[None])
+    torch.testing.assert_close(dec.peak_received.double(), want["peak_received"], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(dec.peak.double(), want["peak"], atol=2e-6, rtol=1e-5)

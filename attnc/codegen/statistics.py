@@ -26,12 +26,31 @@ class Reduction:
     var: str
     start: str  # its value before the first tile: "0.0" or -inf
     update: str  # the Triton statements adding one tile (reduced over axis 1)
+    op: str  # how parts combine: "sum" or "max"
+    reference: str  # the eager reference's value on dense weights `{p}` and mask `{mask}`, over axis {dim}
     finish: str = ""  # a statement after the last tile
 
     def init(self, block: str) -> str:
         if self.start == "0.0":
             return f"tl.zeros([{block}], dtype=tl.float32)"
         return f"tl.full([{block}], {self.start}, dtype=tl.float32)"
+
+    def tile_over(self, axis: int) -> str:
+        """The tile's weights reduced over `axis`: `p` (0 where masked) summed, or `p_max` (-inf where
+        masked: weights may be negative) maximized."""
+        return f"tl.sum(p, {axis})" if self.op == "sum" else f"tl.max(p_max, {axis})"
+
+    @property
+    def empty(self) -> str:
+        """Torch: the value of no entry, which combine() turns into the statistic's (0)."""
+        return "0.0" if self.op == "sum" else "-math.inf"
+
+    def reference_of(self, p: str, mask: str, dim: int) -> str:
+        return self.reference.format(p=p, mask=mask, dim=dim)
+
+    def combine(self, parts: str, dim: int = 0) -> str:
+        """Torch: parts (a tensor of partial values along `dim`) combined into the statistic."""
+        return f"{parts}.sum({dim})" if self.op == "sum" else f"{parts}.amax({dim}).nan_to_num(neginf=0.0)"
 
 
 def _maximum(var: str) -> str:
@@ -44,18 +63,19 @@ def _maximum(var: str) -> str:
 def _reduction(kind: ir.StatKind) -> Reduction:
     var = "st_" + kind.name.lower()
     if kind in (ir.StatKind.ROW_SUM, ir.StatKind.RECEIVED):
-        return Reduction(kind, var, "0.0", f"{var} += tl.sum(p, 1)")
+        return Reduction(kind, var, "0.0", f"{var} += tl.sum(p, 1)", "sum", "{p}.sum({dim})")
     if kind in (ir.StatKind.ROW_MAX, ir.StatKind.RECEIVED_MAX):
-        return Reduction(kind, var, _NEG_INF, _maximum(var),
+        return Reduction(kind, var, _NEG_INF, _maximum(var), "max", "R.masked_max({p}, {mask}, {dim})",
                          f"{var} = tl.where({var} == {_NEG_INF}, 0.0, {var})  # nothing visible: 0, as the reference")
     if kind is ir.StatKind.ENTROPY:
         # -p log p -> 0 as p -> 0 (masked entries, and weights that underflow); weights <= 0 add nothing
         return Reduction(kind, var, "0.0",
-                         f"{var} += tl.sum(tl.where(p > 0.0, -p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0), 1)")
+                         f"{var} += tl.sum(tl.where(p > 0.0, -p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0), 1)",
+                         "sum", "R.entropy({p}, {dim})")
     if kind is ir.StatKind.VISIBLE:
         # FULL tiles lie inside Lk and the mask keeps all of them (see [Note] In-bounds FULL tiles)
         return Reduction(kind, var, "0.0", f"if APPLY_MASK:\n    {var} += tl.sum(tl.where(keep, 1.0, 0.0) + tl.zeros_like(p), 1)\n"
-                                           f"else:\n    {var} += BLOCK_N")
+                                           f"else:\n    {var} += BLOCK_N", "sum", "{mask}.sum({dim}).to({p}.dtype)")
     raise AssertionError(kind)
 
 
@@ -132,6 +152,16 @@ class StatisticsPlan:
 
     def row_index(self, kind: ir.StatKind) -> int:
         return next(i for i, r in enumerate(self.rows) if r.kind is kind)
+
+    @property
+    def keys_maximize(self) -> bool:
+        """A key statistic is a maximum (decoding's tiles need their candidates, p_max)."""
+        return any(r.op == "max" for r in self.keys)
+
+    @property
+    def entropy_rows(self) -> tuple[int, int]:
+        """The rows of the row statistics that the entropy's gradient reads: the entropy, sum_kv P."""
+        return self.row_index(ir.StatKind.ENTROPY), self.row_index(ir.StatKind.ROW_SUM)
 
 
 def plan(variant: ir.Variant) -> StatisticsPlan | None:
