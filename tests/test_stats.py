@@ -465,7 +465,7 @@ def test_maxima_of_negative_weights(tmp_path):
     torch.testing.assert_close(stats.peak_received.double(), want["peak_received"], atol=2e-6, rtol=1e-5)
     lengths = torch.tensor([30], dtype=torch.int32)
     _, dec = fn.decode(q[:, :, -3:], k, v, lengths, return_stats=True)
-    (P, Md), = _decode_formula(q[:, :, -3:], k, lengths)
+    (_, Md), = _decode_formula(q[:, :, -3:], k, lengths)
     S = q[0, :, -3:].double() @ k[0].double().transpose(-1, -2) / math.sqrt(D)
     want = formula_stats(torch.where(Md, S - 8.0, 0.0)[None], Md[None])
     torch.testing.assert_close(dec.peak_received.double(), want["peak_received"], atol=2e-6, rtol=1e-5)
