@@ -24,16 +24,16 @@ class Reduction:
 
     kind: ir.StatKind
     var: str
-    start: str  # its value before the first tile: "0.0" or -inf
     update: str  # the Triton statements adding one tile (reduced over axis 1)
-    op: str  # how parts combine: "sum" or "max"
+    op: str  # how parts combine: "sum" (starting at 0) or "max" (starting at -inf)
     reference: str  # the eager reference's value on dense weights `{p}` and mask `{mask}`, over axis {dim}
     finish: str = ""  # a statement after the last tile
 
     def init(self, block: str) -> str:
-        if self.start == "0.0":
+        """Triton: the accumulator before the first tile."""
+        if self.op == "sum":
             return f"tl.zeros([{block}], dtype=tl.float32)"
-        return f"tl.full([{block}], {self.start}, dtype=tl.float32)"
+        return f"tl.full([{block}], {_NEG_INF}, dtype=tl.float32)"
 
     def tile_over(self, axis: int) -> str:
         """The tile's weights reduced over `axis`: `p` (0 where masked) summed, or `p_max` (-inf where
@@ -60,22 +60,26 @@ def _maximum(var: str) -> str:
             f"else:\n    {var} = tl.maximum({var}, tl.max(p, 1))")
 
 
+def _count(var: str) -> str:
+    """The kept entries of the tile's rows: FULL tiles lie inside Lk and the mask keeps all of them (see
+    [Note] In-bounds FULL tiles)."""
+    return (f"if APPLY_MASK:\n    {var} += tl.sum(tl.where(keep, 1.0, 0.0) + tl.zeros_like(p), 1)\n"
+            f"else:\n    {var} += BLOCK_N")
+
+
 def _reduction(kind: ir.StatKind) -> Reduction:
     var = "st_" + kind.name.lower()
     if kind in (ir.StatKind.ROW_SUM, ir.StatKind.RECEIVED):
-        return Reduction(kind, var, "0.0", f"{var} += tl.sum(p, 1)", "sum", "{p}.sum({dim})")
+        return Reduction(kind, var, f"{var} += tl.sum(p, 1)", "sum", "{p}.sum({dim})")
     if kind in (ir.StatKind.ROW_MAX, ir.StatKind.RECEIVED_MAX):
-        return Reduction(kind, var, _NEG_INF, _maximum(var), "max", "R.masked_max({p}, {mask}, {dim})",
+        return Reduction(kind, var, _maximum(var), "max", "R.masked_max({p}, {mask}, {dim})",
                          f"{var} = tl.where({var} == {_NEG_INF}, 0.0, {var})  # nothing visible: 0, as the reference")
     if kind is ir.StatKind.ENTROPY:
         # -p log p -> 0 as p -> 0 (masked entries, and weights that underflow); weights <= 0 add nothing
-        return Reduction(kind, var, "0.0",
-                         f"{var} += tl.sum(tl.where(p > 0.0, -p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0), 1)",
+        return Reduction(kind, var, f"{var} += tl.sum(tl.where(p > 0.0, -p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0), 1)",
                          "sum", "R.entropy({p}, {dim})")
     if kind is ir.StatKind.VISIBLE:
-        # FULL tiles lie inside Lk and the mask keeps all of them (see [Note] In-bounds FULL tiles)
-        return Reduction(kind, var, "0.0", f"if APPLY_MASK:\n    {var} += tl.sum(tl.where(keep, 1.0, 0.0) + tl.zeros_like(p), 1)\n"
-                                           f"else:\n    {var} += BLOCK_N", "sum", "{mask}.sum({dim}).to({p}.dtype)")
+        return Reduction(kind, var, _count(var), "sum", "{mask}.sum({dim}).to({p}.dtype)")
     raise AssertionError(kind)
 
 
@@ -101,12 +105,15 @@ class Fused:
 # entropy -sum P ln P = ln 2 * (lk * log2(l) - t) / l (two non-negative terms: no cancellation, unlike
 # lse - sum P s), max_kv P = exp2(max score - m - log2 l), and the count of the tiles' kept entries.
 _KEYS_MASS = Fused("st_lk", "0.0", "st_lk = st_lk * alpha + tl.sum(p, 1)")
-# (the tl.where's select before multiplying: 0 * -inf would be NaN where a row or an entry has no key yet)
-_SPREAD = Fused("st_t", "0.0", "st_t = alpha * (st_t + st_lk * tl.where(st_lk > 0.0, m_i - m_ref, 0.0))\n"
-                               "st_t += tl.sum(p * tl.where(p > 0.0, score - m_ref[:, None], 0.0), 1)")
 _KEYS_MAX = Fused("st_mk", _NEG_INF, "st_mk = tl.maximum(st_mk, tl.max(score, 1))")
-_COUNT = Fused("st_n", "0.0", "if APPLY_MASK:\n    st_n += tl.sum(tl.where(keep, 1.0, 0.0) + tl.zeros_like(p), 1)\n"
-                              "else:\n    st_n += BLOCK_N")
+_COUNT = Fused("st_n", "0.0", _count("st_n"))
+
+
+def _spread(keys_mass: str) -> Fused:
+    """t, rescaled from the keys' mass before the tile (`keys_mass`: st_lk, or l_i without a sink). The
+    tl.where's select before multiplying: 0 * -inf would be NaN where a row or an entry has no key yet."""
+    return Fused("st_t", "0.0", f"st_t = alpha * (st_t + {keys_mass} * tl.where({keys_mass} > 0.0, m_i - m_ref, 0.0))\n"
+                                "st_t += tl.sum(p * tl.where(p > 0.0, score - m_ref[:, None], 0.0), 1)")
 
 
 def fused_rows(rows: tuple[Reduction, ...], sink: bool) -> tuple[tuple[Fused, ...], dict]:
@@ -117,7 +124,7 @@ def fused_rows(rows: tuple[Reduction, ...], sink: bool) -> tuple[tuple[Fused, ..
     keys_mass = "st_lk" if sink else "l_i"
     state = []  # in update order: t reads the keys' mass before the tile (the updates precede l_i's)
     if ir.StatKind.ENTROPY in kinds:
-        state.append(_SPREAD if sink else Fused(_SPREAD.var, _SPREAD.start, _SPREAD.update.replace("st_lk", "l_i")))
+        state.append(_spread(keys_mass))
     if sink and kinds & {ir.StatKind.ROW_SUM, ir.StatKind.ENTROPY}:
         state.append(_KEYS_MASS)
     if ir.StatKind.ROW_MAX in kinds and sink:
@@ -143,7 +150,6 @@ class StatisticsPlan:
     stats: tuple[ir.Stat, ...]
     rows: tuple[Reduction, ...]
     keys: tuple[Reduction, ...]
-    entropy_grad: bool  # the spec returns an entropy: the backward takes its gradient
 
     def index(self, stat: ir.Stat) -> int:
         """The statistic's row in its kernel's output ([len(rows), B, Hq, Lq] or [len(keys), B, Hq, Lk])."""
@@ -164,15 +170,19 @@ class StatisticsPlan:
         return self.row_index(ir.StatKind.ENTROPY), self.row_index(ir.StatKind.ROW_SUM)
 
 
+def differentiated(variant: ir.Variant) -> bool:
+    """The spec returns a statistic with a gradient (an entropy): the backward takes its gradient."""
+    return any(st.kind.has_gradient for st in variant.stats)
+
+
 def plan(variant: ir.Variant) -> StatisticsPlan | None:
     """The statistics of a spec, or None where it declares none."""
     if not variant.stats:
         return None
     kinds = {st.kind for st in variant.stats}
-    entropy = ir.StatKind.ENTROPY in kinds
-    if entropy:
+    if differentiated(variant):
         kinds.add(ir.StatKind.ROW_SUM)  # the entropy's gradient reads the row's mass
     order = list(ir.StatKind)
     rows = tuple(_reduction(k) for k in order if k in kinds and not k.per_key)
     keys = tuple(_reduction(k) for k in order if k in kinds and k.per_key)
-    return StatisticsPlan(variant.stats, rows, keys, entropy)
+    return StatisticsPlan(variant.stats, rows, keys)

@@ -20,6 +20,7 @@ import sympy
 from ... import ir
 from ...analysis import rowgrad
 from ...analysis.rowstats import RowPlan, is_row_constant
+from .. import statistics
 from ..grads import InputGrad, ReadGrads, input_grads
 from ..printers import guarded_triton_code
 from ..skeleton import (
@@ -305,7 +306,7 @@ def build(v: ir.Variant, rows: RowPlan, tile: dict = TILE, row: dict = ROW) -> G
         raise BuildError(str(err)) from None
 
     stats = grad.stats
-    entropy = any(st.kind is ir.StatKind.ENTROPY for st in v.stats)
+    entropy = statistics.differentiated(v)
     if entropy:  # see [Note] The entropy's gradient
         grad = rowgrad.with_probs_gradient(grad, -GENT * (LOGP + 1))
     reducible = [st for st in stats if st.kind in ("sum", "max")]
@@ -485,4 +486,5 @@ class GeneralFamily(TileFamily):
                 **decoding(lambda: build(a.variant, a.rows, DECODE_TILE, DECODE_ROW))}
 
 
-FAMILY = GeneralFamily("general.py.j2", "general_host.py.j2", "general_decode.py.j2", row_array="stats", returns_lse=False)
+FAMILY = GeneralFamily("general.py.j2", "general_host.py.j2", "general_decode.py.j2", row_array="stats",
+                       returns_lse=False)

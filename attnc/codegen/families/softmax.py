@@ -39,6 +39,10 @@ class Grad(InputGrad):
     dsink: str | None
 
 
+# a query tile's rows of lse2 (rows past Lq: +inf, so p = 0 there)
+_LSE2_ROWS = 'lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))'
+
+
 @dataclass(frozen=True)
 class SoftmaxBody(ReadGrads):
     plain: bool  # the logits are the scaled dot product itself: log2(e) folds into the scale
@@ -55,8 +59,7 @@ class SoftmaxBody(ReadGrads):
     fused: tuple[Fused, ...] = ()
     fused_rows: tuple[str, ...] = ()
     # -- the statistics' passes (templates/statistics.py.j2): the weights from lse2 --
-    stat_rows = RowReads(lines=('lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',),
-                         values=("lse2",), arrays=("LSE2",))
+    stat_rows = RowReads(lines=(_LSE2_ROWS,), values=("lse2",), arrays=("LSE2",))
 
     # -- the backward (templates/backward.py.j2) --
     @property
@@ -69,8 +72,7 @@ class SoftmaxBody(ReadGrads):
     def dq_rows(self) -> RowReads:
         gent = ("gent = tl.load(GENT + rows, mask=row_ok, other=0.0)",) * self.entropy_grad
         return RowReads(
-            lines=('lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))',
-                   "delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)") + gent,
+            lines=(_LSE2_ROWS, "delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)") + gent,
             values=("delta", "lse2") + ("gent",) * self.entropy_grad,
             arrays=self.row_arrays,
         )
@@ -113,7 +115,7 @@ def build(variant: ir.Variant, form: SoftmaxForm) -> SoftmaxBody:
         tile_t=tile_t,
         sink=None if form.sink is None else triton_code(form.sink, rnames),
         row_loads=tuple(row_loads),
-        entropy_grad=any(st.kind is ir.StatKind.ENTROPY for st in variant.stats),
+        entropy_grad=statistics.differentiated(variant),
         **_fused(variant, form.sink is not None),
         grads=tuple(Grad(**{**vars(read), "entry": _entry(read, names)}, dscore=triton_code(g.dscore, names),
                          dscore_t=triton_code(g.dscore, names_t),
@@ -146,4 +148,5 @@ class SoftmaxFamily(TileFamily):
                 **decoding(lambda: decode.build(a.variant, form))}
 
 
-FAMILY = SoftmaxFamily("softmax.py.j2", "softmax_host.py.j2", "softmax_decode.py.j2", row_array="lse", returns_lse=True, decode_selects=True)
+FAMILY = SoftmaxFamily("softmax.py.j2", "softmax_host.py.j2", "softmax_decode.py.j2", row_array="lse",
+                       returns_lse=True, decode_selects=True)
