@@ -470,3 +470,17 @@ def test_maxima_of_negative_weights(tmp_path):
     want = formula_stats(torch.where(Md, S - 8.0, 0.0)[None], Md[None])
     torch.testing.assert_close(dec.peak_received.double(), want["peak_received"], atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(dec.peak.double(), want["peak"], atol=2e-6, rtol=1e-5)
+
+
+def test_row_mass_and_peak_alone_come_from_the_softmax_state(tmp_path):
+    """sum_kv(P) and max_kv(P) of a softmax without a sink need no accumulator of their own (l and m
+    give them): the forward's epilogue computes them, and no row pass is generated."""
+    fn = _load(tmp_path, "st_state", "mask kv <= q\nstat mass = sum_kv(P)\nstat top = max_kv(P)\n")
+    source = Path(sys.modules[fn.__module__].__file__).read_text()
+    assert "def _row_stats(" not in source and "ROW_STATS_OUT" in source
+    q, k, v = _qkv(1, 2, 2, 37, 37, seed=18)
+    _, stats = fn(q, k, v, return_stats=True)
+    P, M = _expected("causal", q, k, {})
+    want = formula_stats(P, M)
+    torch.testing.assert_close(stats.mass.double(), want["mass"], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(stats.top.double(), want["peak"], atol=2e-6, rtol=1e-5)

@@ -246,7 +246,7 @@ class GeneralBody(ReadGrads):
     stat_lines: tuple[str, ...]  # the weights p of a query-major tile
     stat_lines_t: tuple[str, ...]  # ... of a key-major tile
     entropy_grad: bool  # the spec returns an entropy: the backward takes its gradient (GENT)
-    fused = ()  # the row statistics are a pass of their own (_row_stats), not the forward's
+    fused_rows = ()  # the row statistics are a pass of their own (_row_stats), not the forward's
     row_select = False  # its decode runs no select (decode_selects is False)
 
     @property

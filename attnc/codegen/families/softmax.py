@@ -54,8 +54,9 @@ class SoftmaxBody(ReadGrads):
     row_loads: tuple[Load, ...]  # per-row inputs the sink reads
     grads: tuple[Grad, ...]
     entropy_grad: bool = False  # the spec returns an entropy (`stat`): dQ and dK/dV take its gradient
-    # the row statistics, computed by the forward (statistics.fused_rows): its accumulators, and the
-    # value of each row of ROW_STATS in the epilogue's terms
+    # the row statistics, computed by the forward (statistics.fused_rows): its accumulators (none where
+    # the online softmax's own state gives them: sum_kv and max_kv without a sink), and the value of
+    # each row of ROW_STATS in the epilogue's terms (empty: the spec has no row statistic)
     fused: tuple[Fused, ...] = ()
     fused_rows: tuple[str, ...] = ()
     # -- the statistics' passes (templates/statistics.py.j2): the weights from lse2 --
